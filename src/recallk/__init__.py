@@ -1,0 +1,34 @@
+"""recallk: the Recall@k surrogate loss (RS@k), similarity mixup (SiMix) and batches larger than memory.
+
+The public API is re-exported lazily so that ``import recallk`` stays cheap and the layers load only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "RecallAtKSurrogate": "recallk.losses",
+    "simix": "recallk.losses",
+    "build_loss": "recallk.losses",
+    "build_model": "recallk.models",
+    "build_dataset": "recallk.data",
+    "ClassBalancedBatchSampler": "recallk.data",
+    "cached_backward": "recallk.engine",
+    "Trainer": "recallk.engine",
+    "retrieval_metrics": "recallk.evaluation",
+    "embed_dataset": "recallk.evaluation",
+    "write_report": "recallk.report",
+    "load_config": "recallk.config",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'recallk' has no attribute {name!r}")

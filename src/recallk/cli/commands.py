@@ -1,0 +1,78 @@
+"""The sub-commands of ``recallk``: each turns parsed arguments into calls on the library."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from recallk.config import dump_config, load_config
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch a parsed command line to its sub-command; returns the exit code."""
+    return {"train": train, "eval": evaluate, "report": report, "bench": bench}[args.command](args)
+
+
+def train(args: argparse.Namespace) -> int:
+    from recallk.cli import wiring
+
+    config = load_config(args.config, args.overrides)
+    if args.name:
+        config["name"] = args.name
+    run_dir = Path(config["runs_dir"]) / config["name"]
+    if run_dir.exists() and not args.resume:
+        if args.overwrite:
+            shutil.rmtree(run_dir)
+        elif any(run_dir.iterdir()):
+            raise ValueError(
+                f"run folder {run_dir} already exists: pass --resume to continue it, --overwrite to start "
+                f"again, or --name to pick another name"
+            )
+    if args.resume and not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise ValueError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}; start without --resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+    summary = wiring.train_from_config(config, run_dir, resume=args.resume, progress=not args.no_progress)
+    print(summary["table"])
+    print(json.dumps({"run_dir": str(run_dir), **summary["final"]}))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from recallk.cli import wiring
+
+    results = wiring.evaluate_checkpoint(
+        Path(args.checkpoint),
+        dataset=args.dataset,
+        root=args.root,
+        splits=args.split,
+        ks=args.ks,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    from recallk.evaluation import format_metrics_table
+
+    print(format_metrics_table(results))
+    print(json.dumps(results))
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from recallk.report import write_report
+
+    path = write_report(Path(args.run_dir), out_path=Path(args.out) if args.out else None)
+    print(f"wrote {path}")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"recallk.bench.{args.which}")
+    result: Any = module.main(list(args.args))
+    sys.stdout.flush()
+    return int(result or 0)

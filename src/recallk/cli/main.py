@@ -1,0 +1,107 @@
+"""``recallk`` command line: argument parsing only; the work is done by :mod:`recallk.cli.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from recallk import __version__
+
+BENCHES = ("loss", "engine", "eval")
+
+_EPILOG_TRAIN = """\
+examples:
+  recallk train --config configs/kanji.yaml
+  recallk train --config configs/sop_resnet50.yaml data.root=/data/Stanford_Online_Products train.batch_size=2000
+  recallk train --config configs/kanji.yaml --name demo --resume
+
+Overrides are section.key=value (value parsed as YAML). Unknown keys are an error that lists the valid ones.
+The resolved config is saved as runs/<name>/config.yaml."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump, no traceback)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="recallk",
+        description="Train and evaluate image-retrieval embeddings with the Recall@k surrogate loss (RS@k), "
+        "SiMix and batches larger than memory.",
+    )
+    parser.add_argument("--version", action="version", version=f"recallk {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    train = sub.add_parser(
+        "train",
+        help="train a model from a YAML config (+ key=value overrides)",
+        description="Train an embedding model; evaluates on the held-out split before, during and after.",
+        epilog=_EPILOG_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--config", "-c", help="YAML preset, e.g. configs/kanji.yaml (default: built-in defaults)")
+    train.add_argument("--name", help="run name: the run folder is <runs_dir>/<name> (default: config 'name')")
+    train.add_argument("--resume", action="store_true", help="continue the run in <runs_dir>/<name> from last.pt")
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete an existing run folder of the same name first"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=2e-4")
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint on a dataset's test protocol",
+        description="Embed a dataset split with a trained model and print retrieval metrics (leave-one-out).",
+    )
+    ev.add_argument("--checkpoint", required=True, help="checkpoint file (runs/<name>/checkpoints/best.pt)")
+    ev.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
+    ev.add_argument("--root", help="dataset folder (default: the training run's data.root)")
+    ev.add_argument("--split", action="append", help="split(s) to evaluate (default: the dataset's protocol)")
+    ev.add_argument("--ks", type=int, nargs="+", help="k values for recall@k (default: the dataset's)")
+    ev.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    rep = sub.add_parser(
+        "report",
+        help="write report.html for a run folder",
+        description="Write a self-contained report.html (plots, metrics, retrieval examples) into RUN_DIR.",
+    )
+    rep.add_argument("run_dir", help="run folder, e.g. runs/demo")
+    rep.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
+
+    bench = sub.add_parser(
+        "bench",
+        help="speed and memory benchmarks (loss, engine, eval)",
+        description="Run a benchmark; arguments after the name go to it (e.g. recallk bench loss --help).",
+    )
+    bench.add_argument("which", choices=BENCHES, help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of that benchmark")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``recallk`` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from recallk.cli import commands  # imported late: keeps --help fast
+
+    try:
+        return commands.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"recallk {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"recallk {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
