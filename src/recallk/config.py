@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
         "pretrained": False,  # false | true (timm hub) | path to a local .pth/.safetensors
         "pooling": None,  # null = the backbone's default head (gem for CNNs, cls for ViTs)
         "freeze_bn": True,
+        "options": {},  # extra keyword arguments of timm.create_model (e.g. drop_path_rate, img_size)
     },
     "loss": {
         "name": "rsk",  # rsk | smooth_ap | contrastive | multi_similarity | proxy_anchor
@@ -71,10 +72,11 @@ DEFAULTS: dict[str, Any] = {
     "eval": {
         "ks": None,  # null = the dataset's default ks (method.md section 5)
         "batch_size": 256,
+        "pixel_baseline": False,  # also report raw L2-normalised pixels as a reference row
     },
 }
 
-_FREE_FORM = {("data", "options"), ("loss", "options")}
+_FREE_FORM = {("data", "options"), ("model", "options"), ("loss", "options")}
 
 
 def _suggest(key: str, valid: Iterable[str]) -> str:
@@ -159,6 +161,12 @@ def _check_type(config: dict[str, Any], section: str | None, key: str, default: 
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+            try:
+                value = float(value)
+                config[section][key] = value
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if key == "tau_k" and isinstance(value, list):
             ok = all(isinstance(v, (int, float)) for v in value)

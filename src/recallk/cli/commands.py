@@ -19,9 +19,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
     from recallk.cli import wiring
 
-    config = load_config(args.config, args.overrides)
     if args.name:
         config["name"] = args.name
     run_dir = Path(config["runs_dir"]) / config["name"]

@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recallk.config import DEFAULTS, ConfigError, load_config, parse_override
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_defaults_without_file():
+    cfg = load_config()
+    assert cfg == DEFAULTS
+    assert cfg is not DEFAULTS and cfg["train"] is not DEFAULTS["train"]
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    cfg = load_config(None, ["train.batch_size=512", "train.lr=2e-4", "train.milestones=[3, 5]",
+                             "model.pretrained=/w.pth", "loss.tau_k=[1, 1, 2, 2, 2]", "train.amp=bf16"])
+    assert cfg["train"]["batch_size"] == 512
+    assert cfg["train"]["lr"] == pytest.approx(2e-4)
+    assert cfg["train"]["milestones"] == [3, 5]
+    assert cfg["model"]["pretrained"] == "/w.pth"
+    assert cfg["loss"]["tau_k"] == [1, 1, 2, 2, 2]
+    assert cfg["train"]["amp"] == "bf16"
+
+
+def test_free_form_options_merge():
+    cfg = load_config(None, ["data.options.max_classes=20", "data.options.fonts=[a, b]"])
+    assert cfg["data"]["options"] == {"max_classes": 20, "fonts": ["a", "b"]}
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "train": {"batch_size": 64, "chunk_size": 16}}))
+    cfg = load_config(path, ["train.batch_size=128"])
+    assert cfg["name"] == "x"
+    assert cfg["train"]["batch_size"] == 128
+    assert cfg["train"]["chunk_size"] == 16
+    assert cfg["train"]["per_class"] == DEFAULTS["train"]["per_class"]
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.batchsize=4", "valid keys here: amp, batch_size"),
+        ("trian.lr=1", "did you mean 'train'"),
+        ("train.batch_size=abc", "'train.batch_size' must be int"),
+        ("train.batch_size=10", "divisible by train.per_class"),
+        ("train.amp=fp8", "train.amp must be"),
+        ("train", "key=value"),
+        ("=3", "empty key"),
+        ("train=3", "must be a mapping"),
+        ("loss.simix=maybe", "'loss.simix' must be bool"),
+    ],
+)
+def test_bad_overrides(override, needle):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(None, [override])
+    assert needle in str(info.value)
+
+
+def test_missing_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+
+
+def test_parse_override_keeps_strings():
+    assert parse_override("model.name=resnet50") == (["model", "name"], "resnet50")
+    assert parse_override("data.root=") == (["data", "root"], None)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_preset_loads(preset):
+    cfg = load_config(CONFIGS / preset)
+    assert cfg["train"]["batch_size"] % cfg["train"]["per_class"] == 0
+
+
+def test_presets_cover_the_authors_table():
+    names = {p.stem for p in CONFIGS.glob("*.yaml")}
+    for ds in ("sop", "inaturalist", "vehicleid", "cars196", "cub"):
+        for bb in ("resnet50", "vit_b32", "vit_b16"):
+            assert f"{ds}_{bb}" in names
+    assert "kanji" in names
+    sop = load_config(CONFIGS / "sop_resnet50.yaml")
+    assert (sop["train"]["batch_size"], sop["train"]["chunk_size"], sop["train"]["lr"]) == (4000, 200, 2e-4)
+    assert sop["train"]["milestones"] == [25, 50] and sop["train"]["epochs"] == 55
+    cars = load_config(CONFIGS / "cars196_vit_b16.yaml")
+    assert (cars["train"]["batch_size"], cars["train"]["lr"], cars["train"]["optimizer"]) == (392, 1e-5, "adamw")
