@@ -197,9 +197,10 @@ def validate_config(config: dict[str, Any]) -> None:
         if train[key] is None or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
     if train["batch_size"] % train["per_class"]:
+        fixed = max(train["batch_size"] // train["per_class"], 1) * train["per_class"]
         raise ConfigError(
             f"train.batch_size ({train['batch_size']}) must be divisible by train.per_class "
-            f"({train['per_class']}); e.g. train.batch_size={train['batch_size'] // train['per_class'] * train['per_class']}"
+            f"({train['per_class']}); e.g. train.batch_size={fixed}"
         )
     if train["amp"] not in (None, "bf16", "fp16"):
         raise ConfigError(f"train.amp must be null, bf16 or fp16, got {train['amp']!r}")

@@ -177,7 +177,7 @@ def evaluate_checkpoint(
     config = load_config(config_path)
     model = model_from_config(config)
     state = load_checkpoint(checkpoint, map_location="cpu")
-    model.load_state_dict(state["model"] if "model" in state else state)
+    model.load_state_dict(state.get("model", state))
     d = config["data"]
     name = dataset or d["dataset"]
     same = name == d["dataset"]
