@@ -1,0 +1,197 @@
+"""Self-contained HTML report of a run folder: config, training curves, final metrics, retrieval examples.
+
+``write_report(run_dir)`` reads the run folder described in docs/run-folder.md and writes ``report.html``
+(images as base64 PNG data URIs, inline CSS, no script, nothing fetched from the network).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from . import examples as _examples
+from . import html
+from .examples import Example, answerable, class_name, select_queries, thumbnail_png
+from .plots import figure_png, history_figure, plot_history, read_metrics
+
+__all__ = ["plot_history", "read_metrics", "write_report"]
+
+THUMB_SIZE = 96
+
+
+def write_report(
+    run_dir: str | Path,
+    dataset: Any = None,
+    out_path: str | Path | None = None,
+    num_queries: int = 16,
+    top: int = 8,
+    *,
+    split: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write ``report.html`` for the run folder ``run_dir`` and return its path.
+
+    Args:
+        run_dir: run folder with ``metrics.jsonl``, usually ``config.yaml`` and ``embeddings/<split>.npz``.
+        dataset: the evaluated split, items ``(image, label)`` with PIL images (``transform=None``), row i of
+            the embeddings file being item i. None builds it from ``config.yaml``'s ``data`` section with
+            ``recallk.data.build_dataset``; if that fails the report says why and leaves the examples out.
+        out_path: where to write; default ``run_dir / "report.html"``.
+        num_queries: example queries shown; half are the hardest failures, half random (seeded by ``seed``).
+        top: neighbours shown per query (exact inner-product kNN, leave-one-out).
+        split: the split whose embeddings are shown; default ``data.test_split`` of the config, else "test".
+
+    Raises:
+        ValueError: run_dir or its metrics.jsonl is missing or malformed, config.yaml is not a YAML mapping,
+            the embeddings file lacks ``embeddings``/``labels``, or a given ``dataset`` does not match it
+            (length or labels).
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"run folder not found: expected a directory {run} holding metrics.jsonl and config.yaml")
+    if num_queries < 1 or top < 1:
+        raise ValueError(f"num_queries and top must be >= 1, got {num_queries} and {top}")
+    records = read_metrics(run / "metrics.jsonl")
+    config_text, cfg = _read_config(run / "config.yaml")
+    data_cfg = cfg.get("data") or {}
+    if split is None:
+        split = str(data_cfg.get("test_split") or "test")
+
+    epochs = [int(r["epoch"]) for r in records]
+    subtitle = (
+        f"run folder {run.resolve()} · {max(epochs, default=0)} epoch(s) logged · "
+        f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    )
+    sections = [
+        html.config_section(config_text),
+        html.plots_section(figure_png(history_figure(records))),
+        html.metrics_section(records),
+        html.examples_section(_examples_body(run, cfg, split, dataset, num_queries, top, seed), split, top),
+    ]
+    name = cfg.get("name") or run.resolve().name
+    document = html.page(f"recallk run: {name}", subtitle, sections)
+
+    out = Path(out_path) if out_path is not None else run / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(document, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def _read_config(path: Path) -> tuple[str | None, dict[str, Any]]:
+    if not path.is_file():
+        return None, {}
+    text = path.read_text(encoding="utf-8")
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from e
+    if cfg is None:
+        return text, {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a YAML mapping (the resolved config), got {type(cfg).__name__}")
+    return text, cfg
+
+
+def _dataset_from_config(cfg: dict[str, Any], split: str) -> Any:
+    data = cfg.get("data") or {}
+    if not data.get("dataset"):
+        raise ValueError("config.yaml has no data.dataset; pass dataset= to write_report")
+    from recallk.data import build_dataset  # imported here: report must not need data at import time
+
+    return build_dataset(data["dataset"], data.get("root"), split, transform=None, **(data.get("options") or {}))
+
+
+def _examples_body(
+    run: Path, cfg: dict[str, Any], split: str, dataset: Any, num_queries: int, top: int, seed: int
+) -> str:
+    emb_path = run / "embeddings" / f"{split}.npz"
+    if not emb_path.is_file():
+        others = sorted(p.name for p in (run / "embeddings").glob("*.npz")) if (run / "embeddings").is_dir() else []
+        found = f" (found: {', '.join(others)}; choose one with split=)" if others else ""
+        return html.note(
+            f"Retrieval examples omitted: {emb_path.relative_to(run)} does not exist{found}. "
+            "It is written by the final evaluation of a run."
+        )
+    with np.load(emb_path) as npz:
+        if "embeddings" not in npz or "labels" not in npz:
+            raise ValueError(f"{emb_path} must hold arrays 'embeddings' (N, d) and 'labels' (N,)")
+        embeddings, labels = npz["embeddings"], npz["labels"].reshape(-1)
+    if embeddings.ndim != 2 or embeddings.shape[0] != labels.shape[0]:
+        raise ValueError(f"{emb_path}: embeddings {embeddings.shape} and labels {labels.shape} do not match")
+    if embeddings.shape[0] < 2:
+        return html.note(f"Retrieval examples omitted: {emb_path.name} holds fewer than 2 items.")
+
+    if dataset is None:
+        try:
+            dataset = _dataset_from_config(cfg, split)
+            _check_dataset(dataset, labels, emb_path)
+        except Exception as e:  # shown in the report: the rest of it is still worth writing
+            return html.note(
+                f"Retrieval examples omitted: could not build the {split!r} dataset from config.yaml "
+                f"({type(e).__name__}: {e}). Pass dataset= to write_report."
+            )
+    else:
+        _check_dataset(dataset, labels, emb_path)
+
+    examples = select_queries(embeddings, labels, num_queries, top, seed=seed)
+    classes = getattr(dataset, "classes", None)
+    cache: dict[tuple[int, tuple[int, int, int]], bytes] = {}
+
+    def thumbnail(index: int, rgb: tuple[int, int, int]) -> bytes:
+        if (index, rgb) not in cache:
+            cache[(index, rgb)] = thumbnail_png(dataset[index][0], THUMB_SIZE, rgb)
+        return cache[(index, rgb)]
+
+    def label_name(index: int) -> str:
+        return class_name(int(labels[index]), classes)
+
+    parts = []
+    for kind, heading, explanation in (
+        ("random", "Random queries", f"drawn with seed {seed}"),
+        (
+            "hard",
+            "Hardest failures",
+            "queries whose first neighbour is of another class, most confident first",
+        ),
+    ):
+        chosen: list[Example] = [e for e in examples if e.kind == kind]
+        parts.append(f"<h3>{heading} <small>({escape(explanation)})</small></h3>")
+        if kind == "hard" and answerable(labels).size > _examples.MAX_CANDIDATE_QUERIES:
+            parts.append(
+                html.note(
+                    f"Searched among a random sample (seed {seed}) of {_examples.MAX_CANDIDATE_QUERIES} of the "
+                    f"{answerable(labels).size} answerable queries, to keep the report fast."
+                )
+            )
+        if chosen:
+            parts.append(html.example_rows(chosen, thumbnail, label_name))
+        else:
+            parts.append(html.note(_none_shown(kind, num_queries)))
+    return "\n".join(parts)
+
+
+def _none_shown(kind: str, num_queries: int) -> str:
+    if kind == "hard" and num_queries // 2 > 0:
+        return "None: every query's first neighbour is of its own class."
+    if kind == "hard":
+        return "None requested (num_queries < 2)."
+    return "None: no other query left to draw."
+
+
+def _check_dataset(dataset: Any, labels: np.ndarray, emb_path: Path) -> None:
+    if len(dataset) != labels.shape[0]:
+        raise ValueError(
+            f"dataset has {len(dataset)} items but {emb_path} has {labels.shape[0]} rows; "
+            "pass the split that was evaluated, in the same order"
+        )
+    ds_labels = getattr(dataset, "labels", None)
+    if ds_labels is not None and not np.array_equal(np.asarray(ds_labels).reshape(-1), labels):
+        raise ValueError(f"dataset.labels differ from the labels in {emb_path}; pass the evaluated split, in order")

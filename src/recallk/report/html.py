@@ -1,0 +1,208 @@
+"""HTML pieces of the report: a self-contained page, inline CSS, images as base64 PNG data URIs, no script."""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from collections.abc import Callable, Sequence
+from html import escape
+from typing import Any
+
+from .examples import HIT_RGB, MISS_RGB, QUERY_RGB, Example
+from .plots import Record, eval_records, eval_splits
+
+_NOT_METRICS = {"kind", "epoch", "step", "time", "split"}
+_COUNTS = ("num_queries", "num_excluded_queries")
+
+
+def _rgb(colour: tuple[int, int, int]) -> str:
+    return "rgb({}, {}, {})".format(*colour)
+
+
+CSS = f"""
+body {{ font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; margin: 24px auto;
+  max-width: 1200px; padding: 0 16px; color: #1b1b1b; background: #fff; line-height: 1.4; }}
+h1 {{ font-size: 1.6em; margin-bottom: 0.2em; }}
+h2 {{ font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 1.6em; }}
+h3 {{ font-size: 1.05em; margin-bottom: 0.4em; }}
+.meta {{ color: #555; margin-top: 0; }}
+.note {{ background: #fff6d5; border-left: 4px solid #e0b000; padding: 8px 12px; margin: 8px 0; }}
+details {{ margin: 8px 0; }}
+summary {{ cursor: pointer; font-weight: 600; }}
+pre {{ background: #f6f8fa; border: 1px solid #e1e4e8; padding: 10px; overflow-x: auto; font-size: 0.85em; }}
+img.plot {{ max-width: 100%; height: auto; border: 1px solid #eee; }}
+table.metrics {{ border-collapse: collapse; margin: 8px 0 16px; font-variant-numeric: tabular-nums; }}
+table.metrics th, table.metrics td {{ border: 1px solid #d0d7de; padding: 4px 12px; text-align: right; }}
+table.metrics th:first-child, table.metrics td:first-child {{ text-align: left; font-family: monospace; }}
+table.metrics thead th {{ background: #f0f3f6; }}
+td.up {{ color: {_rgb(HIT_RGB)}; }}
+td.down {{ color: {_rgb(MISS_RGB)}; }}
+.legend span {{ display: inline-block; padding: 1px 8px; margin-right: 8px; color: #fff;
+  border-radius: 3px; }}
+.row {{ display: flex; align-items: flex-start; gap: 6px; margin: 0 0 10px; }}
+.row .arrow {{ align-self: center; font-size: 1.4em; color: #888; }}
+figure.thumb {{ margin: 0; width: 106px; text-align: center; }}
+figure.thumb img {{ display: block; width: 106px; height: 106px; image-rendering: auto; }}
+figcaption {{ font-size: 0.72em; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }}
+figure.query figcaption {{ font-weight: 600; }}
+"""
+
+
+def data_uri(png: bytes) -> str:
+    """``data:image/png;base64,...`` URI of PNG bytes."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def note(text: str) -> str:
+    """A visible highlighted note (used wherever a part of the report had to be left out)."""
+    return f'<p class="note">{escape(text)}</p>'
+
+
+def page(title: str, subtitle: str, sections: Sequence[str]) -> str:
+    """The whole HTML document."""
+    body = "\n".join(sections)
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+        f'<h1>{escape(title)}</h1>\n<p class="meta">{escape(subtitle)}</p>\n{body}\n</body>\n</html>\n'
+    )
+
+
+def config_section(config_text: str | None) -> str:
+    """The resolved configuration as YAML text in a collapsible block."""
+    if config_text is None:
+        return "<h2>Configuration</h2>\n" + note("config.yaml not found in the run folder.")
+    return (
+        "<h2>Configuration</h2>\n<details>\n<summary>resolved config.yaml</summary>\n"
+        f"<pre>{escape(config_text)}</pre>\n</details>"
+    )
+
+
+def plots_section(png: bytes) -> str:
+    """The training-curve figure."""
+    return (
+        "<h2>Training curves</h2>\n"
+        f'<img class="plot" alt="loss, learning rate and evaluation metrics per epoch" src="{data_uri(png)}">'
+    )
+
+
+def _metric_order(key: str) -> tuple[int, int, str]:
+    for rank, pattern in enumerate((r"^recall@(\d+)$", r"^positive_recall@(\d+)$")):
+        m = re.match(pattern, key)
+        if m:
+            return (rank, int(m.group(1)), key)
+    fixed = {"map@r": 2, "r_precision": 3}
+    if key in fixed:
+        return (fixed[key], 0, key)
+    return (5, _COUNTS.index(key), key) if key in _COUNTS else (4, 0, key)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _format(value: Any) -> str:
+    if not _is_number(value):
+        return "—"
+    if isinstance(value, int):
+        return str(value)
+    return "nan" if math.isnan(value) else f"{value:.4f}"
+
+
+def metrics_table(before: Record | None, after: Record | None) -> str:
+    """Table of every numeric metric: before training (epoch 0), after (last eval) and the change."""
+    rows = [r for r in (before, after) if r is not None]
+    keys = sorted({k for r in rows for k, v in r.items() if k not in _NOT_METRICS and _is_number(v)}, key=_metric_order)
+    b_head = "before (epoch 0)" if before is not None else "before (not logged)"
+    a_head = f"after (epoch {after['epoch']})" if after is not None else "after (not logged)"
+    lines = [
+        '<table class="metrics">',
+        f"<thead><tr><th>metric</th><th>{escape(b_head)}</th><th>{escape(a_head)}</th><th>change</th></tr></thead>",
+        "<tbody>",
+    ]
+    for key in keys:
+        b = before.get(key) if before is not None else None
+        a = after.get(key) if after is not None else None
+        change, css = "", ""
+        if _is_number(a) and _is_number(b) and key not in _COUNTS and math.isfinite(a - b):
+            change = f"{a - b:+.4f}"
+            css = ' class="up"' if a > b else ' class="down"' if a < b else ""
+        lines.append(f"<tr><td>{escape(key)}</td><td>{_format(b)}</td><td>{_format(a)}</td><td{css}>{change}</td></tr>")
+    lines.append("</tbody></table>")
+    return "\n".join(lines)
+
+
+def metrics_section(records: Sequence[Record]) -> str:
+    """The final metrics of each evaluated split (last eval line) next to the epoch-0 line."""
+    parts = ["<h2>Final metrics</h2>"]
+    splits = eval_splits(records)
+    if not splits:
+        return parts[0] + "\n" + note("metrics.jsonl holds no evaluation records.")
+    for split in splits:
+        rows = eval_records(records, split)
+        before = next((r for r in rows if int(r["epoch"]) == 0), None)
+        after = rows[-1] if rows[-1] is not before else None
+        parts.append(f"<h3>split: {escape(split or '(unnamed)')}</h3>")
+        if after is None:
+            parts.append(note("only the evaluation before training was logged for this split."))
+        parts.append(metrics_table(before, after))
+    return "\n".join(parts)
+
+
+def _thumb(png: bytes, caption: tuple[str, str], title: str, css: str) -> str:
+    lines = "<br>".join(escape(line) for line in caption)
+    return (
+        f'<figure class="thumb {css}"><img alt="{escape(title)}" src="{data_uri(png)}">'
+        f'<figcaption title="{escape(title)}">{lines}</figcaption></figure>'
+    )
+
+
+def example_rows(
+    examples: Sequence[Example],
+    thumbnail: Callable[[int, tuple[int, int, int]], bytes],
+    label_name: Callable[[int], str],
+) -> str:
+    """One flex row per example: the query (blue frame), then its neighbours framed green (hit) or red (miss).
+
+    ``thumbnail(index, rgb)`` gives the framed PNG of a dataset item; ``label_name(index)`` its class name.
+    """
+    rows = []
+    for ex in examples:
+        q_name = label_name(ex.query)
+        cells = [
+            _thumb(
+                thumbnail(ex.query, QUERY_RGB),
+                ("query", q_name),
+                f"query #{ex.query}, class {q_name}",
+                "query",
+            )
+        ]
+        cells.append('<span class="arrow">→</span>')
+        for rank, (j, score, hit) in enumerate(zip(ex.neighbours, ex.scores, ex.hits), start=1):
+            name = label_name(j)
+            mark = "✓" if hit else "✗"
+            cells.append(
+                _thumb(
+                    thumbnail(j, HIT_RGB if hit else MISS_RGB),
+                    (f"{mark} {score:.3f}", name),
+                    f"rank {rank}: #{j}, class {name}, similarity {score:.4f}",
+                    "hit" if hit else "miss",
+                )
+            )
+        rows.append(f'<div class="row" data-query="{ex.query}">' + "".join(cells) + "</div>")
+    return "\n".join(rows)
+
+
+def examples_section(body: str, split: str, top: int) -> str:
+    """Heading and legend around the example rows (or heading and the note explaining why there are none)."""
+    heading = f"<h2>Retrieval examples ({escape(split)} split, top {top}, leave-one-out)</h2>"
+    if 'class="row"' not in body:
+        return f"{heading}\n{body}"
+    legend = (
+        f'<p class="legend"><span style="background:{_rgb(QUERY_RGB)}">query</span>'
+        f'<span style="background:{_rgb(HIT_RGB)}">✓ same class</span>'
+        f'<span style="background:{_rgb(MISS_RGB)}">✗ other class</span> '
+        "caption: inner-product similarity and class</p>"
+    )
+    return f"{heading}\n{legend}\n{body}"

@@ -1,0 +1,179 @@
+"""Training curves from a run's ``metrics.jsonl``: loss, learning rate and eval metrics per epoch.
+
+Figures are drawn with matplotlib's Agg canvas directly (no pyplot), so nothing global is changed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+Record = dict[str, Any]
+
+_RECALL_KEY = re.compile(r"^recall@(\d+)$")
+
+
+def read_metrics(metrics_path: str | Path) -> list[Record]:
+    """Read ``metrics.jsonl`` (one JSON object per line, blank lines skipped) in file order.
+
+    Raises:
+        ValueError: the file is missing, a line is not a JSON object, or a line lacks ``kind`` / ``epoch``.
+    """
+    path = Path(metrics_path)
+    if not path.is_file():
+        raise ValueError(f"metrics file not found: expected {path} (written by training, see docs/run-folder.md)")
+    records: list[Record] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number} is not valid JSON ({e.msg}); fix or delete that line") from e
+            if not isinstance(record, dict) or "kind" not in record or "epoch" not in record:
+                raise ValueError(f"{path}:{number} must be a JSON object with 'kind' and 'epoch' keys")
+            records.append(record)
+    return records
+
+
+def train_points(records: Sequence[Record], key: str) -> tuple[list[float], list[float]]:
+    """Values of ``key`` from the train records, placed on a fractional-epoch axis.
+
+    A train record of epoch e (1-based; epoch 0 is before training) is logged during that epoch. With one
+    record per epoch it sits at x = e; with n records in epoch e, record j (0-based) sits at
+    x = e - 1 + (j + 1) / n. Records without ``key`` are skipped. Returns (x, y) lists of equal length.
+    """
+    per_epoch: dict[int, list[float]] = {}
+    for r in records:
+        if r["kind"] == "train" and r.get(key) is not None:
+            per_epoch.setdefault(int(r["epoch"]), []).append(float(r[key]))
+    xs: list[float] = []
+    ys: list[float] = []
+    for epoch in sorted(per_epoch):
+        values = per_epoch[epoch]
+        n = len(values)
+        for j, v in enumerate(values):
+            xs.append(epoch - 1 + (j + 1) / n)
+            ys.append(v)
+    return xs, ys
+
+
+def eval_splits(records: Sequence[Record]) -> list[str]:
+    """Names of the evaluated splits, in order of first appearance (no ``split`` key counts as "")."""
+    splits: list[str] = []
+    for r in records:
+        if r["kind"] == "eval":
+            split = str(r.get("split", ""))
+            if split not in splits:
+                splits.append(split)
+    return splits
+
+
+def eval_records(records: Sequence[Record], split: str) -> list[Record]:
+    """Eval records of one split, in file order."""
+    return [r for r in records if r["kind"] == "eval" and str(r.get("split", "")) == split]
+
+
+def recall_ks(records: Sequence[Record]) -> list[int]:
+    """Sorted k values of every ``recall@k`` key found in the eval records."""
+    ks = {int(m.group(1)) for r in records if r["kind"] == "eval" for key in r if (m := _RECALL_KEY.match(key))}
+    return sorted(ks)
+
+
+def _eval_series(records: Sequence[Record], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        if r.get(key) is not None:
+            xs.append(int(r["epoch"]))
+            ys.append(float(r[key]))
+    return xs, ys
+
+
+def _empty(ax: Any, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def history_figure(records: Sequence[Record]) -> Figure:
+    """A 2x2 figure: train loss, learning rate, recall@k per k, and map@r (+ r_precision) against epoch.
+
+    Each eval split gets its own line style; epoch 0 is the evaluation before training.
+    """
+    fig = Figure(figsize=(11, 7.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_lr, ax_recall, ax_map = fig.subplots(2, 2).ravel()
+
+    xs, ys = train_points(records, "loss")
+    if xs:
+        ax_loss.plot(xs, ys, marker="o" if len(xs) <= 50 else None, markersize=3, color="tab:blue")
+        ax_loss.set_title("training loss")
+    else:
+        _empty(ax_loss, "no training records")
+        ax_loss.set_title("training loss")
+
+    xs, ys = train_points(records, "lr")
+    ax_lr.set_title("learning rate")
+    if xs:
+        ax_lr.plot(xs, ys, color="tab:purple")
+        positive = [y for y in ys if y > 0 and math.isfinite(y)]
+        if positive and len(positive) == len(ys) and max(positive) / min(positive) > 20:
+            ax_lr.set_yscale("log")
+    else:
+        _empty(ax_lr, "no learning-rate records")
+
+    styles = ["-", "--", ":", "-."]
+    splits = eval_splits(records)
+    ks = recall_ks(records)
+    colours = [f"C{i % 10}" for i in range(len(ks))]
+    ax_recall.set_title("recall@k (hit rate)")
+    ax_map.set_title("map@r and r-precision")
+    for s, split in enumerate(splits):
+        rows = eval_records(records, split)
+        suffix = f" ({split})" if len(splits) > 1 and split else ""
+        style = styles[s % len(styles)]
+        for k, colour in zip(ks, colours):
+            ex, ey = _eval_series(rows, f"recall@{k}")
+            if ex:
+                ax_recall.plot(ex, ey, style, marker="o", markersize=4, color=colour, label=f"recall@{k}{suffix}")
+        for key, colour in (("map@r", "tab:red"), ("r_precision", "tab:gray")):
+            ex, ey = _eval_series(rows, key)
+            if ex:
+                ax_map.plot(ex, ey, style, marker="o", markersize=4, color=colour, label=f"{key}{suffix}")
+    for ax in (ax_recall, ax_map):
+        if ax.lines:
+            ax.legend(fontsize=8, loc="best")
+            ax.set_ylabel("fraction of queries")
+        else:
+            _empty(ax, "no evaluation records")
+    for ax in (ax_loss, ax_lr, ax_recall, ax_map):
+        ax.set_xlabel("epoch (0 = before training)")
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def figure_png(fig: Figure) -> bytes:
+    """Encode a matplotlib figure as PNG bytes."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def plot_history(metrics_path: str | Path, out_png: str | Path) -> Path:
+    """Plot the curves of ``metrics_path`` (see :func:`history_figure`) into the PNG file ``out_png``.
+
+    Returns the path written. Raises ValueError when the metrics file is missing or malformed.
+    """
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(figure_png(history_figure(read_metrics(metrics_path))))
+    return out

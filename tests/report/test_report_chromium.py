@@ -1,0 +1,50 @@
+"""The report renders in a real browser: headless Chromium screenshot, not blank, frames visible."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from recallk.report import write_report
+from recallk.report.examples import HIT_RGB, MISS_RGB, QUERY_RGB
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def screenshot(html: Path, png: Path, profile: Path, size: str = "1280,2000") -> subprocess.CompletedProcess:
+    command = [
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size={size}", html.resolve().as_uri(),
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def colour_pixels(image: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 4) -> int:
+    return int((np.abs(image.astype(int) - np.array(rgb)).max(axis=2) <= tolerance).sum())
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_report_renders_in_headless_chromium(make_run, tmp_path):
+    run, dataset, _, _ = make_run()
+    html = write_report(run, dataset=dataset)
+    png = tmp_path / "shot.png"
+    result = screenshot(html, png, tmp_path / "profile")
+    assert result.returncode == 0 and png.is_file(), result.stderr[-2000:]
+    image = np.asarray(Image.open(png).convert("RGB"))
+    assert image.shape == (2000, 1280, 3)
+    assert (image.min(axis=2) < 200).mean() > 0.02, "the page rendered (almost) blank"
+    # a 106 px thumbnail's 5 px frame is about 2,000 pixels of its colour
+    for name, rgb in (("query", QUERY_RGB), ("same-class", HIT_RGB), ("other-class", MISS_RGB)):
+        assert colour_pixels(image, rgb) > 1500, f"no {name} frames visible in the screenshot"
+
+    # control: the same checks reject a page without the examples
+    (tmp_path / "empty.html").write_text("<!DOCTYPE html><html><body><p>nothing</p></body></html>")
+    screenshot(tmp_path / "empty.html", tmp_path / "empty.png", tmp_path / "profile")
+    empty = np.asarray(Image.open(tmp_path / "empty.png").convert("RGB"))
+    assert (empty.min(axis=2) < 200).mean() < 0.02
+    assert colour_pixels(empty, HIT_RGB) == colour_pixels(empty, MISS_RGB) == 0
