@@ -1,0 +1,382 @@
+"""RS@k loss straight from embeddings: similarity tiles are recomputed inside the kernels, never stored.
+
+For batches whose (Q, N) similarity matrix does not fit (B = 65,536 is 16 GiB in float32), the kernels take
+``q_emb`` (Q, d) and ``db_emb`` (N, d) and form each (BLOCK_Q, BLOCK_N) tile ``s = q_emb[rows] @ db_emb[cols]^T``
+on the fly with ``tl.dot`` (as FlashAttention does for attention scores). Same maths as ``rsk_similarity``.
+
+Three kernels, each recomputing the tile and its sigmoids:
+
+* forward, grid (query blocks, positive blocks): ``rank(q, p)`` and ``dsum(q, p) = sum_z sig'(u_qpz)``;
+* dq, grid (query blocks,): ``dq = H @ db_emb`` accumulated over column tiles;
+* ddb, grid (column blocks,): ``ddb = H^T @ q_emb`` accumulated over query tiles;
+
+where ``H[q, z] = sum_p g_qp sig'(u_qpz) [z in D(q), z != p] / tau_rank`` is the dense part of dL/ds. The
+sparse part, ``dL/ds_qp = -g_qp dsum(q, p) / tau_rank`` on the (q, p) positive pairs, is applied on the host in
+O(Q * Pmax * d). The positive similarities ``s_qp`` (Q, Pmax) are computed on the host in chunks.
+Extra memory: O((Q + N) * d + Q * Pmax); the kernels' outputs are fresh buffers written exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from recallk.kernels.triton._layout import check_common, loss_from_rank, positive_columns
+from recallk.kernels.triton.rsk_similarity import check_triton_device
+
+__all__ = ["embedding_rank_backward", "embedding_rank_forward", "rsk_loss_triton_from_embeddings"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+@triton.jit
+def _sim_tile(
+    qe_ptr, de_ptr, qi, q_in, z, z_in, D, stride_qe, stride_de,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """s[i, j] = <q_emb[qi[i]], db_emb[z[j]]> in float32, (BLOCK_Q, BLOCK_N); zero outside the masks."""
+    s = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_in = kk < D
+        a = tl.load(qe_ptr + qi[:, None] * stride_qe + kk[None, :], mask=q_in[:, None] & k_in[None, :], other=0.0)
+        b = tl.load(de_ptr + z[None, :] * stride_de + kk[:, None], mask=z_in[None, :] & k_in[:, None], other=0.0)
+        s = tl.dot(a.to(tl.float32), b.to(tl.float32), s, input_precision=PRECISION)
+    return s
+
+
+@triton.jit
+def _dense_weight(
+    s, z, keep, cols_p, p_valid, s_p, g, inv_tau,
+):  # fmt: skip
+    """H[i, j] = sum_p g[i, p] sig'(u_ipj) over kept columns j != p; s (BQ, BN), the rest (BQ, BP)."""
+    m = keep[:, None, :] & (z[None, None, :] != cols_p[:, :, None]) & p_valid[:, :, None]
+    u = (s[:, None, :] - s_p[:, :, None]) * inv_tau
+    sg = 1.0 / (1.0 + tl.exp(-tl.minimum(tl.maximum(u, -50.0), 50.0)))
+    dsg = tl.where(m & (tl.abs(u) <= 50.0), sg * (1.0 - sg), 0.0)
+    return tl.sum(g[:, :, None] * dsg, axis=1)
+
+
+@triton.jit
+def _emb_fwd_kernel(
+    qe_ptr, de_ptr, sp_ptr, pos_ptr, self_ptr, rank_ptr, dsum_ptr,
+    Q, N, D, P, stride_qe, stride_de, inv_tau,
+    INCLUDE_QUERY: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    qi = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_in = qi < Q
+    qi = qi.to(tl.int64)
+    p_offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    qp = q_in[:, None] & (p_offs < P)[None, :]
+    slot = qi[:, None] * P + p_offs[None, :]
+    cols_p = tl.load(pos_ptr + slot, mask=qp, other=-1)
+    p_valid = cols_p >= 0
+    s_p = tl.load(sp_ptr + slot, mask=p_valid, other=0.0)
+    self_col = tl.load(self_ptr + qi, mask=q_in, other=-1)
+    acc_rank = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
+    acc_dsum = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        z = n0 + tl.arange(0, BLOCK_N)
+        z_in = z < N
+        s = _sim_tile(qe_ptr, de_ptr, qi, q_in, z.to(tl.int64), z_in, D, stride_qe, stride_de,
+                      BLOCK_Q, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+        keep = q_in[:, None] & z_in[None, :]
+        if not INCLUDE_QUERY:
+            keep = keep & (z[None, :] != self_col[:, None])
+        m = keep[:, None, :] & (z[None, None, :] != cols_p[:, :, None]) & p_valid[:, :, None]
+        u = (s[:, None, :] - s_p[:, :, None]) * inv_tau
+        sg = 1.0 / (1.0 + tl.exp(-tl.minimum(tl.maximum(u, -50.0), 50.0)))
+        acc_rank += tl.sum(tl.where(m, sg, 0.0), axis=2)
+        acc_dsum += tl.sum(tl.where(m & (tl.abs(u) <= 50.0), sg * (1.0 - sg), 0.0), axis=2)
+    tl.store(rank_ptr + slot, tl.where(p_valid, 1.0 + acc_rank, 0.0), mask=qp)
+    tl.store(dsum_ptr + slot, tl.where(p_valid, acc_dsum, 0.0), mask=qp)
+
+
+@triton.jit
+def _emb_dq_kernel(
+    qe_ptr, de_ptr, sp_ptr, pos_ptr, self_ptr, grank_ptr, out_ptr,
+    Q, N, D, P, stride_qe, stride_de, stride_out, inv_tau,
+    INCLUDE_QUERY: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    qi = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_in = qi < Q
+    qi = qi.to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    d_in = dd < D
+    self_col = tl.load(self_ptr + qi, mask=q_in, other=-1)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        z = n0 + tl.arange(0, BLOCK_N)
+        z_in = z < N
+        z64 = z.to(tl.int64)
+        s = _sim_tile(qe_ptr, de_ptr, qi, q_in, z64, z_in, D, stride_qe, stride_de,
+                      BLOCK_Q, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+        keep = q_in[:, None] & z_in[None, :]
+        if not INCLUDE_QUERY:
+            keep = keep & (z[None, :] != self_col[:, None])
+        h = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            p_offs = p0 + tl.arange(0, BLOCK_P)
+            slot = qi[:, None] * P + p_offs[None, :]
+            cols_p = tl.load(pos_ptr + slot, mask=q_in[:, None] & (p_offs < P)[None, :], other=-1)
+            p_valid = cols_p >= 0
+            s_p = tl.load(sp_ptr + slot, mask=p_valid, other=0.0)
+            g = tl.load(grank_ptr + slot, mask=p_valid, other=0.0)
+            h += _dense_weight(s, z, keep, cols_p, p_valid, s_p, g, inv_tau)
+        v = tl.load(de_ptr + z64[:, None] * stride_de + dd[None, :], mask=z_in[:, None] & d_in[None, :], other=0.0)
+        acc = tl.dot(h * inv_tau, v.to(tl.float32), acc, input_precision=PRECISION)
+    tl.store(out_ptr + qi[:, None] * stride_out + dd[None, :], acc, mask=q_in[:, None] & d_in[None, :])
+
+
+@triton.jit
+def _emb_ddb_kernel(
+    qe_ptr, de_ptr, sp_ptr, pos_ptr, self_ptr, grank_ptr, out_ptr,
+    Q, N, D, P, stride_qe, stride_de, stride_out, inv_tau,
+    INCLUDE_QUERY: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    z = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    z_in = z < N
+    z64 = z.to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    d_in = dd < D
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        qi = q0 + tl.arange(0, BLOCK_Q)
+        q_in = qi < Q
+        qi = qi.to(tl.int64)
+        s = _sim_tile(qe_ptr, de_ptr, qi, q_in, z64, z_in, D, stride_qe, stride_de,
+                      BLOCK_Q, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+        keep = q_in[:, None] & z_in[None, :]
+        if not INCLUDE_QUERY:
+            self_col = tl.load(self_ptr + qi, mask=q_in, other=-1)
+            keep = keep & (z[None, :] != self_col[:, None])
+        h = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            p_offs = p0 + tl.arange(0, BLOCK_P)
+            slot = qi[:, None] * P + p_offs[None, :]
+            cols_p = tl.load(pos_ptr + slot, mask=q_in[:, None] & (p_offs < P)[None, :], other=-1)
+            p_valid = cols_p >= 0
+            s_p = tl.load(sp_ptr + slot, mask=p_valid, other=0.0)
+            g = tl.load(grank_ptr + slot, mask=p_valid, other=0.0)
+            h += _dense_weight(s, z, keep, cols_p, p_valid, s_p, g, inv_tau)
+        v = tl.load(qe_ptr + qi[:, None] * stride_qe + dd[None, :], mask=q_in[:, None] & d_in[None, :], other=0.0)
+        acc = tl.dot(tl.trans(h * inv_tau), v.to(tl.float32), acc, input_precision=PRECISION)
+    tl.store(out_ptr + z64[:, None] * stride_out + dd[None, :], acc, mask=z_in[:, None] & d_in[None, :])
+
+
+def _blocks(pmax: int, block_q: int | None, block_n: int | None, block_p: int | None) -> tuple[int, int, int]:
+    bp = block_p or max(2, triton.next_power_of_2(min(pmax, 16)))
+    bq = block_q or 32
+    # The (BLOCK_Q, BLOCK_P, BLOCK_N) sigmoid tile is kept near 4096 elements.
+    bn = block_n or max(16, min(64, triton.next_power_of_2(max(1, 4096 // (bq * bp)))))
+    return bq, bn, bp
+
+
+def positive_similarities(
+    q_emb: torch.Tensor, db_emb: torch.Tensor, pos: torch.Tensor, chunk_elements: int = 1 << 24
+) -> torch.Tensor:
+    """s_qp = <q_emb[q], db_emb[pos[q, p]]> in float32, (Q, Pmax), 0 in padding; computed in query chunks."""
+    q, d = q_emb.shape
+    pmax = pos.shape[1]
+    out = torch.empty(q, pmax, dtype=torch.float32, device=q_emb.device)
+    rows = max(1, chunk_elements // max(1, pmax * d))
+    for r0 in range(0, q, rows):
+        cols = pos[r0 : r0 + rows].long()
+        gathered = db_emb[cols.clamp(min=0)].float()  # (rows, Pmax, d)
+        s = torch.einsum("qpd,qd->qp", gathered, q_emb[r0 : r0 + rows].float())
+        out[r0 : r0 + rows] = torch.where(cols >= 0, s, 0.0)
+    return out
+
+
+def embedding_rank_forward(
+    q_emb: torch.Tensor,
+    db_emb: torch.Tensor,
+    pos: torch.Tensor,
+    self_index: torch.Tensor,
+    s_pos: torch.Tensor,
+    tau_rank: float,
+    include_query: bool,
+    *,
+    precision: str = "ieee",
+    out_rank: torch.Tensor | None = None,
+    out_dsum: torch.Tensor | None = None,
+    block_q: int | None = None,
+    block_n: int | None = None,
+    block_p: int | None = None,
+    block_k: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward kernel from embeddings: ``(rank, dsum)``, both (Q, Pmax) float32 (padding slots 0).
+
+    Args:
+        q_emb: (Q, d), db_emb: (N, d), contiguous rows, float16/bfloat16/float32. pos: (Q, Pmax) int32, -1 pads.
+        self_index: (Q,) int64. s_pos: (Q, Pmax) float32 from ``positive_similarities``.
+        precision: ``tl.dot`` input precision for the tiles ("ieee", "tf32" or "tf32x3").
+        out_rank / out_dsum: optional (Q, Pmax) float32 contiguous buffers, fully overwritten.
+    """
+    q, d = q_emb.shape
+    n = db_emb.shape[0]
+    pmax = pos.shape[1]
+    rank = torch.empty(q, pmax, dtype=torch.float32, device=q_emb.device) if out_rank is None else out_rank
+    dsum = torch.empty_like(rank) if out_dsum is None else out_dsum
+    bq, bn, bp = _blocks(pmax, block_q, block_n, block_p)
+    grid = (triton.cdiv(q, bq), triton.cdiv(pmax, bp))
+    _emb_fwd_kernel[grid](
+        q_emb, db_emb, s_pos, pos, self_index, rank, dsum, q, n, d, pmax, q_emb.stride(0), db_emb.stride(0),
+        1.0 / tau_rank, INCLUDE_QUERY=include_query, BLOCK_Q=bq, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=block_k,
+        PRECISION=precision,
+    )  # fmt: skip
+    return rank, dsum
+
+
+def embedding_rank_backward(
+    q_emb: torch.Tensor,
+    db_emb: torch.Tensor,
+    pos: torch.Tensor,
+    self_index: torch.Tensor,
+    s_pos: torch.Tensor,
+    grad_rank: torch.Tensor,
+    tau_rank: float,
+    include_query: bool,
+    *,
+    precision: str = "ieee",
+    out_q: torch.Tensor | None = None,
+    out_db: torch.Tensor | None = None,
+    block_q: int | None = None,
+    block_n: int | None = None,
+    block_p: int | None = None,
+    block_k: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense part of the backward: ``(H @ db_emb, H^T @ q_emb)``, (Q, d) and (N, d) float32, H never stored.
+
+    ``out_q`` / ``out_db``: optional float32 contiguous buffers of those shapes, every element overwritten.
+    The sparse positive-pair term is added by the caller (see the module docstring).
+    """
+    q, d = q_emb.shape
+    n = db_emb.shape[0]
+    pmax = pos.shape[1]
+    dq = torch.empty(q, d, dtype=torch.float32, device=q_emb.device) if out_q is None else out_q
+    ddb = torch.empty(n, d, dtype=torch.float32, device=q_emb.device) if out_db is None else out_db
+    bq, bn, bp = _blocks(pmax, block_q, block_n, block_p)
+    bd = max(16, triton.next_power_of_2(d))
+    g = grad_rank.float().contiguous()
+    common = (q, n, d, pmax, q_emb.stride(0), db_emb.stride(0))
+    # The (BLOCK, d) accumulator and value tile live in registers: more warps for wide embeddings (untuned).
+    meta = dict(INCLUDE_QUERY=include_query, BLOCK_Q=bq, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=block_k, BLOCK_D=bd,
+                PRECISION=precision, num_warps=8 if bd >= 256 else 4)  # fmt: skip
+    _emb_dq_kernel[(triton.cdiv(q, bq),)](
+        q_emb, db_emb, s_pos, pos, self_index, g, dq, *common, dq.stride(0), 1.0 / tau_rank, **meta
+    )
+    _emb_ddb_kernel[(triton.cdiv(n, bn),)](
+        q_emb, db_emb, s_pos, pos, self_index, g, ddb, *common, ddb.stride(0), 1.0 / tau_rank, **meta
+    )
+    return dq, ddb
+
+
+def _add_positive_pair_terms(
+    dq: torch.Tensor,
+    ddb: torch.Tensor,
+    q_emb: torch.Tensor,
+    db_emb: torch.Tensor,
+    pos: torch.Tensor,
+    coef: torch.Tensor,
+    chunk_elements: int = 1 << 24,
+) -> None:
+    """In place: dq[q] += sum_p coef[q,p] db_emb[pos[q,p]], ddb[pos[q,p]] += coef[q,p] q_emb[q] (padding coef 0)."""
+    q, d = q_emb.shape
+    pmax = pos.shape[1]
+    rows = max(1, chunk_elements // max(1, pmax * d))
+    for r0 in range(0, q, rows):
+        cols = pos[r0 : r0 + rows].long().clamp(min=0)
+        c = coef[r0 : r0 + rows]
+        dq[r0 : r0 + rows] += torch.einsum("qp,qpd->qd", c, db_emb[cols].float())
+        contrib = c[:, :, None] * q_emb[r0 : r0 + rows].float()[:, None, :]
+        ddb.index_add_(0, cols.reshape(-1), contrib.reshape(-1, d))
+
+
+class _RankFromEmbeddings(torch.autograd.Function):
+    """(q_emb, db_emb) -> rank (Q, Pmax) float32; similarity tiles recomputed in every kernel."""
+
+    @staticmethod
+    def forward(ctx, q_emb, db_emb, pos, self_index, tau_rank, include_query, precision):  # type: ignore[override]
+        s_pos = positive_similarities(q_emb, db_emb, pos)
+        rank, dsum = embedding_rank_forward(
+            q_emb, db_emb, pos, self_index, s_pos, tau_rank, include_query, precision=precision
+        )
+        ctx.save_for_backward(q_emb, db_emb, pos, self_index, s_pos, dsum)
+        ctx.tau_rank, ctx.include_query, ctx.precision = tau_rank, include_query, precision
+        return rank
+
+    @staticmethod
+    def backward(ctx, grad_rank):  # type: ignore[override]
+        q_emb, db_emb, pos, self_index, s_pos, dsum = ctx.saved_tensors
+        g = grad_rank.float().contiguous()
+        dq, ddb = embedding_rank_backward(
+            q_emb, db_emb, pos, self_index, s_pos, g, ctx.tau_rank, ctx.include_query, precision=ctx.precision
+        )
+        coef = torch.where(pos >= 0, -g * dsum / ctx.tau_rank, 0.0)
+        _add_positive_pair_terms(dq, ddb, q_emb, db_emb, pos, coef)
+        return dq.to(q_emb.dtype), ddb.to(db_emb.dtype), None, None, None, None, None
+
+
+def _check_embeddings(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{name} must be a (rows, d) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}: convert it with .float()")
+    check_triton_device(x, name)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{name} contains NaN or Inf values: check the model output for overflow (lower the learning rate, "
+            "disable fp16, or clip gradients) before computing the loss"
+        )
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def rsk_loss_triton_from_embeddings(
+    q_emb: torch.Tensor,
+    db_emb: torch.Tensor,
+    q_labels: torch.Tensor,
+    db_labels: torch.Tensor,
+    self_index: torch.Tensor,
+    ks: Sequence[int],
+    tau_rank: float,
+    tau_k: float | Sequence[float] | torch.Tensor,
+    include_query: bool,
+    precision: str = "ieee",
+) -> torch.Tensor:
+    """RS@k loss of ``s = q_emb @ db_emb^T`` without ever storing the (Q, N) similarity matrix.
+
+    Args:
+        q_emb: (Q, d) query embeddings; db_emb: (N, d) database embeddings; float16/bfloat16/float32 on CUDA
+            (or CPU under TRITON_INTERPRET=1). The same tensor may be passed for both (a batch against itself).
+        q_labels, db_labels, self_index, ks, tau_rank, tau_k, include_query: as in ``rsk_loss_triton``.
+        precision: ``tl.dot`` input precision for float32 tiles: "ieee" (exact float32, default), "tf32x3"
+            (near float32, faster) or "tf32" (fastest, about 1e-3 relative error in s).
+
+    Returns:
+        A float32 scalar, differentiable w.r.t. both embedding tensors (gradients in their dtypes).
+
+    Raises:
+        ValueError: shapes, dtypes, devices, NaN/Inf, hyper-parameters, or no query with a positive.
+    """
+    q_emb = _check_embeddings(q_emb, "q_emb")
+    db_emb = _check_embeddings(db_emb, "db_emb")
+    if q_emb.shape[1] != db_emb.shape[1]:
+        raise ValueError(f"q_emb and db_emb must have the same width d, got {q_emb.shape[1]} and {db_emb.shape[1]}")
+    if q_emb.device != db_emb.device:
+        raise ValueError(f"q_emb is on {q_emb.device} but db_emb on {db_emb.device}: put both on one device")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    ql, dl, si, ks_t, tau_rank, taus = check_common(
+        q_emb.shape[0], db_emb.shape[0], q_emb.device, q_labels, db_labels, self_index, ks, tau_rank, tau_k
+    )
+    pos, counts = positive_columns(ql, dl, si)
+    rank = _RankFromEmbeddings.apply(q_emb, db_emb, pos, si.contiguous(), tau_rank, bool(include_query), precision)
+    return loss_from_rank(rank, pos, counts, ks_t, taus)
