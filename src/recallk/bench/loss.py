@@ -1,0 +1,299 @@
+"""Benchmark of the RS@k loss: the naive vectorised (B, |P|, B) version against the blocked torch path.
+
+Each case times forward + backward from random L2-normalised embeddings (float32, ``dim``-D, ``per_class`` items
+per class) twice: from the similarity matrix (the loss alone) and end to end (similarity matmul, loss, gradient
+back to the embeddings). Peak memory is measured
+- on CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step;
+- on CPU: the process's peak resident set size (``VmHWM`` in ``/proc/self/status``, reset by writing 5 to
+  ``/proc/self/clear_refs``) minus the resident size before the step: the bytes the step really touched.
+  Where the kernel does not allow the reset, the figure is left out (``None``).
+The naive version is skipped, with a note, when its estimated memory exceeds ``naive_max_gib``.
+
+Run ``python benchmarks/bench_loss.py --sizes 1000 2000 4000 --simix-size 10000`` (or ``recallk bench loss``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from recallk.losses import RecallAtKSurrogate, simix
+
+__all__ = ["main", "naive_rsk_loss", "run_loss_benchmark"]
+
+KS = (1, 2, 4, 8, 16)
+
+
+def naive_rsk_loss(
+    sim: torch.Tensor,
+    labels: torch.Tensor,
+    ks: Sequence[int] = KS,
+    tau_rank: float = 0.01,
+    tau_k: float = 1.0,
+    include_query: bool = False,
+) -> torch.Tensor:
+    """RS@k of a (B, B) batch similarity by plain autograd on the full (B, |P|, B) tensor (the baseline)."""
+    b = sim.shape[0]
+    eye = torch.eye(b, dtype=torch.bool, device=sim.device)
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    counts = pos.sum(1)
+    pmax = int(counts.max())
+    pos_idx = torch.topk(pos.to(torch.int8), pmax, dim=1).indices  # (B, P): the positives first
+    pmask = torch.arange(pmax, device=sim.device) < counts[:, None]
+    s_pos = sim.gather(1, pos_idx)
+    terms = torch.sigmoid(((sim[:, None, :] - s_pos[:, :, None]) / tau_rank).clamp(-50, 50))  # (B, P, B)
+    cols = torch.arange(b, device=sim.device)
+    keep = cols[None, None, :] != pos_idx[:, :, None]
+    if not include_query:
+        keep = keep & ~eye[:, None, :]
+    rank = 1.0 + (terms * keep).sum(-1)
+    kk = torch.tensor([float(k) for k in ks], dtype=sim.dtype, device=sim.device)
+    a = torch.sigmoid(((kk - rank[..., None]) / tau_k).clamp(-50, 50)) * pmask[..., None]
+    recall = torch.minimum(a.sum(1), kk) / torch.minimum(kk, counts[:, None].to(sim.dtype))
+    valid = counts > 0
+    return (1.0 - recall.mean(1))[valid].mean()
+
+
+class _PeakMemory:
+    """Peak memory of a block of code, in bytes above the level at its start (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM) increase"
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise OSError(field)
+
+    def __enter__(self) -> _PeakMemory:
+        self.peak: int | None = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.start = self._status_kib("VmRSS") * 1024
+        except OSError:
+            self.start = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.start is not None:
+            self.peak = self._status_kib("VmHWM") * 1024 - self.start
+
+
+def _return_freed_memory_to_os() -> None:
+    """Make glibc give every large freed block back to the OS at once (fixed 64 KiB mmap threshold, trimmed
+    heap), so that the resident size follows the live tensors and its peak measures a step. Process-wide;
+    called by the benchmark only. Does nothing where glibc is absent."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; setting it also turns off glibc's dynamic threshold
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _time_step(
+    step: Callable[[], None], device: torch.device, repeats: int
+) -> tuple[float, float, int | None, str]:
+    """Median and minimum wall time (ms) of ``step`` over ``repeats`` runs after one warm-up, and the peak
+    memory of one more run."""
+    step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    with _PeakMemory(device) as mem:
+        step()
+    return statistics.median(times), min(times), mem.peak, mem.method
+
+
+def _naive_bytes(n: int, positives: int) -> int:
+    # terms, the keep mask, their product, the scaled difference and autograd's saved copies: ~6 float32 buffers
+    return 6 * 4 * n * positives * n
+
+
+def run_loss_benchmark(
+    sizes: Sequence[int],
+    per_class: int,
+    dim: int,
+    device: str | torch.device,
+    include_naive: bool = True,
+    simix_sizes: Sequence[int] = (),
+    repeats: int = 5,
+    naive_max_gib: float = 6.0,
+    seed: int = 0,
+) -> list[dict]:
+    """Time and peak memory of forward + backward, naive vs ours, at each batch size.
+
+    Args:
+        sizes: batch sizes B (plain RS@k, ``per_class`` items per class).
+        per_class: items per class in the real batch.
+        dim: embedding dimension.
+        device: where to run.
+        include_naive: also run the naive (B, |P|, B) version (skipped above ``naive_max_gib``).
+        simix_sizes: augmented batch sizes for SiMix cases: the real batch is the largest multiple of
+            ``per_class`` whose SiMix-augmented size (per_class + pairs per class, per class) is at most it.
+        repeats: timed repetitions (median reported) after one warm-up.
+
+    Returns:
+        One dict per (case, method): ``case``, ``method``, ``B`` (items ranked, after SiMix), ``real_B``,
+        ``positives``, ``dim``, ``loss_ms`` / ``loss_min_ms`` / ``loss_peak_mib`` (from the similarity),
+        ``e2e_ms`` / ``e2e_min_ms`` / ``e2e_peak_mib`` (from the embeddings), ``memory`` (how peaks were
+        measured), ``threads``, ``device``, ``note``. Times are medians (``*_min_ms``: minima) in ms.
+    """
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        _return_freed_memory_to_os()
+    gen = torch.Generator().manual_seed(seed)
+    pairs_per_class = per_class * (per_class - 1) // 2
+    cases = [("rsk", b, b) for b in sizes]
+    for s in simix_sizes:
+        real = (s // (per_class + pairs_per_class)) * per_class
+        cases.append(("rsk+simix", real, real // per_class * (per_class + pairs_per_class)))
+    rows: list[dict] = []
+    for case, real_b, ranked_b in cases:
+        rows += _bench_case(case, real_b, ranked_b, per_class, dim, dev, gen, include_naive, naive_max_gib,
+                            repeats, seed)
+    return rows
+
+
+def _bench_case(
+    case: str, real_b: int, ranked_b: int, per_class: int, dim: int, dev: torch.device, gen: torch.Generator,
+    include_naive: bool, naive_max_gib: float, repeats: int, seed: int,
+) -> list[dict]:
+    emb0 = torch.nn.functional.normalize(torch.randn(real_b, dim, generator=gen), dim=1).to(dev)
+    labels = (torch.arange(real_b) // per_class).to(dev)
+    with_simix = case == "rsk+simix"
+    positives = ranked_b // (real_b // per_class) - 1
+    ours = RecallAtKSurrogate(ks=KS, simix=with_simix, backend="torch")
+    alphas_gen = torch.Generator().manual_seed(seed + 1)
+    base = {"case": case, "B": ranked_b, "real_B": real_b, "positives": positives, "dim": dim,
+            "threads": torch.get_num_threads(), "device": str(dev)}
+
+    def naive_from_sim(sim: torch.Tensor) -> torch.Tensor:
+        lab = labels
+        if with_simix:
+            sim, lab = simix(sim, labels, generator=alphas_gen)
+        return naive_rsk_loss(sim, lab)
+
+    methods: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]
+    methods = [("ours (torch blocked)", lambda s: ours.from_similarity(s, labels), lambda e: ours(e, labels))]
+    rows = []
+    skipped = None
+    if include_naive:
+        need = _naive_bytes(ranked_b, positives)
+        if need <= naive_max_gib * 2**30:
+            methods.insert(0, ("naive (B x P x B)", naive_from_sim, lambda e: naive_from_sim(e @ e.T)))
+        else:
+            skipped = ({**base, "method": "naive (B x P x B)", "loss_ms": None, "loss_min_ms": None,
+                         "loss_peak_mib": None, "e2e_ms": None, "e2e_min_ms": None, "e2e_peak_mib": None,
+                         "memory": "", "note": f"naive skipped: needs about {need / 2**30:.0f} GiB "
+                                               f"(> {naive_max_gib} GiB allowed)"})
+    sim0 = (emb0 @ emb0.T).detach()
+    for name, from_sim, from_emb in methods:
+
+        def loss_step(from_sim=from_sim) -> None:
+            s = sim0.clone().requires_grad_()
+            from_sim(s).backward()
+
+        def e2e_step(from_emb=from_emb) -> None:
+            e = emb0.clone().requires_grad_()
+            from_emb(e).backward()
+
+        loss_ms, loss_min, loss_peak, how = _time_step(loss_step, dev, repeats)
+        e2e_ms, e2e_min, e2e_peak, _ = _time_step(e2e_step, dev, repeats)
+        rows.append({
+            **base, "method": name,
+            "loss_ms": round(loss_ms, 2), "loss_min_ms": round(loss_min, 2), "loss_peak_mib": _mib(loss_peak),
+            "e2e_ms": round(e2e_ms, 2), "e2e_min_ms": round(e2e_min, 2), "e2e_peak_mib": _mib(e2e_peak),
+            "memory": how, "note": "",
+        })
+    return [*rows, skipped] if skipped else rows
+
+
+def _mib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Markdown table of :func:`run_loss_benchmark` rows, with naive/ours ratios of the medians."""
+    lines = [
+        "| case | B ranked (real) | \\|P\\| | method | loss ms: median (min) | loss peak MiB "
+        "| end-to-end ms: median (min) | e2e peak MiB | speed-up loss / e2e |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    naive = {(r["case"], r["B"]): r for r in rows if r["method"].startswith("naive") and r["loss_ms"] is not None}
+    for r in rows:
+        head = f"| {r['case']} | {r['B']} ({r['real_B']}) | {r['positives']} | {r['method']} | "
+        if r["loss_ms"] is None:
+            lines.append(head + f"- | - | - | - | {r['note']} |")
+            continue
+        speed = ""
+        base = naive.get((r["case"], r["B"]))
+        if base is not None and not r["method"].startswith("naive"):
+            speed = f"{base['loss_ms'] / r['loss_ms']:.1f}x / {base['e2e_ms'] / r['e2e_ms']:.1f}x"
+
+        def peak(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.0f}"
+
+        lines.append(head + f"{r['loss_ms']:.1f} ({r['loss_min_ms']:.1f}) | {peak(r['loss_peak_mib'])} | "
+                     f"{r['e2e_ms']:.1f} ({r['e2e_min_ms']:.1f}) | {peak(r['e2e_peak_mib'])} | {speed} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``recallk bench loss`` / ``python benchmarks/bench_loss.py``. Prints a markdown table."""
+    parser = argparse.ArgumentParser(prog="recallk bench loss", description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 2000, 4000], help="batch sizes B")
+    parser.add_argument("--simix-size", type=int, nargs="*", default=[], help="augmented sizes of SiMix cases")
+    parser.add_argument("--per-class", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive (B, |P|, B) version")
+    parser.add_argument("--naive-max-gib", type=float, default=6.0, help="skip naive above this estimate")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if args.per_class < 2:
+        parser.error("--per-class must be at least 2 (a query needs a positive)")
+    rows = run_loss_benchmark(
+        args.sizes, args.per_class, args.dim, args.device, include_naive=not args.no_naive,
+        simix_sizes=args.simix_size, repeats=args.repeats, naive_max_gib=args.naive_max_gib,
+    )
+    dev = torch.device(args.device)
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"RS@k forward+backward, float32, d={args.dim}, {args.per_class} per class, {where}, "
+          f"torch {torch.__version__}; memory: {rows[0]['memory'] if rows else ''}")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""The cached two-pass step: batches larger than memory with the gradient of one full-batch backward.
+
+method.md section 3. Pass 1 embeds the batch in chunks without autograd and keeps only the (B, d) embeddings
+and each chunk's RNG state; the loss of the full batch gives G = dL/dE; pass 2 re-runs each chunk with autograd,
+the RNG state replayed, and back-propagates ``G[chunk]``. Memory is that of one chunk plus O(B * d) (plus
+whatever the loss itself needs, O(B^2) for RS@k), independent of B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from recallk.engine.rng import RngState
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def split_into_chunks(images: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
+    """Views of ``images`` (B, ...) along dim 0, each of at most ``chunk_size`` items (the last may be smaller).
+
+    Raises ValueError for an empty batch or ``chunk_size < 1``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    if images.shape[0] == 0:
+        raise ValueError("cannot take a step on an empty batch (images has 0 rows)")
+    return list(torch.split(images, chunk_size, dim=0))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_step_device(model: nn.Module, images: torch.Tensor, device: torch.device | str | None) -> torch.device:
+    """The device to run the model on: ``device`` if given, else that of the model's first parameter/buffer."""
+    if device is not None:
+        return torch.device(device)
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return images.device
+
+
+def embed_without_grad(
+    model: nn.Module,
+    chunks: Sequence[torch.Tensor],
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[RngState]]:
+    """Pass 1: embed every chunk under ``torch.no_grad()``.
+
+    Returns the embeddings (B, d) on ``device`` (float32 when the model outputs half precision, else the
+    model's dtype, e.g. float64 in tests), and the RNG state captured just before each chunk's
+    forward, for :func:`backward_chunks` to replay.
+    """
+    states: list[RngState] = []
+    outputs: list[torch.Tensor] = []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(RngState(device))
+            with _autocast(device, autocast_dtype):
+                out = model(chunk.to(device, non_blocking=True))
+            outputs.append(out.float() if out.dtype in _HALF_DTYPES else out)
+    embeddings = torch.cat(outputs)
+    if embeddings.ndim != 2:
+        raise ValueError(f"the model must return (chunk, d) embeddings, got shape {tuple(outputs[0].shape)}")
+    return embeddings, states
+
+
+def loss_and_embedding_grad(
+    criterion: Criterion,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of the full batch and G = dL/dE.
+
+    ``embeddings`` (B, d) is used as a leaf that requires grad; the criterion's own parameters (if any)
+    receive their gradients here. With a GradScaler both G and those gradients are scaled, as
+    ``scaler.scale(loss).backward()`` would scale them.
+    Returns (detached scalar loss, G (B, d) in the dtype of ``embeddings``).
+    Raises ValueError if the criterion does not return a scalar.
+    """
+    leaf = embeddings.detach().requires_grad_(True)
+    loss = criterion(leaf, labels)
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"the criterion must return a scalar tensor, got {shape}")
+    if not loss.requires_grad:  # e.g. a batch with no positive pairs: the loss is a constant
+        return loss.detach(), torch.zeros_like(leaf)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+    return loss.detach(), grad
+
+
+def backward_chunks(
+    model: nn.Module,
+    chunks: Sequence[torch.Tensor],
+    embedding_grad: torch.Tensor,
+    rng_states: Sequence[RngState] | None,
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> None:
+    """Pass 2: re-run each chunk with autograd and back-propagate its rows of ``embedding_grad`` (B, d).
+
+    Each chunk's forward runs with its pass-1 RNG state replayed (``rng_states[i]``); passing None skips the
+    replay (only useful to show that the replay matters). Gradients accumulate into ``.grad``.
+    """
+    start = 0
+    for index, chunk in enumerate(chunks):
+        stop = start + chunk.shape[0]
+        replay = rng_states[index].replay() if rng_states is not None else contextlib.nullcontext()
+        with replay, _autocast(device, autocast_dtype):
+            out = model(chunk.to(device, non_blocking=True))
+        grad = embedding_grad[start:stop]
+        if out.shape != grad.shape:
+            raise ValueError(f"pass 2 returned shape {tuple(out.shape)} for a chunk whose pass-1 embeddings "
+                             f"have shape {tuple(grad.shape)}: the model must be deterministic given its input")
+        out.backward(grad.to(out.dtype))
+        start = stop
+
+
+def cached_backward(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    criterion: Criterion,
+    chunk_size: int,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Gradient of ``criterion(model(images), labels)`` in chunks of ``chunk_size``: one step of method.md §3.
+
+    Args:
+        model: maps (n, C, H, W) images to (n, d) embeddings. Its train/eval mode is the caller's business;
+            for exact gradients BatchNorm must be frozen (see :func:`freeze_batchnorm`).
+        images: (B, C, H, W), already augmented; any device (moved chunk by chunk to ``device``).
+        labels: int64 (B,).
+        criterion: ``criterion(embeddings (B, d) float32 or wider, labels (B,)) -> scalar``; may have parameters and may
+            draw random numbers (it is called once per step).
+        chunk_size: images per forward pass; need not divide B.
+        scaler: optional GradScaler; all gradients are then scaled as ``scaler.scale(loss).backward()`` does.
+        autocast_dtype: torch.bfloat16 / torch.float16 to run the model under autocast, or None.
+        device: where the model runs; default: the device of its parameters.
+
+    Returns:
+        The loss, detached (a scalar on ``device``). Parameter gradients of the model and the criterion are
+        accumulated into ``.grad`` exactly like a single ``criterion(model(images), labels).backward()``, with
+        dropout/drop-path masks drawn as in pass 1.
+
+    Raises:
+        ValueError: empty batch, ``chunk_size < 1``, images/labels of different lengths, a non-scalar loss.
+    """
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"images has {images.shape[0]} rows but labels has {labels.shape[0]}; they must match")
+    run_device = resolve_step_device(model, images, device)
+    chunks = split_into_chunks(images, chunk_size)
+    embeddings, rng_states = embed_without_grad(model, chunks, device=run_device, autocast_dtype=autocast_dtype)
+    loss, grad = loss_and_embedding_grad(criterion, embeddings, labels.to(run_device), scaler=scaler)
+    del embeddings
+    backward_chunks(model, chunks, grad, rng_states, device=run_device, autocast_dtype=autocast_dtype)
+    return loss
+
+
+def _train_keeping_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+def freeze_batchnorm(model: nn.Module) -> nn.Module:
+    """Put every BatchNorm layer of ``model`` in eval mode for good; returns ``model``.
+
+    Frozen layers use their running statistics and never update them, even after ``model.train()``; their
+    affine weight and bias still train. This is what makes pass 2 of :func:`cached_backward` reproduce pass 1
+    (with batch statistics a chunk's output would depend on the chunking).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train = types.MethodType(_train_keeping_eval, module)
+            module.train(False)
+    return model

@@ -1,0 +1,15 @@
+"""Evaluation: exact kNN, retrieval metrics, embedding a dataset and the benchmarks' protocols."""
+
+from recallk.evaluation.embed import embed_dataset
+from recallk.evaluation.knn import exact_knn
+from recallk.evaluation.metrics import retrieval_metrics
+from recallk.evaluation.protocols import PROTOCOLS, evaluate_protocol, format_metrics_table
+
+__all__ = [
+    "PROTOCOLS",
+    "embed_dataset",
+    "evaluate_protocol",
+    "exact_knn",
+    "format_metrics_table",
+    "retrieval_metrics",
+]

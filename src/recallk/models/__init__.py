@@ -1,0 +1,82 @@
+"""Backbones with the authors' embedding heads: ``build_model(name, embed_dim=512, ...)``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import timm
+
+from recallk.models.embedding import EmbeddingModel
+from recallk.models.pooling import POOLINGS, GeM, GlobalPool
+from recallk.models.registry import MODELS, default_pooling, timm_name
+from recallk.models.weights import WeightsError, load_backbone_weights, read_state_dict
+
+__all__ = [
+    "MODELS",
+    "POOLINGS",
+    "EmbeddingModel",
+    "GeM",
+    "GlobalPool",
+    "WeightsError",
+    "build_model",
+    "load_backbone_weights",
+    "read_state_dict",
+]
+
+
+def build_model(
+    name: str,
+    embed_dim: int = 512,
+    pretrained: bool | str | os.PathLike = False,
+    pooling: str | None = None,
+    freeze_bn: bool = True,
+    in_chans: int = 3,
+    **timm_kwargs: Any,
+) -> EmbeddingModel:
+    """A timm backbone with an embedding head, giving ``(N, embed_dim)`` L2-normalised embeddings.
+
+    Args:
+        name: a timm model name, optionally with a weights tag (``"resnet50"``, ``"vit_base_patch16_224"``,
+            ``"resnet50.a1_in1k"``). The bare names of ``MODELS`` use the authors' weights tags.
+        embed_dim: output dimension d.
+        pretrained: False (random init), True (timm's hub; needs internet or a filled HF cache) or a path to a
+            local ``.pth``/``.pt``/``.bin``/``.safetensors`` file in timm or torchvision layout.
+        pooling: ``"gem"``, ``"avg"``, ``"max"`` or ``"cls"``; None picks the model's default (see
+            ``recallk.models.registry``: GeM for ResNets, CLS for ViTs).
+        freeze_bn: keep BatchNorm layers in eval mode during training (their affine weights still train).
+        in_chans: input channels.
+        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``img_size=64``, ``drop_path_rate=0.1``).
+
+    Raises:
+        ValueError: unknown model name or pooling; :class:`WeightsError` (a ValueError) for a missing or
+            mismatched weight file, listing the missing and unexpected keys.
+    """
+    create_name = timm_name(name)
+    if not timm.is_model(create_name.split(".")[0]):
+        raise ValueError(f"unknown timm model {name!r}; list names with timm.list_models('resnet*') etc.")
+    local = pretrained not in (True, False)
+    if local and not os.path.isfile(os.fspath(pretrained)):
+        raise WeightsError(f"weight file not found: {pretrained} (pretrained= takes True, False or a file path)")
+    try:
+        backbone = timm.create_model(
+            create_name,
+            pretrained=pretrained is True,
+            num_classes=0,
+            global_pool="",
+            in_chans=in_chans,
+            **timm_kwargs,
+        )
+    except Exception as e:  # hub failures come as many types (OSError, HTTP and hub errors)
+        if pretrained is True:
+            raise ValueError(
+                f"could not get pretrained weights for {create_name} from the timm/Hugging Face hub ({e}); "
+                "without internet pass pretrained='path/to/weights.pth' or pretrained=False"
+            ) from e
+        raise
+    if local:
+        load_backbone_weights(backbone, pretrained)
+    prefix = getattr(backbone, "num_prefix_tokens", None)
+    has_cls = getattr(backbone, "cls_token", None) is not None
+    pooling = pooling or default_pooling(name, prefix, has_cls)
+    return EmbeddingModel(backbone, pooling, embed_dim, freeze_bn)

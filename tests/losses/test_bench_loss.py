@@ -1,0 +1,44 @@
+"""The loss benchmark: its naive baseline is right, and it runs and reports at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rsk_batches import random_batch
+
+from recallk.bench.loss import main, naive_rsk_loss, run_loss_benchmark
+from recallk.losses.reference import rsk_loss_reference
+
+
+@pytest.mark.parametrize("include_query", [False, True])
+def test_naive_version_matches_reference(include_query):
+    emb, labels = random_batch(14, 4, 5, seed=21)
+    s1 = (emb @ emb.T).requires_grad_()
+    s2 = (emb @ emb.T).requires_grad_()
+    naive = naive_rsk_loss(s1, labels, tau_rank=0.05, include_query=include_query)
+    ref = rsk_loss_reference(s2, labels, labels, torch.arange(14), (1, 2, 4, 8, 16), 0.05, 1.0, include_query)
+    naive.backward()
+    ref.backward()
+    torch.testing.assert_close(naive, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_benchmark_rows_and_naive_skip():
+    rows = run_loss_benchmark([16], 4, 8, "cpu", simix_sizes=[40], repeats=1, naive_max_gib=1e-6)
+    assert [r["case"] for r in rows] == ["rsk", "rsk", "rsk+simix", "rsk+simix"]
+    ours = [r for r in rows if r["method"].startswith("ours")]
+    assert [(r["B"], r["real_B"], r["positives"]) for r in ours] == [(16, 16, 3), (40, 16, 9)]
+    assert all(r["loss_ms"] > 0 and r["e2e_ms"] > 0 for r in ours)
+    skipped = [r for r in rows if r["method"].startswith("naive")]
+    assert all(r["loss_ms"] is None and "skipped" in r["note"] for r in skipped)
+
+
+def test_main_prints_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert main(["--sizes", "12", "--dim", "8", "--repeats", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "naive (B x P x B)" in text and "ours (torch blocked)" in text and "x /" in text
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 and rows[0]["B"] == 12
