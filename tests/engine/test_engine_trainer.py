@@ -166,3 +166,20 @@ def test_without_eval_and_with_step_cap(tmp_path):
     assert trainer.step == 6 and "train_loss" in result
     assert not [r for r in read_metrics(tmp_path) if r["kind"] == "eval"]
     assert not (tmp_path / "checkpoints" / "best.pt").exists()
+
+
+def _simix_loss() -> nn.Module:
+    from recallk.losses import RecallAtKSurrogate
+
+    return RecallAtKSurrogate(ks=(1, 2), simix=True, generator=torch.Generator().manual_seed(7))
+
+
+def test_resume_with_simix_replays_the_loss_generator(tmp_path):
+    """SiMix draws its alphas from the loss's own generator: a resumed run must continue that stream."""
+    full = make_trainer(tmp_path / "full", criterion=_simix_loss())
+    full.fit()
+    first = make_trainer(tmp_path / "cut", criterion=_simix_loss(), max_steps=4)
+    first.fit()
+    resumed = make_trainer(tmp_path / "cut", criterion=_simix_loss())
+    resumed.fit(resume=True)
+    assert_same_weights(resumed.model, full.model)

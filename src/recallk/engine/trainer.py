@@ -226,6 +226,8 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "criterion": criterion_state,
+            # A loss that draws from its own generator (SiMix alphas) must resume that stream too.
+            "criterion_generator": None if (gen := self._criterion_generator()) is None else gen.get_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -242,6 +244,10 @@ class Trainer:
             "settings": {"batch_size": self.batch_size, "per_class": self.per_class, "seed": self.seed,
                          "world_size": self.world_size},
         }
+
+    def _criterion_generator(self) -> torch.Generator | None:
+        generator = getattr(self.criterion, "generator", None)
+        return generator if isinstance(generator, torch.Generator) else None
 
     # ----------------------------------------------------------------------------------------------- epochs
     def _steps_in_epoch(self) -> int:
@@ -410,6 +416,9 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         if isinstance(self.criterion, nn.Module) and state.get("criterion") is not None:
             self.criterion.load_state_dict(state["criterion"])
+        generator = self._criterion_generator()
+        if generator is not None and state.get("criterion_generator") is not None:
+            generator.set_state(state["criterion_generator"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
