@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
         "resize": 256,  # test-time resize before the centre crop, pixels
         "num_workers": 0,
         "options": {},  # extra keyword arguments of recallk.data.build_dataset (e.g. max_classes)
+        "test_options": {},  # merged over options for the test split only (e.g. a smaller max_classes)
     },
     "model": {
         "name": "resnet50",  # any timm model name
@@ -76,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
-_FREE_FORM = {("data", "options"), ("model", "options"), ("loss", "options")}
+_FREE_FORM = {("data", "options"), ("data", "test_options"), ("model", "options"), ("loss", "options")}
 
 
 def _suggest(key: str, valid: Iterable[str]) -> str:

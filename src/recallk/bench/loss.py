@@ -6,6 +6,8 @@ back to the embeddings). Peak memory is measured
 - on CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step;
 - on CPU: the process's peak resident set size (``VmHWM`` in ``/proc/self/status``, reset by writing 5 to
   ``/proc/self/clear_refs``) minus the resident size before the step: the bytes the step really touched.
+  For that run only, glibc's mmap threshold is set to 64 KiB so that every tensor is mapped when allocated
+  and unmapped when freed; timed runs use a fixed 32 MiB threshold (heap reuse, as in a warmed-up process).
   Where the kernel does not allow the reset, the figure is left out (``None``).
 The naive version is skipped, with a note, when its estimated memory exceeds ``naive_max_gib``.
 
@@ -83,6 +85,7 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
             return self
+        _set_mmap_threshold(_MEMORY_MMAP_THRESHOLD, trim=True)
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -95,18 +98,26 @@ class _PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
-        elif self.start is not None:
-            self.peak = self._status_kib("VmHWM") * 1024 - self.start
+        else:
+            if self.start is not None:
+                self.peak = self._status_kib("VmHWM") * 1024 - self.start
+            _set_mmap_threshold(_TIMING_MMAP_THRESHOLD)
 
 
-def _return_freed_memory_to_os() -> None:
-    """Make glibc give every large freed block back to the OS at once (fixed 64 KiB mmap threshold, trimmed
-    heap), so that the resident size follows the live tensors and its peak measures a step. Process-wide;
-    called by the benchmark only. Does nothing where glibc is absent."""
+_M_MMAP_THRESHOLD = -3
+_TIMING_MMAP_THRESHOLD = 32 * 2**20  # what glibc's dynamic threshold reaches once large blocks were freed
+_MEMORY_MMAP_THRESHOLD = 64 * 2**10
+
+
+def _set_mmap_threshold(n_bytes: int, trim: bool = False) -> None:
+    """Fix glibc's mmap threshold (process-wide; benchmark only; no-op without glibc). Below it, freed blocks
+    stay in the heap for reuse (fast, as in a warmed-up process); above it, each block is mapped on allocation
+    and returned to the OS when freed, so the resident size follows the live tensors."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; setting it also turns off glibc's dynamic threshold
-        libc.malloc_trim(0)
+        libc.mallopt(_M_MMAP_THRESHOLD, n_bytes)
+        if trim:
+            libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -167,7 +178,7 @@ def run_loss_benchmark(
     """
     dev = torch.device(device)
     if dev.type == "cpu":
-        _return_freed_memory_to_os()
+        _set_mmap_threshold(_TIMING_MMAP_THRESHOLD)
     gen = torch.Generator().manual_seed(seed)
     pairs_per_class = per_class * (per_class - 1) // 2
     cases = [("rsk", b, b) for b in sizes]
@@ -277,7 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive (B, |P|, B) version")
     parser.add_argument("--naive-max-gib", type=float, default=6.0, help="skip naive above this estimate")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     if args.per_class < 2:
         parser.error("--per-class must be at least 2 (a query needs a positive)")
     rows = run_loss_benchmark(

@@ -43,8 +43,13 @@ def datasets_from_config(
     train_tf = transforms_for_model(model, "train", dataset=d["dataset"], image_size=size)
     test_tf = transforms_for_model(model, "test", dataset=d["dataset"], image_size=size)
     train = build_dataset(d["dataset"], d["root"], d["train_split"], transform=train_tf, **d["options"])
-    test = build_dataset(d["dataset"], d["root"], d["test_split"], transform=test_tf, **d["options"])
+    test = build_dataset(d["dataset"], d["root"], d["test_split"], transform=test_tf, **test_options(config))
     return train, test
+
+
+def test_options(config: dict[str, Any]) -> dict[str, Any]:
+    """Dataset options of the test split: ``data.options`` updated by ``data.test_options``."""
+    return {**config["data"]["options"], **config["data"]["test_options"]}
 
 
 def criterion_from_config(config: dict[str, Any], train_labels: np.ndarray) -> torch.nn.Module:
@@ -120,7 +125,7 @@ def train_from_config(
 
     rows = {}
     if e["pixel_baseline"]:
-        raw = build_dataset(d["dataset"], d["root"], d["test_split"], transform=None, **d["options"])
+        raw = build_dataset(d["dataset"], d["root"], d["test_split"], transform=None, **test_options(config))
         rows["raw pixels"] = retrieval_metrics(*pixel_embeddings(raw, d["image_size"] or 64), ks)
     history = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in history if r["kind"] == "eval"]
@@ -182,7 +187,7 @@ def evaluate_checkpoint(
     name = dataset or d["dataset"]
     same = name == d["dataset"]
     transform = transforms_for_model(model, "test", dataset=name, image_size=d["image_size"])
-    options: dict[str, Any] = dict(d["options"]) if same else {}
+    options: dict[str, Any] = test_options(config) if same else {}
     return evaluate_protocol(
         model, name, root if root is not None else (d["root"] if same else None), transform,
         ks=ks or (config["eval"]["ks"] if same else None), splits=splits, batch_size=batch_size,

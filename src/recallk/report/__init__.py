@@ -106,7 +106,8 @@ def _dataset_from_config(cfg: dict[str, Any], split: str) -> Any:
         raise ValueError("config.yaml has no data.dataset; pass dataset= to write_report")
     from recallk.data import build_dataset  # imported here: report must not need data at import time
 
-    return build_dataset(data["dataset"], data.get("root"), split, transform=None, **(data.get("options") or {}))
+    options = {**(data.get("options") or {}), **(data.get("test_options") or {})}
+    return build_dataset(data["dataset"], data.get("root"), split, transform=None, **options)
 
 
 def _examples_body(
