@@ -149,3 +149,19 @@ def test_agrees_with_pytorch_metric_learning(rng, leave_one_out):
     assert ours["recall@1"] == pytest.approx(theirs["precision_at_1"], abs=1e-9)
     assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-9)
     assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-9)
+
+
+def test_first_pass_depth_minimises_its_cost_model(rng):
+    alpha = metrics_module._DEPTH_COST
+    sizes = np.concatenate([rng.integers(2, 60, size=300), [400, 900, 1000]])
+    r = np.repeat(sizes, sizes) - 1
+    available = len(r) - 1
+
+    def cost(d: int) -> float:  # every query to depth d, then the deeper ones again to their own R
+        return len(r) * (1 + alpha * d) + float(np.sum(1 + alpha * r[r > d]))
+
+    for min_depth in (1, 16, 500):
+        depth = metrics_module.first_pass_depth(r, min_depth, available)
+        best = min(cost(d) for d in range(min_depth, int(r.max()) + 1))
+        assert depth >= min_depth and cost(depth) == pytest.approx(best, rel=1e-12)
+    assert metrics_module.first_pass_depth(r, 20_000, available) == available  # k beyond the database

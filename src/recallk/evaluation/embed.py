@@ -85,9 +85,7 @@ def embed_dataset(
         with torch.inference_mode():
             for images, batch_labels in tqdm(loader, desc="embedding", unit="batch", disable=not progress):
                 images = images.to(dev, non_blocking=True)
-                with torch.autocast(
-                    dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-                ):
+                with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     out = model(images)
                 if out.ndim != 2 or out.shape[0] != images.shape[0]:
                     raise ValueError(

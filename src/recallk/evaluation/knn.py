@@ -180,9 +180,7 @@ def iter_knn(
             d, i = faiss.knn(q, database, with_extra, metric=faiss.METRIC_INNER_PRODUCT)
             scores, indices = torch.from_numpy(d), torch.from_numpy(i)
             if with_extra > search_k:
-                scores, indices = _fix_boundary_ties(
-                    scores, indices, search_k, n_db, lambda r: qt[r] @ db_torch.T
-                )
+                scores, indices = _fix_boundary_ties(scores, indices, search_k, n_db, lambda r: qt[r] @ db_torch.T)
             return _canonical_order(scores, indices)
         qt = torch.from_numpy(q).to(device)
         full = qt @ db_torch.T
@@ -239,8 +237,7 @@ def exact_knn(
         raise ValueError(f"queries have dimension {q.shape[1]} but the database has {db.shape[1]}")
     if exclude_self and q.shape != db.shape:
         raise ValueError(
-            "exclude_self=True needs the queries to be the database itself, "
-            f"got shapes {q.shape} and {db.shape}"
+            f"exclude_self=True needs the queries to be the database itself, got shapes {q.shape} and {db.shape}"
         )
     limit = db.shape[0] - int(exclude_self)
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= limit:

@@ -67,9 +67,7 @@ def evaluate_protocol(
             ``embed_dataset`` / ``retrieval_metrics`` (missing files, a split without positives, ...).
     """
     if dataset_name not in PROTOCOLS:
-        raise ValueError(
-            f"no evaluation protocol for dataset {dataset_name!r}; choose from {sorted(PROTOCOLS)}"
-        )
+        raise ValueError(f"no evaluation protocol for dataset {dataset_name!r}; choose from {sorted(PROTOCOLS)}")
     from recallk.data import build_dataset
 
     splits = list(PROTOCOLS[dataset_name] if splits is None else splits)
