@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/recallk train --config configs/kanji.yaml --name demo
+	$(VENV)/bin/recallk train --config configs/kanji.yaml --name demo --overwrite
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=600

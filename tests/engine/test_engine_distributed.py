@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from engine_helpers import NoisyImages, RandomMixLoss, grads, make_batch, make_net
+from engine_helpers import NoisyImages, RandomMixLoss, grads, make_batch, make_net, nearest_neighbour_eval
 
 from recallk.engine import Trainer, cached_backward, freeze_batchnorm
 from recallk.engine.distributed import all_gather_rows, distributed_cached_backward, init_distributed
@@ -31,7 +31,9 @@ def _trainer(run_dir: Path, distributed: bool) -> Trainer:
     # No augmentation noise: the ranks' own random streams differ from the single process's by design.
     return Trainer(model, RandomMixLoss(), NoisyImages(noise=0.0), run_dir, batch_size=8, chunk_size=3, per_class=2,
                    epochs=1, optimizer="sgd", lr=0.1, device="cpu", progress=False, tensorboard=False,
-                   max_steps_per_epoch=2, distributed=distributed)
+                   max_steps_per_epoch=2, distributed=distributed,
+                   # evaluation runs on rank 0 only while the others wait: it must not deadlock on best.pt
+                   eval_fn=nearest_neighbour_eval(NoisyImages(noise=0.0)))
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -25,22 +26,30 @@ def train(args: argparse.Namespace) -> int:
     if args.name:
         config["name"] = args.name
     run_dir = Path(config["runs_dir"]) / config["name"]
-    if run_dir.exists() and not args.resume:
-        if args.overwrite:
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 touches the run folder
+    if main_process:
+        prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
+        dump_config(config, run_dir / "config.yaml")
+    summary = wiring.train_from_config(config, run_dir, resume=args.resume, progress=not args.no_progress)
+    if main_process:
+        print(summary["table"])
+        print(json.dumps({"run_dir": str(run_dir), **summary["final"]}))
+    return 0
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create the run folder; refuse to mix two runs in one folder unless told to resume or overwrite."""
+    if run_dir.exists() and not resume:
+        if overwrite:
             shutil.rmtree(run_dir)
         elif any(run_dir.iterdir()):
             raise ValueError(
                 f"run folder {run_dir} already exists: pass --resume to continue it, --overwrite to start "
                 f"again, or --name to pick another name"
             )
-    if args.resume and not (run_dir / "checkpoints" / "last.pt").is_file():
+    if resume and not (run_dir / "checkpoints" / "last.pt").is_file():
         raise ValueError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}; start without --resume")
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
-    summary = wiring.train_from_config(config, run_dir, resume=args.resume, progress=not args.no_progress)
-    print(summary["table"])
-    print(json.dumps({"run_dir": str(run_dir), **summary["final"]}))
-    return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -359,7 +359,7 @@ class Trainer:
             if self.best_value is None or value > self.best_value:
                 self.best_value, self.best_epoch = value, epoch
                 self._rng_snapshot = capture_all_rng()
-                self._save("best.pt")
+                self._save("best.pt", gather_rng=False)  # rank 0 alone here: no collective
         if self.distributed:
             import torch.distributed as dist
 
