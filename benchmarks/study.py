@@ -1,0 +1,499 @@
+"""Reproduction study on the kanji data: reruns every cell of docs/results.md and rewrites it.
+
+    python benchmarks/study.py                      # all groups, seeds 1 2 3, one run at a time
+    python benchmarks/study.py --jobs 2             # two runs at a time (each with one torch thread)
+    python benchmarks/study.py --only batch --dry-run
+
+Every cell x seed is one ``recallk train`` subprocess (the real engine, sampler, evaluation and run folder) in
+``runs/study/<cell>-s<seed>/``. A run whose ``metrics.jsonl`` already holds the evaluation after its last
+epoch is skipped, so an interrupted study resumes where it stopped. At the end the final evaluations are
+aggregated (mean and sample standard deviation over seeds) and docs/results.md is written: tables, the exact
+command of every row, the budget, automatic verdicts on the paper's claims, and the hand-written discussion kept
+between the ``<!-- discussion -->`` markers of the previous file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_CONFIG = "configs/study/kanji.yaml"
+RUNS_DIR = "runs/study"
+RESULTS = "docs/results.md"
+MACHINE = "2-core CPU, no GPU (shared with other work), torch 1 thread per run"
+METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
+DISCUSSION_BEGIN, DISCUSSION_END = "<!-- discussion:begin -->", "<!-- discussion:end -->"
+
+# Hyper-parameters of the baselines: the defaults of pytorch-metric-learning, which are the values of the papers
+# (Smooth-AP: temperature 0.01, Brown et al. 2020; multi-similarity: alpha 2, beta 50, lambda/base 0.5, Wang et
+# al. 2019; Proxy-Anchor: margin 0.1, alpha 32, Kim et al. 2020; contrastive: positive margin 0, negative margin
+# 1 on the L2 distance of normalised embeddings, Hadsell et al. 2006). Written out so that the commands show them.
+BASELINE_OPTIONS = {
+    "smooth_ap": "{temperature: 0.01}",
+    "contrastive": "{pos_margin: 0.0, neg_margin: 1.0}",
+    "multi_similarity": "{alpha: 2.0, beta: 50.0, base: 0.5}",
+    "proxy_anchor": "{margin: 0.1, alpha: 32.0}",
+}
+
+NAMES = {"smooth_ap": "Smooth-AP", "contrastive": "contrastive", "multi_similarity": "multi-similarity",
+         "proxy_anchor": "Proxy-Anchor"}
+FEW_CLASSES = ("data.options.max_classes=48", "data.test_options.max_classes=300", "train.batch_size=128",
+               "train.epochs=10", "train.milestones=[7]", "train.eval_every=10")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of the study: ``name`` (run folder prefix), ``label`` (table row) and its overrides
+    of :data:`BASE_CONFIG` (``section.key=value`` strings, as on the ``recallk train`` command line)."""
+
+    name: str
+    label: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Group:
+    """Cells compared with each other (same model, data and budget within a group)."""
+
+    name: str
+    title: str
+    claim: str
+    cells: tuple[Cell, ...]
+    budget: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+RSK = Cell("rsk", "RS@k (batch 256)")
+GROUPS: tuple[Group, ...] = (
+    Group(
+        "losses", "Losses (same model, data, batch 256, 3 epochs)",
+        "RS@k (with SiMix) outperforms the other losses (paper, Tables 2-4).",
+        (
+            RSK,
+            Cell("rsk_simix", "RS@k + SiMix", ("loss.simix=true",)),
+            *(Cell(name, label, (f"loss.name={name}", f"loss.options={BASELINE_OPTIONS[name]}"))
+              for name, label in (("smooth_ap", "Smooth-AP (pml)"), ("contrastive", "contrastive (pml)"),
+                                  ("multi_similarity", "multi-similarity (pml)"),
+                                  ("proxy_anchor", "Proxy-Anchor (pml)"))),
+        ),
+        notes=("Proxy-Anchor's proxies train with the same learning rate as the network (the engine has one "
+               "learning rate for all parameters; the Proxy-Anchor paper uses 100x for the proxies).",
+               "No miners: each baseline sees all pairs of the batch."),
+    ),
+    Group(
+        "batch", "Batch size for RS@k (same epochs, i.e. about the same images seen, chunk 128)",
+        "For RS@k a larger batch is better (paper, Figure 4 and Section 4).",
+        (Cell("rsk_b64", "RS@k, batch 64", ("train.batch_size=64",)), RSK,
+         Cell("rsk_b1024", "RS@k, batch 1024", ("train.batch_size=1024",))),
+        notes=("Batch 4096 needs 1,024 classes per batch (4 images each), i.e. at least 1,024 training classes "
+               "and 26,000+ images per epoch: about 10x the budget of a cell here, so it is left for a GPU.",
+               "The learning rate is the same for every batch size, so a larger batch also means fewer optimiser "
+               "steps (108, 24 and 6 per epoch); the sampler's epoch uses 6,912, 6,144 and 6,144 images."),
+    ),
+    Group(
+        "batch_steps", "Batch size for RS@k at the same number of optimiser steps (6 per epoch, 18 in all)",
+        "For RS@k a larger batch is better (paper, Figure 4), here without the confound of fewer steps.",
+        (Cell("rsk_b64_18steps", "RS@k, batch 64, 18 steps", ("train.batch_size=64", "train.max_steps_per_epoch=6")),
+         Cell("rsk_b256_18steps", "RS@k, batch 256, 18 steps", ("train.max_steps_per_epoch=6",)),
+         Cell("rsk_b1024", "RS@k, batch 1024, 18 steps", ("train.batch_size=1024",))),
+        notes=("Each epoch stops after 6 batches (`train.max_steps_per_epoch=6`; batch 1024 has 6 per epoch "
+               "anyway), so the runs see 1,152, 4,608 and 18,432 images: a larger batch sees more data here.",),
+    ),
+    Group(
+        "simix_few", "SiMix with few training classes (48 train classes, 300 test classes, batch 128, 10 epochs)",
+        "SiMix helps, most of all when the training set is small (paper, Section 4, Table 6).",
+        (Cell("few_rsk", "RS@k, 48 training classes", FEW_CLASSES),
+         Cell("few_rsk_simix", "RS@k + SiMix, 48 training classes", (*FEW_CLASSES, "loss.simix=true"))),
+        notes=("`data.test_options.max_classes=300` keeps the test set of the other groups (the first 300 test "
+               "classes), so these numbers compare directly with the losses group.",),
+    ),
+    Group(
+        "include_query", "include_query (the authors' code counts the query in its own ranking)",
+        "The authors' quirk (include_query=True) does not matter (our question; the paper does not discuss it).",
+        (Cell("rsk", "RS@k, include_query=False (paper)"),
+         Cell("rsk_iq", "RS@k, include_query=True (authors' code)", ("loss.include_query=true",))),
+    ),
+)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def select_groups(only: Sequence[str] | None) -> list[Group]:
+    """The groups named in ``only`` (all when empty). Raises ValueError on an unknown name."""
+    if not only:
+        return list(GROUPS)
+    names = {g.name: g for g in GROUPS}
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ValueError(f"unknown group(s) {unknown}: choose from {sorted(names)}")
+    return [names[n] for n in only]
+
+
+def run_name(cell: Cell, seed: int) -> str:
+    return f"{cell.name}-s{seed}"
+
+
+def train_args(cell: Cell, seed: int | str, runs_dir: str = RUNS_DIR, config: str = BASE_CONFIG) -> list[str]:
+    """Arguments after ``recallk`` for one run: ``train -c CONFIG --name CELL-sSEED ... overrides``."""
+    return ["train", "-c", config, "--name", f"{cell.name}-s{seed}", "--overwrite", "--no-progress",
+            f"runs_dir={runs_dir}", f"seed={seed}", *cell.overrides]
+
+
+def shell_command(cell: Cell, seed: int | str = "$SEED") -> str:
+    """The command of a table row as a user types it (repository root, venv active); ``$SEED`` stays
+    unquoted so that the shell expands it."""
+    args = train_args(cell, seed)
+    return "OMP_NUM_THREADS=1 recallk " + " ".join(a if "$SEED" in a else shlex.quote(a) for a in args)
+
+
+def unique_runs(groups: Sequence[Group], seeds: Sequence[int]) -> list[tuple[Cell, int]]:
+    """Every (cell, seed) once (cells shared by several groups run once), seed-major: all cells of the first
+    seed, then of the second, ..., so that a study cut short still has whole rows at fewer seeds.
+
+    Raises:
+        ValueError: one cell name used with two different sets of overrides.
+    """
+    seen: dict[str, Cell] = {}
+    for group in groups:
+        for cell in group.cells:
+            if cell.name in seen and seen[cell.name].overrides != cell.overrides:
+                raise ValueError(f"cell name {cell.name!r} is used with different overrides")
+            seen.setdefault(cell.name, cell)
+    return [(cell, s) for s in seeds for cell in seen.values()]
+
+
+def expected_epochs(cell: Cell, config: str = BASE_CONFIG) -> int:
+    """The number of training epochs of a cell, from the resolved configuration (validates the overrides)."""
+    from recallk.config import load_config
+
+    return int(load_config(ROOT / config, cell.overrides)["train"]["epochs"])
+
+
+# --------------------------------------------------------------------------------------------- run folders
+def read_evals(run_dir: Path) -> list[dict[str, Any]]:
+    """The ``"kind": "eval"`` records of ``run_dir/metrics.jsonl`` (empty when missing); a torn last line of an
+    interrupted run is ignored."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "eval":
+            records.append(record)
+    return records
+
+
+def final_eval(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+    """The evaluation after epoch ``epochs`` (the run is finished), else None."""
+    done = [r for r in read_evals(run_dir) if r.get("epoch") == epochs]
+    return done[-1] if done else None
+
+
+def initial_eval(run_dir: Path) -> dict[str, Any] | None:
+    """The evaluation before training (epoch 0), else None."""
+    first = [r for r in read_evals(run_dir) if r.get("epoch") == 0]
+    return first[0] if first else None
+
+
+def run_one(cell: Cell, seed: int, runs_dir: Path, epochs: int) -> tuple[str, float | None]:
+    """Train one (cell, seed) unless finished or being run by another study process (``<run>.lock``);
+    returns (status, wall seconds). The output goes to ``runs_dir/<run>.log``; the wall time to
+    ``runs_dir/<run>/study_time.json``."""
+    run_dir = runs_dir / run_name(cell, seed)
+    timing = run_dir / "study_time.json"
+    if final_eval(run_dir, epochs) is not None:
+        wall = json.loads(timing.read_text())["wall_s"] if timing.is_file() else None
+        return "skipped (finished)", wall
+    lock = runs_dir / f"{run_name(cell, seed)}.lock"
+    if not _take_lock(lock):
+        return "skipped (another study process is running it)", None
+    try:
+        return _train(cell, seed, runs_dir, epochs, run_dir, timing)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _take_lock(lock: Path) -> bool:
+    """Create ``lock`` holding this pid; False if a live process holds it (a stale lock is taken over)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or "0")
+                os.kill(pid, 0)
+                return False
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def _train(cell: Cell, seed: int, runs_dir: Path, epochs: int, run_dir: Path, timing: Path
+           ) -> tuple[str, float | None]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "recallk", *train_args(cell, seed, str(runs_dir.relative_to(ROOT))
+                                                        if runs_dir.is_relative_to(ROOT) else str(runs_dir))]
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(runs_dir / f"{run_name(cell, seed)}.log", "w") as out:
+        result = subprocess.run(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+    wall = time.perf_counter() - start
+    if result.returncode != 0 or final_eval(run_dir, epochs) is None:
+        return f"FAILED (exit {result.returncode}, see {runs_dir / (run_name(cell, seed) + '.log')})", wall
+    timing.write_text(json.dumps({"wall_s": wall}))
+    return "done", wall
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0.0 for a single value). Raises ValueError when empty."""
+    if not values:
+        raise ValueError("mean_std of no values")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def aggregate(cell: Cell, seeds: Sequence[int], runs_dir: Path, epochs: int,
+              metrics: Sequence[str] = METRICS) -> dict[str, Any]:
+    """Per metric, (mean, std) over the seeds whose run finished, in percent; ``n`` = finished seeds,
+    ``values`` = the per-seed values (percent), ``before`` = mean of the evaluation before training."""
+    finals = [f for s in seeds if (f := final_eval(runs_dir / run_name(cell, s), epochs)) is not None]
+    befores = [b for s in seeds if (b := initial_eval(runs_dir / run_name(cell, s))) is not None]
+    out: dict[str, Any] = {"n": len(finals), "values": {}, "stats": {}, "before": {}}
+    for m in metrics:
+        vals = [100.0 * f[m] for f in finals if m in f]
+        out["values"][m] = vals
+        if vals:
+            out["stats"][m] = mean_std(vals)
+        pre = [100.0 * b[m] for b in befores if m in b]
+        if pre:
+            out["before"][m] = mean_std(pre)[0]
+    walls = []
+    for s in seeds:
+        timing = runs_dir / run_name(cell, s) / "study_time.json"
+        if timing.is_file():
+            walls.append(json.loads(timing.read_text())["wall_s"])
+    out["wall_s"] = mean_std(walls)[0] if walls else None
+    return out
+
+
+def format_table(rows: Sequence[tuple[str, dict[str, Any]]], metrics: Sequence[str] = METRICS,
+                 before: dict[str, float] | None = None) -> str:
+    """A Markdown table: one row per (label, aggregate), cells "mean ± std"; optional "untrained" row."""
+    head = "| loss / setting | seeds | " + " | ".join(metrics) + " | wall s / run |"
+    lines = [head, "|" + "---|" * (len(metrics) + 3)]
+    if before:
+        lines.append("| untrained model (epoch 0) | | " + " | ".join(
+            f"{before[m]:.2f}" if m in before else "-" for m in metrics) + " | |")
+    for label, agg in rows:
+        cells = [("-" if m not in agg["stats"] else f"{agg['stats'][m][0]:.2f}" if agg["n"] < 2
+                  else f"{agg['stats'][m][0]:.2f} ± {agg['stats'][m][1]:.2f}") for m in metrics]
+        wall = f"{agg['wall_s']:.0f}" if agg.get("wall_s") else "-"
+        lines.append(f"| {label} | {agg['n']} | " + " | ".join(cells) + f" | {wall} |")
+    return "\n".join(lines)
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], metric: str = "map@r") -> tuple[float, float] | None:
+    """(mean of a - mean of b, Welch t statistic) on ``metric``; None without two seeds in each."""
+    va, vb = a["values"].get(metric, []), b["values"].get(metric, [])
+    if len(va) < 2 or len(vb) < 2:
+        return None
+    (ma, sa), (mb, sb) = mean_std(va), mean_std(vb)
+    se = math.sqrt(sa**2 / len(va) + sb**2 / len(vb))
+    diff = ma - mb
+    return diff, (diff / se if se > 0 else math.copysign(math.inf, diff) if diff else 0.0)
+
+
+def verdict(result: tuple[float, float] | None, name_a: str, name_b: str, metric: str = "map@r") -> str:
+    """One sentence: a is better / worse / no clear difference (|t| >= 3 counts as clear with 3 seeds)."""
+    if result is None:
+        return f"{name_a} vs {name_b} on {metric}: not enough finished seeds (two per cell needed)"
+    diff, t = result
+    if abs(t) >= 3:
+        word = "better" if diff > 0 else "worse"
+        return f"{name_a} is {word} than {name_b} on {metric} ({diff:+.2f} points, Welch t = {t:+.1f})"
+    return f"{name_a} vs {name_b}: no clear difference on {metric} ({diff:+.2f} points, Welch t = {t:+.1f})"
+
+
+# ---------------------------------------------------------------------------------------------- results.md
+def _cell_by_name(groups: Sequence[Group]) -> dict[str, Cell]:
+    return {c.name: c for g in groups for c in g.cells}
+
+
+def automatic_verdicts(aggs: dict[str, dict[str, Any]]) -> list[str]:
+    """Bullet lines comparing the cells that test each claim (only cells present in ``aggs``)."""
+    lines = []
+
+    def add(a: str, b: str, label_a: str, label_b: str) -> None:
+        if a in aggs and b in aggs:
+            for metric in ("map@r", "recall@1"):
+                lines.append("- " + verdict(compare(aggs[a], aggs[b], metric), label_a, label_b, metric))
+
+    for base in ("smooth_ap", "contrastive", "multi_similarity", "proxy_anchor"):
+        add("rsk", base, "RS@k", NAMES[base])
+        add("rsk_simix", base, "RS@k + SiMix", NAMES[base])
+    add("rsk_simix", "rsk", "SiMix (300 classes)", "no SiMix")
+    add("rsk_b1024", "rsk", "batch 1024 (3 epochs)", "batch 256 (3 epochs)")
+    add("rsk", "rsk_b64", "batch 256 (3 epochs)", "batch 64 (3 epochs)")
+    add("rsk_b1024", "rsk_b64", "batch 1024 (3 epochs)", "batch 64 (3 epochs)")
+    add("rsk_b1024", "rsk_b256_18steps", "batch 1024 (18 steps)", "batch 256 (18 steps)")
+    add("rsk_b256_18steps", "rsk_b64_18steps", "batch 256 (18 steps)", "batch 64 (18 steps)")
+    add("few_rsk_simix", "few_rsk", "SiMix (48 classes)", "no SiMix")
+    add("rsk_iq", "rsk", "include_query=True", "include_query=False")
+    return lines
+
+
+def read_discussion(path: Path) -> str:
+    """The hand-written text between the discussion markers of an existing results file ('' if none)."""
+    if not path.is_file():
+        return ""
+    match = re.search(re.escape(DISCUSSION_BEGIN) + r"\n?(.*?)" + re.escape(DISCUSSION_END),
+                      path.read_text(), re.S)
+    return match.group(1).strip() if match else ""
+
+
+def render_results(groups: Sequence[Group], aggs: dict[str, dict[str, Any]], seeds: Sequence[int],
+                   discussion: str, total_wall_s: float | None) -> str:
+    """The whole docs/results.md text."""
+    from recallk.config import load_config
+
+    base = load_config(ROOT / BASE_CONFIG)
+    walls = {name: agg for name, agg in aggs.items() if agg.get("wall_s")}
+    run_wall = sum(agg["wall_s"] * agg["n"] for agg in walls.values())
+    d, m, t = base["data"], base["model"], base["train"]
+    out = [
+        "# Results: RS@k against the baselines on kanji across fonts (CPU)",
+        "",
+        "Made by `python benchmarks/study.py --jobs 2` (rerun it to reproduce; finished runs in `runs/study/` are "
+        "skipped, so it resumes after an interruption). Every number is the evaluation of the held-out test "
+        "classes after the last epoch, in percent, mean ± sample standard deviation over seeds "
+        f"{', '.join(map(str, seeds))}. recall@k is the hit rate (a same-class item among the k nearest "
+        "neighbours, leave-one-out); map@r is MAP@R (Musgrave et al. 2020).",
+        "",
+        f"- Machine: {MACHINE}." + (
+            f" Whole study: {total_wall_s / 60:.0f} min of wall time." if total_wall_s else "") + (
+            f" Sum of the wall times of the runs in the tables: {run_wall / 60:.0f} min (runs overlap when "
+            "`--jobs` > 1)." if run_wall else ""),
+        f"- Data: kanji across fonts (26 fonts per character), {d['image_size']} px, first "
+        f"{d['options']['max_classes']} classes of each split unless a group says otherwise (disjoint train and "
+        "test characters).",
+        f"- Model: {m['name']} from random weights, embedding {m['embed_dim']}-d, L2-normalised; BatchNorm trains.",
+        f"- Budget per cell: {t['epochs']} epochs, batch {t['batch_size']} ({t['per_class']} images per class), "
+        f"chunk {t['chunk_size']} (the cached two-pass step), {t['optimizer']} lr {t['lr']}, weight decay "
+        f"{t['weight_decay']}, lr x{t['gamma']} at epoch {t['milestones']}, unless a group says otherwise.",
+        "- The `wall s / run` column is the wall time of one run on the shared machine: it depends on how many "
+        "other processes (the study's own included) ran at the same time, so it compares losses only roughly.",
+        f"- Base config: [`{BASE_CONFIG}`](../{BASE_CONFIG}); each row's command adds its overrides. Replace "
+        "`$SEED` by 1, 2, 3.",
+        "",
+    ]
+    cells = _cell_by_name(groups)
+    for group in groups:
+        out += [f"## {group.title}", "", f"Claim: {group.claim}", ""]
+        rows = [(c.label, aggs[c.name]) for c in group.cells if c.name in aggs]
+        befores = [a["before"] for _, a in rows if a["before"]]
+        out += [format_table(rows, before=befores[0] if befores else None), ""]
+        out += ["Commands:", ""]
+        out += [f"- {c.label}: `{shell_command(c)}`" for c in group.cells]
+        if group.notes:
+            out += [""] + [f"Note: {n}" for n in group.notes]
+        out.append("")
+    out += ["## Automatic verdicts", "",
+            "Differences of means between two cells with Welch's t statistic over the seeds; |t| >= 3 is called "
+            "clear (a rough rule: with 3 seeds per cell Welch's test has 2 to 4 degrees of freedom, where the "
+            "two-sided 5% critical value is 4.3 to 2.8), anything else \"no clear difference\".", ""]
+    out += [*automatic_verdicts({k: v for k, v in aggs.items() if k in cells}), ""]
+    out += ["## What the numbers say about the paper's claims", "", DISCUSSION_BEGIN,
+            discussion or "(to be written after the study has run)", DISCUSSION_END, ""]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--only", nargs="+", metavar="GROUP", help=f"groups: {[g.name for g in GROUPS]}")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses one torch thread)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite docs/results.md")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="train nothing: aggregate the finished runs and rewrite docs/results.md")
+    parser.add_argument("--runs-dir", default=RUNS_DIR)
+    parser.add_argument("--results", default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    try:
+        groups = select_groups(args.only)
+    except ValueError as err:
+        parser.error(str(err))
+    runs_dir = (ROOT / args.runs_dir).resolve()
+    todo = unique_runs(groups, args.seeds)
+    epochs = {cell.name: expected_epochs(cell) for cell, _ in todo}
+    if args.dry_run:
+        for cell, seed in todo:
+            state = "finished" if final_eval(runs_dir / run_name(cell, seed), epochs[cell.name]) else "to run"
+            print(f"[{state}] {shell_command(cell, seed)}")
+        return 0
+
+    start = time.perf_counter()
+
+    def job(item: tuple[Cell, int]) -> tuple[str, str, float | None]:
+        cell, seed = item
+        status, wall = run_one(cell, seed, runs_dir, epochs[cell.name])
+        took = f"{wall:.0f} s" if wall is not None else "-"
+        print(f"{time.strftime('%H:%M:%S')} {run_name(cell, seed)}: {status} ({took})", flush=True)
+        return run_name(cell, seed), status, wall
+
+    if args.aggregate_only:
+        results = []
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(job, todo))
+    failed = [name for name, status, _ in results if status.startswith("FAILED")]
+    total = time.perf_counter() - start
+    print(f"study: {len(results)} runs, {len(failed)} failed, {total / 60:.1f} min")
+
+    aggs = {cell.name: aggregate(cell, args.seeds, runs_dir, epochs[cell.name]) for cell, _ in todo}
+    for group in groups:
+        print(f"\n{group.title}")
+        print(format_table([(c.label, aggs[c.name]) for c in group.cells]))
+    if not args.no_write:
+        path = ROOT / args.results
+        timing_file = runs_dir / "study_wall.json"
+        if results and all(status == "done" for _, status, _ in results) and not args.only:
+            timing_file.write_text(json.dumps({"wall_s": total}))
+        total_wall = json.loads(timing_file.read_text())["wall_s"] if timing_file.is_file() else None
+        path.write_text(render_results(groups, aggs, args.seeds, read_discussion(path), total_wall))
+        print(f"\nwrote {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

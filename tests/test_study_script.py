@@ -1,0 +1,123 @@
+"""benchmarks/study.py: the grid, the commands it runs and the aggregation of finished runs (no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from recallk.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("study", ROOT / "benchmarks" / "study.py")
+study = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("study", study)  # dataclasses look their module up in sys.modules
+_spec.loader.exec_module(study)
+
+
+def _write_run(run_dir: Path, finals: dict[int, dict[str, float]]) -> None:
+    run_dir.mkdir(parents=True)
+    lines = [{"kind": "train", "epoch": 1, "step": 1, "time": 0.0, "loss": 0.5}]
+    lines += [{"kind": "eval", "epoch": e, "step": 1, "time": 0.0, "split": "test", **m} for e, m in finals.items()]
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_every_cell_resolves_to_a_valid_config_that_differs_only_in_its_overrides():
+    base = load_config(ROOT / study.BASE_CONFIG)
+    for cell, _ in study.unique_runs(study.GROUPS, [1]):
+        config = load_config(ROOT / study.BASE_CONFIG, cell.overrides)
+        changed = {(section, key) for section, values in config.items() if isinstance(values, dict)
+                   for key in values if values[key] != base[section][key]}
+        named = {tuple(o.split("=")[0].split(".")[:2]) for o in cell.overrides}
+        assert changed <= named, (cell.name, changed - named)
+
+
+def test_baseline_options_are_accepted_by_pytorch_metric_learning():
+    import numpy as np
+
+    from recallk.cli.wiring import criterion_from_config
+
+    for cell in study.GROUPS[0].cells:
+        config = load_config(ROOT / study.BASE_CONFIG, cell.overrides)
+        criterion = criterion_from_config(config, np.arange(8))
+        assert criterion is not None
+
+
+def test_grid_is_seed_major_without_duplicates_and_group_filter_works():
+    runs = study.unique_runs(study.GROUPS, [1, 2, 3])
+    names = [study.run_name(c, s) for c, s in runs]
+    assert len(names) == len(set(names))
+    cells = {c.name for g in study.GROUPS for c in g.cells}
+    assert len(runs) == 3 * len(cells)
+    seeds = [s for _, s in runs]
+    assert seeds == sorted(seeds)
+    only = study.select_groups(["batch"])
+    assert [g.name for g in only] == ["batch"]
+    assert [c.overrides for c, _ in study.unique_runs(only, [7])] == [("train.batch_size=64",), (),
+                                                                     ("train.batch_size=1024",)]
+    with pytest.raises(ValueError, match="unknown group"):
+        study.select_groups(["nope"])
+
+
+def test_shell_command_round_trips_to_the_train_arguments():
+    cell = study.Cell("x", "X", ("loss.name=contrastive", "loss.options={pos_margin: 0.0, neg_margin: 1.0}"))
+    text = study.shell_command(cell, 2)
+    assert text.startswith("OMP_NUM_THREADS=1 recallk ")
+    assert shlex.split(text)[2:] == study.train_args(cell, 2)
+    assert "seed=$SEED" in study.shell_command(cell)
+
+
+def test_finished_runs_are_detected_and_aggregated_with_sample_std(tmp_path):
+    cell = study.Cell("c", "C")
+    values = {1: 0.30, 2: 0.36, 3: 0.27}
+    for seed, v in values.items():
+        _write_run(tmp_path / f"c-s{seed}", {0: {"map@r": 0.1, "recall@1": 0.2}, 3: {"map@r": v, "recall@1": v + 0.1}})
+    _write_run(tmp_path / "c-s4", {0: {"map@r": 0.1, "recall@1": 0.2}})  # interrupted after the first eval
+    assert study.final_eval(tmp_path / "c-s4", 3) is None
+    assert study.final_eval(tmp_path / "c-s1", 3)["map@r"] == 0.30
+    agg = study.aggregate(cell, [1, 2, 3, 4], tmp_path, epochs=3, metrics=("map@r", "recall@1"))
+    expected = [100 * v for v in values.values()]
+    assert agg["n"] == 3
+    assert agg["stats"]["map@r"][0] == pytest.approx(statistics.mean(expected))
+    assert agg["stats"]["map@r"][1] == pytest.approx(statistics.stdev(expected))
+    assert agg["before"]["map@r"] == pytest.approx(10.0)
+    table = study.format_table([("C", agg)], metrics=("map@r", "recall@1"), before=agg["before"])
+    assert f"{statistics.mean(expected):.2f} ± {statistics.stdev(expected):.2f}" in table
+    assert "untrained" in table
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    _write_run(tmp_path / "r", {0: {"map@r": 0.1}})
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "eval", "epoch": 3, "map')
+    assert study.final_eval(tmp_path / "r", 3) is None
+    assert study.initial_eval(tmp_path / "r")["map@r"] == 0.1
+
+
+def test_welch_verdicts():
+    a = {"values": {"map@r": [30.0, 31.0, 29.0]}}
+    b = {"values": {"map@r": [20.0, 21.0, 19.0]}}
+    c = {"values": {"map@r": [29.0, 33.0, 27.0]}}
+    diff, t = study.compare(a, b)
+    assert diff == pytest.approx(10.0)
+    assert t == pytest.approx(10.0 / (2 / 3) ** 0.5)
+    assert "better" in study.verdict((diff, t), "a", "b")
+    assert "worse" in study.verdict(study.compare(b, a), "b", "a")
+    assert "no clear difference" in study.verdict(study.compare(a, c), "a", "c")
+    assert study.compare(a, {"values": {"map@r": [1.0]}}) is None
+
+
+def test_discussion_survives_a_rewrite(tmp_path):
+    path = tmp_path / "results.md"
+    path.write_text(f"# old\n{study.DISCUSSION_BEGIN}\nhand-written\ntext\n{study.DISCUSSION_END}\n")
+    assert study.read_discussion(path) == "hand-written\ntext"
+    assert study.read_discussion(tmp_path / "missing.md") == ""
+    rewritten = tmp_path / "new.md"
+    rewritten.write_text(study.render_results(study.GROUPS, {}, [1, 2, 3], "hand-written\ntext", None))
+    assert study.read_discussion(rewritten) == "hand-written\ntext"
+    assert "configs/study/kanji.yaml" in rewritten.read_text()
