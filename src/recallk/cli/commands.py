@@ -82,6 +82,7 @@ def report(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"recallk.bench.{args.which}")
+    sys.argv[0] = f"recallk bench {args.which}"  # the benchmark's own parser names itself after argv[0]
     result: Any = module.main(list(args.args))
     sys.stdout.flush()
     return int(result or 0)
