@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 4e-4,
         "milestones": [],
         "gamma": 0.3,
+        "loss_lr_multiplier": 1.0,  # LR of the loss's own parameters (Proxy-Anchor proxies) as a multiple of lr
         "amp": None,  # null | bf16 | fp16
         "device": "auto",
         "max_steps_per_epoch": None,

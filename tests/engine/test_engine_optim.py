@@ -36,3 +36,20 @@ def test_bad_settings():
         build_optimizer([nn.Linear(2, 2).requires_grad_(False)])
     with pytest.raises(ValueError, match="milestones"):
         build_scheduler(build_optimizer([nn.Linear(2, 2)]), milestones=[4, 2])
+
+
+def test_loss_parameters_can_get_their_own_learning_rate():
+    model, criterion = nn.Linear(3, 2), nn.Linear(2, 1)
+    optimizer = build_optimizer([model, criterion], "adam", lr=0.01, lr_multipliers=(1.0, 100.0))
+    first, second = optimizer.param_groups
+    assert first["lr"] == pytest.approx(0.01) and second["lr"] == pytest.approx(1.0)
+    assert {id(p) for p in first["params"]} == {id(p) for p in model.parameters()}
+    assert {id(p) for p in second["params"]} == {id(p) for p in criterion.parameters()}
+    scheduler = build_scheduler(optimizer, milestones=[1], gamma=0.5)
+    optimizer.step()
+    scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.005, 0.5])
+    with pytest.raises(ValueError, match="one positive number per module"):
+        build_optimizer([model, criterion], lr_multipliers=(1.0,))
+    with pytest.raises(ValueError, match="one positive number per module"):
+        build_optimizer([model, criterion], lr_multipliers=(1.0, 0.0))

@@ -115,7 +115,8 @@ def train_from_config(
         model, criterion, train_set, run_dir,
         batch_size=t["batch_size"], chunk_size=t["chunk_size"], per_class=t["per_class"], epochs=t["epochs"],
         optimizer=t["optimizer"], lr=t["lr"], weight_decay=t["weight_decay"], milestones=tuple(t["milestones"]),
-        gamma=t["gamma"], amp=t["amp"], device=device, seed=config["seed"], eval_fn=eval_fn,
+        gamma=t["gamma"], loss_lr_multiplier=t["loss_lr_multiplier"], amp=t["amp"], device=device,
+        seed=config["seed"], eval_fn=eval_fn,
         eval_every=t["eval_every"], best_metric=t["best_metric"], num_workers=d["num_workers"],
         max_steps_per_epoch=t["max_steps_per_epoch"], progress=progress, distributed=_is_distributed(),
     )

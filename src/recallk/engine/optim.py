@@ -16,12 +16,15 @@ def build_optimizer(
     lr: float = 1e-4,
     weight_decay: float = 4e-4,
     momentum: float = 0.9,
+    lr_multipliers: Sequence[float] | None = None,
 ) -> torch.optim.Optimizer:
     """One optimiser with one learning rate for every trainable parameter of ``modules`` (model and criterion).
 
     ``name``: "adam" (L2 weight decay, as the authors' ResNet runs), "adamw" (decoupled decay, ViT runs) or
-    "sgd" (with ``momentum``). Parameters shared between modules are counted once.
-    Raises ValueError for an unknown name, a non-positive lr or negative weight decay.
+    "sgd" (with ``momentum``). Parameters shared between modules are counted once (in the first module's group).
+    ``lr_multipliers`` (one per module, default all 1: the authors' single learning rate) scales the learning rate
+    of each module's parameters, e.g. ``(1, 100)`` for Proxy-Anchor's proxies as in its paper.
+    Raises ValueError for an unknown name, a non-positive lr or multiplier, or negative weight decay.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -29,15 +32,21 @@ def build_optimizer(
         raise ValueError(f"the learning rate must be positive, got {lr}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    modules = list(modules)
+    multipliers = [1.0] * len(modules) if lr_multipliers is None else [float(m) for m in lr_multipliers]
+    if len(multipliers) != len(modules) or any(not m > 0 for m in multipliers):
+        raise ValueError(f"lr_multipliers must give one positive number per module ({len(modules)}), got "
+                         f"{lr_multipliers}")
     seen: set[int] = set()
-    params = []
-    for module in modules:
+    groups: dict[float, list[nn.Parameter]] = {}
+    for module, multiplier in zip(modules, multipliers):
         for param in module.parameters():
             if param.requires_grad and id(param) not in seen:
                 seen.add(id(param))
-                params.append(param)
-    if not params:
+                groups.setdefault(multiplier, []).append(param)
+    if not groups:
         raise ValueError("nothing to train: the model and criterion have no parameter with requires_grad=True")
+    params = [{"params": group, "lr": lr * multiplier} for multiplier, group in groups.items()]
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":

@@ -67,6 +67,8 @@ class Trainer:
         batch_size, chunk_size, per_class: global batch, images per forward pass, images per class in a batch.
         epochs: number of training epochs (epoch 0 is the evaluation before training).
         optimizer, lr, weight_decay, milestones, gamma: see :mod:`recallk.engine.optim`.
+        loss_lr_multiplier: learning rate of the criterion's own parameters (Proxy-Anchor's proxies) as a
+            multiple of ``lr``; 1 = the authors' single learning rate.
         amp: "bf16", "fp16" (with a GradScaler) or None (float32).
         device: "auto" (CUDA if available), "cpu", "cuda:1", ...; ignored when distributed (each rank uses
             cuda:LOCAL_RANK or the CPU).
@@ -102,6 +104,7 @@ class Trainer:
         weight_decay: float = 4e-4,
         milestones: tuple[int, ...] | list[int] = (),
         gamma: float = 0.3,
+        loss_lr_multiplier: float = 1.0,
         amp: str | None = None,
         device: str | torch.device = "auto",
         seed: int = 1,
@@ -150,7 +153,9 @@ class Trainer:
         self.sampler = ClassBalancedBatchSampler(labels, batch_size, per_class=per_class, seed=seed,
                                                  rank=self.rank, world_size=self.world_size)
         modules = [self.model] + ([self.criterion] if isinstance(self.criterion, nn.Module) else [])
-        self.optimizer = build_optimizer(modules, optimizer, lr=lr, weight_decay=weight_decay)
+        multipliers = [1.0, loss_lr_multiplier][: len(modules)]
+        self.optimizer = build_optimizer(modules, optimizer, lr=lr, weight_decay=weight_decay,
+                                         lr_multipliers=multipliers)
         self.scheduler = build_scheduler(self.optimizer, milestones, gamma)
         self.autocast_dtype = AMP_DTYPES[amp]
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
