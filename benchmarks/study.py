@@ -49,7 +49,7 @@ BASELINE_OPTIONS = {
 }
 
 NAMES = {"smooth_ap": "Smooth-AP", "contrastive": "contrastive", "multi_similarity": "multi-similarity",
-         "proxy_anchor": "Proxy-Anchor"}
+         "proxy_anchor": "Proxy-Anchor", "proxy_anchor_lr100": "Proxy-Anchor (proxies at 100x lr)"}
 FEW_CLASSES = ("data.options.max_classes=48", "data.test_options.max_classes=300", "train.batch_size=128",
                "train.epochs=10", "train.milestones=[7]", "train.eval_every=10")
 
@@ -88,9 +88,12 @@ GROUPS: tuple[Group, ...] = (
               for name, label in (("smooth_ap", "Smooth-AP (pml)"), ("contrastive", "contrastive (pml)"),
                                   ("multi_similarity", "multi-similarity (pml)"),
                                   ("proxy_anchor", "Proxy-Anchor (pml)"))),
+            Cell("proxy_anchor_lr100", "Proxy-Anchor (pml), proxies at 100x lr",
+                 ("loss.name=proxy_anchor", f"loss.options={BASELINE_OPTIONS['proxy_anchor']}",
+                  "train.loss_lr_multiplier=100")),
         ),
-        notes=("Proxy-Anchor's proxies train with the same learning rate as the network (the engine has one "
-               "learning rate for all parameters; the Proxy-Anchor paper uses 100x for the proxies).",
+        notes=("Proxy-Anchor's proxies train with the network's learning rate in the plain row and at 100x "
+               "(train.loss_lr_multiplier=100, as in the Proxy-Anchor paper) in the second row.",
                "No miners: each baseline sees all pairs of the batch."),
     ),
     Group(
@@ -354,7 +357,7 @@ def automatic_verdicts(aggs: dict[str, dict[str, Any]]) -> list[str]:
             for metric in ("map@r", "recall@1"):
                 lines.append("- " + verdict(compare(aggs[a], aggs[b], metric), label_a, label_b, metric))
 
-    for base in ("smooth_ap", "contrastive", "multi_similarity", "proxy_anchor"):
+    for base in ("smooth_ap", "contrastive", "multi_similarity", "proxy_anchor", "proxy_anchor_lr100"):
         add("rsk", base, "RS@k", NAMES[base])
         add("rsk_simix", base, "RS@k + SiMix", NAMES[base])
     add("rsk_simix", "rsk", "SiMix (300 classes)", "no SiMix")
