@@ -189,8 +189,11 @@ def evaluate_checkpoint(
     same = name == d["dataset"]
     transform = transforms_for_model(model, "test", dataset=name, image_size=d["image_size"])
     options: dict[str, Any] = test_options(config) if same else {}
+    root = root if root is not None else (d["root"] if same else None)
+    if name == "folder" and splits is None and root is not None and not (Path(root) / "test").is_dir():
+        splits = ["all"]  # a plain folder of class folders: evaluate all of it, leave-one-out
     return evaluate_protocol(
-        model, name, root if root is not None else (d["root"] if same else None), transform,
+        model, name, root, transform,
         ks=ks or (config["eval"]["ks"] if same else None), splits=splits, batch_size=batch_size,
         device=resolve_device(device), num_workers=d["num_workers"], progress=progress, **options,
     )
