@@ -86,22 +86,21 @@ def _suggest(key: str, valid: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str = "") -> None:
+def _merge(base: dict[str, Any], update: Mapping[str, Any], section: str = "") -> None:
+    """Merge ``update`` into ``base`` in place: sections recurse, free-form mappings merge, the rest replace."""
     for key, value in update.items():
-        path = f"{where}{key}"
+        path = f"{section}.{key}" if section else key
         if key not in base:
             valid = ", ".join(sorted(base))
             raise ConfigError(f"unknown config key '{path}'{_suggest(key, base)}; valid keys here: {valid}")
-        if isinstance(base[key], dict) and (where.rstrip("."), key) not in _FREE_FORM and where == "":
+        if (section, key) in _FREE_FORM:
+            if not isinstance(value, Mapping | None):
+                raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
+            base[key] = {**base[key], **dict(value or {})}
+        elif not section and isinstance(base[key], dict):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key '{path}' must be a mapping of {sorted(base[key])}, got {value!r}")
-            _merge(base[key], value, f"{path}.")
-        elif (where.rstrip("."), key) in _FREE_FORM:
-            if value is None:
-                value = {}
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
-            base[key] = {**base[key], **dict(value)}
+            _merge(base[key], value, key)
         else:
             base[key] = value
 
