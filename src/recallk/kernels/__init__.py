@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from recallk.kernels.torch_rsk import positive_layout, rsk_loss_torch, rsk_loss_torch_from_layout
+from recallk.kernels.torch_rsk import positive_layout, rsk_loss_torch
 
 __all__ = ["BACKENDS", "positive_layout", "resolve_backend", "rsk_loss_from_similarity", "rsk_loss_torch"]
 
@@ -94,18 +94,11 @@ def rsk_loss_from_similarity(
     if block_size is not None and (int(block_size) != block_size or block_size < 1):
         raise ValueError(f"block_size must be a positive integer number of query rows or None, got {block_size!r}")
     chosen = resolve_backend(backend, sim.device)
-    device = sim.device
-    q_labels = q_labels.to(device)
-    db_labels = db_labels.to(device)
     if checked_self is None:
-        checked_self = torch.full((q,), -1, dtype=torch.long, device=device)
-    checked_self = checked_self.to(device)
+        checked_self = torch.full((q,), -1, dtype=torch.long, device=sim.device)
     if chosen == "triton":
         # block_size belongs to the torch path; the Triton kernels choose their own tiles.
         return _load_triton()(sim, q_labels, db_labels, checked_self, ks_t, tau_rank_f, tau_k_t, include_query)
-
-    pos_idx, counts = positive_layout(q_labels, db_labels, checked_self)
-    v.check_has_positive(counts)
-    return rsk_loss_torch_from_layout(
-        sim, pos_idx, counts, checked_self, ks_t, tau_rank_f, tau_k_t, include_query, block_size
+    return rsk_loss_torch(
+        sim, q_labels, db_labels, checked_self, ks_t, tau_rank_f, tau_k_t, include_query, block_size
     )

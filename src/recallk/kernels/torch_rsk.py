@@ -272,12 +272,10 @@ def rsk_loss_torch(
     q_labels = q_labels.to(device=sim.device, dtype=torch.long)
     db_labels = db_labels.to(device=sim.device, dtype=torch.long)
     self_index = self_index.to(device=sim.device, dtype=torch.long)
+    from recallk.losses.validation import check_has_positive  # lazy: recallk.losses imports this package
+
     pos_idx, counts = positive_layout(q_labels, db_labels, self_index)
-    if not bool((counts > 0).any()):
-        raise ValueError(
-            "no query has a positive: each class needs at least 2 items in the batch: "
-            "use recallk.data.ClassBalancedBatchSampler"
-        )
+    check_has_positive(counts)
     return rsk_loss_torch_from_layout(
         sim, pos_idx, counts, self_index, ks, tau_rank, tau_k, include_query, block_size
     )

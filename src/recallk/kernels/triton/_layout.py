@@ -20,16 +20,6 @@ _NO_POSITIVE = (
 )
 
 
-def _check_int_vector(x: object, n: int, name: str, against: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}: convert it with torch.as_tensor")
-    if x.dim() != 1 or x.numel() != n:
-        raise ValueError(f"{name} must have shape ({n},) to match {against}, got {tuple(x.shape)}")
-    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integers, got {x.dtype}: call .long() on it")
-    return x.long()
-
-
 def check_common(
     q: int,
     n: int,
@@ -43,34 +33,22 @@ def check_common(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...], float, torch.Tensor]:
     """Validate labels, self index and hyper-parameters for Q queries against N database items.
 
-    Returns ``(q_labels, db_labels, self_index, ks, tau_rank, tau_k)`` with the tensors int64 on ``device``
-    and ``tau_k`` a (len(ks),) float32 tensor on ``device``. Raises ``ValueError`` on any inconsistency.
+    The checks are those of :mod:`recallk.losses.validation` (shared with the torch path), except that
+    ``self_index`` is required here. Returns ``(q_labels, db_labels, self_index, ks, tau_rank, tau_k)`` with the
+    tensors int64 on ``device`` and ``tau_k`` a (len(ks),) float32 tensor on ``device``. Raises ``ValueError`` on
+    any inconsistency.
     """
+    from recallk.losses import validation as v  # lazy: recallk.losses imports recallk.kernels
+
     if q == 0 or n == 0:
         raise ValueError(f"empty input: {q} queries against {n} database items; pass at least 2 items of a class")
-    ql = _check_int_vector(q_labels, q, "q_labels", f"{q} queries").to(device)
-    dl = _check_int_vector(db_labels, n, "db_labels", f"{n} database items").to(device)
-    si = _check_int_vector(self_index, q, "self_index", f"{q} queries").to(device)
-    lo, hi = int(si.min()), int(si.max())
-    if lo < -1 or hi >= n:
-        raise ValueError(f"self_index must be -1 (query not in the database) or in [0, {n}), got range [{lo}, {hi}]")
-    try:
-        ks_t = tuple(int(k) for k in ks)
-    except TypeError as err:
-        raise ValueError(f"ks must be a sequence of positive integers such as (1, 2, 4, 8, 16), got {ks!r}") from err
-    if not ks_t or min(ks_t) < 1:
-        raise ValueError(f"ks must be a non-empty sequence of positive integers such as (1, 2, 4, 8, 16), got {ks!r}")
-    tau_rank = float(tau_rank)
-    if not (0.0 < tau_rank < float("inf")):
-        raise ValueError(f"tau_rank must be a positive finite number (the paper uses 0.01), got {tau_rank!r}")
-    taus = torch.as_tensor(tau_k, dtype=torch.float32).reshape(-1).to(device)
-    if taus.numel() == 1:
-        taus = taus.expand(len(ks_t)).contiguous()
-    if taus.numel() != len(ks_t):
-        raise ValueError(f"tau_k must be one number or one per k: got {taus.numel()} values for ks {ks_t}")
-    if not bool(((taus > 0) & torch.isfinite(taus)).all()):
-        raise ValueError(f"tau_k values must be positive and finite (the paper uses 1.0), got {taus.tolist()}")
-    return ql, dl, si, ks_t, tau_rank, taus
+    ql = v.check_labels(q_labels, q, name="q_labels", against="the queries").to(device)
+    dl = v.check_labels(db_labels, n, name="db_labels", against="the database").to(device)
+    if self_index is None:
+        raise ValueError("self_index must be a (Q,) integer tensor, -1 where the query is not in the database")
+    si = v.check_self_index(self_index, q, n).to(device)
+    ks_t, tau_rank, taus = v.check_ks_and_taus(ks, tau_rank, tau_k)
+    return ql, dl, si, ks_t, tau_rank, torch.tensor(taus, dtype=torch.float32, device=device)
 
 
 def positive_columns(
