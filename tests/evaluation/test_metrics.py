@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import gaussian_clusters, integer_clusters
+from clusters import gaussian_clusters, integer_clusters
 
 from recallk.evaluation import metrics as metrics_module
 from recallk.evaluation import retrieval_metrics

@@ -6,9 +6,9 @@ import io
 
 import numpy as np
 import pytest
-from conftest import clustered_embeddings
 from PIL import Image
 
+from conftest import clustered_embeddings
 from recallk.report import examples
 from recallk.report.examples import (
     HIT_RGB,
@@ -46,11 +46,10 @@ def test_knn_with_ties_matches_brute_force(k):
         assert q not in idx[row]
 
 
-def test_knn_random_floats_and_chunking(monkeypatch):
-    monkeypatch.setattr(examples, "_CHUNK", 7)  # several chunks, the last one partial
+def test_knn_random_floats_and_chunking():
     emb, _ = clustered_embeddings(seed=3)
     queries = np.arange(len(emb))
-    idx, scores = leave_one_out_knn(emb, queries, 5)
+    idx, scores = leave_one_out_knn(emb, queries, 5, chunk_size=7)  # several chunks, the last one partial
     for q in queries:
         expected = brute_knn(emb, int(q), 5)
         assert idx[q].tolist() == [j for j, _ in expected]

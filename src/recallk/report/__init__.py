@@ -154,6 +154,7 @@ def _examples_body(
     def label_name(index: int) -> str:
         return class_name(int(labels[index]), classes)
 
+    n_answerable = answerable(labels).size
     parts = []
     for kind, heading, explanation in (
         ("random", "Random queries", f"drawn with seed {seed}"),
@@ -165,11 +166,11 @@ def _examples_body(
     ):
         chosen: list[Example] = [e for e in examples if e.kind == kind]
         parts.append(f"<h3>{heading} <small>({escape(explanation)})</small></h3>")
-        if kind == "hard" and answerable(labels).size > _examples.MAX_CANDIDATE_QUERIES:
+        if kind == "hard" and n_answerable > _examples.MAX_CANDIDATE_QUERIES:
             parts.append(
                 html.note(
                     f"Searched among a random sample (seed {seed}) of {_examples.MAX_CANDIDATE_QUERIES} of the "
-                    f"{answerable(labels).size} answerable queries, to keep the report fast."
+                    f"{n_answerable} answerable queries, to keep the report fast."
                 )
             )
         if chosen:

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+
+from recallk.evaluation.knn import iter_knn, resolve_backend
 
 HIT_RGB = (34, 139, 34)  # neighbour of the query's class
 MISS_RGB = (220, 20, 60)  # neighbour of another class
@@ -16,8 +19,6 @@ QUERY_RGB = (40, 90, 200)
 # Above this many items the hardest failures are looked for among a seeded random subset of queries, so the
 # report costs O(MAX_CANDIDATE_QUERIES * N * d) instead of O(N^2 * d).
 MAX_CANDIDATE_QUERIES = 2048
-_CHUNK = 512  # most query rows per block
-_BLOCK_ELEMENTS = 2**24  # most similarities held per block (64 MiB of float32)
 
 
 @dataclass(frozen=True)
@@ -31,23 +32,27 @@ class Example:
     kind: str  # "random" or "hard"
 
 
-def leave_one_out_knn(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def leave_one_out_knn(
+    embeddings: np.ndarray, queries: np.ndarray, k: int, chunk_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product k nearest neighbours of ``embeddings[queries]``, the query itself excluded.
 
     Args:
         embeddings: (N, d) float array.
         queries: (Q,) int array of row indices into ``embeddings``.
         k: neighbours per query, 1 <= k <= N - 1.
+        chunk_size: queries per search chunk; None picks one from a memory budget.
 
     Returns:
         (indices (Q, k) int64, scores (Q, k) float32), ordered by decreasing score; equal scores are ordered
         by increasing index, so the result is deterministic. The query's own row is excluded by index.
+        The search is ``recallk.evaluation.knn.iter_knn`` on the CPU, the one the metrics use.
 
     Raises:
         ValueError: k out of range or a query index out of range.
     """
-    emb = np.asarray(embeddings, dtype=np.float32)
-    queries = np.asarray(queries, dtype=np.int64)
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    queries = np.asarray(queries, dtype=np.int64).reshape(-1)
     n = emb.shape[0]
     if not 1 <= k <= n - 1:
         raise ValueError(f"k must be in [1, N-1] = [1, {n - 1}], got {k}")
@@ -55,26 +60,10 @@ def leave_one_out_knn(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tu
         raise ValueError(f"query indices must be in [0, {n - 1}]")
     out_idx = np.empty((queries.size, k), dtype=np.int64)
     out_score = np.empty((queries.size, k), dtype=np.float32)
-    chunk = max(1, min(_CHUNK, _BLOCK_ELEMENTS // n))
-    for start in range(0, queries.size, chunk):
-        q = queries[start : start + chunk]
-        sims = emb[q] @ emb.T  # (c, N)
-        sims[np.arange(q.size), q] = -np.inf
-        if k == 1:  # argmax returns the first (lowest-index) maximum: same order as below, much cheaper
-            best = sims.argmax(axis=1)
-            out_idx[start : start + q.size, 0] = best
-            out_score[start : start + q.size, 0] = sims[np.arange(q.size), best]
-            continue
-        # every item scoring at least the k-th largest is a candidate (ties included), then order candidates
-        # by (-score, index) and keep the first k of each row
-        kth = np.partition(sims, n - k, axis=1)[:, n - k]
-        rows, cols = np.nonzero(sims >= kth[:, None])
-        order = np.lexsort((cols, -sims[rows, cols], rows))
-        rows, cols = rows[order], cols[order]
-        first = np.searchsorted(rows, np.arange(q.size))
-        take = first[:, None] + np.arange(k)[None, :]
-        out_idx[start : start + q.size] = cols[take]
-        out_score[start : start + q.size] = sims[rows[take], cols[take]]
+    backend = resolve_backend(None, torch.device("cpu"))
+    for start, scores, indices in iter_knn(emb, queries, emb, k, True, backend, chunk_size=chunk_size):
+        out_idx[start : start + len(indices)] = indices
+        out_score[start : start + len(scores)] = scores
     return out_idx, out_score
 
 
