@@ -13,9 +13,16 @@ from recallk.config import load_config
 from recallk.data import DEFAULT_EVAL_KS, build_dataset
 from recallk.data.transforms import transforms_for_model
 from recallk.engine import Trainer, load_checkpoint
-from recallk.evaluation import embed_dataset, evaluate_protocol, format_metrics_table, retrieval_metrics
+from recallk.evaluation import (
+    embed_dataset,
+    evaluate_protocol,
+    format_metrics_table,
+    pixel_embeddings,
+    retrieval_metrics,
+)
 from recallk.losses import build_loss
 from recallk.models import build_model
+from recallk.report import read_metrics, write_report
 from recallk.utils import resolve_device, seed_everything
 
 SUMMARY_METRICS = ("recall@", "map@r", "r_precision")
@@ -74,17 +81,6 @@ def criterion_from_config(config: dict[str, Any], train_labels: np.ndarray) -> t
     return build_loss(loss["name"], **options)
 
 
-def pixel_embeddings(dataset: torch.utils.data.Dataset, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw pixels as embeddings: each image resized to ``size`` x ``size`` grey, flattened, L2-normalised."""
-    rows = []
-    for i in range(len(dataset)):
-        image = dataset[i][0].convert("L").resize((size, size))
-        rows.append(np.asarray(image, dtype=np.float32).ravel())
-    pixels = np.stack(rows)
-    pixels /= np.linalg.norm(pixels, axis=1, keepdims=True).clip(min=1e-12)
-    return pixels, np.asarray(dataset.labels, dtype=np.int64)
-
-
 def _is_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -128,8 +124,7 @@ def train_from_config(
     if e["pixel_baseline"]:
         raw = build_dataset(d["dataset"], d["root"], d["test_split"], transform=None, **test_options(config))
         rows["raw pixels"] = retrieval_metrics(*pixel_embeddings(raw, d["image_size"] or 64), ks)
-    history = read_metrics(run_dir / "metrics.jsonl")
-    evals = [r for r in history if r["kind"] == "eval"]
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     if evals:
         rows["before training"] = evals[0]
         rows[f"after training (epoch {evals[-1]['epoch']})"] = evals[-1]
@@ -137,8 +132,6 @@ def train_from_config(
         out = run_dir / "embeddings"
         out.mkdir(exist_ok=True)
         np.savez(out / f"{d['test_split']}.npz", embeddings=last["embeddings"], labels=last["labels"])
-    from recallk.report import write_report
-
     write_report(run_dir)
     table = format_metrics_table({name: _summary(m) for name, m in rows.items()})
     return {"table": table, "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}}
@@ -146,15 +139,6 @@ def train_from_config(
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k.startswith(SUMMARY_METRICS)}
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a run's ``metrics.jsonl``, in order."""
-    import json
-
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def evaluate_checkpoint(

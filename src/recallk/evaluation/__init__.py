@@ -1,5 +1,6 @@
 """Evaluation: exact kNN, retrieval metrics, embedding a dataset and the benchmarks' protocols."""
 
+from recallk.evaluation.baselines import pixel_embeddings
 from recallk.evaluation.embed import embed_dataset
 from recallk.evaluation.knn import exact_knn
 from recallk.evaluation.metrics import retrieval_metrics
@@ -11,5 +12,6 @@ __all__ = [
     "evaluate_protocol",
     "exact_knn",
     "format_metrics_table",
+    "pixel_embeddings",
     "retrieval_metrics",
 ]
