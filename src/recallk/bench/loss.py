@@ -104,6 +104,7 @@ class _PeakMemory:
             _set_mmap_threshold(_TIMING_MMAP_THRESHOLD)
 
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _TIMING_MMAP_THRESHOLD = 32 * 2**20  # what glibc's dynamic threshold reaches once large blocks were freed
 _MEMORY_MMAP_THRESHOLD = 64 * 2**10
@@ -116,6 +117,9 @@ def _set_mmap_threshold(n_bytes: int, trim: bool = False) -> None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, n_bytes)
+        # glibc's own dynamic rule keeps up to twice the mmap threshold of free heap before trimming it; setting
+        # the threshold by hand turns that rule off, so restore it (else every large tensor is faulted in again).
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * n_bytes)
         if trim:
             libc.malloc_trim(0)
     except (OSError, AttributeError):

@@ -164,6 +164,9 @@ class _RSkFromSimilarity(torch.autograd.Function):
             grad.index_fill_(0, torch.nonzero(counts == 0).flatten(), 0.0)  # other rows: written per block
         total = torch.zeros((), dtype=cd, device=dev)
         buffer = torch.empty(0, dtype=cd, device=dev)
+        # One buffer for the scaled rows of every block: a fresh (rows, N) tensor per block costs page faults on
+        # the CPU (glibc returns freed large blocks to the OS), which cost as much as the arithmetic here.
+        row_buffer = torch.empty(0, dtype=cd, device=dev)
         block_elements = DEFAULT_BLOCK_ELEMENTS if dev.type == "cpu" else DEFAULT_BLOCK_ELEMENTS_GPU
 
         start = 0
@@ -180,7 +183,13 @@ class _RSkFromSimilarity(torch.autograd.Function):
             def rows_of(t: torch.Tensor, r0: int = r0, b: int = b, blk: torch.Tensor = blk) -> torch.Tensor:
                 return t[r0 : r0 + b] if r0 >= 0 else t.index_select(0, blk)
 
-            x = rows_of(sim).to(cd) * inv_tau  # (b, N) scaled rows
+            if row_buffer.numel() < b * n_db:
+                row_buffer = torch.empty(b * n_db, dtype=cd, device=dev)
+            x = row_buffer[: b * n_db].view(b, n_db)  # (b, N) scaled rows
+            if sim.dtype == cd:
+                torch.mul(rows_of(sim), inv_tau, out=x)
+            else:  # half input: widen first, then scale in the compute dtype
+                x.copy_(rows_of(sim)).mul_(inv_tau)
             y = rows_of(y_all)[:, :pmax]  # (b, P)
             pmask = rows_of(pmask_all)[:, :pmax]
             denom = rows_of(denom_all)  # (b, K)
@@ -225,14 +234,17 @@ class _RSkFromSimilarity(torch.autograd.Function):
             if r0 < 0:
                 grad.index_copy_(0, blk, grow)
 
-        ctx.grad_sim = grad
+        # Saved (not a plain ctx attribute) so that autograd drops its reference right after backward when the
+        # graph is not retained: the gradient then reaches a leaf's .grad without a (Q, N) copy.
+        if grad is not None:
+            ctx.save_for_backward(grad)
         ctx.sim_dtype = sim.dtype
         return 1.0 - total * scale
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        grad = ctx.grad_sim  # kept on ctx (freed with the graph) so that retain_graph=True works
+        (grad,) = ctx.saved_tensors
         if grad.dtype == ctx.sim_dtype and bool(grad_out == 1):
             out = grad  # the usual loss.backward(): no copy (autograd clones it if it must)
         else:
