@@ -1,8 +1,13 @@
-"""Benchmark of the RS@k loss: the naive vectorised (B, |P|, B) version against the blocked torch path.
+"""Benchmark of the RS@k loss: the naive vectorised (B, |P|, B) version against our implementations.
+
+Methods (``METHODS``): ``naive``; ``torch`` (the blocked torch path on the (B, B) matrix); ``torch-recompute``
+(the blocked torch path from the embeddings, no (B, B) matrix); ``triton`` (the fused kernels on the matrix) and
+``triton-recompute`` (kernels that recompute similarity tiles from the embeddings). The Triton methods need
+CUDA (or TRITON_INTERPRET=1 at tiny sizes); by default they run when the device is a GPU and triton imports.
 
 Each case times forward + backward from random L2-normalised embeddings (float32, ``dim``-D, ``per_class`` items
-per class) twice: from the similarity matrix (the loss alone) and end to end (similarity matmul, loss, gradient
-back to the embeddings). Peak memory is measured
+per class) twice: from the similarity matrix (the loss alone; not for the recompute methods, which never have
+one) and end to end (similarity, loss, gradient back to the embeddings). Peak memory is measured
 - on CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step;
 - on CPU: the process's peak resident set size (``VmHWM`` in ``/proc/self/status``, reset by writing 5 to
   ``/proc/self/clear_refs``) minus the resident size before the step: the bytes the step really touched.
@@ -28,9 +33,27 @@ import torch
 
 from recallk.losses import RecallAtKSurrogate, simix
 
-__all__ = ["main", "naive_rsk_loss", "run_loss_benchmark"]
+__all__ = ["METHODS", "default_methods", "main", "naive_rsk_loss", "run_loss_benchmark"]
 
 KS = (1, 2, 4, 8, 16)
+#: method name -> the label of its rows
+METHODS = {
+    "naive": "naive (B x P x B)",
+    "torch": "ours (torch blocked)",
+    "torch-recompute": "ours (torch, recompute)",
+    "triton": "ours (triton)",
+    "triton-recompute": "ours (triton, recompute)",
+}
+
+
+def default_methods(device: str | torch.device) -> list[str]:
+    """Every method that can run on ``device``: the Triton ones only on CUDA with triton installed."""
+    from recallk.kernels.triton import triton_available
+
+    names = ["naive", "torch", "torch-recompute"]
+    if torch.device(device).type == "cuda" and triton_available():
+        names += ["triton", "triton-recompute"]
+    return names
 
 
 def naive_rsk_loss(
@@ -161,6 +184,7 @@ def run_loss_benchmark(
     repeats: int = 5,
     naive_max_gib: float = 6.0,
     seed: int = 0,
+    methods: Sequence[str] | None = None,
 ) -> list[dict]:
     """Time and peak memory of forward + backward, naive vs ours, at each batch size.
 
@@ -170,6 +194,8 @@ def run_loss_benchmark(
         dim: embedding dimension.
         device: where to run.
         include_naive: also run the naive (B, |P|, B) version (skipped above ``naive_max_gib``).
+        methods: names from ``METHODS`` (default: :func:`default_methods`); ``include_naive=False`` drops
+            "naive" from them.
         simix_sizes: augmented batch sizes for SiMix cases: the real batch is the largest multiple of
             ``per_class`` whose SiMix-augmented size (per_class + pairs per class, per class) is at most it.
         repeats: timed repetitions (median reported) after one warm-up.
@@ -178,9 +204,16 @@ def run_loss_benchmark(
         One dict per (case, method): ``case``, ``method``, ``B`` (items ranked, after SiMix), ``real_B``,
         ``positives``, ``dim``, ``loss_ms`` / ``loss_min_ms`` / ``loss_peak_mib`` (from the similarity),
         ``e2e_ms`` / ``e2e_min_ms`` / ``e2e_peak_mib`` (from the embeddings), ``memory`` (how peaks were
-        measured), ``threads``, ``device``, ``note``. Times are medians (``*_min_ms``: minima) in ms.
+        measured), ``threads``, ``device``, ``note``. Times are medians (``*_min_ms``: minima) in ms; the
+        ``loss_*`` fields of the recompute methods are None.
     """
     dev = torch.device(device)
+    methods = list(default_methods(dev) if methods is None else methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}: choose from {list(METHODS)}")
+    if not include_naive:
+        methods = [m for m in methods if m != "naive"]
     if dev.type == "cpu":
         _set_mmap_threshold(_TIMING_MMAP_THRESHOLD)
     gen = torch.Generator().manual_seed(seed)
@@ -191,20 +224,18 @@ def run_loss_benchmark(
         cases.append(("rsk+simix", real, real // per_class * (per_class + pairs_per_class)))
     rows: list[dict] = []
     for case, real_b, ranked_b in cases:
-        rows += _bench_case(case, real_b, ranked_b, per_class, dim, dev, gen, include_naive, naive_max_gib,
-                            repeats, seed)
+        rows += _bench_case(case, real_b, ranked_b, per_class, dim, dev, gen, methods, naive_max_gib, repeats, seed)
     return rows
 
 
 def _bench_case(
     case: str, real_b: int, ranked_b: int, per_class: int, dim: int, dev: torch.device, gen: torch.Generator,
-    include_naive: bool, naive_max_gib: float, repeats: int, seed: int,
+    methods: Sequence[str], naive_max_gib: float, repeats: int, seed: int,
 ) -> list[dict]:
     emb0 = torch.nn.functional.normalize(torch.randn(real_b, dim, generator=gen), dim=1).to(dev)
     labels = (torch.arange(real_b) // per_class).to(dev)
     with_simix = case == "rsk+simix"
     positives = ranked_b // (real_b // per_class) - 1
-    ours = RecallAtKSurrogate(ks=KS, simix=with_simix, backend="torch")
     alphas_gen = torch.Generator().manual_seed(seed + 1)
     base = {"case": case, "B": ranked_b, "real_B": real_b, "positives": positives, "dim": dim,
             "threads": torch.get_num_threads(), "device": str(dev)}
@@ -215,21 +246,29 @@ def _bench_case(
             sim, lab = simix(sim, labels, generator=alphas_gen)
         return naive_rsk_loss(sim, lab)
 
-    methods: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]
-    methods = [("ours (torch blocked)", lambda s: ours.from_similarity(s, labels), lambda e: ours(e, labels))]
-    rows = []
-    skipped = None
-    if include_naive:
-        need = _naive_bytes(ranked_b, positives)
-        if need <= naive_max_gib * 2**30:
-            methods.insert(0, ("naive (B x P x B)", naive_from_sim, lambda e: naive_from_sim(e @ e.T)))
+    def module(backend: str, similarity: str) -> RecallAtKSurrogate:
+        return RecallAtKSurrogate(ks=KS, simix=with_simix, backend=backend, similarity=similarity)
+
+    # name -> (from the similarity or None, from the embeddings)
+    steps: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor] | None, Callable[[torch.Tensor], torch.Tensor]]]
+    steps = {}
+    for name in methods:
+        if name == "naive":
+            steps[name] = (naive_from_sim, lambda e: naive_from_sim(e @ e.T))
         else:
-            skipped = ({**base, "method": "naive (B x P x B)", "loss_ms": None, "loss_min_ms": None,
-                         "loss_peak_mib": None, "e2e_ms": None, "e2e_min_ms": None, "e2e_peak_mib": None,
-                         "memory": "", "note": f"naive skipped: needs about {need / 2**30:.0f} GiB "
-                                               f"(> {naive_max_gib} GiB allowed)"})
+            loss_fn = module(name.split("-")[0], "recompute" if name.endswith("recompute") else "matrix")
+            from_sim = None if name.endswith("recompute") else (lambda s, f=loss_fn: f.from_similarity(s, labels))
+            steps[name] = (from_sim, lambda e, f=loss_fn: f(e, labels))
+    rows = []
     sim0 = (emb0 @ emb0.T).detach()
-    for name, from_sim, from_emb in methods:
+    for name, (from_sim, from_emb) in steps.items():
+        row = {**base, "method": METHODS[name], "loss_ms": None, "loss_min_ms": None, "loss_peak_mib": None,
+               "e2e_ms": None, "e2e_min_ms": None, "e2e_peak_mib": None, "memory": "", "note": ""}
+        need = _naive_bytes(ranked_b, positives)
+        if name == "naive" and need > naive_max_gib * 2**30:
+            rows.append({**row, "note": f"naive skipped: needs about {need / 2**30:.0f} GiB "
+                                        f"(> {naive_max_gib} GiB allowed)"})
+            continue
 
         def loss_step(from_sim=from_sim) -> None:
             s = sim0.clone().requires_grad_()
@@ -239,15 +278,14 @@ def _bench_case(
             e = emb0.clone().requires_grad_()
             from_emb(e).backward()
 
-        loss_ms, loss_min, loss_peak, how = _time_step(loss_step, dev, repeats)
-        e2e_ms, e2e_min, e2e_peak, _ = _time_step(e2e_step, dev, repeats)
-        rows.append({
-            **base, "method": name,
-            "loss_ms": round(loss_ms, 2), "loss_min_ms": round(loss_min, 2), "loss_peak_mib": _mib(loss_peak),
-            "e2e_ms": round(e2e_ms, 2), "e2e_min_ms": round(e2e_min, 2), "e2e_peak_mib": _mib(e2e_peak),
-            "memory": how, "note": "",
-        })
-    return [*rows, skipped] if skipped else rows
+        if from_sim is not None:
+            loss_ms, loss_min, loss_peak, _ = _time_step(loss_step, dev, repeats)
+            row.update(loss_ms=round(loss_ms, 2), loss_min_ms=round(loss_min, 2), loss_peak_mib=_mib(loss_peak))
+        e2e_ms, e2e_min, e2e_peak, how = _time_step(e2e_step, dev, repeats)
+        row.update(e2e_ms=round(e2e_ms, 2), e2e_min_ms=round(e2e_min, 2), e2e_peak_mib=_mib(e2e_peak), memory=how)
+        rows.append(row)
+    # The skipped naive row goes last, as in earlier reports.
+    return sorted(rows, key=lambda r: r["e2e_ms"] is None)
 
 
 def _mib(n: int | None) -> float | None:
@@ -255,28 +293,35 @@ def _mib(n: int | None) -> float | None:
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """Markdown table of :func:`run_loss_benchmark` rows, with naive/ours ratios of the medians."""
+    """Markdown table of :func:`run_loss_benchmark` rows, with naive/ours ratios of the medians ("-": not run)."""
     lines = [
         "| case | B ranked (real) | \\|P\\| | method | loss ms: median (min) | loss peak MiB "
         "| end-to-end ms: median (min) | e2e peak MiB | speed-up loss / e2e |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    naive = {(r["case"], r["B"]): r for r in rows if r["method"].startswith("naive") and r["loss_ms"] is not None}
+    naive = {(r["case"], r["B"]): r for r in rows if r["method"] == METHODS["naive"] and r["e2e_ms"] is not None}
+
+    def ms(median: float | None, minimum: float | None) -> str:
+        return "-" if median is None else f"{median:.1f} ({minimum:.1f})"
+
+    def peak(x: float | None, ran: bool) -> str:
+        return "-" if not ran else ("n/a" if x is None else f"{x:.0f}")
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "-" if a is None or b is None else f"{a / b:.1f}x"
+
     for r in rows:
         head = f"| {r['case']} | {r['B']} ({r['real_B']}) | {r['positives']} | {r['method']} | "
-        if r["loss_ms"] is None:
+        if r["e2e_ms"] is None:
             lines.append(head + f"- | - | - | - | {r['note']} |")
             continue
         speed = ""
         base = naive.get((r["case"], r["B"]))
-        if base is not None and not r["method"].startswith("naive"):
-            speed = f"{base['loss_ms'] / r['loss_ms']:.1f}x / {base['e2e_ms'] / r['e2e_ms']:.1f}x"
-
-        def peak(x: float | None) -> str:
-            return "n/a" if x is None else f"{x:.0f}"
-
-        lines.append(head + f"{r['loss_ms']:.1f} ({r['loss_min_ms']:.1f}) | {peak(r['loss_peak_mib'])} | "
-                     f"{r['e2e_ms']:.1f} ({r['e2e_min_ms']:.1f}) | {peak(r['e2e_peak_mib'])} | {speed} |")
+        if base is not None and r["method"] != METHODS["naive"]:
+            speed = f"{ratio(base['loss_ms'], r['loss_ms'])} / {ratio(base['e2e_ms'], r['e2e_ms'])}"
+        loss_peak = peak(r["loss_peak_mib"], r["loss_ms"] is not None)
+        lines.append(head + f"{ms(r['loss_ms'], r['loss_min_ms'])} | {loss_peak} | "
+                     f"{ms(r['e2e_ms'], r['e2e_min_ms'])} | {peak(r['e2e_peak_mib'], True)} | {speed} |")
     return "\n".join(lines)
 
 
@@ -289,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help="what to run (default: all that can run on the device; triton ones need CUDA)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive (B, |P|, B) version")
     parser.add_argument("--naive-max-gib", type=float, default=6.0, help="skip naive above this estimate")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -302,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--per-class must be at least 2 (a query needs a positive)")
     rows = run_loss_benchmark(
         args.sizes, args.per_class, args.dim, args.device, include_naive=not args.no_naive,
-        simix_sizes=args.simix_size, repeats=args.repeats, naive_max_gib=args.naive_max_gib,
+        simix_sizes=args.simix_size, repeats=args.repeats, naive_max_gib=args.naive_max_gib, methods=args.methods,
     )
     dev = torch.device(args.device)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

@@ -1,34 +1,44 @@
 """RS@k loss kernels: the blocked torch path (CPU and GPU) and, when installed, the fused Triton kernels.
 
-``rsk_loss_from_similarity`` is the checked entry point; ``backend`` picks the implementation:
+``rsk_loss_from_similarity`` (from a (Q, N) similarity matrix) and ``rsk_loss_from_embeddings`` (from the
+embeddings, never storing that matrix) are the checked entry points; ``backend`` picks the implementation:
 
-- ``"torch"``: :func:`recallk.kernels.torch_rsk.rsk_loss_torch` (any device);
-- ``"triton"``: ``recallk.kernels.triton.rsk_loss_triton`` (same signature), imported lazily;
+- ``"torch"``: :mod:`recallk.kernels.torch_rsk` (any device);
+- ``"triton"``: :mod:`recallk.kernels.triton` (CUDA), imported lazily;
 - ``"auto"``: Triton for CUDA tensors when it imports, torch otherwise.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 
 import torch
 
-from recallk.kernels.torch_rsk import positive_layout, rsk_loss_torch
+from recallk.kernels.torch_rsk import positive_layout, rsk_loss_torch, rsk_loss_torch_from_embeddings
 
-__all__ = ["BACKENDS", "positive_layout", "resolve_backend", "rsk_loss_from_similarity", "rsk_loss_torch"]
+__all__ = [
+    "BACKENDS",
+    "positive_layout",
+    "resolve_backend",
+    "rsk_loss_from_embeddings",
+    "rsk_loss_from_similarity",
+    "rsk_loss_torch",
+    "rsk_loss_torch_from_embeddings",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-def _load_triton() -> Callable[..., torch.Tensor]:
+def _load_triton(name: str = "rsk_loss_triton") -> Callable[..., torch.Tensor]:
     try:
-        from recallk.kernels.triton import rsk_loss_triton
+        module = importlib.import_module("recallk.kernels.triton")
+        return getattr(module, name)
     except ImportError as err:
         raise ValueError(
             f"backend='triton' needs the Triton RS@k kernel, which could not be imported ({err}): install "
             "triton (pip install 'recallk[triton]') or use backend='torch'"
         ) from err
-    return rsk_loss_triton
 
 
 def _triton_importable() -> bool:
@@ -101,4 +111,69 @@ def rsk_loss_from_similarity(
         return _load_triton()(sim, q_labels, db_labels, checked_self, ks_t, tau_rank_f, tau_k_t, include_query)
     return rsk_loss_torch(
         sim, q_labels, db_labels, checked_self, ks_t, tau_rank_f, tau_k_t, include_query, block_size
+    )
+
+
+def rsk_loss_from_embeddings(
+    q_emb: torch.Tensor,
+    db_emb: torch.Tensor,
+    q_labels: torch.Tensor,
+    db_labels: torch.Tensor,
+    self_index: torch.Tensor | None,
+    ks: Sequence[int],
+    tau_rank: float,
+    tau_k: float | Sequence[float] | torch.Tensor,
+    include_query: bool,
+    backend: str = "torch",
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """RS@k loss of ``q_emb @ db_emb^T`` without storing that (Q, N) matrix or its gradient.
+
+    The torch path computes the similarity rows of one block of queries at a time; the Triton path recomputes
+    similarity tiles inside its kernels (exact float32 ``tl.dot``). Use it when the batch similarity does not fit
+    (B = 65,536 is 16 GiB in float32); below that, :func:`rsk_loss_from_similarity` on ``q_emb @ db_emb^T`` gives
+    the same loss.
+
+    Args:
+        q_emb: (Q, d) query embeddings; db_emb: (N, d) database embeddings, floating, on one device. Pass the
+            same tensor twice for a batch against itself (with ``self_index = arange(B)``).
+        q_labels, db_labels, self_index, ks, tau_rank, tau_k, include_query, backend, block_size: as in
+            :func:`rsk_loss_from_similarity` (the Triton kernels take float16/bfloat16/float32 only).
+
+    Returns:
+        Scalar loss tensor (float32, float64 for float64 input on the torch path), differentiable w.r.t. both
+        embedding tensors.
+
+    Raises:
+        ValueError: NaN/Inf, wrong shapes or dtypes, different widths or devices, bad ks/temperatures, an
+            unknown or unavailable backend, or no query with a positive.
+    """
+    from recallk.losses import validation as v  # lazy: recallk.losses imports this package
+
+    q_emb = v.check_embeddings(q_emb, name="q_emb")
+    db_emb = q_emb if db_emb is q_emb else v.check_embeddings(db_emb, name="db_emb")
+    if q_emb.shape[1] != db_emb.shape[1]:
+        raise ValueError(
+            f"q_emb has {q_emb.shape[1]} dimensions but db_emb has {db_emb.shape[1]}: embed both with one model"
+        )
+    if q_emb.device != db_emb.device or q_emb.dtype != db_emb.dtype:
+        raise ValueError(
+            f"q_emb ({q_emb.dtype}, {q_emb.device}) and db_emb ({db_emb.dtype}, {db_emb.device}) must share dtype "
+            "and device: convert one with .to(other)"
+        )
+    q, n = q_emb.shape[0], db_emb.shape[0]
+    q_labels = v.check_labels(q_labels, q, name="q_labels", against="q_emb")
+    db_labels = v.check_labels(db_labels, n, name="db_labels", against="db_emb")
+    checked_self = v.check_self_index(self_index, q, n)
+    ks_t, tau_rank_f, tau_k_t = v.check_ks_and_taus(ks, tau_rank, tau_k)
+    if block_size is not None and (int(block_size) != block_size or block_size < 1):
+        raise ValueError(f"block_size must be a positive integer number of query rows or None, got {block_size!r}")
+    if checked_self is None:
+        checked_self = torch.full((q,), -1, dtype=torch.long, device=q_emb.device)
+    if resolve_backend(backend, q_emb.device) == "triton":
+        return _load_triton("rsk_loss_triton_from_embeddings")(
+            q_emb, db_emb, q_labels, db_labels, checked_self, ks_t, tau_rank_f, tau_k_t, include_query
+        )
+    return rsk_loss_torch_from_embeddings(
+        q_emb, db_emb, q_labels, db_labels, checked_self, ks_t, tau_rank_f, tau_k_t, include_query, block_size
     )

@@ -1,4 +1,5 @@
-"""RS@k loss from a similarity matrix: a blocked torch autograd Function (CPU and GPU).
+"""RS@k loss by blocks of query rows in plain torch (CPU and GPU): from a similarity matrix, or from embeddings
+without ever storing the similarity matrix.
 
 The loss of method.md section 1, for queries ``q`` (rows of ``sim``) against a database (columns):
 
@@ -20,7 +21,11 @@ gives the gradient: with ``sig' = sig (1 - sig)``,
 
 so the gradient of each block is finished while its sigmoids are still in cache, instead of being recomputed in
 ``backward``. Extra memory: the ``(Q, N)`` gradient (in the compute dtype) plus one block buffer; never the
-``(Q, |P|, N)`` tensor. ``backward`` only scales the stored gradient by the incoming scalar. Terms ``z = p``
+``(Q, |P|, N)`` tensor. ``backward`` only scales the stored gradient by the incoming scalar.
+
+From embeddings (:func:`rsk_loss_torch_from_embeddings`) the same block loop computes each block's similarity
+rows by a matmul and sends its finished gradient rows straight into the embedding gradients, so neither the
+``(Q, N)`` similarity nor its gradient is ever stored: the batch size is limited by time, not memory. Terms ``z = p``
 (sig(0) = 1/2) and the excluded self column are included in the dense block computation and removed by exact
 corrections afterwards (in the gradient the ``z = p`` term cancels exactly).
 
@@ -44,7 +49,7 @@ __all__ = [
     "compute_dtype",
     "positive_layout",
     "rsk_loss_torch",
-    "rsk_loss_torch_from_layout",
+    "rsk_loss_torch_from_embeddings",
 ]
 
 #: Elements of the (rows, Pmax, N) block buffer when ``block_size`` is None, on CPU (4 MiB in float32: large
@@ -108,148 +113,272 @@ def _sig(u: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(u.clamp(-_CLAMP, _CLAMP))
 
 
+class _RowSource:
+    """Where the similarity rows of a block come from and where their gradient goes.
+
+    Subclasses fill ``load`` (write ``scale * s[rows]`` into a (b, N) buffer), ``grad_out`` (the (b, N) tensor the
+    gradient rows are written into) and ``commit`` (called once the gradient rows are final).
+    ``rows`` is ``(r0, b, idx)``: ``r0 >= 0`` means the consecutive rows ``r0 .. r0 + b - 1``; else ``idx`` lists them.
+    """
+
+    def load(self, rows: tuple[int, int, torch.Tensor], scale: float, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def grad_out(self, rows: tuple[int, int, torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
+        return scratch
+
+    def commit(self, rows: tuple[int, int, torch.Tensor], grow: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+def _take(t: torch.Tensor, rows: tuple[int, int, torch.Tensor]) -> torch.Tensor:
+    r0, b, idx = rows
+    return t[r0 : r0 + b] if r0 >= 0 else t.index_select(0, idx)
+
+
+def _blocked_rsk(
+    source: _RowSource,
+    n_db: int,
+    pos_idx: torch.Tensor,
+    counts: torch.Tensor,
+    self_index: torch.Tensor,
+    ks: torch.Tensor,
+    tau_rank: float,
+    tau_k: torch.Tensor,
+    include_query: bool,
+    block_size: int | None,
+    cd: torch.dtype,
+    want_grad: bool,
+) -> torch.Tensor:
+    """The loss over every query, block of rows by block of rows; with ``want_grad`` each block's dL/ds rows go to
+    ``source``. Returns the scalar loss in ``cd`` (see the module docstring for the maths)."""
+    dev = pos_idx.device
+    ks = ks.to(device=dev, dtype=cd)
+    tau_k = tau_k.to(device=dev, dtype=cd)
+    inv_tau = 1.0 / tau_rank
+
+    counts_cpu = counts.cpu()
+    order = torch.argsort(counts_cpu, descending=True, stable=True)
+    n_valid = int((counts_cpu > 0).sum())
+    order = order[:n_valid]
+    order_counts = counts_cpu[order].tolist()
+    order_dev = order.to(dev)
+    steps = order[1:] - order[:-1]  # 1 inside runs of consecutive rows, which need no gather/scatter
+    # 1 / (number of queries * number of ks): the scale of each R^k in the loss, folded into g.
+    scale = 1.0 / (n_valid * ks.numel())
+    exclude_self = (not include_query) and bool((self_index >= 0).any())
+    every_row_has_self = exclude_self and bool((self_index >= 0).all())
+    slot = torch.arange(pos_idx.shape[1], device=dev)
+
+    total = torch.zeros((), dtype=cd, device=dev)
+    # Buffers reused by every block: a fresh large tensor per block costs page faults on the CPU (glibc returns
+    # freed large blocks to the OS), which cost as much as the arithmetic here.
+    terms_buf = torch.empty(0, dtype=cd, device=dev)
+    rows_buf = torch.empty(0, dtype=cd, device=dev)
+    grad_buf = torch.empty(0, dtype=cd, device=dev)
+    block_elements = DEFAULT_BLOCK_ELEMENTS if dev.type == "cpu" else DEFAULT_BLOCK_ELEMENTS_GPU
+
+    start = 0
+    while start < n_valid:
+        pmax = order_counts[start]  # queries are sorted by count, so the first is the widest
+        b = min(n_valid - start, block_size or max(1, block_elements // (pmax * n_db)))
+        stop = start + b
+        # A run of consecutive rows (the usual case: equal class sizes) is sliced, not gathered.
+        r0 = int(order[start]) if bool((steps[start : stop - 1] == 1).all()) else -1
+        rows = (r0, b, order_dev[start:stop])
+        start = stop
+
+        if rows_buf.numel() < b * n_db:
+            rows_buf = torch.empty(b * n_db, dtype=cd, device=dev)
+        x = rows_buf[: b * n_db].view(b, n_db)
+        source.load(rows, inv_tau, x)  # (b, N) similarities / tau_rank
+        cols = _take(pos_idx, rows)[:, :pmax]
+        n_pos = _take(counts, rows)
+        y = x.gather(1, cols)  # (b, P) positive similarities / tau_rank, the very values of x
+        pmask = (slot[:pmax] < n_pos[:, None]).to(cd)
+        denom = torch.minimum(ks, n_pos[:, None].to(cd))  # (b, K): min(k, |P|)
+        # rank = 1 + (sum over every column) - sig(0) [z = p] - sig(u_self) [the excluded self column]
+        if exclude_self:
+            selfc = _take(self_index, rows)[:, None]
+            has_self = (selfc >= 0).to(cd)
+            s_self = _sig(x.gather(1, selfc.clamp(min=0)) - y).mul_(has_self)  # (b, P)
+            rank_offset = 0.5 - s_self
+        else:
+            rank_offset = 0.5
+
+        need = b * pmax * n_db
+        if terms_buf.numel() < need:
+            terms_buf = torch.empty(need, dtype=cd, device=dev)
+        terms = terms_buf[:need].view(b, pmax, n_db)
+        torch.sub(x[:, None, :], y[:, :, None], out=terms)
+        terms.sigmoid_()  # no clamp needed here: see the module docstring
+        rank = terms.sum(-1).add_(rank_offset)  # (b, P)
+
+        # R^k and the loss of each query in the block.
+        a = _sig((ks - rank[..., None]) / tau_k).mul_(pmask[..., None])  # (b, P, K)
+        soft_count = a.sum(1)  # (b, K)
+        total += (torch.minimum(soft_count, ks) / denom).sum()
+        if not want_grad:
+            continue
+
+        # g = dL/d rank / tau_rank (every d rank / d s carries 1 / tau_rank)
+        active = (soft_count < ks).to(cd).div_(denom)  # d min(count, k) / d count, over min(k, |P|)
+        g = torch.einsum("bpk,bpk,k,bk->bp", a, 1.0 - a, 1.0 / tau_k, active).mul_(scale * inv_tau)
+        terms.addcmul_(terms, terms, value=-1.0)  # sig -> sig'
+        if grad_buf.numel() < b * n_db:
+            grad_buf = torch.empty(b * n_db, dtype=cd, device=dev)
+        grow = source.grad_out(rows, grad_buf[: b * n_db].view(b, n_db))
+        torch.bmm(g[:, None, :], terms, out=grow.view(b, 1, n_db))  # sum_p g_p sig'_pz
+        diag = terms.sum(-1)  # (b, P): sum over every column of sig'_pz
+        if exclude_self:
+            diag -= s_self * (1.0 - s_self)  # the self column's sig'
+        # d/ds_qp: the z = p terms of grow (g_p / 4) and diag (1 / 4) cancel in grow_p - g_p * diag_p.
+        grow.scatter_add_(1, cols, diag.mul_(g).neg_())
+        if exclude_self:  # the excluded self column gets no gradient
+            if every_row_has_self:
+                grow.scatter_(1, selfc, 0.0)
+            else:
+                keep = (selfc < 0).to(cd)
+                selfc = selfc.clamp(min=0)
+                grow.scatter_(1, selfc, grow.gather(1, selfc) * keep)
+        source.commit(rows, grow)
+    return 1.0 - total * scale
+
+
+class _SimilarityRows(_RowSource):
+    """Rows of a stored (Q, N) similarity; the gradient is a (Q, N) tensor written row block by row block."""
+
+    def __init__(self, sim: torch.Tensor, grad: torch.Tensor | None) -> None:
+        self.sim, self.grad = sim, grad
+
+    def load(self, rows: tuple[int, int, torch.Tensor], scale: float, out: torch.Tensor) -> None:
+        part = _take(self.sim, rows)
+        if part.dtype == out.dtype:
+            torch.mul(part, scale, out=out)
+        else:  # half input: widen first, then scale in the compute dtype
+            out.copy_(part).mul_(scale)
+
+    def grad_out(self, rows: tuple[int, int, torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
+        r0, b, _ = rows
+        return self.grad[r0 : r0 + b] if r0 >= 0 else scratch  # written in place when the rows are consecutive
+
+    def commit(self, rows: tuple[int, int, torch.Tensor], grow: torch.Tensor) -> None:
+        if rows[0] < 0:
+            self.grad.index_copy_(0, rows[2], grow)
+
+
+class _EmbeddingRows(_RowSource):
+    """Rows ``q_emb[rows] @ db_emb^T`` computed per block; their gradient is pushed straight into dL/dq_emb and
+    dL/ddb_emb (two matmuls), so no (Q, N) tensor exists."""
+
+    def __init__(self, q_emb: torch.Tensor, db_emb: torch.Tensor, want_grad: bool) -> None:
+        self.q, self.db = q_emb, db_emb
+        self.dq = torch.zeros_like(q_emb) if want_grad else None
+        self.ddb = torch.zeros_like(db_emb) if want_grad else None
+
+    def load(self, rows: tuple[int, int, torch.Tensor], scale: float, out: torch.Tensor) -> None:
+        torch.mm(_take(self.q, rows), self.db.T, out=out)
+        out.mul_(scale)
+
+    def commit(self, rows: tuple[int, int, torch.Tensor], grow: torch.Tensor) -> None:
+        r0, b, idx = rows
+        q_rows = _take(self.q, rows)
+        if r0 >= 0:
+            torch.mm(grow, self.db, out=self.dq[r0 : r0 + b])
+        else:
+            self.dq.index_copy_(0, idx, grow @ self.db)
+        self.ddb.addmm_(grow.T, q_rows)
+
+
 class _RSkFromSimilarity(torch.autograd.Function):
     """Blocked RS@k over rows of ``sim``; the gradient is assembled block by block during forward."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx,
-        sim: torch.Tensor,
-        pos_idx: torch.Tensor,
-        counts: torch.Tensor,
-        self_index: torch.Tensor,
-        ks: torch.Tensor,
-        tau_rank: float,
-        tau_k: torch.Tensor,
-        include_query: bool,
-        block_size: int | None,
-    ) -> torch.Tensor:
+        ctx, sim, pos_idx, counts, self_index, ks, tau_rank, tau_k, include_query, block_size,
+    ) -> torch.Tensor:  # fmt: skip
         cd = compute_dtype(sim.dtype)
-        dev = sim.device
-        n_db = sim.shape[1]
         want_grad = bool(ctx.needs_input_grad[0])
-        ks = ks.to(device=dev, dtype=cd)
-        tau_k = tau_k.to(device=dev, dtype=cd)
-        inv_tau = 1.0 / tau_rank
-
-        counts_cpu = counts.cpu()
-        order = torch.argsort(counts_cpu, descending=True, stable=True)
-        n_valid = int((counts_cpu > 0).sum())
-        order = order[:n_valid]
-        order_counts = counts_cpu[order].tolist()
-        order_dev = order.to(dev)
-        steps = order[1:] - order[:-1]  # 1 inside runs of consecutive rows, which need no gather/scatter
-        # 1 / (number of queries * number of ks): the scale of each R^k in the loss, folded into g.
-        scale = 1.0 / (n_valid * ks.numel())
-
-        # Per-(query, positive) quantities, computed once for all queries (small: (Q, Pmax) and (Q, K)).
-        pmax_all = pos_idx.shape[1]
-        y_all = sim.gather(1, pos_idx).to(cd) * inv_tau  # positive similarities / tau_rank
-        pmask_all = (torch.arange(pmax_all, device=dev) < counts[:, None]).to(cd)
-        denom_all = torch.minimum(ks, counts[:, None].to(cd))  # min(k, |P|)
-        # rank = 1 + (sum over every column) - sig(0) [z = p] - sig(u_self) [the excluded self column]
-        rank_offset = torch.full_like(y_all, 0.5)
-        exclude_self = (not include_query) and bool((self_index >= 0).any())
-        if exclude_self:
-            has_self = self_index >= 0
-            x_self = sim.gather(1, self_index.clamp(min=0)[:, None]).to(cd) * inv_tau
-            s_self = _sig(x_self - y_all) * has_self[:, None]
-            rank_offset -= s_self
-            ds_self = s_self * (1.0 - s_self)  # its sig', removed from the column sums of sig'
-            every_row_has_self = bool(has_self.all())
-
         grad = None
         if want_grad:
-            grad = torch.empty(sim.shape, dtype=cd, device=dev)
+            grad = torch.empty(sim.shape, dtype=cd, device=sim.device)
             grad.index_fill_(0, torch.nonzero(counts == 0).flatten(), 0.0)  # other rows: written per block
-        total = torch.zeros((), dtype=cd, device=dev)
-        buffer = torch.empty(0, dtype=cd, device=dev)
-        # One buffer for the scaled rows of every block: a fresh (rows, N) tensor per block costs page faults on
-        # the CPU (glibc returns freed large blocks to the OS), which cost as much as the arithmetic here.
-        row_buffer = torch.empty(0, dtype=cd, device=dev)
-        block_elements = DEFAULT_BLOCK_ELEMENTS if dev.type == "cpu" else DEFAULT_BLOCK_ELEMENTS_GPU
-
-        start = 0
-        while start < n_valid:
-            pmax = order_counts[start]  # queries are sorted by count, so the first is the widest
-            rows = block_size or max(1, block_elements // (pmax * n_db))
-            stop = min(n_valid, start + rows)
-            b = stop - start
-            # A run of consecutive rows (the usual case: equal class sizes) is sliced, not gathered.
-            r0 = int(order[start]) if bool((steps[start : stop - 1] == 1).all()) else -1
-            blk = order_dev[start:stop]
-            start = stop
-
-            def rows_of(t: torch.Tensor, r0: int = r0, b: int = b, blk: torch.Tensor = blk) -> torch.Tensor:
-                return t[r0 : r0 + b] if r0 >= 0 else t.index_select(0, blk)
-
-            if row_buffer.numel() < b * n_db:
-                row_buffer = torch.empty(b * n_db, dtype=cd, device=dev)
-            x = row_buffer[: b * n_db].view(b, n_db)  # (b, N) scaled rows
-            if sim.dtype == cd:
-                torch.mul(rows_of(sim), inv_tau, out=x)
-            else:  # half input: widen first, then scale in the compute dtype
-                x.copy_(rows_of(sim)).mul_(inv_tau)
-            y = rows_of(y_all)[:, :pmax]  # (b, P)
-            pmask = rows_of(pmask_all)[:, :pmax]
-            denom = rows_of(denom_all)  # (b, K)
-
-            need = b * pmax * n_db
-            if buffer.numel() < need:
-                buffer = torch.empty(need, dtype=cd, device=dev)
-            terms = buffer[:need].view(b, pmax, n_db)
-            torch.sub(x[:, None, :], y[:, :, None], out=terms)
-            terms.sigmoid_()  # no clamp needed here: see the module docstring
-            rank = terms.sum(-1).add_(rows_of(rank_offset)[:, :pmax])  # (b, P)
-
-            # R^k and the loss of each query in the block.
-            a = _sig((ks - rank[..., None]) / tau_k).mul_(pmask[..., None])  # (b, P, K)
-            soft_count = a.sum(1)  # (b, K)
-            total += (torch.minimum(soft_count, ks) / denom).sum()
-            if not want_grad:
-                continue
-
-            # g = dL/d rank / tau_rank (every d rank / d s carries 1 / tau_rank)
-            active = (soft_count < ks).to(cd).div_(denom)  # d min(count, k) / d count, over min(k, |P|)
-            g = torch.einsum("bpk,bpk,k,bk->bp", a, 1.0 - a, 1.0 / tau_k, active).mul_(scale * inv_tau)
-            terms.addcmul_(terms, terms, value=-1.0)  # sig -> sig'
-            if r0 >= 0:  # written straight into the gradient rows
-                grow = grad[r0 : r0 + b]
-                torch.bmm(g[:, None, :], terms, out=grow.view(b, 1, n_db))  # sum_p g_p sig'_pz
-            else:
-                grow = torch.bmm(g[:, None, :], terms).squeeze(1)
-            diag = terms.sum(-1)  # (b, P): sum over every column of sig'_pz
-            if exclude_self:
-                diag -= rows_of(ds_self)[:, :pmax]
-            # d/ds_qp: the z = p terms of grow (g_p / 4) and diag (1 / 4) cancel in grow_p - g_p * diag_p.
-            grow.scatter_add_(1, rows_of(pos_idx)[:, :pmax], diag.mul_(g).neg_())
-            if exclude_self:  # the excluded self column gets no gradient
-                selfc = rows_of(self_index)[:, None]
-                if every_row_has_self:
-                    grow.scatter_(1, selfc, 0.0)
-                else:
-                    keep = (selfc < 0).to(cd)
-                    selfc = selfc.clamp(min=0)
-                    grow.scatter_(1, selfc, grow.gather(1, selfc) * keep)
-            if r0 < 0:
-                grad.index_copy_(0, blk, grow)
-
+        loss = _blocked_rsk(
+            _SimilarityRows(sim, grad), sim.shape[1], pos_idx, counts, self_index, ks, tau_rank, tau_k,
+            include_query, block_size, cd, want_grad,
+        )  # fmt: skip
         # Saved (not a plain ctx attribute) so that autograd drops its reference right after backward when the
         # graph is not retained: the gradient then reaches a leaf's .grad without a (Q, N) copy.
         if grad is not None:
             ctx.save_for_backward(grad)
-        ctx.sim_dtype = sim.dtype
-        return 1.0 - total * scale
+        ctx.dtypes = (sim.dtype,)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        if grad.dtype == ctx.sim_dtype and bool(grad_out == 1):
-            out = grad  # the usual loss.backward(): no copy (autograd clones it if it must)
-        else:
-            out = (grad * grad_out.to(grad.dtype)).to(ctx.sim_dtype)
-        return out, None, None, None, None, None, None, None, None
+        return _scaled(grad, grad_out, ctx.dtypes[0]), None, None, None, None, None, None, None, None
+
+
+class _RSkFromEmbeddings(torch.autograd.Function):
+    """Blocked RS@k of ``q_emb @ db_emb^T`` without storing it; dL/dq_emb and dL/ddb_emb built during forward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, q_emb, db_emb, pos_idx, counts, self_index, ks, tau_rank, tau_k, include_query, block_size,
+    ) -> torch.Tensor:  # fmt: skip
+        cd = compute_dtype(q_emb.dtype)
+        want_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        source = _EmbeddingRows(q_emb.to(cd), db_emb.to(cd), want_grad)
+        loss = _blocked_rsk(
+            source, db_emb.shape[0], pos_idx, counts, self_index, ks, tau_rank, tau_k, include_query, block_size,
+            cd, want_grad,
+        )  # fmt: skip
+        if want_grad:
+            ctx.save_for_backward(source.dq, source.ddb)
+        ctx.dtypes = (q_emb.dtype, db_emb.dtype)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        dq, ddb = ctx.saved_tensors
+        return (_scaled(dq, grad_out, ctx.dtypes[0]), _scaled(ddb, grad_out, ctx.dtypes[1]),
+                None, None, None, None, None, None, None, None)  # fmt: skip
+
+
+def _scaled(grad: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad * grad_out`` in ``dtype``; the usual ``loss.backward()`` (grad_out = 1) returns ``grad`` itself
+    (autograd clones it if it must)."""
+    if grad.dtype == dtype and bool(grad_out == 1):
+        return grad
+    return (grad * grad_out.to(grad.dtype)).to(dtype)
+
+
+def _prepare(
+    q_labels: torch.Tensor,
+    db_labels: torch.Tensor,
+    self_index: torch.Tensor | None,
+    ks: Sequence[int],
+    tau_k: Sequence[float] | torch.Tensor,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(pos_idx, counts, self_index, ks, tau_k)`` for the Functions; raises when no query has a positive."""
+    from recallk.losses.validation import check_has_positive  # lazy: recallk.losses imports this package
+
+    if self_index is None:
+        self_index = torch.full((q_labels.numel(),), -1, dtype=torch.long, device=device)
+    q_labels = q_labels.to(device=device, dtype=torch.long)
+    db_labels = db_labels.to(device=device, dtype=torch.long)
+    self_index = self_index.to(device=device, dtype=torch.long)
+    pos_idx, counts = positive_layout(q_labels, db_labels, self_index)
+    check_has_positive(counts)
+    ks_t = torch.tensor([float(k) for k in ks], dtype=torch.float64)
+    tau_k_t = torch.as_tensor(tau_k, dtype=torch.float64).reshape(-1)
+    if tau_k_t.numel() == 1:
+        tau_k_t = tau_k_t.expand(ks_t.numel())
+    return pos_idx, counts, self_index, ks_t, tau_k_t
 
 
 def rsk_loss_torch(
@@ -278,38 +407,40 @@ def rsk_loss_torch(
     Returns:
         Scalar tensor in the compute dtype (float32, or float64 for float64 input).
     """
-    q = sim.shape[0]
-    if self_index is None:
-        self_index = torch.full((q,), -1, dtype=torch.long, device=sim.device)
-    q_labels = q_labels.to(device=sim.device, dtype=torch.long)
-    db_labels = db_labels.to(device=sim.device, dtype=torch.long)
-    self_index = self_index.to(device=sim.device, dtype=torch.long)
-    from recallk.losses.validation import check_has_positive  # lazy: recallk.losses imports this package
-
-    pos_idx, counts = positive_layout(q_labels, db_labels, self_index)
-    check_has_positive(counts)
-    return rsk_loss_torch_from_layout(
-        sim, pos_idx, counts, self_index, ks, tau_rank, tau_k, include_query, block_size
+    pos_idx, counts, self_index, ks_t, tau_k_t = _prepare(q_labels, db_labels, self_index, ks, tau_k, sim.device)
+    return _RSkFromSimilarity.apply(
+        sim, pos_idx, counts, self_index, ks_t, float(tau_rank), tau_k_t, bool(include_query), block_size
     )
 
 
-def rsk_loss_torch_from_layout(
-    sim: torch.Tensor,
-    pos_idx: torch.Tensor,
-    counts: torch.Tensor,
-    self_index: torch.Tensor,
+def rsk_loss_torch_from_embeddings(
+    q_emb: torch.Tensor,
+    db_emb: torch.Tensor,
+    q_labels: torch.Tensor,
+    db_labels: torch.Tensor,
+    self_index: torch.Tensor | None,
     ks: Sequence[int],
     tau_rank: float,
     tau_k: Sequence[float] | torch.Tensor,
     include_query: bool,
     block_size: int | None = None,
 ) -> torch.Tensor:
-    """:func:`rsk_loss_torch` with the output of :func:`positive_layout` already computed (at least one
-    query must have a positive; ``self_index`` is a (Q,) int64 tensor, -1 where absent)."""
-    ks_t = torch.tensor([float(k) for k in ks], dtype=torch.float64)
-    tau_k_t = torch.as_tensor(tau_k, dtype=torch.float64).reshape(-1)
-    if tau_k_t.numel() == 1:
-        tau_k_t = tau_k_t.expand(ks_t.numel())
-    return _RSkFromSimilarity.apply(
-        sim, pos_idx, counts, self_index, ks_t, float(tau_rank), tau_k_t, bool(include_query), block_size
+    """RS@k loss of ``s = q_emb @ db_emb^T`` without storing it (no input checks; see
+    :func:`recallk.kernels.rsk_loss_from_embeddings`).
+
+    Each block of query rows computes its similarity rows by a matmul, then its loss and its dL/ds rows, which
+    are pushed into the embedding gradients at once (``dq[rows] = G db_emb``, ``ddb += G^T q_emb[rows]``). Peak
+    extra memory: the two (rows, d) gradients plus one block (about ``(Pmax + 2) * block rows * N`` elements),
+    never the (Q, N) matrix; time: the same matmuls as forming ``s`` and back-propagating through it.
+
+    Args:
+        q_emb: (Q, d) and db_emb: (N, d) floating embeddings (may be the same tensor: a batch against itself).
+        The rest: as :func:`rsk_loss_torch`.
+
+    Returns:
+        Scalar tensor in the compute dtype; gradients reach both embedding tensors (summed when they are one).
+    """
+    pos_idx, counts, self_index, ks_t, tau_k_t = _prepare(q_labels, db_labels, self_index, ks, tau_k, q_emb.device)
+    return _RSkFromEmbeddings.apply(
+        q_emb, db_emb, pos_idx, counts, self_index, ks_t, float(tau_rank), tau_k_t, bool(include_query), block_size
     )

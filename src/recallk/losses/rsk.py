@@ -9,9 +9,14 @@ from torch import nn
 
 from recallk import kernels
 from recallk.losses import validation as v
-from recallk.losses.simix import simix
+from recallk.losses.simix import simix, simix_embeddings
 
-__all__ = ["RecallAtKSurrogate", "gram"]
+__all__ = ["RECOMPUTE_ABOVE_BYTES", "SIMILARITY_MODES", "RecallAtKSurrogate", "gram"]
+
+SIMILARITY_MODES = ("auto", "matrix", "recompute")
+#: ``similarity="auto"`` switches to "recompute" when the float32 similarity of the (augmented) batch would be
+#: larger than this: 1 GiB, i.e. about B = 16,384 (B + V = 16,384 with SiMix).
+RECOMPUTE_ABOVE_BYTES = 1 << 30
 
 
 class _Gram(torch.autograd.Function):
@@ -34,6 +39,12 @@ def gram(embeddings: torch.Tensor) -> torch.Tensor:
     return _Gram.apply(embeddings)
 
 
+_SIMIX_WITH_REF = (
+    "simix=True mixes items of one batch and needs the batch against itself: drop ref_emb/ref_labels or build "
+    "the loss with simix=False"
+)
+
+
 class RecallAtKSurrogate(nn.Module):
     """RS@k loss (Patel, Tolias, Matas, CVPR 2022), method.md sections 1-2.
 
@@ -54,6 +65,12 @@ class RecallAtKSurrogate(nn.Module):
             (so ``torch.manual_seed`` makes training reproducible). Replace the ``generator`` attribute to
             change it.
         block_size: query rows per block of the torch path (None: automatic).
+        similarity: how ``forward`` forms similarities. "matrix" computes the (B, N) matrix and its gradient
+            (fastest while they fit); "recompute" never stores them: the torch path computes the similarity
+            rows of one block of queries at a time, the Triton path recomputes tiles inside its kernels, and
+            SiMix mixes the embeddings instead of the matrix (same pairs and alphas); "auto" (default) uses
+            "recompute" when the float32 matrix would exceed ``RECOMPUTE_ABOVE_BYTES`` (1 GiB). Both give the
+            same loss up to float rounding. ``from_similarity`` always takes a matrix.
 
     Embeddings are used as given (not re-normalised): the model L2-normalises, and SiMix's virtual items are
     unnormalised by definition. The loss is in [0, 1) but its minimum is not 0 (a positive at rank 1 scores
@@ -74,8 +91,12 @@ class RecallAtKSurrogate(nn.Module):
         backend: str = "auto",
         generator: torch.Generator | None = None,
         block_size: int | None = None,
+        similarity: str = "auto",
     ) -> None:
         super().__init__()
+        if similarity not in SIMILARITY_MODES:
+            raise ValueError(f"similarity must be one of {SIMILARITY_MODES}, got {similarity!r}")
+        self.similarity = similarity
         self.ks, self.tau_rank, self.tau_k = v.check_ks_and_taus(ks, tau_rank, tau_k)
         if backend not in kernels.BACKENDS:
             raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
@@ -94,7 +115,8 @@ class RecallAtKSurrogate(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"ks={self.ks}, tau_rank={self.tau_rank}, tau_k={self.tau_k}, include_query={self.include_query}, "
-            f"simix={self.simix}, max_pairs_per_class={self.max_pairs_per_class}, backend={self.backend!r}"
+            f"simix={self.simix}, max_pairs_per_class={self.max_pairs_per_class}, backend={self.backend!r}, "
+            f"similarity={self.similarity!r}"
         )
 
     def forward(
@@ -121,14 +143,46 @@ class RecallAtKSurrogate(nn.Module):
         if (ref_emb is None) != (ref_labels is None):
             raise ValueError("pass ref_emb and ref_labels together (the database and its labels), or neither")
         if ref_emb is None:
-            return self.from_similarity(gram(emb), labels)
+            if not self._recompute_batch(labels):
+                return self.from_similarity(gram(emb), labels)
+            if self.simix:
+                emb, labels = simix_embeddings(
+                    emb, labels, generator=self.generator, max_pairs_per_class=self.max_pairs_per_class
+                )
+            return kernels.rsk_loss_from_embeddings(
+                emb, emb, labels, labels, torch.arange(emb.shape[0], device=emb.device), self.ks, self.tau_rank,
+                self.tau_k, self.include_query, backend=self.backend, block_size=self.block_size,
+            )
         ref = v.check_embeddings(ref_emb, name="ref_emb")
         if ref.shape[1] != emb.shape[1]:
             raise ValueError(
                 f"ref_emb has {ref.shape[1]} dimensions but embeddings have {emb.shape[1]}: use the same model"
             )
         ref_labels = v.check_labels(ref_labels, ref.shape[0], name="ref_labels", against="ref_emb")
-        return self.from_similarity(emb @ ref.T, labels, ref_labels)
+        if self.simix:
+            raise ValueError(_SIMIX_WITH_REF)
+        if not self._recompute(emb.shape[0], ref.shape[0]):
+            return self.from_similarity(emb @ ref.T, labels, ref_labels)
+        return kernels.rsk_loss_from_embeddings(
+            emb, ref, labels, ref_labels, None, self.ks, self.tau_rank, self.tau_k, self.include_query,
+            backend=self.backend, block_size=self.block_size,
+        )
+
+    def _recompute_batch(self, labels: torch.Tensor) -> bool:
+        """Whether a batch against itself goes the "recompute" way; "auto" counts SiMix's virtual items."""
+        if self.similarity != "auto" or not self.simix:
+            return self._recompute(labels.numel(), labels.numel())
+        sizes = torch.unique(labels, return_counts=True)[1]
+        pairs = sizes * (sizes - 1) // 2
+        if self.max_pairs_per_class is not None:
+            pairs = pairs.clamp(max=self.max_pairs_per_class)
+        augmented = labels.numel() + int(pairs.sum())
+        return self._recompute(augmented, augmented)
+
+    def _recompute(self, rows: int, cols: int) -> bool:
+        if self.similarity == "auto":
+            return rows * cols * 4 > RECOMPUTE_ABOVE_BYTES
+        return self.similarity == "recompute"
 
     def from_similarity(
         self, sim: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None = None
@@ -154,10 +208,7 @@ class RecallAtKSurrogate(nn.Module):
             db_labels = labels
         else:
             if self.simix:
-                raise ValueError(
-                    "simix=True mixes items of one batch and needs the batch against itself: drop ref_emb/"
-                    "ref_labels or build the loss with simix=False"
-                )
+                raise ValueError(_SIMIX_WITH_REF)
             self_index = None
             db_labels = ref_labels
         return kernels.rsk_loss_from_similarity(

@@ -15,7 +15,7 @@ import torch
 
 from recallk.losses import validation as v
 
-__all__ = ["simix", "simix_pairs"]
+__all__ = ["simix", "simix_embeddings", "simix_pairs"]
 
 
 def simix_pairs(
@@ -75,6 +75,20 @@ def simix_pairs(
     return a[lex], b[lex]
 
 
+def _alphas(n_pairs: int, alphas: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The (V,) mixing weights: ``alphas`` checked, or alpha ~ U(0, 1) in float64 drawn from ``generator``."""
+    if alphas is None:
+        gen_device = generator.device if generator is not None else "cpu"
+        return torch.rand(n_pairs, generator=generator, device=gen_device, dtype=torch.float64)
+    if not isinstance(alphas, torch.Tensor) or alphas.dim() != 1 or alphas.numel() != n_pairs:
+        shape = tuple(alphas.shape) if isinstance(alphas, torch.Tensor) else type(alphas).__name__
+        raise ValueError(
+            f"alphas must be a 1-D tensor with one weight per same-class pair ({n_pairs} here, in lexicographic "
+            f"order of (a, b)), got {shape}: use recallk.losses.simix_pairs(labels) to list the pairs"
+        )
+    return alphas
+
+
 def simix(
     sim: torch.Tensor,
     labels: torch.Tensor,
@@ -104,16 +118,7 @@ def simix(
     sim = v.check_similarity(sim, square=True)
     labels = v.check_labels(labels, sim.shape[0], against="sim").to(sim.device)
     a, b = simix_pairs(labels, max_pairs_per_class, generator)
-    n_pairs = a.numel()
-    if alphas is None:
-        gen_device = generator.device if generator is not None else "cpu"
-        alphas = torch.rand(n_pairs, generator=generator, device=gen_device, dtype=torch.float64)
-    elif not isinstance(alphas, torch.Tensor) or alphas.dim() != 1 or alphas.numel() != n_pairs:
-        shape = tuple(alphas.shape) if isinstance(alphas, torch.Tensor) else type(alphas).__name__
-        raise ValueError(
-            f"alphas must be a 1-D tensor with one weight per same-class pair ({n_pairs} here, in lexicographic "
-            f"order of (a, b)), got {shape}: use recallk.losses.simix_pairs(labels) to list the pairs"
-        )
+    alphas = _alphas(a.numel(), alphas, generator)
     w = alphas.to(device=sim.device, dtype=sim.dtype)
 
     # M S: row v = alpha S[a] + (1 - alpha) S[b]   (lerp(x, y, w) = x + w (y - x))
@@ -125,3 +130,33 @@ def simix(
     top = torch.cat([sim, mixed_cols], dim=1)
     bottom = torch.cat([mixed_rows, mixed_both], dim=1)
     return torch.cat([top, bottom], dim=0), torch.cat([labels, labels[a]])
+
+
+def simix_embeddings(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    alphas: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    max_pairs_per_class: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiMix on the embeddings themselves: the virtual items ``alpha f_a + (1 - alpha) f_b`` are formed.
+
+    The same pairs and, for the same ``generator`` state, the same alphas as :func:`simix`, so the similarity of
+    the result equals ``simix(embeddings @ embeddings.T, ...)`` up to rounding. Costs (V, d) instead of
+    (B + V)^2: the form to use when the augmented similarity is never stored (RecallAtKSurrogate with
+    ``similarity="recompute"``).
+
+    Args:
+        embeddings: (B, d) floating, differentiable. labels: (B,) integer labels.
+        alphas, generator, max_pairs_per_class: as in :func:`simix`.
+
+    Returns:
+        ``(emb_aug, labels_aug)``: (B + V, d) in ``embeddings``' dtype, real items first then virtual items in
+        pair order; (B + V,) int64 labels.
+    """
+    emb = v.check_embeddings(embeddings)
+    labels = v.check_labels(labels, emb.shape[0]).to(emb.device)
+    a, b = simix_pairs(labels, max_pairs_per_class, generator)
+    w = _alphas(a.numel(), alphas, generator).to(device=emb.device, dtype=emb.dtype)
+    virtual = torch.lerp(emb.index_select(0, b), emb.index_select(0, a), w[:, None])
+    return torch.cat([emb, virtual]), torch.cat([labels, labels[a]])
