@@ -12,6 +12,8 @@ loss.backward() to dL/dE:
 
 * naive        - vectorised (B, |P|, B) sigmoid tensor, autograd through it;
 * torch        - recallk.kernels.torch_rsk.rsk_loss_torch (blocked autograd Function);
+* torch-recompute - recallk.kernels.torch_rsk.rsk_loss_torch_from_embeddings (blocks of similarity rows from
+                 the embeddings, nothing B x B);
 * triton-sim   - recallk.kernels.triton.rsk_loss_triton on the (B, B) similarity;
 * triton-emb   - recallk.kernels.triton.rsk_loss_triton_from_embeddings (tiles recomputed, nothing B x B),
                  with tl.dot input precision "ieee" and "tf32x3".
@@ -61,6 +63,7 @@ def naive_loss(sim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def methods(labels: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    from recallk.kernels.torch_rsk import rsk_loss_torch_from_embeddings
     from recallk.kernels.triton import rsk_loss_triton, rsk_loss_triton_from_embeddings
 
     self_index = torch.arange(labels.numel(), device=labels.device)
@@ -79,6 +82,9 @@ def methods(labels: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
     return {
         "naive": lambda e: naive_loss(e @ e.T, labels),
         "torch": torch_path,
+        "torch-recompute": lambda e: rsk_loss_torch_from_embeddings(
+            e, e, labels, labels, self_index, KS, TAU_RANK, (TAU_K,) * len(KS), False
+        ),
         "triton-sim": lambda e: rsk_loss_triton(e @ e.T, labels, labels, self_index, KS, TAU_RANK, TAU_K, False),
         "triton-emb ieee": emb("ieee"),
         "triton-emb tf32x3": emb("tf32x3"),

@@ -58,6 +58,34 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _check_arguments(
+    shape: tuple[int, int],
+    device: torch.device,
+    q_labels: object,
+    db_labels: object,
+    self_index: object,
+    ks: Sequence[int],
+    tau_rank: float,
+    tau_k: float | Sequence[float] | torch.Tensor,
+    block_size: int | None,
+    sources: tuple[str, str],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...], float, tuple[float, ...]]:
+    """Checks shared by both entry points for Q queries against N items (``shape`` = (Q, N)); ``sources`` names
+    where Q and N come from, for the messages. Returns labels, self index (-1 filled), ks and temperatures."""
+    from recallk.losses import validation as v  # lazy: recallk.losses imports this package
+
+    q, n = shape
+    q_labels = v.check_labels(q_labels, q, name="q_labels", against=sources[0])
+    db_labels = v.check_labels(db_labels, n, name="db_labels", against=sources[1])
+    checked_self = v.check_self_index(self_index, q, n)
+    ks_t, tau_rank_f, tau_k_t = v.check_ks_and_taus(ks, tau_rank, tau_k)
+    if block_size is not None and (int(block_size) != block_size or block_size < 1):
+        raise ValueError(f"block_size must be a positive integer number of query rows or None, got {block_size!r}")
+    if checked_self is None:
+        checked_self = torch.full((q,), -1, dtype=torch.long, device=device)
+    return q_labels, db_labels, checked_self, ks_t, tau_rank_f, tau_k_t
+
+
 def rsk_loss_from_similarity(
     sim: torch.Tensor,
     q_labels: torch.Tensor,
@@ -96,17 +124,11 @@ def rsk_loss_from_similarity(
     from recallk.losses import validation as v  # lazy: recallk.losses imports this package
 
     sim = v.check_similarity(sim)
-    q, n = sim.shape
-    q_labels = v.check_labels(q_labels, q, name="q_labels", against="sim")
-    db_labels = v.check_labels(db_labels, n, name="db_labels", against="sim (columns)")
-    checked_self = v.check_self_index(self_index, q, n)
-    ks_t, tau_rank_f, tau_k_t = v.check_ks_and_taus(ks, tau_rank, tau_k)
-    if block_size is not None and (int(block_size) != block_size or block_size < 1):
-        raise ValueError(f"block_size must be a positive integer number of query rows or None, got {block_size!r}")
-    chosen = resolve_backend(backend, sim.device)
-    if checked_self is None:
-        checked_self = torch.full((q,), -1, dtype=torch.long, device=sim.device)
-    if chosen == "triton":
+    q_labels, db_labels, checked_self, ks_t, tau_rank_f, tau_k_t = _check_arguments(
+        sim.shape, sim.device, q_labels, db_labels, self_index, ks, tau_rank, tau_k, block_size,
+        ("sim", "sim (columns)"),
+    )
+    if resolve_backend(backend, sim.device) == "triton":
         # block_size belongs to the torch path; the Triton kernels choose their own tiles.
         return _load_triton()(sim, q_labels, db_labels, checked_self, ks_t, tau_rank_f, tau_k_t, include_query)
     return rsk_loss_torch(
@@ -161,15 +183,10 @@ def rsk_loss_from_embeddings(
             f"q_emb ({q_emb.dtype}, {q_emb.device}) and db_emb ({db_emb.dtype}, {db_emb.device}) must share dtype "
             "and device: convert one with .to(other)"
         )
-    q, n = q_emb.shape[0], db_emb.shape[0]
-    q_labels = v.check_labels(q_labels, q, name="q_labels", against="q_emb")
-    db_labels = v.check_labels(db_labels, n, name="db_labels", against="db_emb")
-    checked_self = v.check_self_index(self_index, q, n)
-    ks_t, tau_rank_f, tau_k_t = v.check_ks_and_taus(ks, tau_rank, tau_k)
-    if block_size is not None and (int(block_size) != block_size or block_size < 1):
-        raise ValueError(f"block_size must be a positive integer number of query rows or None, got {block_size!r}")
-    if checked_self is None:
-        checked_self = torch.full((q,), -1, dtype=torch.long, device=q_emb.device)
+    q_labels, db_labels, checked_self, ks_t, tau_rank_f, tau_k_t = _check_arguments(
+        (q_emb.shape[0], db_emb.shape[0]), q_emb.device, q_labels, db_labels, self_index, ks, tau_rank, tau_k,
+        block_size, ("q_emb", "db_emb"),
+    )
     if resolve_backend(backend, q_emb.device) == "triton":
         return _load_triton("rsk_loss_triton_from_embeddings")(
             q_emb, db_emb, q_labels, db_labels, checked_self, ks_t, tau_rank_f, tau_k_t, include_query
