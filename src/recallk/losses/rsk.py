@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -19,12 +20,32 @@ SIMILARITY_MODES = ("auto", "matrix", "recompute")
 RECOMPUTE_ABOVE_BYTES = 1 << 30
 
 
+#: ``gram`` on the CPU computes only the upper triangle of row blocks from this many rows up, in this many blocks
+#: (10 of 16 block products; 2-core EPYC, d = 512: B = 2000 21.2 -> 14.7 ms, B = 4000 100 -> 79 ms).
+_SYMMETRIC_MIN_ROWS = 512
+_SYMMETRIC_BLOCKS = 4
+
+
+def _symmetric_gram(emb: torch.Tensor) -> torch.Tensor:
+    """E E^T from the block products on and above the diagonal; the blocks below are their transposes (values
+    as a plain matmul up to float rounding)."""
+    b = emb.shape[0]
+    out = torch.empty(b, b, dtype=emb.dtype, device=emb.device)
+    edges = [b * i // _SYMMETRIC_BLOCKS for i in range(_SYMMETRIC_BLOCKS + 1)]
+    for lo, hi in itertools.pairwise(edges):
+        torch.mm(emb[lo:hi], emb[lo:].T, out=out[lo:hi, lo:])
+        out[lo:hi, :lo].copy_(out[:lo, lo:hi].T)
+    return out
+
+
 class _Gram(torch.autograd.Function):
     """S = E E^T whose backward is one matmul, (G + G^T) E, instead of two."""
 
     @staticmethod
     def forward(ctx, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(emb)
+        if emb.device.type == "cpu" and emb.shape[0] >= _SYMMETRIC_MIN_ROWS:
+            return _symmetric_gram(emb)
         return emb @ emb.T
 
     @staticmethod

@@ -1,0 +1,35 @@
+"""gram: E E^T with a one-matmul backward, and the CPU's upper-triangle blocking for large batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recallk.losses import rsk
+from recallk.losses.rsk import gram
+
+
+@pytest.mark.parametrize("rows", [7, 512, 1031])  # below the blocking threshold, at it, and an odd size above it
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_and_its_gradient_against_float64_autograd(rows, dtype):
+    g = torch.Generator().manual_seed(rows)
+    base = torch.randn(rows, 24, generator=g, dtype=torch.float64)
+    upstream = torch.randn(rows, rows, generator=g, dtype=torch.float64)
+    truth_e = base.clone().requires_grad_()
+    truth = truth_e @ truth_e.T
+    (truth * upstream).sum().backward()
+    e = base.to(dtype).requires_grad_()
+    ours = gram(e)
+    (ours * upstream.to(dtype)).sum().backward()
+    eps = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(ours.double(), truth.detach(), rtol=0, atol=eps * truth.abs().max().item())
+    torch.testing.assert_close(e.grad.double(), truth_e.grad, rtol=0, atol=eps * truth_e.grad.abs().max().item())
+
+
+def test_blocking_is_used_from_the_threshold(monkeypatch):
+    calls = []
+    real = rsk._symmetric_gram
+    monkeypatch.setattr(rsk, "_symmetric_gram", lambda e: calls.append(e.shape[0]) or real(e))
+    gram(torch.randn(rsk._SYMMETRIC_MIN_ROWS - 1, 4))
+    gram(torch.randn(rsk._SYMMETRIC_MIN_ROWS, 4))
+    assert calls == [rsk._SYMMETRIC_MIN_ROWS]
