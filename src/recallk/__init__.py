@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "RecallAtKSurrogate": "recallk.losses",
     "simix": "recallk.losses",
+    "simix_embeddings": "recallk.losses",
     "build_loss": "recallk.losses",
     "build_model": "recallk.models",
     "build_dataset": "recallk.data",

@@ -12,7 +12,7 @@ from torch import nn
 
 from recallk.losses.baselines import BASELINES, MetricLearningBaseline, build_baseline
 from recallk.losses.rsk import RecallAtKSurrogate
-from recallk.losses.simix import simix, simix_pairs
+from recallk.losses.simix import simix, simix_embeddings, simix_pairs
 
 __all__ = [
     "LOSSES",
@@ -20,6 +20,7 @@ __all__ = [
     "RecallAtKSurrogate",
     "build_loss",
     "simix",
+    "simix_embeddings",
     "simix_pairs",
 ]
 
