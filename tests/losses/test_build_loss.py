@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
@@ -86,3 +89,21 @@ def test_proxy_anchor_exposes_its_proxies_to_the_optimiser():
     out = loss(emb.float(), labels)
     out.backward()
     assert params[0].grad is not None and bool(params[0].grad.abs().sum() > 0)
+
+
+def test_rsk_and_kernels_work_without_pytorch_metric_learning(tmp_path):
+    # A GPU machine may have torch and triton but not pytorch-metric-learning (benchmarks/gpu_check.py runs there).
+    script = (
+        "import sys\n"
+        "sys.modules['pytorch_metric_learning'] = None  # any import of it now fails\n"
+        "import torch\n"
+        "from recallk.losses import RecallAtKSurrogate\n"
+        "from recallk.kernels import rsk_loss_from_embeddings\n"
+        "e = torch.nn.functional.normalize(torch.randn(12, 4), dim=1).requires_grad_()\n"
+        "labels = torch.arange(12) // 3\n"
+        "RecallAtKSurrogate()(e, labels).backward()\n"
+        "rsk_loss_from_embeddings(e, e, labels, labels, torch.arange(12), (1, 2), 0.01, 1.0, False)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -10,7 +10,6 @@ import inspect
 from typing import Any
 
 import torch
-from pytorch_metric_learning import losses as pml_losses
 from torch import nn
 
 from recallk.losses import validation as v
@@ -81,6 +80,10 @@ def build_baseline(name: str, **cfg: Any) -> MetricLearningBaseline:
     """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline loss {name!r}: choose one of {sorted(BASELINES)}")
+    # Imported here, not with recallk.losses: RS@k and the kernels must work where only torch is installed
+    # (e.g. a GPU machine running benchmarks/gpu_check.py).
+    from pytorch_metric_learning import losses as pml_losses
+
     cls = getattr(pml_losses, BASELINES[name], None)
     if cls is None:
         raise ValueError(
