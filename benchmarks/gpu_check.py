@@ -1,6 +1,7 @@
 """GPU check of the fused RS@k kernels: correctness against the torch path, then time and peak memory.
 
-Usage (on a CUDA machine, about 5 minutes on an H100 at most):
+Usage (on a CUDA machine, about 5 minutes on an H100 at most; needs only torch and triton there, recallk is
+taken from this repository's src/ when it is not installed):
 
     python benchmarks/gpu_check.py                 # prints a markdown table; writes $OUT/gpu_check.json if $OUT
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke   # tiny sizes on the CPU: checks the script only
@@ -34,6 +35,11 @@ import time
 from collections.abc import Callable
 
 import torch
+
+try:
+    import recallk  # noqa: F401
+except ImportError:  # a bare GPU machine with a copy of the repository: use its src/ without installing
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src"))
 
 KS = (1, 2, 4, 8, 16)
 TAU_RANK = 0.01
