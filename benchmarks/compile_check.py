@@ -32,7 +32,11 @@ from recallk.kernels.triton import rsk_embeddings as emb_mod
 from recallk.kernels.triton import rsk_similarity as sim_mod
 
 #: (name, B, positives per query, d): issue 7's cases
-CASES = [("B=4000, 4/class", 4000, 3, 512), ("B=10,000, 10/class", 10_000, 9, 512), ("B=65,536, 4/class", 65_536, 3, 512)]
+CASES = [
+    ("B=4000, 4/class", 4000, 3, 512),
+    ("B=10,000, 10/class", 10_000, 9, 512),
+    ("B=65,536, 4/class", 65_536, 3, 512),
+]
 
 _SIM_ARGS = {"sim_ptr": "*fp32", "stride_sq": "i64", "stride_sn": "i64", "pos_ptr": "*i32", "self_ptr": "*i64",
              "N": "i32", "P": "i32", "inv_tau": "fp32"}
