@@ -61,22 +61,25 @@ def _signature(fn: triton.JITFunction, known: dict[str, str], constexprs: dict[s
     return sig
 
 
-def kernels_for(b: int, pmax: int, d: int) -> list[tuple[str, triton.JITFunction, dict[str, object], int]]:
-    """(label, kernel, constexprs, num_warps) as the wrappers launch them for a batch of b, Pmax, width d."""
+def kernels_for(b: int, pmax: int, d: int) -> list[tuple[str, triton.JITFunction, dict[str, object], int, int]]:
+    """(label, kernel, constexprs, num_warps, num_stages) as the wrappers launch them for b, Pmax, width d."""
     bp, bn = sim_mod._blocks(pmax, b, None, None)
     sim_meta = {"INCLUDE_QUERY": False, "BLOCK_P": bp, "BLOCK_N": bn}
     bq, ebn, ebp = emb_mod._blocks(pmax, None, None, None)
     bd = max(16, triton.next_power_of_2(d))
-    fwd_meta = {"INCLUDE_QUERY": False, "BLOCK_Q": bq, "BLOCK_P": ebp, "BLOCK_N": ebn, "BLOCK_K": 32,
+    fwd_meta = {"INCLUDE_QUERY": False, "BLOCK_Q": bq, "BLOCK_P": ebp, "BLOCK_N": ebn, "BLOCK_K": emb_mod._BLOCK_K,
                 "PRECISION": "ieee"}
-    bwd_meta = {**fwd_meta, "BLOCK_D": bd}
+    bwd_q, bwd_n = emb_mod._BACKWARD_TILES
+    bwd_meta = {"INCLUDE_QUERY": False, "BLOCK_Q": bwd_q, "BLOCK_N": bwd_n, "BLOCK_K": emb_mod._BLOCK_K,
+                "BLOCK_D": bd, "PRECISION": "ieee"}
     bwd_warps = 8 if bd >= 256 else 4
+    stages = emb_mod._NUM_STAGES
     return [
-        ("similarity forward", sim_mod._rank_fwd_kernel, sim_meta, 4),
-        ("similarity backward", sim_mod._rank_bwd_kernel, sim_meta, 4),
-        ("embeddings forward", emb_mod._emb_fwd_kernel, fwd_meta, 4),
-        ("embeddings dq", emb_mod._emb_dq_kernel, bwd_meta, bwd_warps),
-        ("embeddings ddb", emb_mod._emb_ddb_kernel, bwd_meta, bwd_warps),
+        ("similarity forward", sim_mod._rank_fwd_kernel, sim_meta, 4, 3),
+        ("similarity backward", sim_mod._rank_bwd_kernel, sim_meta, 4, 3),
+        ("embeddings forward", emb_mod._emb_fwd_kernel, fwd_meta, 4, stages),
+        ("embeddings dq", emb_mod._emb_dq_kernel, bwd_meta, bwd_warps, stages),
+        ("embeddings ddb", emb_mod._emb_ddb_kernel, bwd_meta, bwd_warps, stages),
     ]
 
 
@@ -97,11 +100,14 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     return regs, stores, loads
 
 
-def compile_kernel(fn: triton.JITFunction, constexprs: dict[str, object], num_warps: int, arch: int) -> str:
+def compile_kernel(
+    fn: triton.JITFunction, constexprs: dict[str, object], num_warps: int, num_stages: int, arch: int
+) -> str:
     """PTX of ``fn`` compiled for sm_<arch> with these constexprs (raises on a compile error)."""
     known = _EMB_ARGS if "qe_ptr" in fn.arg_names else _SIM_ARGS
     src = ASTSource(fn, signature=_signature(fn, known, constexprs), constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return kernel.asm["ptx"]
 
 
@@ -110,17 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     args = parser.parse_args(argv)
     print(f"Triton {triton.__version__}, target sm_{args.arch}\n")
-    print("| case | kernel | tiles | warps | registers | spill stores / loads (bytes) |")
-    print("|---|---|---|---|---|---|")
+    print("| case | kernel | tiles | warps | stages | registers | spill stores / loads (bytes) |")
+    print("|---|---|---|---|---|---|---|")
     seen: dict[tuple, tuple[int, int, int]] = {}
     for label, b, pmax, d in CASES:
-        for name, fn, meta, warps in kernels_for(b, pmax, d):
-            key = (fn.__name__, tuple(sorted(meta.items())), warps)
+        for name, fn, meta, warps, stages in kernels_for(b, pmax, d):
+            key = (fn.__name__, tuple(sorted(meta.items())), warps, stages)
             if key not in seen:
-                seen[key] = ptxas_usage(compile_kernel(fn, meta, warps, args.arch), args.arch)
+                seen[key] = ptxas_usage(compile_kernel(fn, meta, warps, stages, args.arch), args.arch)
             regs, st, ld = seen[key]
             tiles = ", ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in meta.items() if k.startswith("BLOCK"))
-            print(f"| {label} | {name} | {tiles} | {warps} | {regs} | {st} / {ld} |", flush=True)
+            print(f"| {label} | {name} | {tiles} | {warps} | {stages} | {regs} | {st} / {ld} |", flush=True)
     return 0
 
 

@@ -50,15 +50,31 @@ def _sim_tile(
 
 
 @triton.jit
-def _dense_weight(
-    s, z, keep, cols_p, p_valid, s_p, g, inv_tau,
+def _positive_terms(
+    s, z, keep, qi, q_in, p, P, pos_ptr, sp_ptr, inv_tau,
 ):  # fmt: skip
-    """H[i, j] = sum_p g[i, p] sig'(u_ipj) over kept columns j != p; s (BQ, BN), the rest (BQ, BP)."""
-    m = keep[:, None, :] & (z[None, None, :] != cols_p[:, :, None]) & p_valid[:, :, None]
-    u = (s[:, None, :] - s_p[:, :, None]) * inv_tau
+    """For positive slot ``p`` of each query row: ``(m, sg, u, valid)`` over the (BQ, BN) tile, where ``m`` marks
+    the counted columns (kept, not the positive itself), ``sg = sig(u)``, ``u = (s - s_p) / tau_rank``."""
+    col = tl.load(pos_ptr + qi * P + p, mask=q_in, other=-1)  # (BQ,)
+    valid = col >= 0
+    s_p = tl.load(sp_ptr + qi * P + p, mask=valid, other=0.0)
+    m = keep & (z[None, :] != col[:, None]) & valid[:, None]
+    u = (s - s_p[:, None]) * inv_tau
     sg = 1.0 / (1.0 + tl.exp(-tl.minimum(tl.maximum(u, -50.0), 50.0)))
-    dsg = tl.where(m & (tl.abs(u) <= 50.0), sg * (1.0 - sg), 0.0)
-    return tl.sum(g[:, :, None] * dsg, axis=1)
+    return m, sg, u, valid
+
+
+@triton.jit
+def _dense_weight(
+    s, z, keep, qi, q_in, P, pos_ptr, sp_ptr, grank_ptr, inv_tau,
+):  # fmt: skip
+    """H[i, j] = sum_p g[i, p] sig'(u_ipj) over kept columns j != p, (BQ, BN); one positive at a time."""
+    h = tl.zeros(s.shape, dtype=tl.float32)
+    for p in range(0, P):
+        m, sg, u, valid = _positive_terms(s, z, keep, qi, q_in, p, P, pos_ptr, sp_ptr, inv_tau)
+        g = tl.load(grank_ptr + qi * P + p, mask=valid, other=0.0)
+        h += tl.where(m & (tl.abs(u) <= 50.0), g[:, None] * (sg * (1.0 - sg)), 0.0)
+    return h
 
 
 @triton.jit
@@ -71,12 +87,9 @@ def _emb_fwd_kernel(
     qi = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_in = qi < Q
     qi = qi.to(tl.int64)
-    p_offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    qp = q_in[:, None] & (p_offs < P)[None, :]
-    slot = qi[:, None] * P + p_offs[None, :]
-    cols_p = tl.load(pos_ptr + slot, mask=qp, other=-1)
-    p_valid = cols_p >= 0
-    s_p = tl.load(sp_ptr + slot, mask=p_valid, other=0.0)
+    p_lo = tl.program_id(1) * BLOCK_P
+    p_hi = tl.minimum(p_lo + BLOCK_P, P)
+    p_offs = p_lo + tl.arange(0, BLOCK_P)
     self_col = tl.load(self_ptr + qi, mask=q_in, other=-1)
     acc_rank = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
     acc_dsum = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
@@ -88,11 +101,17 @@ def _emb_fwd_kernel(
         keep = q_in[:, None] & z_in[None, :]
         if not INCLUDE_QUERY:
             keep = keep & (z[None, :] != self_col[:, None])
-        m = keep[:, None, :] & (z[None, None, :] != cols_p[:, :, None]) & p_valid[:, :, None]
-        u = (s[:, None, :] - s_p[:, :, None]) * inv_tau
-        sg = 1.0 / (1.0 + tl.exp(-tl.minimum(tl.maximum(u, -50.0), 50.0)))
-        acc_rank += tl.sum(tl.where(m, sg, 0.0), axis=2)
-        acc_dsum += tl.sum(tl.where(m & (tl.abs(u) <= 50.0), sg * (1.0 - sg), 0.0), axis=2)
+        # One positive at a time on the 2-D tile: a (BQ, BP, BN) tile needed every register and spilled.
+        for p in range(p_lo, p_hi):
+            m, sg, u, _ = _positive_terms(s, z, keep, qi, q_in, p, P, pos_ptr, sp_ptr, inv_tau)
+            r = tl.sum(tl.where(m, sg, 0.0), axis=1)
+            d = tl.sum(tl.where(m & (tl.abs(u) <= 50.0), sg * (1.0 - sg), 0.0), axis=1)
+            here = p_offs[None, :] == p
+            acc_rank = tl.where(here, acc_rank + r[:, None], acc_rank)
+            acc_dsum = tl.where(here, acc_dsum + d[:, None], acc_dsum)
+    qp = q_in[:, None] & (p_offs < P)[None, :]
+    slot = qi[:, None] * P + p_offs[None, :]
+    p_valid = tl.load(pos_ptr + slot, mask=qp, other=-1) >= 0
     tl.store(rank_ptr + slot, tl.where(p_valid, 1.0 + acc_rank, 0.0), mask=qp)
     tl.store(dsum_ptr + slot, tl.where(p_valid, acc_dsum, 0.0), mask=qp)
 
@@ -101,7 +120,7 @@ def _emb_fwd_kernel(
 def _emb_dq_kernel(
     qe_ptr, de_ptr, sp_ptr, pos_ptr, self_ptr, grank_ptr, out_ptr,
     Q, N, D, P, stride_qe, stride_de, stride_out, inv_tau,
-    INCLUDE_QUERY: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    INCLUDE_QUERY: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     qi = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -120,15 +139,7 @@ def _emb_dq_kernel(
         keep = q_in[:, None] & z_in[None, :]
         if not INCLUDE_QUERY:
             keep = keep & (z[None, :] != self_col[:, None])
-        h = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            p_offs = p0 + tl.arange(0, BLOCK_P)
-            slot = qi[:, None] * P + p_offs[None, :]
-            cols_p = tl.load(pos_ptr + slot, mask=q_in[:, None] & (p_offs < P)[None, :], other=-1)
-            p_valid = cols_p >= 0
-            s_p = tl.load(sp_ptr + slot, mask=p_valid, other=0.0)
-            g = tl.load(grank_ptr + slot, mask=p_valid, other=0.0)
-            h += _dense_weight(s, z, keep, cols_p, p_valid, s_p, g, inv_tau)
+        h = _dense_weight(s, z, keep, qi, q_in, P, pos_ptr, sp_ptr, grank_ptr, inv_tau)
         v = tl.load(de_ptr + z64[:, None] * stride_de + dd[None, :], mask=z_in[:, None] & d_in[None, :], other=0.0)
         acc = tl.dot(h * inv_tau, v.to(tl.float32), acc, input_precision=PRECISION)
     tl.store(out_ptr + qi[:, None] * stride_out + dd[None, :], acc, mask=q_in[:, None] & d_in[None, :])
@@ -138,7 +149,7 @@ def _emb_dq_kernel(
 def _emb_ddb_kernel(
     qe_ptr, de_ptr, sp_ptr, pos_ptr, self_ptr, grank_ptr, out_ptr,
     Q, N, D, P, stride_qe, stride_de, stride_out, inv_tau,
-    INCLUDE_QUERY: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    INCLUDE_QUERY: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     z = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -157,26 +168,28 @@ def _emb_ddb_kernel(
         if not INCLUDE_QUERY:
             self_col = tl.load(self_ptr + qi, mask=q_in, other=-1)
             keep = keep & (z[None, :] != self_col[:, None])
-        h = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            p_offs = p0 + tl.arange(0, BLOCK_P)
-            slot = qi[:, None] * P + p_offs[None, :]
-            cols_p = tl.load(pos_ptr + slot, mask=q_in[:, None] & (p_offs < P)[None, :], other=-1)
-            p_valid = cols_p >= 0
-            s_p = tl.load(sp_ptr + slot, mask=p_valid, other=0.0)
-            g = tl.load(grank_ptr + slot, mask=p_valid, other=0.0)
-            h += _dense_weight(s, z, keep, cols_p, p_valid, s_p, g, inv_tau)
+        h = _dense_weight(s, z, keep, qi, q_in, P, pos_ptr, sp_ptr, grank_ptr, inv_tau)
         v = tl.load(qe_ptr + qi[:, None] * stride_qe + dd[None, :], mask=q_in[:, None] & d_in[None, :], other=0.0)
         acc = tl.dot(tl.trans(h * inv_tau), v.to(tl.float32), acc, input_precision=PRECISION)
     tl.store(out_ptr + z64[:, None] * stride_out + dd[None, :], acc, mask=z_in[:, None] & d_in[None, :])
 
 
+# Default tiles, chosen from the register and spill counts ptxas reports for sm_90 (benchmarks/compile_check.py;
+# untimed, no GPU was lent). Forward: 32 x 64 similarity tiles, 4 warps, 168 registers, no spills. Backward
+# (dq, ddb): the (tile, d) accumulator dominates, so 16 x 32 tiles with 8 warps at d = 512: 189 / 173 registers,
+# no spills (32 x 32 already sits at 251, and 32 x 64 spills 344-596 bytes). BLOCK_K = 16 and one pipeline stage
+# everywhere: 3 stages with BLOCK_K = 32 spilled in every kernel.
+_FORWARD_TILES = (32, 64)
+_BACKWARD_TILES = (16, 32)
+_BLOCK_K = 16
+_NUM_STAGES = 1
+
+
 def _blocks(pmax: int, block_q: int | None, block_n: int | None, block_p: int | None) -> tuple[int, int, int]:
-    bp = block_p or max(2, triton.next_power_of_2(min(pmax, 16)))
-    bq = block_q or 32
-    # The (BLOCK_Q, BLOCK_P, BLOCK_N) sigmoid tile is kept near 4096 elements.
-    bn = block_n or max(16, min(64, triton.next_power_of_2(max(1, 4096 // (bq * bp)))))
-    return bq, bn, bp
+    """Forward tiles ``(BLOCK_Q, BLOCK_N, BLOCK_P)``; BLOCK_P positive slots per program: all of a query's
+    positives up to 64, so the similarity tile is not recomputed per block of positives."""
+    bp = block_p or max(2, triton.next_power_of_2(min(pmax, 64)))
+    return block_q or _FORWARD_TILES[0], block_n or _FORWARD_TILES[1], bp
 
 
 def positive_similarities(
@@ -210,7 +223,7 @@ def embedding_rank_forward(
     block_q: int | None = None,
     block_n: int | None = None,
     block_p: int | None = None,
-    block_k: int = 32,
+    block_k: int = _BLOCK_K,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward kernel from embeddings: ``(rank, dsum)``, both (Q, Pmax) float32 (padding slots 0).
 
@@ -230,7 +243,7 @@ def embedding_rank_forward(
     _emb_fwd_kernel[grid](
         q_emb, db_emb, s_pos, pos, self_index, rank, dsum, q, n, d, pmax, q_emb.stride(0), db_emb.stride(0),
         1.0 / tau_rank, INCLUDE_QUERY=include_query, BLOCK_Q=bq, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=block_k,
-        PRECISION=precision,
+        PRECISION=precision, num_warps=4, num_stages=_NUM_STAGES,
     )  # fmt: skip
     return rank, dsum
 
@@ -251,25 +264,26 @@ def embedding_rank_backward(
     block_q: int | None = None,
     block_n: int | None = None,
     block_p: int | None = None,
-    block_k: int = 32,
+    block_k: int = _BLOCK_K,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense part of the backward: ``(H @ db_emb, H^T @ q_emb)``, (Q, d) and (N, d) float32, H never stored.
 
     ``out_q`` / ``out_db``: optional float32 contiguous buffers of those shapes, every element overwritten.
-    The sparse positive-pair term is added by the caller (see the module docstring).
+    The sparse positive-pair term is added by the caller (see the module docstring). ``block_p`` is accepted
+    for symmetry with the forward and ignored: these kernels loop over every positive.
     """
     q, d = q_emb.shape
     n = db_emb.shape[0]
     pmax = pos.shape[1]
     dq = torch.empty(q, d, dtype=torch.float32, device=q_emb.device) if out_q is None else out_q
     ddb = torch.empty(n, d, dtype=torch.float32, device=q_emb.device) if out_db is None else out_db
-    bq, bn, bp = _blocks(pmax, block_q, block_n, block_p)
+    bq, bn = block_q or _BACKWARD_TILES[0], block_n or _BACKWARD_TILES[1]
     bd = max(16, triton.next_power_of_2(d))
     g = grad_rank.float().contiguous()
     common = (q, n, d, pmax, q_emb.stride(0), db_emb.stride(0))
-    # The (BLOCK, d) accumulator and value tile live in registers: more warps for wide embeddings (untuned).
-    meta = dict(INCLUDE_QUERY=include_query, BLOCK_Q=bq, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=block_k, BLOCK_D=bd,
-                PRECISION=precision, num_warps=8 if bd >= 256 else 4)  # fmt: skip
+    # The (tile, d) accumulator and value tile live in registers: more warps for wide embeddings.
+    meta = dict(INCLUDE_QUERY=include_query, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_K=block_k, BLOCK_D=bd,
+                PRECISION=precision, num_warps=8 if bd >= 256 else 4, num_stages=_NUM_STAGES)  # fmt: skip
     _emb_dq_kernel[(triton.cdiv(q, bq),)](
         q_emb, db_emb, s_pos, pos, self_index, g, dq, *common, dq.stride(0), 1.0 / tau_rank, **meta
     )
