@@ -10,7 +10,8 @@ Three kernels, each recomputing the tile and its sigmoids:
 * dq, grid (query blocks,): ``dq = H @ db_emb`` accumulated over column tiles;
 * ddb, grid (column blocks,): ``ddb = H^T @ q_emb`` accumulated over query tiles;
 
-where ``H[q, z] = sum_p g_qp sig'(u_qpz) [z in D(q), z != p] / tau_rank`` is the dense part of dL/ds. The
+where ``H[q, z] = sum_p g_qp sig'(u_qpz) [z in D(q), z != p] / tau_rank`` is the dense part of dL/ds. Every
+kernel works on 2-D (BLOCK_Q, BLOCK_N) tiles and loops over the positive slots, one at a time. The
 sparse part, ``dL/ds_qp = -g_qp dsum(q, p) / tau_rank`` on the (q, p) positive pairs, is applied on the host in
 O(Q * Pmax * d). The positive similarities ``s_qp`` (Q, Pmax) are computed on the host in chunks.
 Extra memory: O((Q + N) * d + Q * Pmax); the kernels' outputs are fresh buffers written exactly once.
