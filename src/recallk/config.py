@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "simix": False,
         "max_pairs_per_class": None,
         "backend": "auto",  # auto | torch | triton
+        "similarity": "auto",  # auto | matrix | recompute (never store the (B, B) similarity)
         "options": {},  # extra keyword arguments for the baseline losses
     },
     "train": {

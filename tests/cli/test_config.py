@@ -91,3 +91,18 @@ def test_presets_cover_the_authors_table():
     assert sop["train"]["milestones"] == [25, 50] and sop["train"]["epochs"] == 55
     cars = load_config(CONFIGS / "cars196_vit_b16.yaml")
     assert (cars["train"]["batch_size"], cars["train"]["lr"], cars["train"]["optimizer"]) == (392, 1e-5, "adamw")
+
+
+def test_loss_similarity_and_backend_reach_the_loss(tmp_path):
+    import numpy as np
+
+    from recallk.cli.wiring import criterion_from_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\n")
+    config = load_config(path, ["loss.similarity=recompute", "loss.backend=torch"])
+    criterion = criterion_from_config(config, np.arange(8))
+    assert (criterion.similarity, criterion.backend) == ("recompute", "torch")
+    config = load_config(path, ["loss.similarity=tiles"])
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        criterion_from_config(config, np.arange(8))

@@ -72,6 +72,7 @@ def criterion_from_config(config: dict[str, Any], train_labels: np.ndarray) -> t
             simix=loss["simix"],
             max_pairs_per_class=loss["max_pairs_per_class"],
             backend=loss["backend"],
+            similarity=loss["similarity"],
             **loss["options"],
         )
     options = dict(loss["options"])
