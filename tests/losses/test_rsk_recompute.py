@@ -175,3 +175,17 @@ def test_bad_inputs_say_what_to_fix():
         RecallAtKSurrogate(similarity="tiles")
     with pytest.raises(ValueError, match="simix=True"):
         RecallAtKSurrogate(simix=True, similarity="recompute")(emb, labels, emb, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_embeddings_are_computed_in_float32(dtype):
+    emb, labels = random_batch(64, 10, 16, seed=13, dtype=torch.float32)
+    half = emb.to(dtype)
+    # The same (rounded) values in float32 are the exact expectation: half input is widened, not computed in half.
+    ours = ours_loss_and_grads(half, half, labels, labels, torch.arange(64), False)
+    widened = half.float()
+    expected = ours_loss_and_grads(widened, widened, labels, labels, torch.arange(64), False)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype
+    torch.testing.assert_close(ours[0], expected[0], rtol=1e-6, atol=0)
+    # One gradient, summed in float32 and rounded once (the tensor is both queries and database).
+    torch.testing.assert_close(ours[1], expected[1].to(dtype), rtol=0, atol=0)

@@ -340,22 +340,30 @@ class _RSkFromEmbeddings(torch.autograd.Function):
     ) -> torch.Tensor:  # fmt: skip
         cd = compute_dtype(q_emb.dtype)
         want_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        source = _EmbeddingRows(q_emb.to(cd), db_emb.to(cd), want_grad)
+        ctx.same = q_emb is db_emb  # a batch against itself: one gradient, summed in the compute dtype
+        q_cd = q_emb.to(cd)
+        source = _EmbeddingRows(q_cd, q_cd if ctx.same else db_emb.to(cd), want_grad)
         loss = _blocked_rsk(
             source, db_emb.shape[0], pos_idx, counts, self_index, ks, tau_rank, tau_k, include_query, block_size,
             cd, want_grad,
         )  # fmt: skip
         if want_grad:
-            ctx.save_for_backward(source.dq, source.ddb)
+            if ctx.same:
+                ctx.save_for_backward(source.dq.add_(source.ddb))
+            else:
+                ctx.save_for_backward(source.dq, source.ddb)
         ctx.dtypes = (q_emb.dtype, db_emb.dtype)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        rest = (None,) * 8
+        if ctx.same:  # the tensor was passed twice: its whole gradient goes to the first, None to the second
+            (d_emb,) = ctx.saved_tensors
+            return _scaled(d_emb, grad_out, ctx.dtypes[0]), None, *rest
         dq, ddb = ctx.saved_tensors
-        return (_scaled(dq, grad_out, ctx.dtypes[0]), _scaled(ddb, grad_out, ctx.dtypes[1]),
-                None, None, None, None, None, None, None, None)  # fmt: skip
+        return _scaled(dq, grad_out, ctx.dtypes[0]), _scaled(ddb, grad_out, ctx.dtypes[1]), *rest
 
 
 def _scaled(grad: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
