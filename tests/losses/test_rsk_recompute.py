@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from recallk import kernels
 from recallk.kernels import rsk_loss_from_embeddings
-from recallk.losses import RecallAtKSurrogate, rsk, simix_pairs
+from recallk.losses import RecallAtKSurrogate, rsk, simix, simix_pairs
 from recallk.losses.reference import rsk_loss_reference, simix_embeddings_reference
 from recallk.losses.simix import simix_embeddings
 
@@ -120,6 +120,11 @@ def test_simix_embeddings_against_reference_and_matrix_simix():
     ref, ref_labels = simix_embeddings_reference(emb, labels, alphas, list(zip(a.tolist(), b.tolist())))
     torch.testing.assert_close(aug, ref, rtol=1e-14, atol=1e-15)
     assert torch.equal(aug_labels, ref_labels)
+    # ... and its similarity is the matrix SiMix of the batch similarity, drawn from the same generator state.
+    gen.manual_seed(11)
+    sim_aug, sim_labels = simix(emb @ emb.T, labels, generator=gen, max_pairs_per_class=4)
+    torch.testing.assert_close(aug @ aug.T, sim_aug, rtol=1e-12, atol=1e-14)
+    assert torch.equal(sim_labels, aug_labels)
 
 
 @pytest.mark.parametrize("simix", [False, True])
