@@ -1,8 +1,10 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from recallk.cli.wiring import criterion_from_config
 from recallk.config import DEFAULTS, ConfigError, load_config, parse_override
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -94,10 +96,6 @@ def test_presets_cover_the_authors_table():
 
 
 def test_loss_similarity_and_backend_reach_the_loss(tmp_path):
-    import numpy as np
-
-    from recallk.cli.wiring import criterion_from_config
-
     path = tmp_path / "c.yaml"
     path.write_text("name: x\n")
     config = load_config(path, ["loss.similarity=recompute", "loss.backend=torch"])

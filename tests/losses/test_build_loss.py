@@ -91,7 +91,7 @@ def test_proxy_anchor_exposes_its_proxies_to_the_optimiser():
     assert params[0].grad is not None and bool(params[0].grad.abs().sum() > 0)
 
 
-def test_rsk_and_kernels_work_without_pytorch_metric_learning(tmp_path):
+def test_rsk_and_kernels_work_without_pytorch_metric_learning():
     # A GPU machine may have torch and triton but not pytorch-metric-learning (benchmarks/gpu_check.py runs there).
     script = (
         "import sys\n"
