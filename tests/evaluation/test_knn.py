@@ -9,7 +9,7 @@ from clusters import gaussian_clusters, integer_clusters
 
 from recallk.evaluation import exact_knn
 from recallk.evaluation.knn import faiss_available
-from recallk.evaluation.reference import reference_knn
+from recallk.testing.retrieval import reference_knn
 
 BACKENDS = ["torch", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="no faiss"))]
 

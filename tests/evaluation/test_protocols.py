@@ -9,7 +9,7 @@ from PIL import Image
 from torch import nn
 
 from recallk.evaluation import PROTOCOLS, evaluate_protocol, format_metrics_table
-from recallk.evaluation.reference import reference_retrieval_metrics
+from recallk.testing.retrieval import reference_retrieval_metrics
 
 
 def test_protocol_splits():

@@ -208,6 +208,8 @@ def exact_knn(
     device: str | torch.device | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
+    *,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours of each query in ``database`` by inner product.
 
@@ -220,14 +222,16 @@ def exact_knn(
         device: where the torch backend computes; None means CPU, "auto" a GPU when present.
         chunk_size: queries per chunk (memory knob); None picks one from a memory budget.
         backend: "faiss" (CPU), "torch", or None/"auto" (faiss on the CPU when installed, else torch).
+        rows: (R,) integer indices: search only for the queries ``queries[rows]`` (in that order; with
+            ``exclude_self`` each one's own index is its row). None: every query.
 
     Returns:
         ``(scores, indices)``: numpy arrays (Q, k) float32 (inner products, decreasing along a row) and (Q, k)
-        int64 (database indices); equal scores are ordered by increasing index.
+        int64 (database indices), Q = R with ``rows``; equal scores are ordered by increasing index.
 
     Raises:
         ValueError: bad shapes, dimensions that differ, NaN/inf values, k out of range, ``exclude_self`` with
-            Q != N, or an unavailable backend.
+            Q != N, query indices out of range, or an unavailable backend.
     """
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     name = resolve_backend(backend, dev)
@@ -244,9 +248,13 @@ def exact_knn(
         raise ValueError(f"k must be an integer in [1, {limit}] for this database, got {k!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    scores = np.empty((q.shape[0], k), dtype=np.float32)
-    indices = np.empty((q.shape[0], k), dtype=np.int64)
-    rows = np.arange(q.shape[0], dtype=np.int64)
+    if rows is None:
+        rows = np.arange(q.shape[0], dtype=np.int64)
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= q.shape[0]):
+        raise ValueError(f"query indices (rows) must be in [0, {q.shape[0] - 1}]")
+    scores = np.empty((rows.size, k), dtype=np.float32)
+    indices = np.empty((rows.size, k), dtype=np.int64)
     for start, s, i in iter_knn(q, rows, db, int(k), exclude_self, name, dev, chunk_size):
         scores[start : start + len(s)] = s
         indices[start : start + len(i)] = i

@@ -37,6 +37,21 @@ _FIRST_PASS_MAX_DEPTH: int | None = None  # optional cap (tests lower it to forc
 _SECOND_PASS_BUDGET = 1 << 22  # neighbour entries per second-pass chunk
 
 
+#: The query counts ``retrieval_metrics`` returns beside the metrics.
+COUNT_KEYS = ("num_queries", "num_excluded_queries")
+
+
+def metric_order(name: str) -> tuple[int, int, str]:
+    """Sort key of metric names as every table shows them: recall@k by k, positive_recall@k by k, map@r,
+    r_precision, any other name alphabetically, then the query counts."""
+    for group, prefix in enumerate(("recall@", "positive_recall@")):
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            return group, int(name[len(prefix) :]), ""
+    if name in ("map@r", "r_precision"):
+        return (2 if name == "map@r" else 3), 0, ""
+    return (5, COUNT_KEYS.index(name), "") if name in COUNT_KEYS else (4, 0, name)
+
+
 def _labels_array(labels: np.ndarray | torch.Tensor, n: int, name: str) -> np.ndarray:
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from recallk.evaluation.embed import embed_dataset
-from recallk.evaluation.metrics import retrieval_metrics
+from recallk.evaluation.metrics import metric_order, retrieval_metrics
 
 # Dataset name -> test splits; each split is evaluated leave-one-out over its own images.
 PROTOCOLS: dict[str, list[str]] = {
@@ -90,17 +90,6 @@ def evaluate_protocol(
     return results
 
 
-def _metric_order(name: str) -> tuple[int, int, str]:
-    """Sort key: recall@k by k, then positive_recall@k by k, map@r, r_precision, counts, anything else."""
-    for group, prefix in enumerate(("recall@", "positive_recall@")):
-        if name.startswith(prefix) and name[len(prefix) :].isdigit():
-            return group, int(name[len(prefix) :]), ""
-    fixed = ["map@r", "r_precision", "num_queries", "num_excluded_queries"]
-    if name in fixed:
-        return 2, fixed.index(name), ""
-    return 3, 0, name
-
-
 def format_metrics_table(results: Mapping[str, Mapping[str, float | int]]) -> str:
     """A plain aligned text table: one row per metric, one column per split.
 
@@ -108,7 +97,7 @@ def format_metrics_table(results: Mapping[str, Mapping[str, float | int]]) -> st
     ``results`` maps split name -> metrics dict (``evaluate_protocol``'s output).
     """
     splits = list(results)
-    names = sorted({name for metrics in results.values() for name in metrics}, key=_metric_order)
+    names = sorted({name for metrics in results.values() for name in metrics}, key=metric_order)
 
     def cell(value: float | int | None) -> str:
         if value is None:

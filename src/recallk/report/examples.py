@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
-from recallk.evaluation.knn import iter_knn, resolve_backend
+from recallk.evaluation.knn import exact_knn
 
 HIT_RGB = (34, 139, 34)  # neighbour of the query's class
 MISS_RGB = (220, 20, 60)  # neighbour of another class
@@ -35,36 +35,13 @@ class Example:
 def leave_one_out_knn(
     embeddings: np.ndarray, queries: np.ndarray, k: int, chunk_size: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product k nearest neighbours of ``embeddings[queries]``, the query itself excluded.
-
-    Args:
-        embeddings: (N, d) float array.
-        queries: (Q,) int array of row indices into ``embeddings``.
-        k: neighbours per query, 1 <= k <= N - 1.
-        chunk_size: queries per search chunk; None picks one from a memory budget.
-
-    Returns:
-        (indices (Q, k) int64, scores (Q, k) float32), ordered by decreasing score; equal scores are ordered
-        by increasing index, so the result is deterministic. The query's own row is excluded by index.
-        The search is ``recallk.evaluation.knn.iter_knn`` on the CPU, the one the metrics use.
-
-    Raises:
-        ValueError: k out of range or a query index out of range.
-    """
+    """Deprecated: ``exact_knn(embeddings, embeddings, k, exclude_self=True, rows=queries)``, which returns
+    ``(scores, indices)``; this alias returns ``(indices, scores)`` as it always did."""
+    warnings.warn("leave_one_out_knn is deprecated: use recallk.evaluation.exact_knn(emb, emb, k, "
+                  "exclude_self=True, rows=queries), which returns (scores, indices)", DeprecationWarning, stacklevel=2)
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-    queries = np.asarray(queries, dtype=np.int64).reshape(-1)
-    n = emb.shape[0]
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"k must be in [1, N-1] = [1, {n - 1}], got {k}")
-    if queries.size and (queries.min() < 0 or queries.max() >= n):
-        raise ValueError(f"query indices must be in [0, {n - 1}]")
-    out_idx = np.empty((queries.size, k), dtype=np.int64)
-    out_score = np.empty((queries.size, k), dtype=np.float32)
-    backend = resolve_backend(None, torch.device("cpu"))
-    for start, scores, indices in iter_knn(emb, queries, emb, k, True, backend, chunk_size=chunk_size):
-        out_idx[start : start + len(indices)] = indices
-        out_score[start : start + len(scores)] = scores
-    return out_idx, out_score
+    scores, indices = exact_knn(emb, emb, k, exclude_self=True, chunk_size=chunk_size, rows=queries)
+    return indices, scores
 
 
 def select_queries(
@@ -104,7 +81,7 @@ def select_queries(
     if candidates.size > MAX_CANDIDATE_QUERIES:
         candidates = np.sort(rng.choice(candidates, MAX_CANDIDATE_QUERIES, replace=False))
 
-    first_idx, first_score = leave_one_out_knn(emb, candidates, 1)
+    first_score, first_idx = exact_knn(emb, emb, 1, exclude_self=True, rows=candidates)
     wrong = labels[first_idx[:, 0]] != labels[candidates]
     failures, failure_scores = candidates[wrong], first_score[wrong, 0]
     order = np.lexsort((failures, -failure_scores))  # highest score first, ties by index
@@ -116,7 +93,7 @@ def select_queries(
 
     chosen = np.concatenate([hard, random]).astype(np.int64)
     kinds = ["hard"] * hard.size + ["random"] * random.size
-    idx, scores = leave_one_out_knn(emb, chosen, top)
+    scores, idx = exact_knn(emb, emb, top, exclude_self=True, rows=chosen)
     return [
         Example(
             query=int(q),

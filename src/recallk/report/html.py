@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import base64
 import math
-import re
 from collections.abc import Callable, Sequence
 from html import escape
 from typing import Any
+
+from recallk.evaluation.metrics import COUNT_KEYS, metric_order
 
 from .examples import HIT_RGB, MISS_RGB, QUERY_RGB, Example
 from .plots import Record, eval_records, eval_splits
 
 _NOT_METRICS = {"kind", "epoch", "step", "time", "split"}
-_COUNTS = ("num_queries", "num_excluded_queries")
 
 
 def _rgb(colour: tuple[int, int, int]) -> str:
@@ -87,17 +87,6 @@ def plots_section(png: bytes) -> str:
     )
 
 
-def _metric_order(key: str) -> tuple[int, int, str]:
-    for rank, pattern in enumerate((r"^recall@(\d+)$", r"^positive_recall@(\d+)$")):
-        m = re.match(pattern, key)
-        if m:
-            return (rank, int(m.group(1)), key)
-    fixed = {"map@r": 2, "r_precision": 3}
-    if key in fixed:
-        return (fixed[key], 0, key)
-    return (5, _COUNTS.index(key), key) if key in _COUNTS else (4, 0, key)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -113,7 +102,7 @@ def _format(value: Any) -> str:
 def metrics_table(before: Record | None, after: Record | None) -> str:
     """Table of every numeric metric: before training (epoch 0), after (last eval) and the change."""
     rows = [r for r in (before, after) if r is not None]
-    keys = sorted({k for r in rows for k, v in r.items() if k not in _NOT_METRICS and _is_number(v)}, key=_metric_order)
+    keys = sorted({k for r in rows for k, v in r.items() if k not in _NOT_METRICS and _is_number(v)}, key=metric_order)
     b_head = "before (epoch 0)" if before is not None else "before (not logged)"
     a_head = f"after (epoch {after['epoch']})" if after is not None else "after (not logged)"
     lines = [
@@ -125,7 +114,7 @@ def metrics_table(before: Record | None, after: Record | None) -> str:
         b = before.get(key) if before is not None else None
         a = after.get(key) if after is not None else None
         change, css = "", ""
-        if _is_number(a) and _is_number(b) and key not in _COUNTS and math.isfinite(a - b):
+        if _is_number(a) and _is_number(b) and key not in COUNT_KEYS and math.isfinite(a - b):
             change = f"{a - b:+.4f}"
             css = ' class="up"' if a > b else ' class="down"' if a < b else ""
         lines.append(f"<tr><td>{escape(key)}</td><td>{_format(b)}</td><td>{_format(a)}</td><td{css}>{change}</td></tr>")
