@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-FONTS_TSV=src/recallk/data/kanji-fonts.tsv
+FONTS_TSV=src/recallk/data/kanji/fonts.tsv
 
 missing_pkgs=()
 while IFS=$'\t' read -r pkg file; do

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from recallk.data import KanjiFontsMissingError, build_dataset, kanji
-from recallk.data.kanji import FontEntry, KanjiDataset
+from recallk.data.kanji import FontEntry, KanjiDataset, fonts, render
 
 FONTS = ["ipag", "KouzanBrushFontSousyo", "DotGothic16-Regular"]
 
@@ -113,9 +113,9 @@ def test_manifest_records_chars_fonts_version(small):
 def test_missing_and_blank_glyphs_are_dropped(tmp_path):
     # DotGothic16 has no 牙 in its cmap; Oradano Mincho GSRR maps 穐 to an empty glyph
     table = {e.name: e for e in kanji.font_table()}
-    _, _, bad = kanji._render_task((table["DotGothic16-Regular"].path, 0, ["牙", "亜"], 64))
+    _, _, bad = render._render_task((table["DotGothic16-Regular"].path, 0, ["牙", "亜"], 64))
     assert bad == [(0, "not in cmap")]
-    _, images, bad = kanji._render_task((table["OradanoGSRR"].path, 0, ["穐", "亜"], 64))
+    _, images, bad = render._render_task((table["OradanoGSRR"].path, 0, ["穐", "亜"], 64))
     assert bad == [(0, "blank")] and (images[1] < 128).any()
     n = kanji.split_candidates("test").index("穐") + 1
     ds = KanjiDataset(tmp_path, "test", fonts=["OradanoGSRR"], max_classes=n, progress=False, num_workers=0)
@@ -124,7 +124,7 @@ def test_missing_and_blank_glyphs_are_dropped(tmp_path):
 
 def test_tofu_is_detected_by_comparison_with_notdef():
     table = {e.name: e for e in kanji.font_table()}
-    font, _, tofu = kanji._load_font(table["ipag"].path, 64)
+    font, _, tofu = render._load_font(table["ipag"].path, 64)
     drawn = kanji.render_glyph(font, "\U0010fffc", 64)  # also unmapped: the same .notdef drawing
     assert tofu is not None and drawn is not None and np.array_equal(drawn, tofu)
     assert not np.array_equal(kanji.render_glyph(font, "亜", 64), tofu)
@@ -132,7 +132,7 @@ def test_tofu_is_detected_by_comparison_with_notdef():
 
 def test_missing_fonts_error_names_packages(tmp_path, monkeypatch):
     fake = [FontEntry("fonts-not-installed-here", str(tmp_path / "nope.ttf")), *kanji.font_table()[:1]]
-    monkeypatch.setattr(kanji, "font_table", lambda: fake)
+    monkeypatch.setattr(fonts, "font_table", lambda: fake)  # where select_fonts looks it up
     with pytest.raises(KanjiFontsMissingError, match="fonts-not-installed-here") as err:
         KanjiDataset(tmp_path / "cache", "train", max_classes=2, progress=False)
     assert "apt-get install -y fonts-not-installed-here" in str(err.value) and "make setup" in str(err.value)

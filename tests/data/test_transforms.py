@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from recallk.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_transforms, transforms_for_model
-from recallk.data.transforms import RandomStrokeWidth
+from recallk.data.kanji import RandomStrokeWidth
 
 
 def solid(size=(300, 200), colour=(200, 100, 50)) -> Image.Image:

@@ -1,54 +1,66 @@
-"""Dataset names -> builders, their splits and the evaluation k's of each benchmark (method.md section 4)."""
+"""The dataset registry: one :class:`DatasetSpec` per dataset, registered by the dataset's own module.
+
+A new dataset is one module calling ``register_dataset(DatasetSpec(...))``, one import line that loads it (in
+``recallk/data/datasets/__init__.py``) and a miniature tree writer in ``tests/data/dataset_trees.py``."""
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from torch.utils.data import Dataset
 
-from recallk.data import kanji
-from recallk.data.datasets import cars196, cub, folder, inaturalist, sop, vehicleid
 
-DATASETS: dict[str, Callable[..., Dataset]] = {
-    "sop": sop.build_sop,
-    "cub": cub.build_cub,
-    "cars196": cars196.build_cars196,
-    "inaturalist": inaturalist.build_inaturalist,
-    "vehicleid": vehicleid.build_vehicleid,
-    "folder": folder.build_folder,
-    "kanji": kanji.build_kanji,
-}
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything about one dataset.
 
-# Allowed splits per dataset; None means any split name (the folder loader uses root/<split>/ if given).
-SPLITS: dict[str, tuple[str, ...] | None] = {
-    "sop": sop.SPLITS,
-    "cub": cub.SPLITS,
-    "cars196": cars196.SPLITS,
-    "inaturalist": inaturalist.SPLITS,
-    "vehicleid": vehicleid.SPLITS,
-    "folder": None,
-    "kanji": kanji.SPLITS,
-}
+    Attributes:
+        name: the registry key (``build_dataset(name, ...)``).
+        build: ``build(root, split, transform, **options) -> Dataset`` with ``.labels`` and ``.classes``.
+        splits: the valid split names; None = any split name (the folder loader).
+        eval_ks: the benchmark's evaluation k's of recall@k, ascending (method.md sections 4 and 5).
+        eval_splits: the evaluation protocol: the test splits, each evaluated leave-one-out.
+        image_size: default image side (for models that take any input size); None = the model's size, or 224.
+        transforms: ``transforms(kind, size, interpolation) -> list`` of the PIL transforms before ToTensor and
+            Normalize; None = the ImageNet photo transforms of method.md section 4.
+    """
 
-DEFAULT_EVAL_KS: dict[str, tuple[int, ...]] = {
-    "inaturalist": (1, 4, 16, 32),
-    "sop": (1, 10, 100, 1000),
-    "vehicleid": (1, 5),
-    "cars196": (1, 2, 4, 8, 16),
-    "cub": (1, 2, 4, 8, 16),
-    "kanji": (1, 2, 4, 8),
-    "folder": (1, 2, 4, 8),
-}
+    name: str
+    build: Callable[..., Dataset]
+    splits: tuple[str, ...] | None
+    eval_ks: tuple[int, ...]
+    eval_splits: tuple[str, ...] = ("test",)
+    image_size: int | None = None
+    transforms: Callable[..., list] | None = None
 
-# Options each builder takes beyond (root, split, transform).
-OPTIONS: dict[str, frozenset[str]] = {
-    **{
-        name: frozenset({"skip_bad_images"}) for name in ("sop", "cub", "cars196", "inaturalist", "vehicleid", "folder")
-    },
-    "kanji": frozenset({"max_classes", "fonts", "size", "mode", "num_workers", "progress"}),
-}
+    @property
+    def options(self) -> frozenset[str]:
+        """The keyword options ``build`` takes beyond ``root``, ``split`` and ``transform`` (from its signature)."""
+        return frozenset(inspect.signature(self.build).parameters) - {"root", "split", "transform"}
+
+
+_SPECS: dict[str, DatasetSpec] = {}
+DATASET_SPECS: Mapping[str, DatasetSpec] = MappingProxyType(_SPECS)  # read-only view: name -> spec
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Add ``spec`` to the registry under ``spec.name``; ValueError if the name is taken."""
+    if spec.name in _SPECS:
+        raise ValueError(f"dataset {spec.name!r} is already registered")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The spec of dataset ``name``; ValueError listing the registered names if there is none."""
+    if name not in _SPECS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(_SPECS)}")
+    return _SPECS[name]
 
 
 def build_dataset(
@@ -58,25 +70,21 @@ def build_dataset(
     transform: Callable | None = None,
     **options: Any,
 ) -> Dataset:
-    """Build dataset ``name`` (a key of DATASETS) for ``split``.
+    """Build dataset ``name`` (a key of ``DATASET_SPECS``) for ``split``.
 
     The result has ``.labels`` (``(N,)`` numpy int64, one class id per item in item order), ``.classes``
     (class names) and items ``(image, label)`` where ``image`` is a PIL RGB image, or ``transform(image)`` if
-    given.
-    ``root`` is the dataset's own folder (for ``kanji``: the cache folder, None for the default).
-    Options: ``skip_bad_images`` for the image datasets; ``max_classes``, ``fonts``, ``size``, ``mode``,
-    ``num_workers``, ``progress`` for kanji.
+    given. ``root`` is the dataset's own folder (for ``kanji``: the cache folder, None for the default).
+    ``options``: see ``dataset_spec(name).options`` (``skip_bad_images`` for the image datasets).
 
     Raises:
         ValueError: unknown name, split or option (the message lists the valid ones); missing files raise
             DatasetFileNotFoundError, a ValueError too.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
-    splits = SPLITS[name]
-    if splits is not None and split not in splits:
-        raise ValueError(f"dataset {name!r} has splits {list(splits)}, got {split!r}")
-    unknown = set(options) - OPTIONS[name]
+    spec = dataset_spec(name)
+    if spec.splits is not None and split not in spec.splits:
+        raise ValueError(f"dataset {name!r} has splits {list(spec.splits)}, got {split!r}")
+    unknown = set(options) - spec.options
     if unknown:
-        raise ValueError(f"dataset {name!r} takes no option(s) {sorted(unknown)}; valid: {sorted(OPTIONS[name])}")
-    return DATASETS[name](root, split, transform, **options)
+        raise ValueError(f"dataset {name!r} takes no option(s) {sorted(unknown)}; valid: {sorted(spec.options)}")
+    return spec.build(root, split, transform, **options)

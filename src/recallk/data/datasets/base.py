@@ -1,10 +1,5 @@
-"""The shared dataset class: a list of image files with integer labels, plus the checks every loader needs.
-
-Every benchmark loader (``sop``, ``cub``, ``cars196``, ``inaturalist``, ``vehicleid``, ``folder``) parses its
-own list files into ``(paths, class_keys)`` and hands them to :class:`ImageListDataset`, which maps the class
-keys to contiguous ids ``0..C-1`` (in sorted key order), opens images lazily as RGB and, when asked, finds
-and skips unreadable files up front.
-"""
+"""The shared dataset class :class:`ImageListDataset` (image files with integer labels), the checks every loader
+needs, and :func:`image_list_builder`, which makes a dataset builder of a parser of the dataset's own lists."""
 
 from __future__ import annotations
 
@@ -36,17 +31,11 @@ class BadImageError(ValueError):
         )
 
 
-def require_file(path: Path, what: str, hint: str = "") -> Path:
-    """Return ``path`` if it is a file, else raise DatasetFileNotFoundError naming ``what`` and where."""
-    if not path.is_file():
-        raise DatasetFileNotFoundError(f"{what} not found: expected the file {path}.{(' ' + hint) if hint else ''}")
-    return path
-
-
-def require_dir(path: Path, what: str, hint: str = "") -> Path:
-    """Return ``path`` if it is a directory, else raise :class:`DatasetFileNotFoundError`."""
-    if not path.is_dir():
-        raise DatasetFileNotFoundError(f"{what} not found: expected the folder {path}.{(' ' + hint) if hint else ''}")
+def require(path: Path, what: str, hint: str = "", folder: bool = False) -> Path:
+    """Return ``path`` if it is a file (a folder if ``folder``), else raise DatasetFileNotFoundError naming both."""
+    if not (path.is_dir() if folder else path.is_file()):
+        where = f"the {'folder' if folder else 'file'} {path}.{(' ' + hint) if hint else ''}"
+        raise DatasetFileNotFoundError(f"{what} not found: expected {where}")
     return path
 
 
@@ -54,13 +43,27 @@ def resolve_root(root: str | os.PathLike | None, name: str) -> Path:
     """The dataset root as a Path; ValueError when it is None, DatasetFileNotFoundError when absent."""
     if root is None:
         raise ValueError(f"dataset {name!r} needs root= (the folder the dataset unpacks to); see docs/datasets.md")
-    return require_dir(Path(root).expanduser(), f"{name} root folder")
+    return require(Path(root).expanduser(), f"{name} root folder", folder=True)
 
 
 def read_lines(path: Path) -> list[str]:
     """Non-empty, stripped lines of a text list file."""
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
+
+
+def read_rows(path: Path, fields: int, expected: str, skip: int = 0, maxsplit: int = -1) -> list[list[str]]:
+    """The lines of a list file after ``skip`` header lines, each split on whitespace into ``fields`` parts.
+
+    Raises ValueError ``"<path>:<line>: expected <expected>, got '<line>'"`` for a line with another count.
+    """
+    rows = []
+    for n, line in enumerate(read_lines(path)[skip:], start=1 + skip):
+        parts = line.split(maxsplit=maxsplit)
+        if len(parts) != fields:
+            raise ValueError(f"{path}:{n}: expected {expected}, got {line!r}")
+        rows.append(parts)
+    return rows
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
@@ -136,8 +139,7 @@ class ImageListDataset(Dataset):
             if not first.is_file():
                 raise DatasetFileNotFoundError(
                     f"{name}: the first listed image {first} does not exist; is root the dataset's "
-                    "own folder "
-                    "(the one holding its list files and images)?"
+                    "own folder (the one holding its list files and images)?"
                 )
         sorted_keys = sorted(set(keys))
         index = {k: i for i, k in enumerate(sorted_keys)}
@@ -159,3 +161,21 @@ class ImageListDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, {len(self)} images, {len(self.classes)} classes)"
+
+
+def image_list_builder(name: str, parse: Callable, default_split: str | None = "train") -> Callable[..., Dataset]:
+    """The builder ``build(root, split, transform=None, skip_bad_images=False)`` of dataset ``name``, documented
+    by ``parse(root folder, split) -> (paths, class_keys, class_names or None)``, which reads the lists."""
+
+    def build(
+        root: str | os.PathLike | None,
+        split: str | None = default_split,
+        transform: Callable | None = None,
+        skip_bad_images: bool = False,
+    ) -> ImageListDataset:
+        paths, keys, names = parse(resolve_root(root, name), split)
+        return ImageListDataset(paths, keys, transform, names, skip_bad_images, name=f"{name}/{split or 'all'}")
+
+    build.__name__ = build.__qualname__ = f"build_{name}"
+    build.__module__, build.__doc__ = parse.__module__, parse.__doc__
+    return build

@@ -1,26 +1,22 @@
-"""Cars196 / Stanford Cars: ``cars_annos.mat`` and ``car_ims/``.
+"""Cars196 / Stanford Cars: ``cars_annos.mat`` (struct array ``annotations`` and ``class_names``) and ``car_ims/``.
 
-``cars_annos.mat`` holds a MATLAB struct array ``annotations`` (fields ``relative_im_path``, ``bbox_x1`` ..
-``bbox_y2``, ``class``, ``test``) and ``class_names``. Images are at ``<root>/<relative_im_path>``.
-Classes 1-98 are train and 99-196 test, with all images of each class (the ``test`` flag is ignored);
-boxes are not used.
+Classes 1-98 are train and 99-196 test, all images of each class (the ``test`` flag and the boxes are not used).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import scipy.io
 
-from recallk.data.datasets.base import ImageListDataset, require_file, resolve_root
+from recallk.data.datasets.base import image_list_builder, require
+from recallk.data.registry import DatasetSpec, register_dataset
 
-SPLITS = ("train", "test")
 _CLASS_RANGE = {"train": range(1, 99), "test": range(99, 197)}
 
 
-def _read_annotations(mat_file) -> tuple[list[str], list[int], list[str]]:
+def _read_annotations(mat_file: Path) -> tuple[list[str], list[int], list[str]]:
     try:
         mat = scipy.io.loadmat(mat_file, squeeze_me=True, struct_as_record=True)
     except (ValueError, OSError, TypeError) as e:
@@ -38,33 +34,21 @@ def _read_annotations(mat_file) -> tuple[list[str], list[int], list[str]]:
     return rel, cls, names
 
 
-def build_cars196(
-    root: str | os.PathLike | None,
-    split: str = "train",
-    transform: Callable | None = None,
-    skip_bad_images: bool = False,
-) -> ImageListDataset:
+def _parse(base: Path, split: str) -> tuple[list[Path], list[int], dict[int, str]]:
     """Cars196 split ``"train"`` (classes 1-98) or ``"test"`` (99-196); class names from ``class_names``.
 
     Raises:
         ValueError: the .mat file is unreadable or lacks the fields above.
         DatasetFileNotFoundError: the root, ``cars_annos.mat`` or the first image is missing.
     """
-    base = resolve_root(root, "cars196")
-    mat_file = require_file(
-        base / "cars_annos.mat",
-        "Cars196 annotations",
-        "root must be the folder holding cars_annos.mat and car_ims/.",
+    mat_file = require(
+        base / "cars_annos.mat", "Cars196 annotations", "root must be the folder holding cars_annos.mat and car_ims/."
     )
     rel, cls, names = _read_annotations(mat_file)
     wanted = _CLASS_RANGE[split]
     keep = [i for i, c in enumerate(cls) if c in wanted]
-    class_names = {i + 1: n for i, n in enumerate(names)}
-    return ImageListDataset(
-        [base / rel[i] for i in keep],
-        [cls[i] for i in keep],
-        transform,
-        class_names,
-        skip_bad_images=skip_bad_images,
-        name=f"cars196/{split}",
-    )
+    return [base / rel[i] for i in keep], [cls[i] for i in keep], {i + 1: n for i, n in enumerate(names)}
+
+
+build_cars196 = image_list_builder("cars196", _parse)
+register_dataset(DatasetSpec("cars196", build_cars196, splits=tuple(_CLASS_RANGE), eval_ks=(1, 2, 4, 8, 16)))

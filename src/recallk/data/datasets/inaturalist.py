@@ -1,39 +1,30 @@
-"""iNaturalist 2018 with the split of Brown et al. (Smooth-AP).
+"""iNaturalist 2018 with the split of Brown et al. (Smooth-AP): lists ``Inat_dataset_splits/*_set1.txt``.
 
-Lists ``Inat_dataset_splits/Inaturalist_train_set1.txt`` and ``Inaturalist_test_set1.txt`` hold one image path
-per line relative to the root (``train_val2018/<supercategory>/<category_id>/<file>.jpg``); the class is
-``<supercategory>/<category_id>``, the last two folders. 5,690 train classes, 2,452 test classes.
+Each list line is an image path relative to the root, ``.../<supercategory>/<category_id>/<file>.jpg``; the
+class is ``<supercategory>/<category_id>``. 5,690 train classes, 2,452 test classes.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
-from recallk.data.datasets.base import ImageListDataset, read_lines, require_file, resolve_root
+from recallk.data.datasets.base import image_list_builder, read_lines, require
+from recallk.data.registry import DatasetSpec, register_dataset
 
-SPLITS = ("train", "test")
 _LISTS = {
     "train": "Inat_dataset_splits/Inaturalist_train_set1.txt",
     "test": "Inat_dataset_splits/Inaturalist_test_set1.txt",
 }
 
 
-def build_inaturalist(
-    root: str | os.PathLike | None,
-    split: str = "train",
-    transform: Callable | None = None,
-    skip_bad_images: bool = False,
-) -> ImageListDataset:
+def _parse(base: Path, split: str) -> tuple[list[Path], list[str], None]:
     """iNaturalist 2018 split ``"train"`` or ``"test"``; class names ``"<supercategory>/<category_id>"``.
 
     Raises:
         ValueError: a listed path with fewer than three parts.
         DatasetFileNotFoundError: the root, the list file or the first image is missing.
     """
-    base = resolve_root(root, "inaturalist")
-    list_file = require_file(
+    list_file = require(
         base / _LISTS[split],
         f"iNaturalist {split} list",
         "Get the Brown et al. split lists (Inat_dataset_splits/) and put them in the iNaturalist root.",
@@ -45,4 +36,8 @@ def build_inaturalist(
             raise ValueError(f"{list_file}:{n}: expected '<...>/<supercategory>/<category_id>/<file>', got {line!r}")
         keys.append(f"{parts[-3]}/{parts[-2]}")
         paths.append(base / line)
-    return ImageListDataset(paths, keys, transform, skip_bad_images=skip_bad_images, name=f"inaturalist/{split}")
+    return paths, keys, None
+
+
+build_inaturalist = image_list_builder("inaturalist", _parse)
+register_dataset(DatasetSpec("inaturalist", build_inaturalist, splits=tuple(_LISTS), eval_ks=(1, 4, 16, 32)))

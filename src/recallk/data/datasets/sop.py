@@ -1,39 +1,27 @@
-"""Stanford Online Products (``Stanford_Online_Products/``): ``Ebay_train.txt`` / ``Ebay_test.txt``.
-
-Each list has a header line, then ``image_id class_id super_class_id path`` with paths relative to the root.
-Classes 1-11,318 are train (59,551 images), 11,319-22,634 test (60,502 images), as the lists say.
-"""
+"""Stanford Online Products: ``Ebay_train.txt`` / ``Ebay_test.txt``, a header line then ``image_id class_id
+super_class_id path`` (relative to the root); classes 1-11,318 are train, 11,319-22,634 test, as the lists say."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+from pathlib import Path
 
-from recallk.data.datasets.base import ImageListDataset, read_lines, require_file, resolve_root
+from recallk.data.datasets.base import image_list_builder, read_rows, require
+from recallk.data.registry import DatasetSpec, register_dataset
 
-SPLITS = ("train", "test")
 _LISTS = {"train": "Ebay_train.txt", "test": "Ebay_test.txt"}
 
 
-def build_sop(
-    root: str | os.PathLike | None,
-    split: str = "train",
-    transform: Callable | None = None,
-    skip_bad_images: bool = False,
-) -> ImageListDataset:
+def _parse(base: Path, split: str) -> tuple[list[Path], list[int], None]:
     """SOP split ``"train"`` or ``"test"``; class names are the SOP class ids as strings.
 
     Raises:
-        ValueError: unknown split or a malformed list line.
+        ValueError: a malformed list line.
         DatasetFileNotFoundError: the root, list file or first image is missing.
     """
-    base = resolve_root(root, "sop")
-    list_file = require_file(base / _LISTS[split], f"SOP {split} list", "root must be Stanford_Online_Products/.")
-    paths, keys = [], []
-    for n, line in enumerate(read_lines(list_file)[1:], start=2):
-        parts = line.split()
-        if len(parts) != 4:
-            raise ValueError(f"{list_file}:{n}: expected 'image_id class_id super_class_id path', got {line!r}")
-        keys.append(int(parts[1]))
-        paths.append(base / parts[3])
-    return ImageListDataset(paths, keys, transform, skip_bad_images=skip_bad_images, name=f"sop/{split}")
+    list_file = require(base / _LISTS[split], f"SOP {split} list", "root must be Stanford_Online_Products/.")
+    rows = read_rows(list_file, 4, "'image_id class_id super_class_id path'", skip=1)
+    return [base / r[3] for r in rows], [int(r[1]) for r in rows], None
+
+
+build_sop = image_list_builder("sop", _parse)
+register_dataset(DatasetSpec("sop", build_sop, splits=tuple(_LISTS), eval_ks=(1, 10, 100, 1000)))

@@ -1,0 +1,71 @@
+"""The contract of every registered dataset, parametrised over the registry: a new dataset is tested by adding it
+(and a miniature tree writer for it in tests/data/dataset_trees.py; without one its tests fail)."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from dataset_trees import TREES
+from PIL import Image
+
+from recallk.data import DATASET_SPECS, DatasetFileNotFoundError, build_dataset, build_transforms, dataset_spec
+
+NAMES = sorted(DATASET_SPECS)
+
+
+def _tree(name: str):
+    assert name in TREES, f"dataset {name!r} is registered but has no miniature tree in tests/data/dataset_trees.py"
+    return TREES[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_protocol_is_valid(name):
+    spec = dataset_spec(name)
+    assert spec.name == name and callable(spec.build)
+    assert spec.eval_splits and (spec.splits is None or set(spec.eval_splits) <= set(spec.splits))
+    assert spec.eval_ks and all(isinstance(k, int) and k > 0 for k in spec.eval_ks)
+    assert list(spec.eval_ks) == sorted(set(spec.eval_ks))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_options_are_accepted_by_the_builder(name):
+    spec = dataset_spec(name)
+    inspect.signature(spec.build).bind("root", "split", None, **dict.fromkeys(spec.options))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_missing_root(name, tmp_path):
+    root = tmp_path / "missing"
+    if _tree(name).root_is_cache:
+        build_dataset(name, root, dataset_spec(name).eval_splits[0], **_tree(name).options)
+        assert root.is_dir()
+        return
+    with pytest.raises(DatasetFileNotFoundError, match=name) as err:
+        build_dataset(name, root, dataset_spec(name).eval_splits[0])
+    assert str(root) in str(err.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_built_from_a_miniature_tree(name, tmp_path):
+    spec, tree = dataset_spec(name), _tree(name)
+    tree.write(tmp_path)
+    for split in dict.fromkeys(spec.splits or ("train", *spec.eval_splits)):
+        ds = build_dataset(name, tmp_path, split, **tree.options)
+        assert isinstance(ds.labels, np.ndarray) and ds.labels.dtype == np.int64 and ds.labels.shape == (len(ds),)
+        assert len(ds) > 0 and sorted(set(ds.labels.tolist())) == list(range(len(ds.classes)))
+        for i in range(len(ds)):
+            image, label = ds[i]
+            assert isinstance(image, Image.Image) and image.mode == "RGB" and label == ds.labels[i]
+        sized = build_dataset(name, tmp_path, split, lambda im: ("size", im.size), **tree.options)
+        assert sized[0] == (("size", ds[0][0].size), ds.labels[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kind", ["train", "test"])
+def test_transforms_make_square_tensors_of_the_default_size(name, kind):
+    size = dataset_spec(name).image_size or 224
+    out = build_transforms(kind, dataset=name)(Image.new("RGB", (90, 70), (255, 255, 255)))
+    assert out.shape == (3, size, size) and out.dtype == torch.float32
