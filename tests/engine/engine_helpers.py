@@ -53,13 +53,34 @@ class RandomMixLoss(nn.Module):
         super().__init__()
         self.proxy = nn.Parameter(torch.linspace(-1, 1, dim, dtype=torch.float64))
 
+    def draw(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.rand(n, 1, dtype=like.dtype, device=like.device)
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        alpha = torch.rand(len(labels), 1, dtype=embeddings.dtype, device=embeddings.device)
+        alpha = self.draw(len(labels), embeddings)
         mixed = alpha * embeddings + (1 - alpha) * embeddings.roll(1, dims=0)
         both = torch.cat([embeddings, mixed])
         return contrastive_loss(both, torch.cat([labels, labels])) + (embeddings @ self.proxy.to(embeddings)).pow(
             2
         ).mean()
+
+
+class GeneratorMixLoss(RandomMixLoss):
+    """RandomMixLoss drawing from its own generator, which it exposes as extra state in the losses' format
+    (``{"generator_state": ByteTensor}``), so that it travels with ``state_dict()``."""
+
+    def __init__(self, seed: int, dim: int = 6) -> None:
+        super().__init__(dim)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.rand(n, 1, generator=self.generator, dtype=like.dtype).to(like.device)
+
+    def get_extra_state(self) -> dict[str, torch.Tensor]:
+        return {"generator_state": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator_state"])
 
 
 def make_batch(batch: int = 12, classes: int = 4, size: int = 6, seed: int = 1, dtype=torch.float64):

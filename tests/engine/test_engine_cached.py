@@ -9,6 +9,7 @@ import torch
 from engine_helpers import RandomMixLoss, contrastive_loss, grads, make_batch, make_net
 
 from recallk.engine import (
+    RngState,
     backward_chunks,
     cached_backward,
     embed_without_grad,
@@ -86,7 +87,8 @@ def test_one_chunk_with_dropout_equals_plain_model_call():
 
 
 def test_rng_replay_matters():
-    """Without restoring each chunk's RNG state, pass 2 draws other dropout masks and the gradient is wrong."""
+    """Without restoring each chunk's pass-1 RNG state (here: replaying states captured after pass 1 instead),
+    pass 2 draws other dropout masks and the gradient is wrong."""
     model = freeze_batchnorm(make_net(dropout=0.3))
     images, labels = make_batch()
     torch.manual_seed(7)
@@ -98,8 +100,10 @@ def test_rng_replay_matters():
         model.zero_grad(set_to_none=True)
         chunks = split_into_chunks(images, 4)
         embeddings, states = embed_without_grad(model, chunks, device=device)
+        if not replay:
+            states = [RngState(device) for _ in chunks]  # captured at the wrong moment
         _, grad = loss_and_embedding_grad(contrastive_loss, embeddings, labels)
-        backward_chunks(model, chunks, grad, states if replay else None, device=device)
+        backward_chunks(model, chunks, grad, states, device=device)
         if replay:
             assert_grads_equal(grads(model), expected)
         else:

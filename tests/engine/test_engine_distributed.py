@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from engine_helpers import NoisyImages, RandomMixLoss, grads, make_batch, make_net, nearest_neighbour_eval
+from engine_helpers import (
+    GeneratorMixLoss,
+    NoisyImages,
+    RandomMixLoss,
+    grads,
+    make_batch,
+    make_net,
+    nearest_neighbour_eval,
+)
 
-from recallk.engine import Trainer, cached_backward, freeze_batchnorm
+from recallk.engine import DistributedGather, Trainer, cached_backward, freeze_batchnorm
 from recallk.engine.distributed import all_gather_rows, distributed_cached_backward, init_distributed
 
 WORLD_SIZE = 2
@@ -54,9 +63,23 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.manual_seed(100 + rank)  # ranks' own streams differ; the criterion must use rank 0's
         if rank == 0:
             torch.manual_seed(100)
-        loss = distributed_cached_backward(model, images[rows], labels[rows], criterion, chunk_size=4)
+        with warnings.catch_warnings(record=True) as caught:  # the deprecated alias still works
+            warnings.simplefilter("always")
+            loss = distributed_cached_backward(model, images[rows], labels[rows], criterion, chunk_size=4)
+        assert any(issubclass(w.category, DeprecationWarning) and "gather=" in str(w.message) for w in caught)
         torch.save({"loss": loss, "model": grads(model), "criterion": grads(criterion)},
                    Path(out_dir) / f"grads{rank}.pt")
+
+        # A loss with its own generator, seeded differently on each rank (as is the global RNG): the step must
+        # make every rank draw rank 0's numbers.
+        model = freeze_batchnorm(make_net(dropout=0.0))
+        criterion = GeneratorMixLoss(seed=10 + rank)
+        torch.manual_seed(200 + rank)
+        loss = cached_backward(model, images[rows], labels[rows], criterion, chunk_size=4,
+                               gather=DistributedGather())
+        torch.save({"loss": loss, "model": grads(model), "criterion": grads(criterion),
+                    "generator": criterion.get_extra_state()["generator_state"]},
+                   Path(out_dir) / f"generator_grads{rank}.pt")
 
         trainer = _trainer(Path(out_dir) / "run", distributed=True)
         trainer.fit()
@@ -87,6 +110,26 @@ def test_two_process_gradient_equals_one_process(two_process_results):
             torch.testing.assert_close(result["model"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
         for name, grad in expected_criterion.items():
             torch.testing.assert_close(result["criterion"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_loss_generator_is_shared_across_ranks(two_process_results):
+    """Each rank seeds its loss's own generator differently; the loss's extra state is broadcast from rank 0, so
+    the ranks' losses agree and the summed gradient is the one-process gradient of the global batch."""
+    model = freeze_batchnorm(make_net(dropout=0.0))
+    criterion = GeneratorMixLoss(seed=10)
+    images, labels = make_batch(batch=BATCH)
+    loss = cached_backward(model, images, labels, criterion, chunk_size=5)
+    expected_model, expected_criterion = grads(model), grads(criterion)
+    results = [torch.load(two_process_results / f"generator_grads{rank}.pt") for rank in range(WORLD_SIZE)]
+    for result in results:
+        torch.testing.assert_close(result["loss"], loss, rtol=1e-12, atol=0)
+        assert result["model"].keys() == expected_model.keys()
+        for name, grad in expected_model.items():
+            torch.testing.assert_close(result["model"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+        for name, grad in expected_criterion.items():
+            torch.testing.assert_close(result["criterion"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+        # the generators stay in step after the loss
+        assert torch.equal(result["generator"], criterion.generator.get_state())
 
 
 def test_two_process_training_equals_one_process(two_process_results, tmp_path):

@@ -1,31 +1,40 @@
 """Large-batch training: the cached two-pass step, checkpoints, several processes and the trainer.
 
-Imports only from ``recallk.data``, ``recallk.utils`` and torch; the evaluation comes in as a callback.
+Imports only from ``recallk.data``, ``recallk.models``, ``recallk.utils`` and torch; evaluation is a callback.
 """
 
 from recallk.engine.cached import (
+    Gather,
     backward_chunks,
     cached_backward,
     embed_without_grad,
-    freeze_batchnorm,
     loss_and_embedding_grad,
     split_into_chunks,
 )
 from recallk.engine.checkpoint import load_checkpoint, save_checkpoint
 from recallk.engine.distributed import (
     DistributedContext,
+    DistributedGather,
     all_reduce_gradients,
     distributed_cached_backward,
     init_distributed,
 )
-from recallk.engine.optim import build_optimizer, build_scheduler
+from recallk.engine.optim import OPTIMIZERS, build_optimizer, build_scheduler
 from recallk.engine.rng import RngState, capture_all_rng, restore_all_rng
+from recallk.engine.settings import TrainSettings
 from recallk.engine.trainer import NonFiniteLossError, Trainer
+from recallk.models import freeze_batchnorm
+from recallk.utils import AMP_CHOICES
 
 __all__ = [
+    "AMP_CHOICES",
+    "OPTIMIZERS",
     "DistributedContext",
+    "DistributedGather",
+    "Gather",
     "NonFiniteLossError",
     "RngState",
+    "TrainSettings",
     "Trainer",
     "all_reduce_gradients",
     "backward_chunks",

@@ -9,8 +9,9 @@ whatever the loss itself needs, O(B^2) for RS@k), independent of B.
 from __future__ import annotations
 
 import contextlib
-import types
+import itertools
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -19,6 +20,19 @@ from recallk.engine.rng import RngState
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Gather(Protocol):
+    """How :func:`cached_backward` shares one global batch between processes (see ``engine/distributed.py``)."""
+
+    def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """All ranks' pass-1 embeddings (B, d) and labels (B,) in rank order, and the rows that are this rank's."""
+
+    def shared_randomness(self, criterion: Criterion, device: torch.device) -> contextlib.AbstractContextManager:
+        """Context in which the criterion (run on ``device``) draws the same random numbers on every rank."""
+
+    def reduce_gradients(self, model: nn.Module, criterion: Criterion) -> None:
+        """Combine the ranks' gradients after pass 2 into those of the whole global batch."""
 
 
 def split_into_chunks(images: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
@@ -43,9 +57,7 @@ def resolve_step_device(model: nn.Module, images: torch.Tensor, device: torch.de
     """The device to run the model on: ``device`` if given, else that of the model's first parameter/buffer."""
     if device is not None:
         return torch.device(device)
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return images.device
+    return next(itertools.chain(model.parameters(), model.buffers()), images).device
 
 
 def embed_without_grad(
@@ -106,21 +118,20 @@ def backward_chunks(
     model: nn.Module,
     chunks: Sequence[torch.Tensor],
     embedding_grad: torch.Tensor,
-    rng_states: Sequence[RngState] | None,
+    rng_states: Sequence[RngState],
     *,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
 ) -> None:
     """Pass 2: re-run each chunk with autograd and back-propagate its rows of ``embedding_grad`` (B, d).
 
-    Each chunk's forward runs with its pass-1 RNG state replayed (``rng_states[i]``); passing None skips the
-    replay (only useful to show that the replay matters). Gradients accumulate into ``.grad``.
+    Each chunk's forward runs with its pass-1 RNG state replayed (``rng_states[i]``, from
+    :func:`embed_without_grad`). Gradients accumulate into ``.grad``.
     """
     start = 0
-    for index, chunk in enumerate(chunks):
+    for chunk, rng_state in zip(chunks, rng_states, strict=True):
         stop = start + chunk.shape[0]
-        replay = rng_states[index].replay() if rng_states is not None else contextlib.nullcontext()
-        with replay, _autocast(device, autocast_dtype):
+        with rng_state.replay(), _autocast(device, autocast_dtype):
             out = model(chunk.to(device, non_blocking=True))
         grad = embedding_grad[start:stop]
         if out.shape != grad.shape:
@@ -140,6 +151,7 @@ def cached_backward(
     scaler: torch.amp.GradScaler | None = None,
     autocast_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    gather: Gather | None = None,
 ) -> torch.Tensor:
     """Gradient of ``criterion(model(images), labels)`` in chunks of ``chunk_size``: one step of method.md §3.
 
@@ -154,11 +166,14 @@ def cached_backward(
         scaler: optional GradScaler; all gradients are then scaled as ``scaler.scale(loss).backward()`` does.
         autocast_dtype: torch.bfloat16 / torch.float16 to run the model under autocast, or None.
         device: where the model runs; default: the device of its parameters.
+        gather: several processes (:class:`recallk.engine.distributed.DistributedGather`): ``images`` and
+            ``labels`` are then this rank's rows of the global batch, the loss is that of the global batch and
+            every rank ends with its gradient (gradients already in ``.grad`` are reduced too: zero them first).
 
     Returns:
         The loss, detached (a scalar on ``device``). Parameter gradients of the model and the criterion are
-        accumulated into ``.grad`` exactly like a single ``criterion(model(images), labels).backward()``, with
-        dropout/drop-path masks drawn as in pass 1.
+        accumulated into ``.grad`` exactly like a single ``criterion(model(images), labels).backward()`` on the
+        (global) batch, with dropout/drop-path masks drawn as in pass 1.
 
     Raises:
         ValueError: empty batch, ``chunk_size < 1``, images/labels of different lengths, a non-scalar loss.
@@ -168,25 +183,13 @@ def cached_backward(
     run_device = resolve_step_device(model, images, device)
     chunks = split_into_chunks(images, chunk_size)
     embeddings, rng_states = embed_without_grad(model, chunks, device=run_device, autocast_dtype=autocast_dtype)
-    loss, grad = loss_and_embedding_grad(criterion, embeddings, labels.to(run_device), scaler=scaler)
+    labels, rows = labels.to(run_device), slice(None)
+    if gather is not None:
+        embeddings, labels, rows = gather.gather(embeddings, labels)
+    with gather.shared_randomness(criterion, run_device) if gather is not None else contextlib.nullcontext():
+        loss, grad = loss_and_embedding_grad(criterion, embeddings, labels, scaler=scaler)
     del embeddings
-    backward_chunks(model, chunks, grad, rng_states, device=run_device, autocast_dtype=autocast_dtype)
+    backward_chunks(model, chunks, grad[rows], rng_states, device=run_device, autocast_dtype=autocast_dtype)
+    if gather is not None:
+        gather.reduce_gradients(model, criterion)
     return loss
-
-
-def _train_keeping_eval(self: nn.Module, mode: bool = True) -> nn.Module:
-    return nn.Module.train(self, False)
-
-
-def freeze_batchnorm(model: nn.Module) -> nn.Module:
-    """Put every BatchNorm layer of ``model`` in eval mode for good; returns ``model``.
-
-    Frozen layers use their running statistics and never update them, even after ``model.train()``; their
-    affine weight and bias still train. This is what makes pass 2 of :func:`cached_backward` reproduce pass 1
-    (with batch statistics a chunk's output would depend on the chunking).
-    """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.train = types.MethodType(_train_keeping_eval, module)
-            module.train(False)
-    return model

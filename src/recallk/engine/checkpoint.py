@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+CHECKPOINT_FORMAT = 2  # 1 kept a loss's generator beside its state dict, as "criterion_generator"
+
 
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):  # not every platform/file system allows opening a directory
@@ -48,7 +50,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain containers only).
 
-    Uses ``torch.load(weights_only=True)``, so a file cannot run code when loaded.
+    Uses ``torch.load(weights_only=True)``, so a file cannot run code when loaded. A trainer checkpoint of an
+    older format comes back in the current one (``CHECKPOINT_FORMAT``).
     Raises FileNotFoundError with the path when it does not exist.
     """
     path = Path(path)
@@ -56,4 +59,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"no checkpoint at {path}")
     # MultiStepLR keeps its milestones in a Counter.
     with torch.serialization.safe_globals([collections.Counter]):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(state, dict) and "criterion_generator" in state:  # format 1
+        generator_state = state.pop("criterion_generator")
+        if generator_state is not None and state.get("criterion") is not None:
+            state["criterion"]["_extra_state"] = {"generator_state": generator_state}
+        state["format"] = CHECKPOINT_FORMAT
+    return state

@@ -1,30 +1,28 @@
 """Several processes (GPUs or machines) sharing one global batch through torch.distributed.
 
-Each rank embeds its own slice of the global batch (pass 1), the detached embeddings and labels are all-gathered,
-every rank computes the loss of the global batch and its gradient (identical on every rank), takes the rows of
-its own slice and runs pass 2 on them. A rank's model gradient is then its slice's share of the global
-gradient, so the model gradients are SUMMED across ranks; the criterion's parameters get the full gradient on
-every rank, so theirs are AVERAGED. The result equals the single-process gradient of the global batch.
+``cached_backward(..., gather=DistributedGather())``: each rank embeds its own slice of the global batch (pass
+1), the detached embeddings and labels are all-gathered, every rank computes the loss of the global batch and
+its gradient (identical on every rank), takes the rows of its own slice and runs pass 2 on them. A rank's model
+gradient is then its slice's share of the global gradient, so the model gradients are SUMMED across ranks; the
+criterion's parameters get the full gradient on every rank, so theirs are AVERAGED. The result equals the
+single-process gradient of the global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from recallk.engine.cached import (
-    Criterion,
-    backward_chunks,
-    embed_without_grad,
-    loss_and_embedding_grad,
-    resolve_step_device,
-    split_into_chunks,
-)
+from recallk.engine.cached import Criterion, cached_backward
+from recallk.engine.rng import RngState
 
 
 @dataclass(frozen=True)
@@ -36,10 +34,6 @@ class DistributedContext:
     local_rank: int
     device: torch.device
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def init_distributed(backend: str | None = None) -> DistributedContext:
     """Join the process group described by torchrun's environment variables.
@@ -50,9 +44,9 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
     that group.
     Raises ValueError when the variables are missing (start the program with ``torchrun``).
     """
-    if dist.is_initialized():
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        use_cuda = dist.get_backend() == "nccl"
+    joined = dist.is_initialized()
+    if joined:
+        rank, world_size, backend = dist.get_rank(), dist.get_world_size(), dist.get_backend()
     else:
         needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
         missing = [name for name in needed if name not in os.environ]
@@ -61,16 +55,12 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
                              "program with `torchrun --nproc_per_node N ...` (or set them yourself)")
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        use_cuda = backend == "nccl"
-        if use_cuda:  # bind the device before the group forms, so NCCL uses the right GPU
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":  # bound before the group forms, so that NCCL uses the right GPU
+        torch.cuda.set_device(device)
+    if not joined:
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -90,31 +80,6 @@ def all_gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     parts = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[:size] for part, size in zip(parts, sizes)]), sizes
-
-
-def _shared_rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rank 0's CPU (and CUDA device) generator state, broadcast to every rank."""
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    payload = [torch.get_rng_state(), cuda_state]
-    dist.broadcast_object_list(payload, src=0, device=device if device.type == "cuda" else None)
-    return payload[0], payload[1]
-
-
-def _loss_with_shared_rng(criterion: Criterion, embeddings: torch.Tensor, labels: torch.Tensor,
-                          scaler: torch.amp.GradScaler | None, device: torch.device
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    # A criterion that draws random numbers (SiMix) must draw the same ones on every rank, or the ranks would
-    # hold gradients of different losses. Rank 0 draws from its own generators (which advance, as in a single
-    # process); the other ranks replay rank 0's state in a fork, leaving their own streams untouched.
-    cpu_state, cuda_state = _shared_rng_state(device)
-    if dist.get_rank() == 0:
-        return loss_and_embedding_grad(criterion, embeddings, labels, scaler=scaler)
-    devices = [] if cuda_state is None else [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
-        return loss_and_embedding_grad(criterion, embeddings, labels, scaler=scaler)
 
 
 def all_reduce_gradients(parameters: Iterable[nn.Parameter], *, average: bool) -> None:
@@ -139,38 +104,49 @@ def all_reduce_gradients(parameters: Iterable[nn.Parameter], *, average: bool) -
         offset += numel
 
 
-def distributed_cached_backward(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    criterion: Criterion,
-    chunk_size: int,
-    *,
-    scaler: torch.amp.GradScaler | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """:func:`recallk.engine.cached_backward` for this rank's slice of a global batch.
+def _stateful_modules(criterion: Criterion) -> list[nn.Module]:
+    """Sub-modules of ``criterion`` whose class overrides ``get_extra_state`` (e.g. a loss's own generator)."""
+    if not isinstance(criterion, nn.Module):
+        return []
+    return [m for m in criterion.modules() if type(m).get_extra_state is not nn.Module.get_extra_state]
 
-    ``images`` (n_r, C, H, W) and ``labels`` (n_r,) are this rank's rows of the global batch (rank order = row
-    order). On return every rank holds, in ``.grad``, the gradient of the loss of the whole global batch (model
-    gradients summed over ranks, criterion gradients averaged), i.e. what one process would get on the global
-    batch; gradients already in ``.grad`` before the call are reduced too, so zero them first. Returns the
-    global loss (detached, identical on every rank).
-    """
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"images has {images.shape[0]} rows but labels has {labels.shape[0]}; they must match")
-    run_device = resolve_step_device(model, images, device)
-    chunks = split_into_chunks(images, chunk_size)
-    local, rng_states = embed_without_grad(model, chunks, device=run_device, autocast_dtype=autocast_dtype)
-    global_embeddings, sizes = all_gather_rows(local)
-    global_labels, _ = all_gather_rows(labels.to(run_device))
-    loss, grad = _loss_with_shared_rng(criterion, global_embeddings, global_labels, scaler, run_device)
-    start = sum(sizes[: dist.get_rank()])
-    local_grad = grad[start: start + images.shape[0]]
-    del global_embeddings, grad
-    backward_chunks(model, chunks, local_grad, rng_states, device=run_device, autocast_dtype=autocast_dtype)
-    all_reduce_gradients(model.parameters(), average=False)
-    if isinstance(criterion, nn.Module):
-        all_reduce_gradients(criterion.parameters(), average=True)
-    return loss
+
+class DistributedGather:
+    """The :class:`recallk.engine.cached.Gather` of the current torch.distributed process group."""
+
+    def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        global_embeddings, sizes = all_gather_rows(embeddings)
+        global_labels, _ = all_gather_rows(labels)
+        start = sum(sizes[: dist.get_rank()])
+        return global_embeddings, global_labels, slice(start, start + embeddings.shape[0])
+
+    @contextlib.contextmanager
+    def shared_randomness(self, criterion: Criterion, device: torch.device) -> Iterator[None]:
+        """Every rank draws rank 0's random numbers in the loss, or the ranks would hold gradients of different
+        losses. The criterion's own generators (its modules' extra state) take rank 0's state for good, so they
+        stay in step; the global generators: rank 0 draws from its own (which advance, as in one process), the
+        other ranks replay rank 0's state in a fork, leaving their own streams untouched."""
+        modules = _stateful_modules(criterion)
+        payload: list[Any] = [RngState(device), [module.get_extra_state() for module in modules]]
+        dist.broadcast_object_list(payload, src=0, device=device if device.type == "cuda" else None)
+        if dist.get_rank() == 0:
+            yield
+            return
+        for module, state in zip(modules, payload[1]):
+            module.set_extra_state(state)
+        shared = RngState(device)  # this rank's devices, rank 0's states
+        shared.cpu_state, shared.cuda_states = payload[0].cpu_state, payload[0].cuda_states
+        with shared.replay():
+            yield
+
+    def reduce_gradients(self, model: nn.Module, criterion: Criterion) -> None:
+        all_reduce_gradients(model.parameters(), average=False)
+        if isinstance(criterion, nn.Module):
+            all_reduce_gradients(criterion.parameters(), average=True)
+
+
+def distributed_cached_backward(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Deprecated: ``cached_backward(..., gather=DistributedGather())``."""
+    warnings.warn("distributed_cached_backward is deprecated; use recallk.engine.cached_backward(..., "
+                  "gather=recallk.engine.DistributedGather())", DeprecationWarning, stacklevel=2)
+    return cached_backward(*args, gather=DistributedGather(), **kwargs)

@@ -10,24 +10,28 @@ from torch import nn
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
+def check_optimizer(name: str) -> None:
+    """Raise ValueError unless ``name`` is one of ``OPTIMIZERS``."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
 def build_optimizer(
     modules: Iterable[nn.Module],
     name: str = "adam",
     lr: float = 1e-4,
     weight_decay: float = 4e-4,
-    momentum: float = 0.9,
     lr_multipliers: Sequence[float] | None = None,
 ) -> torch.optim.Optimizer:
     """One optimiser with one learning rate for every trainable parameter of ``modules`` (model and criterion).
 
     ``name``: "adam" (L2 weight decay, as the authors' ResNet runs), "adamw" (decoupled decay, ViT runs) or
-    "sgd" (with ``momentum``). Parameters shared between modules are counted once (in the first module's group).
+    "sgd" (momentum 0.9). Parameters shared between modules are counted once (in the first module's group).
     ``lr_multipliers`` (one per module, default all 1: the authors' single learning rate) scales the learning rate
     of each module's parameters, e.g. ``(1, 100)`` for Proxy-Anchor's proxies as in its paper.
     Raises ValueError for an unknown name, a non-positive lr or multiplier, or negative weight decay.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    check_optimizer(name)
     if not lr > 0:
         raise ValueError(f"the learning rate must be positive, got {lr}")
     if weight_decay < 0:
@@ -51,7 +55,7 @@ def build_optimizer(
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9)
 
 
 def build_scheduler(

@@ -7,7 +7,9 @@ the same masks as in pass 1 (:class:`RngState`), and checkpoints save and restor
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,25 +35,14 @@ class RngState:
         self.cuda_devices = _cuda_devices(device)
         self.cuda_states = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
 
-    def replay(self) -> _Replay:
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
         """Context manager: inside it, the generators start from the captured state."""
-        return _Replay(self)
-
-
-class _Replay:
-    def __init__(self, state: RngState) -> None:
-        self.state = state
-        self._fork: Any = None
-
-    def __enter__(self) -> None:
-        self._fork = torch.random.fork_rng(devices=self.state.cuda_devices, enabled=True)
-        self._fork.__enter__()
-        torch.set_rng_state(self.state.cpu_state)
-        for device, cuda_state in zip(self.state.cuda_devices, self.state.cuda_states):
-            torch.cuda.set_rng_state(cuda_state, device)
-
-    def __exit__(self, *exc: object) -> None:
-        self._fork.__exit__(*exc)
+        with torch.random.fork_rng(devices=self.cuda_devices):
+            torch.set_rng_state(self.cpu_state)
+            for device, cuda_state in zip(self.cuda_devices, self.cuda_states):
+                torch.cuda.set_rng_state(cuda_state, device)
+            yield
 
 
 def capture_all_rng() -> dict[str, Any]:

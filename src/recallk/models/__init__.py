@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import timm
-
-from recallk.models.embedding import EmbeddingModel
+from recallk.models.embedding import EmbeddingModel, freeze_batchnorm
 from recallk.models.pooling import POOLINGS, GeM, GlobalPool
 from recallk.models.registry import MODELS, default_pooling, timm_name
 from recallk.models.weights import WeightsError, load_backbone_weights, read_state_dict
@@ -20,6 +18,7 @@ __all__ = [
     "GlobalPool",
     "WeightsError",
     "build_model",
+    "freeze_batchnorm",
     "load_backbone_weights",
     "read_state_dict",
 ]
@@ -52,6 +51,8 @@ def build_model(
         ValueError: unknown model name or pooling; :class:`WeightsError` (a ValueError) for a missing or
             mismatched weight file, listing the missing and unexpected keys.
     """
+    import timm  # here, not at the top: importing recallk.models (as the engine does) stays light
+
     create_name = timm_name(name)
     if not timm.is_model(create_name.split(".")[0]):
         raise ValueError(f"unknown timm model {name!r}; list names with timm.list_models('resnet*') etc.")

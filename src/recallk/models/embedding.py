@@ -12,16 +12,44 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from recallk.models.pooling import GlobalPool
 
 
+class _FrozenBatchNorm(_BatchNorm):
+    """Base added to a frozen layer's class: ``train()`` leaves the layer in eval mode."""
+
+    def train(self, mode: bool = True) -> _FrozenBatchNorm:
+        return super().train(False)
+
+
+_FROZEN_CLASSES: dict[type, type] = {}
+
+
+def freeze_batchnorm(model: nn.Module) -> nn.Module:
+    """Put every BatchNorm layer of ``model`` in eval mode for good; returns ``model``.
+
+    Frozen layers use their running statistics and never update them, even after ``model.train()``; their
+    affine weight and bias still train, so pass 2 of the cached step reproduces pass 1. Each layer's class
+    becomes a subclass of its own (``BatchNorm2d`` -> ``FrozenBatchNorm2d``) whose ``train`` keeps eval mode (the
+    class swap of ``torch.nn.utils.parametrize``); parameters, buffers and state dict are unchanged.
+    """
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and not isinstance(module, _FrozenBatchNorm):
+            cls = type(module)
+            if cls not in _FROZEN_CLASSES:
+                _FROZEN_CLASSES[cls] = type(f"Frozen{cls.__name__}", (_FrozenBatchNorm, cls), {})
+            module.__class__ = _FROZEN_CLASSES[cls]
+            module.train(False)
+    return model
+
+
 class EmbeddingModel(nn.Module):
     """``forward(images (N, C_in, H, W) float) -> (N, embed_dim)`` unit-norm (L2) embeddings, same dtype.
 
     The authors' heads: ResNet -> GeM (learnable p, init 3) -> LayerNorm(C) -> Linear(C, embed_dim) -> L2;
     ViT -> CLS token -> LayerNorm -> Linear -> L2.
 
-    ``freeze_bn=True`` keeps every BatchNorm layer in eval mode even after ``model.train()``: running
-    statistics are never updated and batch statistics are never used, so the output of an image does not
-    depend on the other images of its batch (needed for the two-pass large-batch backward). BN affine
-    weights still train.
+    ``freeze_bn=True`` keeps every BatchNorm layer in eval mode even after ``model.train()``
+    (:func:`freeze_batchnorm`): running statistics are never updated and batch statistics are never used, so
+    the output of an image does not depend on the other images of its batch (needed for the two-pass
+    large-batch backward). BN affine weights still train.
 
     Attributes:
         backbone: the timm model (``num_classes=0``, ``global_pool=''``).
@@ -45,19 +73,7 @@ class EmbeddingModel(nn.Module):
         self.proj = nn.Linear(self.feature_dim, self.embed_dim)
         self.freeze_bn = freeze_bn
         if freeze_bn:
-            self._freeze_batchnorm()
-
-    def _freeze_batchnorm(self) -> None:
-        for module in self.modules():
-            if isinstance(module, _BatchNorm):
-                module.eval()
-
-    def train(self, mode: bool = True) -> EmbeddingModel:
-        """Set train/eval mode; with ``freeze_bn`` BatchNorm layers stay in eval mode."""
-        super().train(mode)
-        if self.freeze_bn:
-            self._freeze_batchnorm()
-        return self
+            freeze_batchnorm(self)
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:

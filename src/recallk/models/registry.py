@@ -27,20 +27,10 @@ MODELS: dict[str, ModelPreset] = {
 }
 
 # Family defaults, first match wins (fnmatch patterns on the name without tag).
-POOLING_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("resnet*", "gem"),
-    ("resnext*", "gem"),
-    ("seresnet*", "gem"),
-    ("wide_resnet*", "gem"),
-    ("regnet*", "gem"),
-    ("efficientnet*", "gem"),
-    ("densenet*", "gem"),
-    ("vit_*", "cls"),
-    ("deit*", "cls"),
-    ("eva*", "cls"),
-    ("beit*", "cls"),
-    ("convnext*", "avg"),
-    ("swin*", "avg"),
+POOLING_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("resnet*", "resnext*", "seresnet*", "wide_resnet*", "regnet*", "efficientnet*", "densenet*"), "gem"),
+    (("vit_*", "deit*", "eva*", "beit*"), "cls"),
+    (("convnext*", "swin*"), "avg"),
 )
 
 
@@ -53,8 +43,8 @@ def default_pooling(name: str, num_prefix_tokens: int | None, has_cls_token: boo
     base = name.split(".")[0]
     if base in MODELS:
         return MODELS[base].pooling
-    for pattern, pooling in POOLING_PATTERNS:
-        if fnmatch.fnmatch(base, pattern):
+    for patterns, pooling in POOLING_PATTERNS:
+        if any(fnmatch.fnmatch(base, pattern) for pattern in patterns):
             if pooling == "cls" and not has_cls_token:
                 return "avg"
             return pooling

@@ -69,19 +69,13 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     state = {k: v for k, v in state.items() if k in expected or not any(k == h or k.startswith(h + ".") for h in heads)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
+    wrong_shape = sorted(f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+                         for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if missing or unexpected or wrong_shape:
         parts = [f"weight file {path} does not fit {type(backbone).__name__}"]
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-        if wrong_shape:
-            parts.append(f"wrong shapes: {_listing(wrong_shape)}")
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape)):
+            if keys:
+                parts.append(f"{label}: {_listing(keys)}")
         parts.append("check that the file was saved from the same architecture as the model name")
         raise WeightsError("; ".join(parts))
     backbone.load_state_dict(state, strict=True)

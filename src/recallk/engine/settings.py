@@ -1,0 +1,78 @@
+"""The settings of a training run, checked once, as one frozen value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from recallk.engine.optim import check_optimizer
+from recallk.utils import autocast_dtype
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """Everything a :class:`recallk.engine.Trainer` run is set up with besides model, criterion, data and folder.
+
+    Attributes:
+        batch_size, chunk_size, per_class: global batch, images per forward pass, images per class in a batch.
+        epochs: number of training epochs (epoch 0 is the evaluation before training).
+        optimizer, lr, weight_decay, milestones, gamma: see :mod:`recallk.engine.optim` (``OPTIMIZERS``).
+        loss_lr_multiplier: learning rate of the criterion's own parameters (Proxy-Anchor's proxies) as a
+            multiple of ``lr``; 1 = the authors' single learning rate.
+        amp: one of ``recallk.utils.AMP_CHOICES`` (:func:`recallk.utils.autocast_dtype`): None/"fp32" float32,
+            "bf16", "fp16" (with a GradScaler), "auto" (bf16 on CUDA).
+        device: "auto" (CUDA if available), "cpu", "cuda:1", ...; ignored when distributed (each rank uses
+            cuda:LOCAL_RANK or the CPU).
+        seed: seeds Python, NumPy and torch at the start of ``fit`` (plus the rank when distributed) and the
+            sampler's shuffles.
+        eval_every, best_metric: evaluate every this many epochs (and after the last); the metric (higher is
+            better) that picks ``checkpoints/best.pt``.
+        num_workers: DataLoader workers. Bit-identical resume needs 0 (workers draw augmentation randomness
+            from seeds that depend on where the loader started).
+        max_steps_per_epoch: cap on steps per epoch (quick runs); max_steps: stop (and save) after this many
+            global steps; a later ``fit(resume=True)`` continues.
+        log_every: write a train line every this many steps (plus one per epoch).
+        progress, tensorboard: tqdm bars (images/s, ETA) and TensorBoard scalars.
+        distributed: join the torchrun process group (:func:`recallk.engine.distributed.init_distributed`).
+
+    Raises:
+        ValueError: an unknown optimizer or amp value, a negative ``epochs``/``num_workers``, a non-positive
+            ``chunk_size``, ``eval_every``, ``log_every``, ``max_steps_per_epoch`` or ``max_steps``.
+    """
+
+    batch_size: int
+    chunk_size: int
+    per_class: int = 4
+    epochs: int
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 4e-4
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.3
+    loss_lr_multiplier: float = 1.0
+    amp: str | bool | None = None
+    device: str | torch.device = "auto"
+    seed: int = 1
+    eval_every: int = 1
+    best_metric: str = "map@r"
+    num_workers: int = 0
+    max_steps_per_epoch: int | None = None
+    max_steps: int | None = None
+    log_every: int = 1
+    progress: bool = True
+    tensorboard: bool = True
+    distributed: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(self.milestones))
+        autocast_dtype(self.amp, torch.device("cpu"))  # raises ValueError for an unknown value
+        check_optimizer(self.optimizer)
+        for name, value in (("epochs", self.epochs), ("num_workers", self.num_workers)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name, value in (("chunk_size", self.chunk_size), ("eval_every", self.eval_every),
+                            ("log_every", self.log_every), ("max_steps_per_epoch", self.max_steps_per_epoch or 1),
+                            ("max_steps", self.max_steps or 1)):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
