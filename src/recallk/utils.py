@@ -22,12 +22,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def autocast_dtype(amp: str | bool | None, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of an ``amp`` setting on ``device``, or None for full precision.
 
-    None, False and "fp32": full precision; "bf16"/"bfloat16" and "fp16"/"float16": that dtype; True and "auto":
+    None, False and "fp32": full precision; True, "bf16"/"bfloat16" and "fp16"/"float16": that dtype; "auto":
     bfloat16 on CUDA, full precision elsewhere. Raises ValueError for any other value.
     """
     if amp is None or amp is False:
         return None
-    if amp is True or amp == "auto":
+    if amp is True:
+        return torch.bfloat16
+    if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if isinstance(amp, str) and amp.lower() in _AMP_DTYPES:
         return _AMP_DTYPES[amp.lower()]

@@ -1,13 +1,15 @@
 """Evaluation: exact kNN, retrieval metrics, embedding a dataset and the benchmarks' protocols."""
 
+from typing import Any
+
+from recallk.evaluation import protocols
 from recallk.evaluation.baselines import pixel_embeddings
 from recallk.evaluation.embed import embed_dataset
 from recallk.evaluation.knn import exact_knn
 from recallk.evaluation.metrics import retrieval_metrics
-from recallk.evaluation.protocols import PROTOCOLS, evaluate_protocol, format_metrics_table
+from recallk.evaluation.protocols import evaluate_protocol, format_metrics_table
 
 __all__ = [
-    "PROTOCOLS",
     "embed_dataset",
     "evaluate_protocol",
     "exact_knn",
@@ -15,3 +17,9 @@ __all__ = [
     "pixel_embeddings",
     "retrieval_metrics",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PROTOCOLS":  # deprecated alias, see recallk.evaluation.protocols
+        return protocols.PROTOCOLS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,27 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from recallk.utils import resolve_device
-
-_AMP_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def _amp_dtype(amp: bool | str | None, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full precision. None means bf16 on CUDA, off elsewhere."""
-    if amp is None:
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp is False:
-        return None
-    if amp is True:
-        return torch.bfloat16
-    if isinstance(amp, str) and amp.lower() in _AMP_DTYPES:
-        return _AMP_DTYPES[amp.lower()]
-    raise ValueError(f"amp must be None, True, False, 'bf16' or 'fp16', got {amp!r}")
+from recallk.utils import autocast_dtype, resolve_device
 
 
 def embed_dataset(
@@ -36,7 +16,7 @@ def embed_dataset(
     batch_size: int = 256,
     device: str | torch.device | None = "auto",
     num_workers: int = 0,
-    amp: bool | str | None = None,
+    amp: bool | str | None = "auto",
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run ``model`` over ``dataset`` in item order and return its embeddings and labels.
@@ -51,8 +31,8 @@ def embed_dataset(
         batch_size: images per forward pass.
         device: "auto" (a GPU when present), None (same as "auto"), or any torch device.
         num_workers: DataLoader worker processes.
-        amp: autocast dtype: None = bf16 on CUDA and full precision on the CPU; False = full precision;
-            True or "bf16" = bfloat16; "fp16" = float16.
+        amp: autocast setting (``recallk.utils.autocast_dtype``): "auto" = bf16 on CUDA and full precision on
+            the CPU; None/False = full precision; True or "bf16" = bfloat16; "fp16" = float16.
         progress: show a tqdm bar.
 
     Returns:
@@ -66,7 +46,7 @@ def embed_dataset(
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: nothing to embed")
     dev = resolve_device(device)
-    amp_dtype = _amp_dtype(amp, dev)
+    amp_dtype = autocast_dtype(amp, dev)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from recallk.data import DATASET_SPECS, build_dataset, dataset_spec
 from recallk.evaluation.embed import embed_dataset
 from recallk.evaluation.metrics import metric_order, retrieval_metrics
 
-# Dataset name -> test splits; each split is evaluated leave-one-out over its own images.
-PROTOCOLS: dict[str, list[str]] = {
-    "sop": ["test"],
-    "cub": ["test"],
-    "cars196": ["test"],
-    "inaturalist": ["test"],
-    "vehicleid": ["test_small", "test_medium", "test_large"],
-    "kanji": ["test"],
-    "folder": ["test"],
-}
 
-FALLBACK_KS = (1, 2, 4, 8)
-
-
-def default_ks(dataset_name: str) -> tuple[int, ...]:
-    """The benchmark's evaluation k's (``recallk.data.DEFAULT_EVAL_KS``), or (1, 2, 4, 8) if it lists none."""
-    from recallk.data import DEFAULT_EVAL_KS
-
-    return tuple(DEFAULT_EVAL_KS.get(dataset_name, FALLBACK_KS))
+def __getattr__(name: str) -> Any:
+    if name == "PROTOCOLS":  # deprecated: the protocol lives in each dataset's DatasetSpec
+        warnings.warn("PROTOCOLS is deprecated: use recallk.data.dataset_spec(name).eval_splits", DeprecationWarning,
+                      stacklevel=2)
+        return {name: list(spec.eval_splits) for name, spec in DATASET_SPECS.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def evaluate_protocol(
@@ -39,25 +29,22 @@ def evaluate_protocol(
     transform: Callable | None,
     ks: Sequence[int] | None = None,
     splits: Sequence[str] | None = None,
-    batch_size: int = 256,
-    device: str | torch.device | None = "auto",
-    num_workers: int = 0,
-    amp: bool | str | None = None,
-    progress: bool = True,
-    **dataset_options: Any,
+    *,
+    dataset_options: Mapping[str, Any] | None = None,
+    **embed_options: Any,
 ) -> dict[str, dict[str, float | int]]:
     """Embed each test split of ``dataset_name`` with ``model`` and compute its leave-one-out metrics.
 
     Args:
         model: image batch -> (B, d) embeddings (see ``embed_dataset``).
-        dataset_name: a key of ``PROTOCOLS``.
+        dataset_name: a registered dataset (``recallk.data.dataset_spec``); its spec gives the protocol.
         root: the dataset's folder, passed to ``recallk.data.build_dataset``.
         transform: the test transform (image -> tensor).
-        ks: the k's of recall@k; None = the benchmark's defaults (``default_ks``).
-        splits: the splits to evaluate; None = ``PROTOCOLS[dataset_name]``.
-        batch_size, device, num_workers, amp, progress: see ``embed_dataset``; the search also runs on
-            ``device``.
-        dataset_options: extra options of ``build_dataset`` (e.g. ``skip_bad_images``).
+        ks: the k's of recall@k; None = the benchmark's (``dataset_spec(dataset_name).eval_ks``).
+        splits: the splits to evaluate; None = the protocol's (``dataset_spec(dataset_name).eval_splits``).
+        dataset_options: extra options of ``build_dataset`` (e.g. ``{"skip_bad_images": True}``).
+        embed_options: ``batch_size``, ``device``, ``num_workers``, ``amp``, ``progress`` of ``embed_dataset``;
+            the search also runs on ``device``.
 
     Returns:
         ``{split: retrieval_metrics(...) result}``, in the order of ``splits``.
@@ -66,27 +53,18 @@ def evaluate_protocol(
         ValueError: unknown dataset name, empty ``splits``, or any error of ``build_dataset`` /
             ``embed_dataset`` / ``retrieval_metrics`` (missing files, a split without positives, ...).
     """
-    if dataset_name not in PROTOCOLS:
-        raise ValueError(f"no evaluation protocol for dataset {dataset_name!r}; choose from {sorted(PROTOCOLS)}")
-    from recallk.data import build_dataset
-
-    splits = list(PROTOCOLS[dataset_name] if splits is None else splits)
+    if dataset_name not in DATASET_SPECS:
+        raise ValueError(f"no evaluation protocol for dataset {dataset_name!r}; choose from {sorted(DATASET_SPECS)}")
+    spec = dataset_spec(dataset_name)
+    splits = list(spec.eval_splits if splits is None else splits)
     if not splits:
         raise ValueError("splits is empty: give at least one split, or None for the protocol's splits")
-    ks = tuple(ks) if ks is not None else default_ks(dataset_name)
+    ks = tuple(ks) if ks is not None else spec.eval_ks
     results: dict[str, dict[str, float | int]] = {}
     for split in splits:
-        dataset = build_dataset(dataset_name, root, split, transform, **dataset_options)
-        embeddings, labels = embed_dataset(
-            model,
-            dataset,
-            batch_size=batch_size,
-            device=device,
-            num_workers=num_workers,
-            amp=amp,
-            progress=progress,
-        )
-        results[split] = retrieval_metrics(embeddings, labels, ks, device=device)
+        dataset = build_dataset(dataset_name, root, split, transform, **(dataset_options or {}))
+        embeddings, labels = embed_dataset(model, dataset, **embed_options)
+        results[split] = retrieval_metrics(embeddings, labels, ks, device=embed_options.get("device", "auto"))
     return results
 
 
