@@ -1,79 +1,83 @@
 """Run configuration: defaults, YAML presets and ``key=value`` overrides, strictly validated.
 
-A configuration is a two-level mapping ``section -> key -> value`` (plus a few top-level keys). Every key that
-may appear is listed in :data:`DEFAULTS`; anything else is an error that lists the valid keys, so a typo never
-silently falls back to a default.
+A configuration is a two-level mapping ``section -> key -> value`` (plus a few top-level keys). The keys and
+defaults of the ``model``, ``loss`` and ``train`` sections are read from what they configure (the signatures of
+:func:`recallk.models.build_model` and :class:`recallk.losses.RecallAtKSurrogate`, the fields of
+:class:`recallk.engine.TrainSettings`), so they cannot drift apart; their values are checked by the same code that
+uses them. Any other key is an error that lists the valid keys, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
-from collections.abc import Iterable, Mapping
+import inspect
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from recallk.data import DATASET_SPECS
+from recallk.engine import TrainSettings
+from recallk.losses import RecallAtKSurrogate, loss_names
+from recallk.models import build_model
 
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message says how to fix it."""
 
 
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _signature_defaults(fn: Callable[..., Any], skip: Iterable[str]) -> dict[str, Any]:
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: _plain(p.default) for p in params if p.default is not p.empty and p.name not in set(skip)}
+
+
+#: train settings the CLI sets from elsewhere: ``seed`` (top level), ``data.num_workers``, ``--no-progress``, torchrun.
+_TRAIN_FROM_ELSEWHERE = ("seed", "num_workers", "progress", "distributed")
+#: loss arguments that are not configuration: a generator object, a test knob, a deprecated spelling.
+_LOSS_NOT_CONFIG = ("generator", "block_size", "similarity")
+#: keys accepted for one release although no longer in DEFAULTS: (section, key) -> what to say.
+_DEPRECATED = {("loss", "similarity"): "loss.similarity is deprecated: use loss.memory (same values)"}
+_REMOVED = {
+    ("data", "resize"): "data.resize was removed (it was never read): the test transform resizes to "
+    "round(image_size * 256 / 224) and centre-crops image_size (method.md section 4)",
+}
+
 DEFAULTS: dict[str, Any] = {
     "name": "run",
     "seed": 1,
     "runs_dir": "runs",
     "data": {
-        "dataset": "kanji",  # sop | cub | cars196 | inaturalist | vehicleid | folder | kanji
+        "dataset": "kanji",  # a registered dataset: recallk.data.DATASET_SPECS
         "root": None,  # the dataset's own folder; kanji: render cache folder (null = default cache)
         "train_split": "train",
         "test_split": "test",
         "image_size": 224,  # training crop / test centre crop, pixels
-        "resize": 256,  # test-time resize before the centre crop, pixels
         "num_workers": 0,
         "options": {},  # extra keyword arguments of recallk.data.build_dataset (e.g. max_classes)
         "test_options": {},  # merged over options for the test split only (e.g. a smaller max_classes)
     },
-    "model": {
-        "name": "resnet50",  # any timm model name
-        "embed_dim": 512,
-        "pretrained": False,  # false | true (timm hub) | path to a local .pth/.safetensors
-        "pooling": None,  # null = the backbone's default head (gem for CNNs, cls for ViTs)
-        "freeze_bn": True,
-        "options": {},  # extra keyword arguments of timm.create_model (e.g. drop_path_rate, img_size)
-    },
-    "loss": {
-        "name": "rsk",  # rsk | smooth_ap | contrastive | multi_similarity | proxy_anchor
-        "ks": [1, 2, 4, 8, 16],
-        "tau_rank": 0.01,
-        "tau_k": 1.0,
-        "include_query": False,
-        "simix": False,
-        "max_pairs_per_class": None,
-        "backend": "auto",  # auto | torch | triton
-        "similarity": "auto",  # auto | matrix | recompute (never store the (B, B) similarity)
-        "options": {},  # extra keyword arguments for the baseline losses
-    },
+    # build_model's arguments; options: extra keyword arguments of timm.create_model (e.g. drop_path_rate)
+    "model": {"name": "resnet50", **_signature_defaults(build_model, skip=("name",)), "options": {}},
+    # RecallAtKSurrogate's arguments (name: rsk); options: the keyword arguments of any other registered loss
+    "loss": {"name": "rsk", **_signature_defaults(RecallAtKSurrogate, skip=_LOSS_NOT_CONFIG), "options": {}},
     "train": {
+        **{f.name: _plain(f.default) for f in dataclasses.fields(TrainSettings)
+           if f.name not in _TRAIN_FROM_ELSEWHERE and f.default is not dataclasses.MISSING},
         "epochs": 10,
         "batch_size": 400,
         "chunk_size": 100,
-        "per_class": 4,
-        "optimizer": "adam",  # adam | adamw | sgd
-        "lr": 1e-4,
-        "weight_decay": 4e-4,
-        "milestones": [],
-        "gamma": 0.3,
-        "loss_lr_multiplier": 1.0,  # LR of the loss's own parameters (Proxy-Anchor proxies) as a multiple of lr
-        "amp": None,  # null | bf16 | fp16
-        "device": "auto",
-        "max_steps_per_epoch": None,
-        "eval_every": 1,
-        "best_metric": "map@r",
     },
     "eval": {
-        "ks": None,  # null = the dataset's default ks (method.md section 5)
+        "ks": None,  # null = the dataset's evaluation ks (DatasetSpec.eval_ks, method.md section 5)
         "batch_size": 256,
         "pixel_baseline": False,  # also report raw L2-normalised pixels as a reference row
     },
@@ -91,7 +95,11 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], section: str = "") -
     """Merge ``update`` into ``base`` in place: sections recurse, free-form mappings merge, the rest replace."""
     for key, value in update.items():
         path = f"{section}.{key}" if section else key
-        if key not in base:
+        if (section, key) in _REMOVED:
+            raise ConfigError(_REMOVED[section, key])
+        if (section, key) in _DEPRECATED:
+            warnings.warn(_DEPRECATED[section, key], DeprecationWarning, stacklevel=4)
+        elif key not in base:
             valid = ", ".join(sorted(base))
             raise ConfigError(f"unknown config key '{path}'{_suggest(key, base)}; valid keys here: {valid}")
         if (section, key) in _FREE_FORM:
@@ -159,7 +167,7 @@ def _check_type(config: dict[str, Any], section: str | None, key: str, default: 
     if default is None or value is None:
         return
     if isinstance(default, bool):
-        ok = isinstance(value, bool) or (section == "model" and key == "pretrained" and isinstance(value, str))
+        ok = isinstance(value, bool) or (where == "model.pretrained" and isinstance(value, str))
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
@@ -182,8 +190,14 @@ def _check_type(config: dict[str, Any], section: str | None, key: str, default: 
         raise ConfigError(f"config key '{where}' must be {type(default).__name__}, got {value!r}")
 
 
+def _in_config_words(message: str, section: str, keys: Iterable[str]) -> str:
+    """``"amp must be ..."`` -> ``"train.amp must be ..."``: name the keys as a config file spells them."""
+    pattern = r"(?<![\w.])(" + "|".join(map(re.escape, sorted(keys, key=len, reverse=True))) + r")(?![\w])"
+    return re.sub(pattern, rf"{section}.\1", message)
+
+
 def validate_config(config: dict[str, Any]) -> None:
-    """Check value types and the few cross-field rules that can be checked without data.
+    """Check value types, and the values with the code that uses them, without building models or data.
 
     Raises:
         ConfigError: with the key and what is expected.
@@ -194,8 +208,17 @@ def validate_config(config: dict[str, Any]) -> None:
                 _check_type(config, key, sub, sub_default)
         else:
             _check_type(config, None, key, default)
-    train = config["train"]
-    for key in ("batch_size", "chunk_size", "per_class", "epochs"):
+    data, loss, train = config["data"], config["loss"], config["train"]
+    if data["dataset"] not in DATASET_SPECS:
+        raise ConfigError(f"data.dataset must be one of {sorted(DATASET_SPECS)}, got {data['dataset']!r}")
+    if loss["name"] not in loss_names():
+        raise ConfigError(f"loss.name must be one of {list(loss_names())}, got {loss['name']!r}")
+    if loss["name"] != "rsk":
+        changed = [k for k, v in loss.items() if k not in ("name", "options") and v != DEFAULTS["loss"].get(k)]
+        if changed:
+            raise ConfigError(f"loss.{changed[0]} is an argument of loss 'rsk' and unused by loss {loss['name']!r}: "
+                              f"give its arguments in loss.options")
+    for key in ("batch_size", "per_class", "epochs"):
         if train[key] is None or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
     if train["batch_size"] % train["per_class"]:
@@ -204,12 +227,25 @@ def validate_config(config: dict[str, Any]) -> None:
             f"train.batch_size ({train['batch_size']}) must be divisible by train.per_class "
             f"({train['per_class']}); e.g. train.batch_size={fixed}"
         )
-    if train["amp"] not in (None, "bf16", "fp16"):
-        raise ConfigError(f"train.amp must be null, bf16 or fp16, got {train['amp']!r}")
-    if train["optimizer"] not in ("adam", "adamw", "sgd"):
-        raise ConfigError(f"train.optimizer must be adam, adamw or sgd, got {train['optimizer']!r}")
-    if config["loss"]["backend"] not in ("auto", "torch", "triton"):
-        raise ConfigError(f"loss.backend must be auto, torch or triton, got {config['loss']['backend']!r}")
+    try:
+        train_settings(config)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(_in_config_words(str(err), "train", train)) from None
+
+
+def train_settings(config: Mapping[str, Any], **elsewhere: Any) -> TrainSettings:
+    """The :class:`TrainSettings` of a resolved config: its ``train`` section, ``seed``, ``data.num_workers``, and
+    ``elsewhere`` (``progress``, ``distributed``: set by the command line, not the file)."""
+    return TrainSettings(**config["train"], seed=config["seed"], num_workers=config["data"]["num_workers"],
+                         **elsewhere)
+
+
+def section_arguments(config: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """The keyword arguments a ``model`` or ``loss`` section gives its builder: its keys except ``name`` and
+    ``options``, then the free-form ``options`` (lists as tuples)."""
+    part = config[section]
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in part.items() if k not in ("name", "options")}
+    return {**args, **part["options"]}
 
 
 def dump_config(config: Mapping[str, Any], path: str | Path) -> None:
