@@ -40,8 +40,8 @@ CASES = [
 
 _SIM_ARGS = {"sim_ptr": "*fp32", "stride_sq": "i64", "stride_sn": "i64", "pos_ptr": "*i32", "self_ptr": "*i64",
              "N": "i32", "P": "i32", "inv_tau": "fp32"}
-_EMB_ARGS = {"qe_ptr": "*fp32", "de_ptr": "*fp32", "sp_ptr": "*fp32", "pos_ptr": "*i32", "self_ptr": "*i64",
-             "Q": "i32", "N": "i32", "D": "i32", "P": "i32", "stride_qe": "i64", "stride_de": "i64",
+_EMB_ARGS = {"qe_ptr": "*fp32", "re_ptr": "*fp32", "sp_ptr": "*fp32", "pos_ptr": "*i32", "self_ptr": "*i64",
+             "Q": "i32", "N": "i32", "D": "i32", "P": "i32", "stride_qe": "i64", "stride_re": "i64",
              "stride_out": "i64", "inv_tau": "fp32"}
 
 
@@ -79,7 +79,7 @@ def kernels_for(b: int, pmax: int, d: int) -> list[tuple[str, triton.JITFunction
         ("similarity backward", sim_mod._rank_bwd_kernel, sim_meta, 4, 3),
         ("embeddings forward", emb_mod._emb_fwd_kernel, fwd_meta, 4, stages),
         ("embeddings dq", emb_mod._emb_dq_kernel, bwd_meta, bwd_warps, stages),
-        ("embeddings ddb", emb_mod._emb_ddb_kernel, bwd_meta, bwd_warps, stages),
+        ("embeddings dref", emb_mod._emb_dref_kernel, bwd_meta, bwd_warps, stages),
     ]
 
 

@@ -12,12 +12,12 @@ skipped there). Methods, each timed from the embeddings (sim = E E^T included wh
 loss.backward() to dL/dE:
 
 * naive        - vectorised (B, |P|, B) sigmoid tensor, autograd through it;
-* torch        - recallk.kernels.torch_rsk.rsk_loss_torch (blocked autograd Function);
-* torch-recompute - recallk.kernels.torch_rsk.rsk_loss_torch_from_embeddings (blocks of similarity rows from
-                 the embeddings, nothing B x B);
-* triton-sim   - recallk.kernels.triton.rsk_loss_triton on the (B, B) similarity;
-* triton-emb   - recallk.kernels.triton.rsk_loss_triton_from_embeddings (tiles recomputed, nothing B x B),
-                 with tl.dot input precision "ieee" and "tf32x3".
+* torch        - recallk.kernels.rsk_loss_from_similarity(..., backend="torch") (blocked autograd Function);
+* torch-recompute - rsk_loss_from_embeddings(..., backend="torch") (blocks of similarity rows from the
+                 embeddings, nothing B x B);
+* triton-sim   - rsk_loss_from_similarity(..., backend="triton") on the (B, B) similarity;
+* triton-emb   - rsk_loss_from_embeddings(..., backend=TritonBackend(precision=...)) (tiles recomputed, nothing
+                 B x B), with tl.dot input precision "ieee" and "tf32x3".
 
 Time: median of a few repetitions after a warm-up (Triton compiles then), torch.cuda.Event. Memory: peak of
 torch.cuda.max_memory_allocated during one forward+backward minus what was allocated before it (the embeddings),
@@ -49,7 +49,8 @@ DEADLINE_S = 270.0  # stop starting new measurements after this (the whole scrip
 
 def naive_loss(sim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """RS@k through the full (B, |P|, B) tensor (query excluded), as a straightforward vectorised version."""
-    from recallk.kernels.triton._layout import loss_from_rank
+    from recallk.kernels import RSkParams
+    from recallk.kernels.triton import loss_from_rank
 
     b = sim.shape[0]
     eye = torch.eye(b, dtype=torch.bool, device=sim.device)
@@ -64,36 +65,31 @@ def naive_loss(sim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     keep = ~eye[:, None, :] & (cols[None, None, :] != pos_idx[:, :, None])
     rank = 1.0 + (sig * keep).sum(-1)
     pos = torch.where(valid, pos_idx, -1)
-    tau_k = torch.full((len(KS),), TAU_K, device=sim.device)
-    return loss_from_rank(rank, pos, counts, KS, tau_k)
+    return loss_from_rank(rank, pos, counts, RSkParams(KS, TAU_RANK, TAU_K))
 
 
 def methods(labels: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    from recallk.kernels.torch_rsk import rsk_loss_torch_from_embeddings
-    from recallk.kernels.triton import rsk_loss_triton, rsk_loss_triton_from_embeddings
+    from recallk.kernels import RSkParams, rsk_loss_from_embeddings, rsk_loss_from_similarity
+    from recallk.kernels.triton import TritonBackend
 
+    params = RSkParams(KS, TAU_RANK, TAU_K, include_query=False)
     self_index = torch.arange(labels.numel(), device=labels.device)
 
-    def torch_path(e: torch.Tensor) -> torch.Tensor:
-        from recallk.kernels.torch_rsk import rsk_loss_torch
+    def sim(backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda e: rsk_loss_from_similarity(e @ e.T, labels, labels, params, self_index=self_index,
+                                                  backend=backend)  # fmt: skip
 
-        tau_k = torch.full((len(KS),), TAU_K, device=e.device)
-        return rsk_loss_torch(e @ e.T, labels, labels, self_index, KS, TAU_RANK, tau_k, False)
-
-    def emb(precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda e: rsk_loss_triton_from_embeddings(
-            e, e, labels, labels, self_index, KS, TAU_RANK, TAU_K, False, precision=precision
-        )
+    def emb(backend: object) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda e: rsk_loss_from_embeddings(e, e, labels, labels, params, self_index=self_index,
+                                                  backend=backend)  # fmt: skip
 
     return {
         "naive": lambda e: naive_loss(e @ e.T, labels),
-        "torch": torch_path,
-        "torch-recompute": lambda e: rsk_loss_torch_from_embeddings(
-            e, e, labels, labels, self_index, KS, TAU_RANK, (TAU_K,) * len(KS), False
-        ),
-        "triton-sim": lambda e: rsk_loss_triton(e @ e.T, labels, labels, self_index, KS, TAU_RANK, TAU_K, False),
-        "triton-emb ieee": emb("ieee"),
-        "triton-emb tf32x3": emb("tf32x3"),
+        "torch": sim("torch"),
+        "torch-recompute": emb("torch"),
+        "triton-sim": sim("triton"),
+        "triton-emb ieee": emb(TritonBackend(precision="ieee")),
+        "triton-emb tf32x3": emb(TritonBackend(precision="tf32x3")),
     }
 
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recallk.bench.loss import naive_rsk_loss
-from recallk.kernels import positive_layout, resolve_backend, rsk_loss_from_similarity, rsk_loss_torch
-from recallk.losses.reference import rsk_loss_reference
+from recallk.kernels import RSkParams, positive_layout, resolve_backend, rsk_loss_from_similarity
+from recallk.testing.rsk import rsk_loss_reference
 
 KS = (1, 2, 4, 8, 16)
 
@@ -25,8 +25,8 @@ def batch(n: int, n_classes: int, dim: int, seed: int, dtype=torch.float32):
 
 def loss_grad(sim, labels, **kw):
     s = sim.detach().clone().requires_grad_()
-    loss = rsk_loss_from_similarity(s, labels, labels, torch.arange(labels.numel()), KS, kw.pop("tau_rank", 0.01),
-                                    1.0, kw.pop("include_query", False), **kw)
+    params = RSkParams(KS, kw.pop("tau_rank", 0.01), 1.0, kw.pop("include_query", False))
+    loss = rsk_loss_from_similarity(s, labels, labels, params, self_index=torch.arange(labels.numel()), **kw)
     loss.backward()
     return loss.detach(), s.grad
 
@@ -75,7 +75,8 @@ def test_blocked_equals_naive_vectorised_version_in_float64():
     sim, labels = batch(300, 40, 16, seed=2, dtype=torch.float64)
     s1 = sim.clone().requires_grad_()
     s2 = sim.clone().requires_grad_()
-    ours = rsk_loss_torch(s1, labels, labels, torch.arange(300), KS, 0.01, (1.0,) * 5, False, block_size=7)
+    ours = rsk_loss_from_similarity(s1, labels, labels, RSkParams(KS), self_index=torch.arange(300), backend="torch",
+                                    block_size=7)
     naive = naive_rsk_loss(s2, labels)
     ours.backward()
     naive.backward()
@@ -107,14 +108,14 @@ def test_block_size_and_default_blocking_agree():
 def test_no_grad_forward_gives_same_value():
     sim, labels = batch(50, 6, 8, seed=5, dtype=torch.float64)
     with torch.no_grad():
-        value = rsk_loss_from_similarity(sim, labels, labels, torch.arange(50), KS, 0.01, 1.0, False)
+        value = rsk_loss_from_similarity(sim, labels, labels, RSkParams(KS), self_index=torch.arange(50))
     assert value.item() == pytest.approx(loss_grad(sim, labels)[0].item(), rel=1e-14)
 
 
 def test_backward_twice_with_retain_graph_and_scaled_upstream():
     sim, labels = batch(30, 4, 8, seed=6, dtype=torch.float64)
     s = sim.clone().requires_grad_()
-    loss = rsk_loss_from_similarity(s, labels, labels, torch.arange(30), KS, 0.01, 1.0, False)
+    loss = rsk_loss_from_similarity(s, labels, labels, RSkParams(KS), self_index=torch.arange(30))
     (3.0 * loss).backward(retain_graph=True)
     first = s.grad.clone()
     s.grad = None
@@ -129,16 +130,16 @@ def test_backend_switch():
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("cuda", cpu)
     sim, labels = batch(12, 3, 4, seed=7)
-    auto = rsk_loss_from_similarity(sim, labels, labels, None, KS, 0.01, 1.0, False, backend="auto")
-    torch_ = rsk_loss_from_similarity(sim, labels, labels, None, KS, 0.01, 1.0, False, backend="torch")
+    auto = rsk_loss_from_similarity(sim, labels, labels, RSkParams(KS), backend="auto")
+    torch_ = rsk_loss_from_similarity(sim, labels, labels, RSkParams(KS), backend="torch")
     assert auto.item() == torch_.item()
 
 
 def test_triton_backend_is_reported_clearly_when_missing(monkeypatch):
-    monkeypatch.setitem(sys.modules, "recallk.kernels.triton", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes the import fail
     sim, labels = batch(12, 3, 4, seed=8)
     with pytest.raises(ValueError, match="backend='torch'"):
-        rsk_loss_from_similarity(sim, labels, labels, None, KS, 0.01, 1.0, False, backend="triton")
+        rsk_loss_from_similarity(sim, labels, labels, RSkParams(KS), backend="triton")
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
 
 
@@ -146,7 +147,7 @@ def test_three_backwards_accumulate_exactly():
     # backward returns the stored gradient without copying: accumulation must not modify it.
     sim, labels = batch(30, 4, 8, seed=9, dtype=torch.float64)
     s = sim.clone().requires_grad_()
-    loss = rsk_loss_from_similarity(s, labels, labels, torch.arange(30), KS, 0.01, 1.0, False)
+    loss = rsk_loss_from_similarity(s, labels, labels, RSkParams(KS), self_index=torch.arange(30))
     loss.backward(retain_graph=True)
     single = s.grad.clone()
     loss.backward(retain_graph=True)
@@ -164,7 +165,8 @@ def test_equal_class_sizes_sliced_and_gathered_paths(shuffle):
     emb = torch.nn.functional.normalize(torch.randn(240, 16, generator=g, dtype=torch.float64), dim=1)
     s1 = (emb @ emb.T).requires_grad_()
     s2 = (emb @ emb.T).requires_grad_()
-    ours = rsk_loss_torch(s1, labels, labels, torch.arange(240), KS, 0.01, (1.0,) * 5, False, block_size=50)
+    ours = rsk_loss_from_similarity(s1, labels, labels, RSkParams(KS), self_index=torch.arange(240), backend="torch",
+                                    block_size=50)
     naive = naive_rsk_loss(s2, labels)
     ours.backward()
     naive.backward()

@@ -1,5 +1,8 @@
 """Triton RS@k kernels, run on the CPU through Triton's interpreter, against a float64 loop reference.
 
+Loss and gradients of both entry points are in test_backend_contract.py; this file tests the kernels themselves
+(tiling, output buffers), half inputs and the Triton-specific errors.
+
 TRITON_INTERPRET=1 must be set before triton is first imported: Triton decides at a kernel's definition whether
 it is compiled or interpreted. If something imported triton earlier in this pytest process (compiled mode), the
 tests below cannot run here, so ``test_in_fresh_interpreter_process`` reruns this file in a new process instead.
@@ -7,7 +10,6 @@ tests below cannot run here, so ``test_in_fresh_interpreter_process`` reruns thi
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,8 +22,8 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from recallk.kernels.triton import rsk_loss_triton, rsk_loss_triton_from_embeddings  # noqa: E402
-from recallk.kernels.triton._layout import positive_columns  # noqa: E402
+from recallk.kernels import Positives, RSkParams, positive_layout, rsk_loss_from_embeddings, rsk_loss_from_similarity  # noqa: E402  # noqa: E402
+from recallk.kernels.triton import TritonBackend  # noqa: E402
 from recallk.kernels.triton.rsk_embeddings import (  # noqa: E402
     embedding_rank_backward,
     embedding_rank_forward,
@@ -31,6 +33,7 @@ from recallk.kernels.triton.rsk_similarity import (  # noqa: E402
     similarity_rank_backward,
     similarity_rank_forward,
 )
+from recallk.testing.rsk import rsk_loss_reference  # noqa: E402
 
 INTERPRETED = isinstance(tl.sum, InterpretedFunction)
 needs_interpreter = pytest.mark.skipif(
@@ -62,24 +65,12 @@ def ref_ranks(sim, q_labels, db_labels, self_index, tau_rank, include_query):
     return ranks
 
 
-def ref_loss(sim, q_labels, db_labels, self_index, ks, tau_rank, tau_k, include_query):
-    """The RS@k loss of method.md section 1, float64, differentiable w.r.t. ``sim``."""
-    ranks = ref_ranks(sim, q_labels, db_labels, self_index, tau_rank, include_query)
-    taus = [float(tau_k)] * len(ks) if isinstance(tau_k, float) else [float(t) for t in tau_k]
-    per_query = []
-    for q in range(sim.shape[0]):
-        r_q = [r for (qq, _), r in ranks.items() if qq == q]
-        if not r_q:
-            continue
-        recall = 0.0
-        for k, tau in zip(ks, taus):
-            hits = sum(_sig((k - r) / tau) for r in r_q)
-            recall = recall + torch.clamp(hits, max=float(k)) / min(k, len(r_q))
-        per_query.append(1.0 - recall / len(ks))
-    return torch.stack(per_query).mean()
-
-
 # ---------------------------------------------------------------- data
+
+
+def positive_columns(q_labels, db_labels, self_index):
+    """The Triton kernels' layout: (Q, Pmax) int32 positive columns, -1 in the padding."""
+    return Positives(*positive_layout(q_labels, db_labels, self_index), self_index).padded(), None
 
 
 def variable_labels(n: int, seed: int) -> torch.Tensor:
@@ -131,55 +122,6 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float) 
 
 @needs_interpreter
 @pytest.mark.parametrize("include_query", [False, True])
-@pytest.mark.parametrize("kind", ["self", "separate", "mixed"])
-def test_similarity_loss_and_gradient_match_reference(kind: str, include_query: bool) -> None:
-    q_emb, db_emb, ql, dl, si = setting(kind, 40, seed=3)
-    sim = (q_emb @ db_emb.T).requires_grad_()
-    tau_k = (1.0, 0.5, 1.0, 2.0, 1.0)
-    loss = rsk_loss_triton(sim, ql, dl, si, KS, 0.01, torch.tensor(tau_k), include_query)
-    (grad,) = torch.autograd.grad(loss, sim)
-    sim64 = sim.detach().double().requires_grad_()
-    expected = ref_loss(sim64, ql, dl, si, KS, 0.01, tau_k, include_query)
-    (grad64,) = torch.autograd.grad(expected, sim64)
-    assert loss.dtype == torch.float32
-    assert_close_rel(loss, expected, 1e-5)
-    assert_close_rel(grad, grad64, 1e-5)
-
-
-@needs_interpreter
-def test_similarity_matches_the_other_implementations() -> None:
-    """Against the torch path and the shared float64 reference of recallk.losses, when they exist."""
-    emb, _ = batch(24, 8, seed=5)
-    ql = dl = torch.randperm(24, generator=torch.Generator().manual_seed(5)) % 7  # classes of 3 and 4
-    si = torch.arange(24)
-    sim = (emb @ emb.T).requires_grad_()
-    for include_query in (False, True):
-        loss = rsk_loss_triton(sim, ql, dl, si, KS, 0.01, 1.0, include_query)
-        (grad,) = torch.autograd.grad(loss, sim)
-        checked = 0
-        if importlib.util.find_spec("recallk.kernels.torch_rsk") is not None:
-            from recallk.kernels.torch_rsk import rsk_loss_torch
-
-            other = rsk_loss_torch(sim, ql, dl, si, KS, 0.01, torch.ones(len(KS)), include_query)
-            (other_grad,) = torch.autograd.grad(other, sim)
-            assert_close_rel(loss, other, 1e-5)
-            assert_close_rel(grad, other_grad, 1e-5)
-            checked += 1
-        if importlib.util.find_spec("recallk.losses.reference") is not None:
-            from recallk.losses.reference import rsk_loss_reference
-
-            sim64 = sim.detach().double().requires_grad_()
-            other = rsk_loss_reference(sim64, ql, dl, si, KS, 0.01, 1.0, include_query)
-            (other_grad,) = torch.autograd.grad(other, sim64)
-            assert_close_rel(loss, other, 1e-5)
-            assert_close_rel(grad, other_grad, 1e-5)
-            checked += 1
-        if checked == 0:
-            pytest.skip("neither recallk.kernels.torch_rsk nor recallk.losses.reference exists yet")
-
-
-@needs_interpreter
-@pytest.mark.parametrize("include_query", [False, True])
 def test_similarity_kernels_tile_and_overwrite_poisoned_outputs(include_query: bool) -> None:
     """Tiny tiles (several column tiles, a partial one, several positive blocks) into NaN-filled buffers."""
     q_emb, db_emb, ql, dl, si = setting("mixed", 40, seed=7)
@@ -218,10 +160,10 @@ def test_similarity_half_precision_inputs(dtype: torch.dtype) -> None:
     """Half inputs are upcast exactly, so the loss matches the reference on the same values; grads are half."""
     q_emb, db_emb, ql, dl, si = setting("self", 40, seed=11)
     sim = (q_emb @ db_emb.T).to(dtype).requires_grad_()
-    loss = rsk_loss_triton(sim, ql, dl, si, KS, 0.05, 1.0, False)
+    loss = rsk_loss_from_similarity(sim, ql, dl, RSkParams(KS, 0.05), self_index=si, backend="triton")
     (grad,) = torch.autograd.grad(loss, sim)
     sim64 = sim.detach().double().requires_grad_()
-    expected = ref_loss(sim64, ql, dl, si, KS, 0.05, 1.0, False)
+    expected = rsk_loss_reference(sim64, ql, dl, si, KS, 0.05, 1.0, False)
     (grad64,) = torch.autograd.grad(expected, sim64)
     assert grad.dtype == dtype
     assert_close_rel(loss, expected, 1e-5)
@@ -232,44 +174,27 @@ def test_similarity_half_precision_inputs(dtype: torch.dtype) -> None:
 def test_similarity_bad_input_raises_value_error() -> None:
     _, _, ql, dl, si = setting("self", 16, seed=1)
     sim = torch.randn(16, 16)
+    params = RSkParams(KS)
+
+    def loss(sim, ql, dl, si, params=params):
+        return rsk_loss_from_similarity(sim, ql, dl, params, self_index=si, backend="triton")
+
     with pytest.raises(ValueError, match="NaN or Inf"):
-        rsk_loss_triton(sim.index_fill(0, torch.tensor([3]), float("nan")), ql, dl, si, KS, 0.01, 1.0, False)
+        loss(sim.index_fill(0, torch.tensor([3]), float("nan")), ql, dl, si)
     with pytest.raises(ValueError, match="float64"):
-        rsk_loss_triton(sim.double(), ql, dl, si, KS, 0.01, 1.0, False)
-    with pytest.raises(ValueError, match="q_labels"):
-        rsk_loss_triton(sim, ql[:-1], dl, si, KS, 0.01, 1.0, False)
+        loss(sim.double(), ql, dl, si)
+    with pytest.raises(ValueError, match="query_labels"):
+        loss(sim, ql[:-1], dl, si)
     with pytest.raises(ValueError, match="self_index"):
-        rsk_loss_triton(sim, ql, dl, si + 1, KS, 0.01, 1.0, False)
+        loss(sim, ql, dl, si + 1)
     with pytest.raises(ValueError, match="tau_k"):
-        rsk_loss_triton(sim, ql, dl, si, KS, 0.01, (1.0, 2.0), False)
+        loss(sim, ql, dl, si, RSkParams(KS, 0.01, (1.0, 2.0), False))
     with pytest.raises(ValueError, match="positive"):
         distinct = torch.arange(16)
-        rsk_loss_triton(sim, distinct, distinct, si, KS, 0.01, 1.0, False)
+        loss(sim, distinct, distinct, si)
 
 
 # ---------------------------------------------------------------- embeddings kernel
-
-
-@needs_interpreter
-@pytest.mark.parametrize("include_query", [False, True])
-@pytest.mark.parametrize("kind", ["self", "separate"])
-def test_embeddings_loss_and_gradients_match_reference(kind: str, include_query: bool) -> None:
-    q_emb, db_emb, ql, dl, si = setting(kind, 40, seed=13)
-    if kind == "self":  # one tensor as both queries and database: autograd adds the two gradients
-        q_emb = db_emb = q_emb.clone().requires_grad_()
-        inputs = (q_emb,)
-    else:
-        q_emb, db_emb = q_emb.clone().requires_grad_(), db_emb.clone().requires_grad_()
-        inputs = (q_emb, db_emb)
-    loss = rsk_loss_triton_from_embeddings(q_emb, db_emb, ql, dl, si, KS, 0.01, 1.0, include_query)
-    grads = torch.autograd.grad(loss, inputs)
-    inputs64 = [x.detach().double().requires_grad_() for x in inputs]
-    q64, db64 = (inputs64[0], inputs64[0]) if kind == "self" else inputs64
-    expected = ref_loss(q64 @ db64.T, ql, dl, si, KS, 0.01, 1.0, include_query)
-    grads64 = torch.autograd.grad(expected, inputs64)
-    assert_close_rel(loss, expected, 1e-5)
-    for g, g64 in zip(grads, grads64):
-        assert_close_rel(g, g64, 1e-5)
 
 
 @needs_interpreter
@@ -293,7 +218,8 @@ def test_embedding_kernels_tile_and_overwrite_poisoned_outputs() -> None:
     grad_rank = torch.where(pos < 0, 0.0, torch.randn(q, pmax, generator=g))
     dq = torch.full((q, 20), float("nan"))
     ddb = torch.full((db_emb.shape[0], 20), float("nan"))
-    embedding_rank_backward(q_emb, db_emb, pos, si, s_pos, grad_rank, 0.01, False, out_q=dq, out_db=ddb, **tiles)
+    embedding_rank_backward(q_emb, db_emb, pos, si, s_pos, grad_rank, 0.01, False, out_query=dq, out_ref=ddb,
+                            block_q=16, block_n=16, block_k=16)
     # The dense part H of dL/ds is the similarity backward without the positive-pair terms (dsum = 0).
     h = similarity_rank_backward(q_emb @ db_emb.T, pos, si, grad_rank, torch.zeros_like(dsum), 0.01, False)
     assert_close_rel(dq, h @ db_emb, 1e-5)
@@ -305,10 +231,10 @@ def test_embedding_kernels_tile_and_overwrite_poisoned_outputs() -> None:
 def test_embeddings_half_precision_inputs(dtype: torch.dtype) -> None:
     q_emb, _, ql, dl, si = setting("self", 32, seed=19)
     emb = q_emb.to(dtype).requires_grad_()
-    loss = rsk_loss_triton_from_embeddings(emb, emb, ql, dl, si, KS, 0.05, 1.0, False)
+    loss = rsk_loss_from_embeddings(emb, emb, ql, dl, RSkParams(KS, 0.05), self_index=si, backend="triton")
     (grad,) = torch.autograd.grad(loss, emb)
     emb64 = emb.detach().double().requires_grad_()
-    expected = ref_loss(emb64 @ emb64.T, ql, dl, si, KS, 0.05, 1.0, False)
+    expected = rsk_loss_reference(emb64 @ emb64.T, ql, dl, si, KS, 0.05, 1.0, False)
     (grad64,) = torch.autograd.grad(expected, emb64)
     assert grad.dtype == dtype
     assert_close_rel(loss, expected, 1e-5)
@@ -319,14 +245,31 @@ def test_embeddings_half_precision_inputs(dtype: torch.dtype) -> None:
 def test_embeddings_bad_input_raises_value_error() -> None:
     emb, labels = batch(16, 8, seed=1)
     si = torch.arange(16)
-    with pytest.raises(ValueError, match="same width"):
-        rsk_loss_triton_from_embeddings(emb, emb[:, :4], labels, labels, si, KS, 0.01, 1.0, False)
+    with pytest.raises(ValueError, match="dimensions"):
+        rsk_loss_from_embeddings(emb, emb[:, :4], labels, labels, RSkParams(KS), self_index=si, backend="triton")
     with pytest.raises(ValueError, match="NaN or Inf"):
         bad = emb.clone()
         bad[2, 1] = float("inf")
-        rsk_loss_triton_from_embeddings(bad, emb, labels, labels, si, KS, 0.01, 1.0, False)
+        rsk_loss_from_embeddings(bad, emb, labels, labels, RSkParams(KS), self_index=si, backend="triton")
     with pytest.raises(ValueError, match="precision"):
-        rsk_loss_triton_from_embeddings(emb, emb, labels, labels, si, KS, 0.01, 1.0, False, precision="fp8")
+        TritonBackend(precision="fp8")
+
+
+@needs_interpreter
+def test_deprecated_triton_names_and_other_precisions() -> None:
+    emb, labels = batch(16, 8, seed=2)
+    si = torch.arange(16)
+    new = rsk_loss_from_embeddings(emb, emb, labels, labels, RSkParams(KS), self_index=si, backend="triton")
+    for precision in ("tf32", "tf32x3"):  # the interpreter computes every precision exactly
+        other = rsk_loss_from_embeddings(emb, emb, labels, labels, RSkParams(KS), self_index=si,
+                                         backend=TritonBackend(precision=precision))
+        assert_close_rel(other, new, 1e-6)
+    with pytest.warns(DeprecationWarning, match="backend='triton'"):
+        from recallk.kernels.triton import rsk_loss_triton
+    assert_close_rel(rsk_loss_triton(emb @ emb.T, labels, labels, si, KS, 0.01, 1.0, False), new, 1e-6)
+    with pytest.warns(DeprecationWarning, match="TritonBackend"):
+        from recallk.kernels.triton import rsk_loss_triton_from_embeddings
+    assert_close_rel(rsk_loss_triton_from_embeddings(emb, emb, labels, labels, si, KS, 0.01, 1.0, False), new, 1e-6)
 
 
 # ---------------------------------------------------------------- when triton was already imported compiled

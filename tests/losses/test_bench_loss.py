@@ -9,7 +9,7 @@ import torch
 from rsk_batches import random_batch
 
 from recallk.bench.loss import METHODS, default_methods, format_table, main, naive_rsk_loss, run_loss_benchmark
-from recallk.losses.reference import rsk_loss_reference
+from recallk.testing.rsk import rsk_loss_reference
 
 
 @pytest.mark.parametrize("include_query", [False, True])

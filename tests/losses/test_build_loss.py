@@ -98,11 +98,11 @@ def test_rsk_and_kernels_work_without_pytorch_metric_learning():
         "sys.modules['pytorch_metric_learning'] = None  # any import of it now fails\n"
         "import torch\n"
         "from recallk.losses import RecallAtKSurrogate\n"
-        "from recallk.kernels import rsk_loss_from_embeddings\n"
+        "from recallk.kernels import RSkParams, rsk_loss_from_embeddings\n"
         "e = torch.nn.functional.normalize(torch.randn(12, 4), dim=1).requires_grad_()\n"
         "labels = torch.arange(12) // 3\n"
         "RecallAtKSurrogate()(e, labels).backward()\n"
-        "rsk_loss_from_embeddings(e, e, labels, labels, torch.arange(12), (1, 2), 0.01, 1.0, False)\n"
+        "rsk_loss_from_embeddings(e, e, labels, labels, RSkParams((1, 2)), self_index=torch.arange(12))\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

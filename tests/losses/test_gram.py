@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recallk.losses import rsk
-from recallk.losses.rsk import gram
+from recallk.losses import gram as gram_module
+from recallk.losses.gram import gram
 
 
 @pytest.mark.parametrize("rows", [7, 512, 1031])  # below the blocking threshold, at it, and an odd size above it
@@ -28,8 +28,8 @@ def test_gram_and_its_gradient_against_float64_autograd(rows, dtype):
 
 def test_blocking_is_used_from_the_threshold(monkeypatch):
     calls = []
-    real = rsk._symmetric_gram
-    monkeypatch.setattr(rsk, "_symmetric_gram", lambda e: calls.append(e.shape[0]) or real(e))
-    gram(torch.randn(rsk._SYMMETRIC_MIN_ROWS - 1, 4))
-    gram(torch.randn(rsk._SYMMETRIC_MIN_ROWS, 4))
-    assert calls == [rsk._SYMMETRIC_MIN_ROWS]
+    real = gram_module._symmetric_gram
+    monkeypatch.setattr(gram_module, "_symmetric_gram", lambda e: calls.append(e.shape[0]) or real(e))
+    gram(torch.randn(gram_module._SYMMETRIC_MIN_ROWS - 1, 4))
+    gram(torch.randn(gram_module._SYMMETRIC_MIN_ROWS, 4))
+    assert calls == [gram_module._SYMMETRIC_MIN_ROWS]

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rsk_batches import random_batch
 
-from recallk.kernels import rsk_loss_from_similarity
+from recallk.kernels import RSkParams, rsk_loss_from_similarity
 from recallk.losses import RecallAtKSurrogate
-from recallk.losses.reference import rsk_loss_reference
+from recallk.testing.rsk import rsk_loss_reference
 
 KS = (1, 2, 4, 8, 16)
 
@@ -29,8 +29,8 @@ def loss_and_grad(fn, sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def assert_matches_reference(sim, q_labels, db_labels, self_index, ks, tau_rank, tau_k, include_query,
                              block_size=None):
     ours, g_ours = loss_and_grad(
-        lambda s: rsk_loss_from_similarity(s, q_labels, db_labels, self_index, ks, tau_rank, tau_k,
-                                           include_query, block_size=block_size), sim)
+        lambda s: rsk_loss_from_similarity(s, q_labels, db_labels, RSkParams(ks, tau_rank, tau_k, include_query),
+                                           self_index=self_index, block_size=block_size), sim)
     ref, g_ref = loss_and_grad(
         lambda s: rsk_loss_reference(s, q_labels, db_labels, self_index, ks, tau_rank, tau_k, include_query), sim)
     assert ours.dtype == torch.float64
@@ -118,7 +118,8 @@ def test_gradcheck():
     sim = (emb @ emb.T).requires_grad_()
 
     def fn(s):
-        return rsk_loss_from_similarity(s, labels, labels, torch.arange(9), (1, 2, 4), 0.1, (1.0, 0.7, 1.3), False)
+        return rsk_loss_from_similarity(s, labels, labels, RSkParams((1, 2, 4), 0.1, (1.0, 0.7, 1.3)),
+                                        self_index=torch.arange(9))
 
     assert torch.autograd.gradcheck(fn, (sim,), eps=1e-6, atol=1e-8)
 
@@ -129,8 +130,8 @@ def test_gradcheck_rectangular_include_query():
     sim = (q_emb @ db_emb.T).requires_grad_()
 
     def fn(s):
-        return rsk_loss_from_similarity(s, q_labels, db_labels, torch.tensor([0, -1, 3, -1, 8]), (1, 2), 0.2,
-                                        1.0, True)
+        return rsk_loss_from_similarity(s, q_labels, db_labels, RSkParams((1, 2), 0.2, 1.0, True),
+                                        self_index=torch.tensor([0, -1, 3, -1, 8]))
 
     assert torch.autograd.gradcheck(fn, (sim,), eps=1e-6, atol=1e-8)
 
@@ -151,7 +152,7 @@ def test_queries_without_positive_are_left_out_and_get_no_gradient():
     emb, _ = random_batch(6, 1, 4, seed=17)
     labels = torch.tensor([0, 0, 1, 2, 2, 3])
     s = (emb @ emb.T).requires_grad_()
-    loss = rsk_loss_from_similarity(s, labels, labels, torch.arange(6), KS, 0.05, 1.0, False)
+    loss = rsk_loss_from_similarity(s, labels, labels, RSkParams(KS, 0.05), self_index=torch.arange(6))
     loss.backward()
     assert torch.all(s.grad[[2, 5]] == 0)
     ref = rsk_loss_reference(s.detach(), labels, labels, torch.arange(6), KS, 0.05, 1.0)
@@ -171,7 +172,8 @@ def test_hand_computed_three_items(include_query):
     rank0 = 1 + self_term * _sig((1.0 - 0.5) / 0.1) + _sig((0.2 - 0.5) / 0.1)
     rank1 = 1 + self_term * _sig((1.0 - 0.5) / 0.1) + _sig((0.3 - 0.5) / 0.1)
     expected = 1 - (_sig(1 - rank0) + _sig(1 - rank1)) / 2
-    loss = rsk_loss_from_similarity(sim, labels, labels, torch.arange(3), (1,), 0.1, 1.0, include_query)
+    loss = rsk_loss_from_similarity(sim, labels, labels, RSkParams((1,), 0.1, 1.0, include_query),
+                                    self_index=torch.arange(3))
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     if include_query:
         assert rank0 > 1.99  # the query pushes its positive down by about one place

@@ -8,10 +8,10 @@ from rsk_batches import random_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from recallk import kernels
-from recallk.kernels import rsk_loss_from_embeddings
+from recallk.kernels import RSkParams, rsk_loss_from_embeddings
 from recallk.losses import RecallAtKSurrogate, rsk, simix, simix_pairs
-from recallk.losses.reference import rsk_loss_reference, simix_embeddings_reference
 from recallk.losses.simix import simix_embeddings
+from recallk.testing.rsk import rsk_loss_reference, simix_embeddings_reference
 
 KS = (1, 2, 4, 8, 16)
 
@@ -30,7 +30,8 @@ def ours_loss_and_grads(q_emb, db_emb, q_labels, db_labels, self_index, include_
     q = q_emb.detach().clone().requires_grad_()
     same = db_emb is q_emb
     d = q if same else db_emb.detach().clone().requires_grad_()
-    loss = rsk_loss_from_embeddings(q, d, q_labels, db_labels, self_index, KS, 0.01, tau_k, include_query, **kw)
+    loss = rsk_loss_from_embeddings(q, d, q_labels, db_labels, RSkParams(KS, 0.01, tau_k, include_query),
+                                    self_index=self_index, **kw)
     loss.backward()
     return loss.detach(), q.grad, (None if same else d.grad)
 
@@ -69,7 +70,7 @@ def test_float32_agrees_with_float64_to_1e5():
     emb, labels = random_batch(300, 50, 32, seed=5)
     self_index = torch.arange(300)
     e64 = emb.clone().requires_grad_()
-    loss64 = RecallAtKSurrogate(similarity="matrix")(e64, labels)
+    loss64 = RecallAtKSurrogate(memory="matrix")(e64, labels)
     loss64.backward()
     ref = (loss64.detach(), e64.grad)
     emb32 = emb.float()
@@ -99,13 +100,14 @@ def test_no_tensor_of_batch_squared_size_is_ever_created():
     emb, labels = random_batch(b, 150, dim, seed=6, dtype=torch.float32)
     e = emb.clone().requires_grad_()
     with _LargestTensor() as spy:
-        rsk_loss_from_embeddings(e, e, labels, labels, torch.arange(b), KS, 0.01, 1.0, False, block_size=10).backward()
+        rsk_loss_from_embeddings(e, e, labels, labels, RSkParams(KS), self_index=torch.arange(b),
+                                 block_size=10).backward()
     # The largest is the (10, Pmax, B) block buffer: a quarter of B x B here.
     assert e.grad is not None and spy.largest < b * b / 4, spy.largest
     # The matrix path does create one (the spy can see it).
     e.grad = None
     with _LargestTensor() as spy:
-        RecallAtKSurrogate(similarity="matrix")(e, labels).backward()
+        RecallAtKSurrogate(memory="matrix")(e, labels).backward()
     assert spy.largest >= b * b
 
 
@@ -132,7 +134,7 @@ def test_module_recompute_equals_matrix(simix):
     emb, labels = random_batch(48, 8, 8, seed=8)
     results = []
     for mode in ("matrix", "recompute"):
-        loss_fn = RecallAtKSurrogate(simix=simix, similarity=mode, generator=torch.Generator().manual_seed(2))
+        loss_fn = RecallAtKSurrogate(simix=simix, memory=mode, generator=torch.Generator().manual_seed(2))
         e = emb.clone().requires_grad_()
         loss = loss_fn(e, labels)
         loss.backward()
@@ -144,8 +146,8 @@ def test_module_recompute_equals_matrix(simix):
 def test_module_recompute_with_separate_database():
     q, ql = random_batch(10, 3, 6, seed=9)
     db, dl = random_batch(25, 3, 6, seed=10)
-    matrix = RecallAtKSurrogate(similarity="matrix")(q, ql, db, dl)
-    recompute = RecallAtKSurrogate(similarity="recompute")(q, ql, db, dl)
+    matrix = RecallAtKSurrogate(memory="matrix")(q, ql, db, dl)
+    recompute = RecallAtKSurrogate(memory="recompute")(q, ql, db, dl)
     torch.testing.assert_close(recompute, matrix, rtol=1e-12, atol=1e-14)
 
 
@@ -167,19 +169,22 @@ def test_auto_switches_on_the_size_of_the_augmented_matrix(monkeypatch, simix):
 
 def test_bad_inputs_say_what_to_fix():
     emb, labels = random_batch(10, 3, 4, seed=12)
-    args = (KS, 0.01, 1.0, False)
+    args = (RSkParams(KS, 0.01, 1.0, False),)
     with pytest.raises(ValueError, match="dimensions"):
-        rsk_loss_from_embeddings(emb, emb[:, :3], labels, labels, None, *args)
+        rsk_loss_from_embeddings(emb, emb[:, :3], labels, labels, *args)
     with pytest.raises(ValueError, match="share dtype"):
-        rsk_loss_from_embeddings(emb, emb.float(), labels, labels, None, *args)
-    with pytest.raises(ValueError, match="db_labels"):
-        rsk_loss_from_embeddings(emb, emb, labels, labels[:5], None, *args)
+        rsk_loss_from_embeddings(emb, emb.float(), labels, labels, *args)
+    with pytest.raises(ValueError, match="ref_labels"):
+        rsk_loss_from_embeddings(emb, emb, labels, labels[:5], *args)
     with pytest.raises(ValueError, match="NaN"):
-        rsk_loss_from_embeddings(emb, torch.full_like(emb, float("nan")), labels, labels, None, *args)
-    with pytest.raises(ValueError, match="similarity must be one of"):
+        rsk_loss_from_embeddings(emb, torch.full_like(emb, float("nan")), labels, labels, *args)
+    with pytest.raises(ValueError, match="memory must be one of"):
+        RecallAtKSurrogate(memory="tiles")
+    old = pytest.warns(DeprecationWarning, match="memory=")
+    with old, pytest.raises(ValueError, match="similarity must be one of"):
         RecallAtKSurrogate(similarity="tiles")
     with pytest.raises(ValueError, match="simix=True"):
-        RecallAtKSurrogate(simix=True, similarity="recompute")(emb, labels, emb, labels)
+        RecallAtKSurrogate(simix=True, memory="recompute")(emb, labels, emb, labels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from rsk_batches import random_batch
 
 from recallk.losses import RecallAtKSurrogate, simix, simix_pairs
-from recallk.losses.reference import rsk_loss_reference, simix_embeddings_reference
+from recallk.testing.rsk import rsk_loss_reference, simix_embeddings_reference
 
 
 def all_pairs(labels: torch.Tensor) -> list[tuple[int, int]]:

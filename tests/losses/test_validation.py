@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recallk.kernels import rsk_loss_from_similarity
+from recallk.kernels import RSkParams, rsk_loss_from_similarity
 from recallk.losses import RecallAtKSurrogate, build_loss, simix
 
 EMB = torch.nn.functional.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), dim=1)
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+K1 = RSkParams((1,), 0.01, 1.0, False)
 
 
 def loss(emb=EMB, labels=LABELS, **kw):
@@ -30,7 +31,7 @@ def test_non_finite_similarity():
     with pytest.raises(ValueError, match="NaN or Inf"):
         RecallAtKSurrogate().from_similarity(sim, LABELS)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        rsk_loss_from_similarity(sim, LABELS, LABELS, None, (1,), 0.01, 1.0, False)
+        rsk_loss_from_similarity(sim, LABELS, LABELS, K1)
 
 
 def test_huge_finite_values_are_not_mistaken_for_inf():
@@ -124,13 +125,13 @@ def test_bad_options(kw, match):
 def test_bad_self_index_and_block_size():
     sim = EMB @ EMB.T
     with pytest.raises(ValueError, match="self_index"):
-        rsk_loss_from_similarity(sim, LABELS, LABELS, torch.full((8,), 8), (1,), 0.01, 1.0, False)
+        rsk_loss_from_similarity(sim, LABELS, LABELS, K1, self_index=torch.full((8,), 8))
     with pytest.raises(ValueError, match="self_index"):
-        rsk_loss_from_similarity(sim, LABELS, LABELS, torch.arange(7), (1,), 0.01, 1.0, False)
+        rsk_loss_from_similarity(sim, LABELS, LABELS, K1, self_index=torch.arange(7))
     with pytest.raises(ValueError, match="block_size"):
-        rsk_loss_from_similarity(sim, LABELS, LABELS, None, (1,), 0.01, 1.0, False, block_size=0)
-    with pytest.raises(ValueError, match="db_labels"):
-        rsk_loss_from_similarity(sim, LABELS, LABELS[:4], None, (1,), 0.01, 1.0, False)
+        rsk_loss_from_similarity(sim, LABELS, LABELS, K1, block_size=0)
+    with pytest.raises(ValueError, match="ref_labels"):
+        rsk_loss_from_similarity(sim, LABELS, LABELS[:4], K1)
 
 
 def test_simix_bad_inputs():

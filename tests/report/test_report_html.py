@@ -9,9 +9,9 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from conftest import metrics_lines
 from PIL import Image
 
+from conftest import metrics_lines
 from recallk.report import write_report
 from recallk.report.examples import HIT_RGB, MISS_RGB, QUERY_RGB
 

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import metrics_lines
 from PIL import Image
 
+from conftest import metrics_lines
 from recallk.report import plot_history, read_metrics
 from recallk.report.plots import eval_splits, history_figure, recall_ks, train_points
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from recallk.kernels.triton import triton_available
 from recallk.losses import RecallAtKSurrogate, simix
 
 __all__ = ["METHODS", "default_methods", "main", "naive_rsk_loss", "run_loss_benchmark"]
@@ -48,8 +49,6 @@ METHODS = {
 
 def default_methods(device: str | torch.device) -> list[str]:
     """Every method that can run on ``device``: the Triton ones only on CUDA with triton installed."""
-    from recallk.kernels.triton import triton_available
-
     names = ["naive", "torch", "torch-recompute"]
     if torch.device(device).type == "cuda" and triton_available():
         names += ["triton", "triton-recompute"]
@@ -246,8 +245,8 @@ def _bench_case(
             sim, lab = simix(sim, labels, generator=alphas_gen)
         return naive_rsk_loss(sim, lab)
 
-    def module(backend: str, similarity: str) -> RecallAtKSurrogate:
-        return RecallAtKSurrogate(ks=KS, simix=with_simix, backend=backend, similarity=similarity)
+    def module(backend: str, memory: str) -> RecallAtKSurrogate:
+        return RecallAtKSurrogate(ks=KS, simix=with_simix, backend=backend, memory=memory)
 
     # name -> (from the similarity or None, from the embeddings)
     steps: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor] | None, Callable[[torch.Tensor], torch.Tensor]]]

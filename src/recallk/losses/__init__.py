@@ -1,49 +1,36 @@
 """Losses: the Recall@k surrogate (RS@k), SiMix, and pytorch-metric-learning baselines.
 
-``reference`` holds slow float64 implementations for the tests; import it explicitly
-(``from recallk.losses import reference``).
+Every loss is a :class:`MetricLoss` (``loss(embeddings, labels, ref_emb=None, ref_labels=None)``) registered by
+name in its own file (:func:`register_loss`); :func:`build_loss` builds one by name. The slow float64 references
+used by the tests are in :mod:`recallk.testing.rsk`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from recallk.losses.base import MetricLoss, build_loss, loss_names, register_loss
+from recallk.losses.rsk import RecallAtKSurrogate  # registers first: build_loss's names start with rsk
 
-from recallk.losses.baselines import BASELINES, MetricLearningBaseline, build_baseline
-from recallk.losses.rsk import RecallAtKSurrogate
+# isort: split
+from recallk.losses.baselines import MetricLearningBaseline
 from recallk.losses.simix import simix, simix_embeddings, simix_pairs
 
 __all__ = [
     "LOSSES",
     "MetricLearningBaseline",
+    "MetricLoss",
     "RecallAtKSurrogate",
     "build_loss",
+    "loss_names",
+    "register_loss",
     "simix",
     "simix_embeddings",
     "simix_pairs",
 ]
 
-#: every name build_loss accepts
-LOSSES = ("rsk", *BASELINES)
 
-
-def build_loss(name: str, **cfg: Any) -> nn.Module:
-    """Build a criterion ``criterion(embeddings, labels) -> scalar tensor`` by name.
-
-    "rsk" -> :class:`RecallAtKSurrogate` (``cfg`` = its arguments); "smooth_ap", "contrastive",
-    "multi_similarity", "proxy_anchor" -> pytorch-metric-learning losses (see
-    :func:`recallk.losses.baselines.build_baseline`). The result is an ``nn.Module``: include its
-    ``parameters()`` in the optimiser (Proxy-Anchor has learnable proxies).
-
-    Raises:
-        ValueError: unknown name or bad options.
-    """
-    if name == "rsk":
-        try:
-            return RecallAtKSurrogate(**cfg)
-        except TypeError as err:
-            raise ValueError(f"bad options for loss 'rsk': {err}") from err
-    if name in BASELINES:
-        return build_baseline(name, **cfg)
-    raise ValueError(f"unknown loss {name!r}: choose one of {list(LOSSES)}")
+def __getattr__(name: str) -> Any:
+    if name == "LOSSES":  # every name build_loss accepts, read from the registry
+        return loss_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

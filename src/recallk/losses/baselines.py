@@ -1,4 +1,4 @@
-"""Baseline losses from pytorch-metric-learning behind the ``criterion(embeddings, labels)`` convention.
+"""Baseline losses from pytorch-metric-learning as :class:`~recallk.losses.base.MetricLoss` modules.
 
 The losses themselves are pytorch-metric-learning's; this module only builds them by name, checks inputs and
 adapts the batch layout where a loss needs one (Smooth-AP wants each class's items next to each other).
@@ -6,13 +6,14 @@ adapts the batch layout where a loss needs one (Smooth-AP wants each class's ite
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from recallk.losses import validation as v
+from recallk.losses.base import MetricLoss, register_loss
 
 __all__ = ["BASELINES", "MetricLearningBaseline", "build_baseline"]
 
@@ -25,12 +26,17 @@ BASELINES = {
 }
 
 
-class MetricLearningBaseline(nn.Module):
-    """Wraps a pytorch-metric-learning loss as ``criterion(embeddings, labels) -> scalar``.
+class MetricLearningBaseline(MetricLoss):
+    """Wraps a pytorch-metric-learning loss as ``criterion(embeddings, labels, ref_emb=None, ref_labels=None)``.
 
     The wrapped loss is the submodule ``loss``, so its parameters (Proxy-Anchor's proxies) appear in
-    ``parameters()`` and the trainer's optimiser updates them.
+    ``parameters()`` and the trainer's optimiser updates them. ``ref_emb``/``ref_labels`` go to it unchanged
+    (Smooth-AP and Proxy-Anchor raise ValueError: pytorch-metric-learning does not support them there).
     """
+
+    # No random state of its own: its state dict stays that of the wrapped loss.
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
 
     def __init__(self, name: str, loss: nn.Module, group_by_class: bool = False) -> None:
         super().__init__()
@@ -38,13 +44,13 @@ class MetricLearningBaseline(nn.Module):
         self.loss = loss
         self.group_by_class = group_by_class
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(B, d) floating embeddings, (B,) integer labels -> scalar loss tensor. Raises ValueError on bad input."""
-        emb = v.check_embeddings(embeddings)
-        labels = v.check_labels(labels, emb.shape[0]).to(emb.device)
+    def compute(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
         if self.group_by_class:
-            emb, labels = _smooth_ap_layout(emb, labels)
-        return self.loss(emb, labels)
+            embeddings, labels = _smooth_ap_layout(embeddings, labels)
+        return self.loss(embeddings, labels, ref_emb=ref_emb, ref_labels=ref_labels)
 
 
 def _smooth_ap_layout(emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,3 +105,7 @@ def build_baseline(name: str, **cfg: Any) -> MetricLearningBaseline:
             "options (distance, reducer, ...)"
         ) from err
     return MetricLearningBaseline(name, loss, group_by_class=(name == "smooth_ap"))
+
+
+for _name in BASELINES:
+    register_loss(_name, functools.partial(build_baseline, _name))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from recallk.losses import validation as v
+from recallk import checks
 
 __all__ = ["simix", "simix_embeddings", "simix_pairs"]
 
@@ -38,10 +38,8 @@ def simix_pairs(
     Raises:
         ValueError: labels not a 1-D integer tensor, or ``max_pairs_per_class`` not a positive integer.
     """
-    labels = v.check_labels(labels, labels.numel() if isinstance(labels, torch.Tensor) else -1)
-    if max_pairs_per_class is not None and (int(max_pairs_per_class) != max_pairs_per_class
-                                            or max_pairs_per_class < 1):
-        raise ValueError(f"max_pairs_per_class must be a positive integer or None, got {max_pairs_per_class!r}")
+    labels = checks.check_labels(labels, labels.numel() if isinstance(labels, torch.Tensor) else -1)
+    checks.check_optional_positive_int(max_pairs_per_class, "max_pairs_per_class", "pairs per class")
     device = labels.device
     b_size = labels.numel()
     # Sort by (label, index): each class is a run of ascending indices.
@@ -115,8 +113,8 @@ def simix(
         ValueError: NaN/Inf or non-square ``sim``, labels of the wrong length or dtype, alphas of the wrong
             shape.
     """
-    sim = v.check_similarity(sim, square=True)
-    labels = v.check_labels(labels, sim.shape[0], against="sim").to(sim.device)
+    sim = checks.check_similarity(sim, square=True)
+    labels = checks.check_labels(labels, sim.shape[0], against="sim").to(sim.device)
     a, b = simix_pairs(labels, max_pairs_per_class, generator)
     alphas = _alphas(a.numel(), alphas, generator)
     w = alphas.to(device=sim.device, dtype=sim.dtype)
@@ -144,7 +142,7 @@ def simix_embeddings(
     The same pairs and, for the same ``generator`` state, the same alphas as :func:`simix`, so the similarity of
     the result equals ``simix(embeddings @ embeddings.T, ...)`` up to rounding. Costs (V, d) instead of
     (B + V)^2: the form to use when the augmented similarity is never stored (RecallAtKSurrogate with
-    ``similarity="recompute"``).
+    ``memory="recompute"``).
 
     Args:
         embeddings: (B, d) floating, differentiable. labels: (B,) integer labels.
@@ -154,8 +152,8 @@ def simix_embeddings(
         ``(emb_aug, labels_aug)``: (B + V, d) in ``embeddings``' dtype, real items first then virtual items in
         pair order; (B + V,) int64 labels.
     """
-    emb = v.check_embeddings(embeddings)
-    labels = v.check_labels(labels, emb.shape[0]).to(emb.device)
+    emb = checks.check_embeddings(embeddings)
+    labels = checks.check_labels(labels, emb.shape[0]).to(emb.device)
     a, b = simix_pairs(labels, max_pairs_per_class, generator)
     w = _alphas(a.numel(), alphas, generator).to(device=emb.device, dtype=emb.dtype)
     virtual = torch.lerp(emb.index_select(0, b), emb.index_select(0, a), w[:, None])

@@ -1,29 +1,24 @@
-"""Fused Triton kernels for the RS@k loss (CUDA; CPU only under Triton's interpreter, TRITON_INTERPRET=1).
+"""The Triton backend of RS@k: fused kernels (CUDA; CPU only under Triton's interpreter, TRITON_INTERPRET=1).
 
-Public names:
-
-* ``rsk_loss_triton(sim, q_labels, db_labels, self_index, ks, tau_rank, tau_k, include_query)``: the loss of a
-  (Q, N) similarity matrix, differentiable w.r.t. ``sim``.
-* ``rsk_loss_triton_from_embeddings(q_emb, db_emb, q_labels, db_labels, self_index, ks, tau_rank, tau_k,
-  include_query, precision="ieee")``: the same loss of ``q_emb @ db_emb^T`` without storing it.
-* ``triton_available()``: whether triton can be imported.
-
-The kernel modules are imported on first use, not with this package: Triton decides at a kernel's definition
-whether it is compiled or interpreted (TRITON_INTERPRET), so importing ``recallk`` must not fix that choice.
+This file only registers :class:`TritonBackend`; its methods import the kernel modules (``rsk_similarity``,
+``rsk_embeddings``) on first call, not with this package: Triton decides at a kernel's definition whether it is
+compiled or interpreted (TRITON_INTERPRET), so importing ``recallk`` must not fix that choice.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import warnings
+from types import ModuleType
 from typing import Any
 
-__all__ = ["rsk_loss_triton", "rsk_loss_triton_from_embeddings", "triton_available"]
+import torch
 
-_LAZY = {
-    "rsk_loss_triton": "recallk.kernels.triton.rsk_similarity",
-    "rsk_loss_triton_from_embeddings": "recallk.kernels.triton.rsk_embeddings",
-}
+from recallk.kernels.rsk import CLAMP, Positives, RSkParams, register_backend, rsk_loss_from_embeddings
+from recallk.kernels.rsk import rsk_loss_from_similarity as _from_similarity
+
+__all__ = ["TritonBackend", "loss_from_rank", "triton_available"]
 
 
 def triton_available() -> bool:
@@ -31,7 +26,98 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def loss_from_rank(rank: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor, params: RSkParams) -> torch.Tensor:
+    """The R^k epilogue: loss = mean over queries with a positive of (1 - mean_k R^k(q)), a float32 scalar
+    differentiable w.r.t. ``rank`` (Q, Pmax) float32, laid out as ``pos`` (Q, Pmax) int32 (-1: padding, which is
+    ignored and gets no gradient; :meth:`Positives.padded`); ``counts`` (Q,) int64 = |P(q)|."""
+    valid = pos >= 0
+    n_pos = counts.to(rank.dtype)
+    tau_k = torch.tensor(params.tau_k, dtype=torch.float32, device=rank.device)
+    recall = torch.zeros(rank.shape[0], dtype=rank.dtype, device=rank.device)
+    for i, k in enumerate(params.ks):
+        u = ((k - rank) / tau_k[i]).clamp(-CLAMP, CLAMP)
+        soft_hits = torch.where(valid, torch.sigmoid(u), 0.0).sum(1)
+        recall = recall + soft_hits.clamp(max=float(k)) / n_pos.clamp(max=float(k)).clamp(min=1.0)
+    return (1.0 - recall[counts > 0] / len(params.ks)).mean()
+
+
+class TritonBackend:
+    """The fused kernels: float16/bfloat16/float32 inputs, sigmoids in float32; ``block_size`` is ignored.
+
+    Args:
+        precision: ``tl.dot`` input precision of the recomputed similarity tiles (from embeddings): "ieee"
+            (exact float32, the registered backend), "tf32x3" (near float32, faster) or "tf32" (about 1e-3
+            relative error in s). Pass such an instance as ``backend=`` to use another precision.
+    """
+
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    requirement = (
+        "triton (pip install 'recallk[triton]') and a CUDA tensor (or TRITON_INTERPRET=1 set before triton is "
+        "imported)"
+    )
+
+    name, priority = "triton", 10
+
+    def __init__(self, precision: str = "ieee") -> None:
+        if precision not in ("ieee", "tf32", "tf32x3"):
+            raise ValueError(f"precision must be one of ('ieee', 'tf32', 'tf32x3'), got {precision!r}")
+        self.precision = precision
+
+    def available(self, device: torch.device, auto: bool = False) -> bool:
+        if not triton_available():
+            return False
+        if device.type == "cuda":
+            return True
+        return not auto and bool(importlib.import_module("triton").knobs.runtime.interpret)
+
+    @staticmethod
+    def _kernels(name: str) -> ModuleType:
+        return importlib.import_module(f"recallk.kernels.triton.{name}")
+
+    def from_similarity(self, sim: torch.Tensor, positives: Positives, params: RSkParams, block_size: int | None):
+        pos = positives.padded()
+        rank = self._kernels("rsk_similarity").rank_from_similarity(
+            sim, pos, positives.self_index.contiguous(), params.tau_rank, params.include_query
+        )
+        return loss_from_rank(rank, pos, positives.counts, params)
+
+    def from_embeddings(self, query_emb, ref_emb, positives, params, block_size):  # type: ignore[no-untyped-def]
+        pos = positives.padded()
+        query_emb, ref_emb = (x if x.stride(1) == 1 else x.contiguous() for x in (query_emb, ref_emb))
+        rank = self._kernels("rsk_embeddings").rank_from_embeddings(
+            query_emb, ref_emb, pos, positives.self_index.contiguous(), params.tau_rank, params.include_query,
+            self.precision,
+        )  # fmt: skip
+        return loss_from_rank(rank, pos, positives.counts, params)
+
+
+register_backend(TritonBackend())
+
+
+def _rsk_loss_triton(sim, q_labels, db_labels, self_index, ks, tau_rank, tau_k, include_query):  # type: ignore[no-untyped-def]
+    params = RSkParams(ks, tau_rank, tau_k, include_query)
+    return _from_similarity(sim, q_labels, db_labels, params, self_index=self_index, backend="triton")
+
+
+def _rsk_loss_triton_from_embeddings(  # type: ignore[no-untyped-def]
+    q_emb, db_emb, q_labels, db_labels, self_index, ks, tau_rank, tau_k, include_query, precision="ieee"
+):
+    params, backend = RSkParams(ks, tau_rank, tau_k, include_query), TritonBackend(precision=precision)
+    return rsk_loss_from_embeddings(q_emb, db_emb, q_labels, db_labels, params, self_index=self_index, backend=backend)
+
+
+_DEPRECATED = {  # old name -> (function with the old signature, new spelling)
+    "rsk_loss_triton": (_rsk_loss_triton, "rsk_loss_from_similarity(..., backend='triton')"),
+    "rsk_loss_triton_from_embeddings": (
+        _rsk_loss_triton_from_embeddings, "rsk_loss_from_embeddings(..., backend=TritonBackend(precision=...))"
+    ),
+}
+
+
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _DEPRECATED:
+        fn, new = _DEPRECATED[name]
+        warnings.warn(f"recallk.kernels.triton.{name} is deprecated: use recallk.kernels.{new}", DeprecationWarning,
+                      stacklevel=2)  # fmt: skip
+        return fn
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,14 +1,14 @@
-"""RS@k loss straight from embeddings: similarity tiles are recomputed inside the kernels, never stored.
+"""Triton kernels for RS@k straight from embeddings: similarity tiles are recomputed inside them, never stored.
 
 For batches whose (Q, N) similarity matrix does not fit (B = 65,536 is 16 GiB in float32), the kernels take
-``q_emb`` (Q, d) and ``db_emb`` (N, d) and form each (BLOCK_Q, BLOCK_N) tile ``s = q_emb[rows] @ db_emb[cols]^T``
-on the fly with ``tl.dot`` (as FlashAttention does for attention scores). Same maths as ``rsk_similarity``.
+``query_emb`` (Q, d) and ``ref_emb`` (N, d) and form each (BLOCK_Q, BLOCK_N) tile ``s = query_emb[rows] @
+ref_emb[cols]^T`` on the fly with ``tl.dot`` (as FlashAttention does for attention scores).
 
 Three kernels, each recomputing the tile and its sigmoids:
 
 * forward, grid (query blocks, positive blocks): ``rank(q, p)`` and ``dsum(q, p) = sum_z sig'(u_qpz)``;
-* dq, grid (query blocks,): ``dq = H @ db_emb`` accumulated over column tiles;
-* ddb, grid (column blocks,): ``ddb = H^T @ q_emb`` accumulated over query tiles;
+* dq, grid (query blocks,): ``dq = H @ ref_emb`` accumulated over column tiles;
+* dref, grid (column blocks,): ``dref = H^T @ query_emb`` accumulated over query tiles;
 
 where ``H[q, z] = sum_p g_qp sig'(u_qpz) [z in D(q), z != p] / tau_rank`` is the dense part of dL/ds. Every
 kernel works on 2-D (BLOCK_Q, BLOCK_N) tiles and loops over the positive slots, one at a time. The
@@ -19,33 +19,31 @@ Extra memory: O((Q + N) * d + Q * Pmax); the kernels' outputs are fresh buffers 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
-from recallk.kernels.triton._layout import check_common, loss_from_rank, positive_columns
-from recallk.kernels.triton.rsk_similarity import check_triton_device
+from recallk.kernels.rsk import CLAMP
 
-__all__ = ["embedding_rank_backward", "embedding_rank_forward", "rsk_loss_triton_from_embeddings"]
+__all__ = ["PRECISIONS", "embedding_rank_backward", "embedding_rank_forward", "rank_from_embeddings"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_PRECISIONS = ("ieee", "tf32", "tf32x3")
+#: ``tl.dot`` input precisions of the similarity tiles: "ieee" (exact float32), "tf32x3", "tf32"
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+_CLAMP = tl.constexpr(CLAMP)
 
 
 @triton.jit
 def _sim_tile(
-    qe_ptr, de_ptr, qi, q_in, z, z_in, D, stride_qe, stride_de,
+    qe_ptr, re_ptr, qi, q_in, z, z_in, D, stride_qe, stride_re,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """s[i, j] = <q_emb[qi[i]], db_emb[z[j]]> in float32, (BLOCK_Q, BLOCK_N); zero outside the masks."""
+    """s[i, j] = <query_emb[qi[i]], ref_emb[z[j]]> in float32, (BLOCK_Q, BLOCK_N); zero outside the masks."""
     s = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_in = kk < D
         a = tl.load(qe_ptr + qi[:, None] * stride_qe + kk[None, :], mask=q_in[:, None] & k_in[None, :], other=0.0)
-        b = tl.load(de_ptr + z[None, :] * stride_de + kk[:, None], mask=z_in[None, :] & k_in[:, None], other=0.0)
+        b = tl.load(re_ptr + z[None, :] * stride_re + kk[:, None], mask=z_in[None, :] & k_in[:, None], other=0.0)
         s = tl.dot(a.to(tl.float32), b.to(tl.float32), s, input_precision=PRECISION)
     return s
 
@@ -61,7 +59,7 @@ def _positive_terms(
     s_p = tl.load(sp_ptr + qi * P + p, mask=valid, other=0.0)
     m = keep & (z[None, :] != col[:, None]) & valid[:, None]
     u = (s - s_p[:, None]) * inv_tau
-    sg = 1.0 / (1.0 + tl.exp(-tl.minimum(tl.maximum(u, -50.0), 50.0)))
+    sg = 1.0 / (1.0 + tl.exp(-tl.minimum(tl.maximum(u, -_CLAMP), _CLAMP)))
     return m, sg, u, valid
 
 
@@ -74,14 +72,14 @@ def _dense_weight(
     for p in range(0, P):
         m, sg, u, valid = _positive_terms(s, z, keep, qi, q_in, p, P, pos_ptr, sp_ptr, inv_tau)
         g = tl.load(grank_ptr + qi * P + p, mask=valid, other=0.0)
-        h += tl.where(m & (tl.abs(u) <= 50.0), g[:, None] * (sg * (1.0 - sg)), 0.0)
+        h += tl.where(m & (tl.abs(u) <= _CLAMP), g[:, None] * (sg * (1.0 - sg)), 0.0)
     return h
 
 
 @triton.jit
 def _emb_fwd_kernel(
-    qe_ptr, de_ptr, sp_ptr, pos_ptr, self_ptr, rank_ptr, dsum_ptr,
-    Q, N, D, P, stride_qe, stride_de, inv_tau,
+    qe_ptr, re_ptr, sp_ptr, pos_ptr, self_ptr, rank_ptr, dsum_ptr,
+    Q, N, D, P, stride_qe, stride_re, inv_tau,
     INCLUDE_QUERY: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -97,7 +95,7 @@ def _emb_fwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         z = n0 + tl.arange(0, BLOCK_N)
         z_in = z < N
-        s = _sim_tile(qe_ptr, de_ptr, qi, q_in, z.to(tl.int64), z_in, D, stride_qe, stride_de,
+        s = _sim_tile(qe_ptr, re_ptr, qi, q_in, z.to(tl.int64), z_in, D, stride_qe, stride_re,
                       BLOCK_Q, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
         keep = q_in[:, None] & z_in[None, :]
         if not INCLUDE_QUERY:
@@ -106,7 +104,7 @@ def _emb_fwd_kernel(
         for p in range(p_lo, p_hi):
             m, sg, u, _ = _positive_terms(s, z, keep, qi, q_in, p, P, pos_ptr, sp_ptr, inv_tau)
             r = tl.sum(tl.where(m, sg, 0.0), axis=1)
-            d = tl.sum(tl.where(m & (tl.abs(u) <= 50.0), sg * (1.0 - sg), 0.0), axis=1)
+            d = tl.sum(tl.where(m & (tl.abs(u) <= _CLAMP), sg * (1.0 - sg), 0.0), axis=1)
             here = p_offs[None, :] == p
             acc_rank = tl.where(here, acc_rank + r[:, None], acc_rank)
             acc_dsum = tl.where(here, acc_dsum + d[:, None], acc_dsum)
@@ -119,8 +117,8 @@ def _emb_fwd_kernel(
 
 @triton.jit
 def _emb_dq_kernel(
-    qe_ptr, de_ptr, sp_ptr, pos_ptr, self_ptr, grank_ptr, out_ptr,
-    Q, N, D, P, stride_qe, stride_de, stride_out, inv_tau,
+    qe_ptr, re_ptr, sp_ptr, pos_ptr, self_ptr, grank_ptr, out_ptr,
+    Q, N, D, P, stride_qe, stride_re, stride_out, inv_tau,
     INCLUDE_QUERY: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -135,21 +133,21 @@ def _emb_dq_kernel(
         z = n0 + tl.arange(0, BLOCK_N)
         z_in = z < N
         z64 = z.to(tl.int64)
-        s = _sim_tile(qe_ptr, de_ptr, qi, q_in, z64, z_in, D, stride_qe, stride_de,
+        s = _sim_tile(qe_ptr, re_ptr, qi, q_in, z64, z_in, D, stride_qe, stride_re,
                       BLOCK_Q, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
         keep = q_in[:, None] & z_in[None, :]
         if not INCLUDE_QUERY:
             keep = keep & (z[None, :] != self_col[:, None])
         h = _dense_weight(s, z, keep, qi, q_in, P, pos_ptr, sp_ptr, grank_ptr, inv_tau)
-        v = tl.load(de_ptr + z64[:, None] * stride_de + dd[None, :], mask=z_in[:, None] & d_in[None, :], other=0.0)
+        v = tl.load(re_ptr + z64[:, None] * stride_re + dd[None, :], mask=z_in[:, None] & d_in[None, :], other=0.0)
         acc = tl.dot(h * inv_tau, v.to(tl.float32), acc, input_precision=PRECISION)
     tl.store(out_ptr + qi[:, None] * stride_out + dd[None, :], acc, mask=q_in[:, None] & d_in[None, :])
 
 
 @triton.jit
-def _emb_ddb_kernel(
-    qe_ptr, de_ptr, sp_ptr, pos_ptr, self_ptr, grank_ptr, out_ptr,
-    Q, N, D, P, stride_qe, stride_de, stride_out, inv_tau,
+def _emb_dref_kernel(
+    qe_ptr, re_ptr, sp_ptr, pos_ptr, self_ptr, grank_ptr, out_ptr,
+    Q, N, D, P, stride_qe, stride_re, stride_out, inv_tau,
     INCLUDE_QUERY: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -163,7 +161,7 @@ def _emb_ddb_kernel(
         qi = q0 + tl.arange(0, BLOCK_Q)
         q_in = qi < Q
         qi = qi.to(tl.int64)
-        s = _sim_tile(qe_ptr, de_ptr, qi, q_in, z64, z_in, D, stride_qe, stride_de,
+        s = _sim_tile(qe_ptr, re_ptr, qi, q_in, z64, z_in, D, stride_qe, stride_re,
                       BLOCK_Q, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
         keep = q_in[:, None] & z_in[None, :]
         if not INCLUDE_QUERY:
@@ -175,11 +173,8 @@ def _emb_ddb_kernel(
     tl.store(out_ptr + z64[:, None] * stride_out + dd[None, :], acc, mask=z_in[:, None] & d_in[None, :])
 
 
-# Default tiles, chosen from the register and spill counts ptxas reports for sm_90 (benchmarks/compile_check.py;
-# untimed, no GPU was lent). Forward: 32 x 64 similarity tiles, 4 warps, 168 registers, no spills. Backward
-# (dq, ddb): the (tile, d) accumulator dominates, so 16 x 32 tiles with 8 warps at d = 512: 189 / 173 registers,
-# no spills (32 x 32 already sits at 251, and 32 x 64 spills 344-596 bytes). BLOCK_K = 16 and one pipeline stage
-# everywhere: 3 stages with BLOCK_K = 32 spilled in every kernel.
+# Default tiles, chosen from the register and spill counts ptxas reports for sm_90 (benchmarks/compile_check.py):
+# no spills at d = 512 with these; larger backward tiles or 3 pipeline stages spilled.
 _FORWARD_TILES = (32, 64)
 _BACKWARD_TILES = (16, 32)
 _BLOCK_K = 16
@@ -194,24 +189,24 @@ def _blocks(pmax: int, block_q: int | None, block_n: int | None, block_p: int | 
 
 
 def positive_similarities(
-    q_emb: torch.Tensor, db_emb: torch.Tensor, pos: torch.Tensor, chunk_elements: int = 1 << 24
+    query_emb: torch.Tensor, ref_emb: torch.Tensor, pos: torch.Tensor, chunk_elements: int = 1 << 24
 ) -> torch.Tensor:
-    """s_qp = <q_emb[q], db_emb[pos[q, p]]> in float32, (Q, Pmax), 0 in padding; computed in query chunks."""
-    q, d = q_emb.shape
+    """s_qp = <query_emb[q], ref_emb[pos[q, p]]> in float32, (Q, Pmax), 0 in padding; computed in query chunks."""
+    q, d = query_emb.shape
     pmax = pos.shape[1]
-    out = torch.empty(q, pmax, dtype=torch.float32, device=q_emb.device)
+    out = torch.empty(q, pmax, dtype=torch.float32, device=query_emb.device)
     rows = max(1, chunk_elements // max(1, pmax * d))
     for r0 in range(0, q, rows):
         cols = pos[r0 : r0 + rows].long()
-        gathered = db_emb[cols.clamp(min=0)].float()  # (rows, Pmax, d)
-        s = torch.einsum("qpd,qd->qp", gathered, q_emb[r0 : r0 + rows].float())
+        gathered = ref_emb[cols.clamp(min=0)].float()  # (rows, Pmax, d)
+        s = torch.einsum("qpd,qd->qp", gathered, query_emb[r0 : r0 + rows].float())
         out[r0 : r0 + rows] = torch.where(cols >= 0, s, 0.0)
     return out
 
 
 def embedding_rank_forward(
-    q_emb: torch.Tensor,
-    db_emb: torch.Tensor,
+    query_emb: torch.Tensor,
+    ref_emb: torch.Tensor,
     pos: torch.Tensor,
     self_index: torch.Tensor,
     s_pos: torch.Tensor,
@@ -229,20 +224,20 @@ def embedding_rank_forward(
     """Forward kernel from embeddings: ``(rank, dsum)``, both (Q, Pmax) float32 (padding slots 0).
 
     Args:
-        q_emb: (Q, d), db_emb: (N, d), contiguous rows, float16/bfloat16/float32. pos: (Q, Pmax) int32, -1 pads.
+        query_emb: (Q, d), ref_emb: (N, d), contiguous rows, float16/bfloat16/float32. pos: (Q, Pmax) int32, -1 pads.
         self_index: (Q,) int64. s_pos: (Q, Pmax) float32 from ``positive_similarities``.
         precision: ``tl.dot`` input precision for the tiles ("ieee", "tf32" or "tf32x3").
         out_rank / out_dsum: optional (Q, Pmax) float32 contiguous buffers, fully overwritten.
     """
-    q, d = q_emb.shape
-    n = db_emb.shape[0]
+    q, d = query_emb.shape
+    n = ref_emb.shape[0]
     pmax = pos.shape[1]
-    rank = torch.empty(q, pmax, dtype=torch.float32, device=q_emb.device) if out_rank is None else out_rank
+    rank = torch.empty(q, pmax, dtype=torch.float32, device=query_emb.device) if out_rank is None else out_rank
     dsum = torch.empty_like(rank) if out_dsum is None else out_dsum
     bq, bn, bp = _blocks(pmax, block_q, block_n, block_p)
     grid = (triton.cdiv(q, bq), triton.cdiv(pmax, bp))
     _emb_fwd_kernel[grid](
-        q_emb, db_emb, s_pos, pos, self_index, rank, dsum, q, n, d, pmax, q_emb.stride(0), db_emb.stride(0),
+        query_emb, ref_emb, s_pos, pos, self_index, rank, dsum, q, n, d, pmax, query_emb.stride(0), ref_emb.stride(0),
         1.0 / tau_rank, INCLUDE_QUERY=include_query, BLOCK_Q=bq, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=block_k,
         PRECISION=precision, num_warps=4, num_stages=_NUM_STAGES,
     )  # fmt: skip
@@ -250,8 +245,8 @@ def embedding_rank_forward(
 
 
 def embedding_rank_backward(
-    q_emb: torch.Tensor,
-    db_emb: torch.Tensor,
+    query_emb: torch.Tensor,
+    ref_emb: torch.Tensor,
     pos: torch.Tensor,
     self_index: torch.Tensor,
     s_pos: torch.Tensor,
@@ -260,138 +255,90 @@ def embedding_rank_backward(
     include_query: bool,
     *,
     precision: str = "ieee",
-    out_q: torch.Tensor | None = None,
-    out_db: torch.Tensor | None = None,
+    out_query: torch.Tensor | None = None,
+    out_ref: torch.Tensor | None = None,
     block_q: int | None = None,
     block_n: int | None = None,
-    block_p: int | None = None,
     block_k: int = _BLOCK_K,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense part of the backward: ``(H @ db_emb, H^T @ q_emb)``, (Q, d) and (N, d) float32, H never stored.
+    """Dense part of the backward: ``(H @ ref_emb, H^T @ query_emb)``, (Q, d) and (N, d) float32, H never stored.
 
-    ``out_q`` / ``out_db``: optional float32 contiguous buffers of those shapes, every element overwritten.
-    The sparse positive-pair term is added by the caller (see the module docstring). ``block_p`` is accepted
-    for symmetry with the forward and ignored: these kernels loop over every positive.
+    ``out_query`` / ``out_ref``: optional float32 contiguous buffers of those shapes, every element overwritten.
+    The sparse positive-pair term is added by the caller (see the module docstring). These kernels loop over
+    every positive (no ``block_p``).
     """
-    q, d = q_emb.shape
-    n = db_emb.shape[0]
+    q, d = query_emb.shape
+    n = ref_emb.shape[0]
     pmax = pos.shape[1]
-    dq = torch.empty(q, d, dtype=torch.float32, device=q_emb.device) if out_q is None else out_q
-    ddb = torch.empty(n, d, dtype=torch.float32, device=q_emb.device) if out_db is None else out_db
+    dq = torch.empty(q, d, dtype=torch.float32, device=query_emb.device) if out_query is None else out_query
+    dref = torch.empty(n, d, dtype=torch.float32, device=query_emb.device) if out_ref is None else out_ref
     bq, bn = block_q or _BACKWARD_TILES[0], block_n or _BACKWARD_TILES[1]
     bd = max(16, triton.next_power_of_2(d))
     g = grad_rank.float().contiguous()
-    common = (q, n, d, pmax, q_emb.stride(0), db_emb.stride(0))
+    common = (q, n, d, pmax, query_emb.stride(0), ref_emb.stride(0))
     # The (tile, d) accumulator and value tile live in registers: more warps for wide embeddings.
     meta = dict(INCLUDE_QUERY=include_query, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_K=block_k, BLOCK_D=bd,
                 PRECISION=precision, num_warps=8 if bd >= 256 else 4, num_stages=_NUM_STAGES)  # fmt: skip
     _emb_dq_kernel[(triton.cdiv(q, bq),)](
-        q_emb, db_emb, s_pos, pos, self_index, g, dq, *common, dq.stride(0), 1.0 / tau_rank, **meta
+        query_emb, ref_emb, s_pos, pos, self_index, g, dq, *common, dq.stride(0), 1.0 / tau_rank, **meta
     )
-    _emb_ddb_kernel[(triton.cdiv(n, bn),)](
-        q_emb, db_emb, s_pos, pos, self_index, g, ddb, *common, ddb.stride(0), 1.0 / tau_rank, **meta
+    _emb_dref_kernel[(triton.cdiv(n, bn),)](
+        query_emb, ref_emb, s_pos, pos, self_index, g, dref, *common, dref.stride(0), 1.0 / tau_rank, **meta
     )
-    return dq, ddb
+    return dq, dref
 
 
 def _add_positive_pair_terms(
     dq: torch.Tensor,
-    ddb: torch.Tensor,
-    q_emb: torch.Tensor,
-    db_emb: torch.Tensor,
+    dref: torch.Tensor,
+    query_emb: torch.Tensor,
+    ref_emb: torch.Tensor,
     pos: torch.Tensor,
     coef: torch.Tensor,
     chunk_elements: int = 1 << 24,
 ) -> None:
-    """In place: dq[q] += sum_p coef[q,p] db_emb[pos[q,p]], ddb[pos[q,p]] += coef[q,p] q_emb[q] (padding coef 0)."""
-    q, d = q_emb.shape
+    """In place: dq[q] += sum_p coef[q,p] ref_emb[pos[q,p]], dref[pos[q,p]] += coef[q,p] query_emb[q] (padding
+    coef 0)."""
+    q, d = query_emb.shape
     pmax = pos.shape[1]
     rows = max(1, chunk_elements // max(1, pmax * d))
     for r0 in range(0, q, rows):
         cols = pos[r0 : r0 + rows].long().clamp(min=0)
         c = coef[r0 : r0 + rows]
-        dq[r0 : r0 + rows] += torch.einsum("qp,qpd->qd", c, db_emb[cols].float())
-        contrib = c[:, :, None] * q_emb[r0 : r0 + rows].float()[:, None, :]
-        ddb.index_add_(0, cols.reshape(-1), contrib.reshape(-1, d))
+        dq[r0 : r0 + rows] += torch.einsum("qp,qpd->qd", c, ref_emb[cols].float())
+        contrib = c[:, :, None] * query_emb[r0 : r0 + rows].float()[:, None, :]
+        dref.index_add_(0, cols.reshape(-1), contrib.reshape(-1, d))
 
 
 class _RankFromEmbeddings(torch.autograd.Function):
-    """(q_emb, db_emb) -> rank (Q, Pmax) float32; similarity tiles recomputed in every kernel."""
+    """(query_emb, ref_emb) -> rank (Q, Pmax) float32; similarity tiles recomputed in every kernel."""
 
     @staticmethod
-    def forward(ctx, q_emb, db_emb, pos, self_index, tau_rank, include_query, precision):  # type: ignore[override]
-        s_pos = positive_similarities(q_emb, db_emb, pos)
+    def forward(ctx, query_emb, ref_emb, pos, self_index, tau_rank, include_query, precision):  # type: ignore[override]
+        s_pos = positive_similarities(query_emb, ref_emb, pos)
         rank, dsum = embedding_rank_forward(
-            q_emb, db_emb, pos, self_index, s_pos, tau_rank, include_query, precision=precision
+            query_emb, ref_emb, pos, self_index, s_pos, tau_rank, include_query, precision=precision
         )
-        ctx.save_for_backward(q_emb, db_emb, pos, self_index, s_pos, dsum)
+        ctx.save_for_backward(query_emb, ref_emb, pos, self_index, s_pos, dsum)
         ctx.tau_rank, ctx.include_query, ctx.precision = tau_rank, include_query, precision
         return rank
 
     @staticmethod
     def backward(ctx, grad_rank):  # type: ignore[override]
-        q_emb, db_emb, pos, self_index, s_pos, dsum = ctx.saved_tensors
+        query_emb, ref_emb, pos, self_index, s_pos, dsum = ctx.saved_tensors
         g = grad_rank.float().contiguous()
-        dq, ddb = embedding_rank_backward(
-            q_emb, db_emb, pos, self_index, s_pos, g, ctx.tau_rank, ctx.include_query, precision=ctx.precision
+        dq, dref = embedding_rank_backward(
+            query_emb, ref_emb, pos, self_index, s_pos, g, ctx.tau_rank, ctx.include_query, precision=ctx.precision
         )
         coef = torch.where(pos >= 0, -g * dsum / ctx.tau_rank, 0.0)
-        _add_positive_pair_terms(dq, ddb, q_emb, db_emb, pos, coef)
-        return dq.to(q_emb.dtype), ddb.to(db_emb.dtype), None, None, None, None, None
+        _add_positive_pair_terms(dq, dref, query_emb, ref_emb, pos, coef)
+        return dq.to(query_emb.dtype), dref.to(ref_emb.dtype), None, None, None, None, None
 
 
-def _check_embeddings(x: object, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{name} must be a (rows, d) tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}: convert it with .float()")
-    check_triton_device(x, name)
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(
-            f"{name} contains NaN or Inf values: check the model output for overflow (lower the learning rate, "
-            "disable fp16, or clip gradients) before computing the loss"
-        )
-    return x if x.stride(1) == 1 else x.contiguous()
-
-
-def rsk_loss_triton_from_embeddings(
-    q_emb: torch.Tensor,
-    db_emb: torch.Tensor,
-    q_labels: torch.Tensor,
-    db_labels: torch.Tensor,
-    self_index: torch.Tensor,
-    ks: Sequence[int],
-    tau_rank: float,
-    tau_k: float | Sequence[float] | torch.Tensor,
-    include_query: bool,
-    precision: str = "ieee",
-) -> torch.Tensor:
-    """RS@k loss of ``s = q_emb @ db_emb^T`` without ever storing the (Q, N) similarity matrix.
-
-    Args:
-        q_emb: (Q, d) query embeddings; db_emb: (N, d) database embeddings; float16/bfloat16/float32 on CUDA
-            (or CPU under TRITON_INTERPRET=1). The same tensor may be passed for both (a batch against itself).
-        q_labels, db_labels, self_index, ks, tau_rank, tau_k, include_query: as in ``rsk_loss_triton``.
-        precision: ``tl.dot`` input precision for float32 tiles: "ieee" (exact float32, default), "tf32x3"
-            (near float32, faster) or "tf32" (fastest, about 1e-3 relative error in s).
-
-    Returns:
-        A float32 scalar, differentiable w.r.t. both embedding tensors (gradients in their dtypes).
-
-    Raises:
-        ValueError: shapes, dtypes, devices, NaN/Inf, hyper-parameters, or no query with a positive.
-    """
-    q_emb = _check_embeddings(q_emb, "q_emb")
-    db_emb = _check_embeddings(db_emb, "db_emb")
-    if q_emb.shape[1] != db_emb.shape[1]:
-        raise ValueError(f"q_emb and db_emb must have the same width d, got {q_emb.shape[1]} and {db_emb.shape[1]}")
-    if q_emb.device != db_emb.device:
-        raise ValueError(f"q_emb is on {q_emb.device} but db_emb on {db_emb.device}: put both on one device")
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
-    ql, dl, si, ks_t, tau_rank, taus = check_common(
-        q_emb.shape[0], db_emb.shape[0], q_emb.device, q_labels, db_labels, self_index, ks, tau_rank, tau_k
-    )
-    pos, counts = positive_columns(ql, dl, si)
-    rank = _RankFromEmbeddings.apply(q_emb, db_emb, pos, si.contiguous(), tau_rank, bool(include_query), precision)
-    return loss_from_rank(rank, pos, counts, ks_t, taus)
+def rank_from_embeddings(
+    query_emb: torch.Tensor, ref_emb: torch.Tensor, pos: torch.Tensor, self_index: torch.Tensor, tau_rank: float,
+    include_query: bool, precision: str = "ieee",
+) -> torch.Tensor:  # fmt: skip
+    """rank (Q, Pmax) float32 of ``query_emb @ ref_emb^T`` (fp16/bf16/fp32, rows contiguous) for the positives
+    ``pos`` (Q, Pmax) int32 (-1 pads), differentiable w.r.t. both embeddings; ``self_index`` (Q,) int64."""
+    return _RankFromEmbeddings.apply(query_emb, ref_emb, pos, self_index, tau_rank, include_query, precision)

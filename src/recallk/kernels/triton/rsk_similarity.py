@@ -1,12 +1,5 @@
-"""RS@k loss from a similarity matrix with a fused Triton forward/backward pair.
-
-Maths (method.md section 1; ``sig(u) = 1 / (1 + exp(-u))``, ``u`` clamped to [-50, 50]):
-
-    D(q)      = every column except ``self_index[q]`` (kept when ``include_query``; it is never a positive)
-    P(q)      = {j != self_index[q] : db_labels[j] == q_labels[q]}
-    rank(q,p) = 1 + sum_{z in D(q), z != p} sig((s_qz - s_qp) / tau_rank)
-    R^k(q)    = min(sum_{p in P(q)} sig((k - rank(q,p)) / tau_k), k) / min(k, |P(q)|)
-    loss      = mean over queries with |P(q)| > 0 of (1 - mean_k R^k(q))
+"""Triton kernels for RS@k from a similarity matrix: ranks in a fused forward/backward pair (maths:
+:mod:`recallk.kernels.rsk`; the R^k epilogue and the backend object: :mod:`recallk.kernels.triton`).
 
 Layout of the work. The host lists each query's positive columns in a padded (Q, Pmax) table. The forward
 kernel runs one program per (query, block of positives): it streams the query's similarity row in tiles once and
@@ -22,17 +15,15 @@ in one pass: every element of the gradient is written exactly once, nothing is a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
-from recallk.kernels.triton._layout import check_common, loss_from_rank, positive_columns
+from recallk.kernels.rsk import CLAMP
 
-__all__ = ["rsk_loss_triton", "similarity_rank_backward", "similarity_rank_forward"]
+__all__ = ["rank_from_similarity", "similarity_rank_backward", "similarity_rank_forward"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CLAMP = tl.constexpr(CLAMP)
 
 
 @triton.jit
@@ -60,9 +51,9 @@ def _rank_fwd_kernel(
             keep = keep & (z != self_col)
         m = keep[None, :] & (z[None, :] != cols_p[:, None]) & p_valid[:, None]
         u = (s_z[None, :] - s_p[:, None]) * inv_tau
-        sg = 1.0 / (1.0 + tl.exp(-tl.minimum(tl.maximum(u, -50.0), 50.0)))
+        sg = 1.0 / (1.0 + tl.exp(-tl.minimum(tl.maximum(u, -_CLAMP), _CLAMP)))
         acc_rank += tl.sum(tl.where(m, sg, 0.0), axis=1)
-        acc_dsum += tl.sum(tl.where(m & (tl.abs(u) <= 50.0), sg * (1.0 - sg), 0.0), axis=1)
+        acc_dsum += tl.sum(tl.where(m & (tl.abs(u) <= _CLAMP), sg * (1.0 - sg), 0.0), axis=1)
     tl.store(rank_ptr + q * P + p_offs, tl.where(p_valid, 1.0 + acc_rank, 0.0), mask=p_in)
     tl.store(dsum_ptr + q * P + p_offs, tl.where(p_valid, acc_dsum, 0.0), mask=p_in)
 
@@ -92,8 +83,8 @@ def _rank_bwd_kernel(
         dsum = tl.load(dsum_ptr + q * P + p_offs, mask=p_valid, other=0.0)
         m = keep[None, :] & (z[None, :] != cols_p[:, None]) & p_valid[:, None]
         u = (s_z[None, :] - s_p[:, None]) * inv_tau
-        sg = 1.0 / (1.0 + tl.exp(-tl.minimum(tl.maximum(u, -50.0), 50.0)))
-        dsg = tl.where(m & (tl.abs(u) <= 50.0), sg * (1.0 - sg), 0.0)
+        sg = 1.0 / (1.0 + tl.exp(-tl.minimum(tl.maximum(u, -_CLAMP), _CLAMP)))
+        dsg = tl.where(m & (tl.abs(u) <= _CLAMP), sg * (1.0 - sg), 0.0)
         acc += tl.sum(g[:, None] * dsg, axis=0)
         hit = (z[None, :] == cols_p[:, None]) & p_valid[:, None]
         acc -= tl.sum(tl.where(hit, (g * dsum)[:, None], 0.0), axis=0)
@@ -189,65 +180,9 @@ class _RankFromSimilarity(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def check_triton_device(t: torch.Tensor, name: str) -> None:
-    """Triton runs on CUDA tensors, or on CPU tensors only under its interpreter (TRITON_INTERPRET=1)."""
-    if t.is_cuda:
-        return
-    if not triton.knobs.runtime.interpret:
-        raise ValueError(
-            f"{name} is on {t.device}, but the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 set "
-            "before triton is imported): move it to the GPU or use the torch backend"
-        )
-
-
-def rsk_loss_triton(
-    sim: torch.Tensor,
-    q_labels: torch.Tensor,
-    db_labels: torch.Tensor,
-    self_index: torch.Tensor,
-    ks: Sequence[int],
-    tau_rank: float,
-    tau_k: float | Sequence[float] | torch.Tensor,
-    include_query: bool,
+def rank_from_similarity(
+    sim: torch.Tensor, pos: torch.Tensor, self_index: torch.Tensor, tau_rank: float, include_query: bool
 ) -> torch.Tensor:
-    """RS@k loss of a (Q, N) similarity matrix, forward and backward in fused Triton kernels.
-
-    Args:
-        sim: (Q, N) float16, bfloat16 or float32 similarities (rows = queries, columns = database), CUDA (or
-            CPU under TRITON_INTERPRET=1). Sigmoids are computed in float32.
-        q_labels: (Q,) integer labels of the queries; db_labels: (N,) integer labels of the columns.
-        self_index: (Q,) integer column of each query in the database, -1 when it is not there.
-        ks: the k values, e.g. (1, 2, 4, 8, 16); tau_rank: rank temperature (0.01 in the paper);
-        tau_k: one temperature or one per k (1.0 in the paper); include_query: count the query's own column
-            when ranking (the authors' code), never as a positive.
-
-    Returns:
-        A float32 scalar, differentiable w.r.t. ``sim`` (the gradient has ``sim``'s dtype).
-
-    Raises:
-        ValueError: wrong shapes/dtypes/device, NaN or Inf in ``sim``, bad hyper-parameters, or no query with a
-            positive.
-    """
-    if not isinstance(sim, torch.Tensor) or sim.dim() != 2:
-        raise ValueError(f"sim must be a (Q, N) tensor, got {getattr(sim, 'shape', type(sim).__name__)}")
-    if sim.dtype not in _FLOAT_DTYPES:
-        raise ValueError(
-            f"sim must be float16, bfloat16 or float32 for the Triton kernel, got {sim.dtype}: convert it with "
-            ".float() or use the torch backend (which also handles float64)"
-        )
-    check_triton_device(sim, "sim")
-    q, n = sim.shape
-    ql, dl, si, ks_t, tau_rank, taus = check_common(
-        q, n, sim.device, q_labels, db_labels, self_index, ks, tau_rank, tau_k
-    )
-    # One reduction instead of a (Q, N) boolean mask; the exact count is only computed to report an error.
-    if not bool(torch.isfinite(sim.sum(dtype=torch.float32))):
-        bad = int((~torch.isfinite(sim)).sum())
-        if bad:
-            raise ValueError(
-                f"sim contains {bad} NaN or Inf value(s): check the model output for overflow (lower the learning "
-                "rate, disable fp16, or clip gradients) before computing the loss"
-            )
-    pos, counts = positive_columns(ql, dl, si)
-    rank = _RankFromSimilarity.apply(sim, pos, si.contiguous(), tau_rank, bool(include_query))
-    return loss_from_rank(rank, pos, counts, ks_t, taus)
+    """rank (Q, Pmax) float32 of ``sim`` (Q, N) fp16/bf16/fp32 for the positives ``pos`` (Q, Pmax) int32 (-1 pads),
+    differentiable w.r.t. ``sim``; ``self_index`` (Q,) int64 contiguous."""
+    return _RankFromSimilarity.apply(sim, pos, self_index, tau_rank, include_query)
