@@ -1,7 +1,7 @@
 """Exact k-nearest neighbours by inner product, with a deterministic order.
 
 Order rule (both backends): neighbours are sorted by decreasing float32 inner product, and items with equal
-scores by increasing database index. This rule also decides which of several equally scored items make it
+scores by increasing reference index. This rule also decides which of several equally scored items make it
 into the k nearest ("boundary ties"). Neither faiss nor ``torch.topk`` guarantees it, so every search asks for
 k + 1 candidates; a row whose k-th and (k+1)-th scores are equal is recomputed in full and its neighbours are
 chosen by the rule. Such rows are rare on real embeddings (duplicate images) and cheap to redo.
@@ -115,7 +115,7 @@ def _fix_boundary_ties(
     scores: torch.Tensor,
     indices: torch.Tensor,
     k: int,
-    n_database: int,
+    n_reference: int,
     full_rows: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Given k + 1 candidates per row, keep k; rows with a tie at the boundary are redone by the order rule.
@@ -124,7 +124,7 @@ def _fix_boundary_ties(
     """
     tied = (scores[:, k - 1] == scores[:, k]).nonzero()[:, 0]
     scores, indices = scores[:, :k].contiguous(), indices[:, :k].contiguous()
-    step = max(1, _CPU_SCORE_BUDGET // n_database)
+    step = max(1, _CPU_SCORE_BUDGET // n_reference)
     for start in range(0, len(tied), step):
         rows = tied[start : start + step]
         s, i = _select_by_rule(full_rows(rows), k)
@@ -142,18 +142,18 @@ def _drop_self(
     return scores[~is_self].view(n, kk - 1), indices[~is_self].view(n, kk - 1)
 
 
-def default_chunk_size(backend: str, k: int, n_database: int, device: torch.device) -> int:
+def default_chunk_size(backend: str, k: int, n_reference: int, device: torch.device) -> int:
     """Queries per chunk so that a chunk's working memory stays near a fixed budget (50-150 MB on CPU)."""
     if backend == "faiss":
         return int(min(16384, max(256, _CANDIDATE_BUDGET // (k + 1))))
     budget = _GPU_SCORE_BUDGET if device.type == "cuda" else _CPU_SCORE_BUDGET
-    return int(min(8192, max(1, budget // n_database)))
+    return int(min(8192, max(1, budget // n_reference)))
 
 
 def iter_knn(
     query_source: np.ndarray,
     rows: np.ndarray,
-    database: np.ndarray,
+    reference: np.ndarray,
     k: int,
     exclude_self: bool = False,
     backend: str = "faiss",
@@ -163,32 +163,32 @@ def iter_knn(
     """Yield ``(start, scores, indices)`` for consecutive chunks of the queries ``query_source[rows]``.
 
     ``scores`` (c, k) float32 and ``indices`` (c, k) int64 belong to queries ``rows[start:start + c]``, in the
-    order rule of this module. With ``exclude_self`` the query source is the database and a query's own index
-    is its row number. ``k`` must be at most the database size (minus one with ``exclude_self``); the caller
+    order rule of this module. With ``exclude_self`` the query source is the reference set and a query's own index
+    is its row number. ``k`` must be at most the reference set size (minus one with ``exclude_self``); the caller
     validates. Memory: one chunk's candidates (faiss) or score block (torch), never Q x N.
     """
     device = device or torch.device("cpu")
-    n_db = database.shape[0]
+    n_ref = reference.shape[0]
     search_k = k + 1 if exclude_self else k  # neighbours to return before dropping the query's own entry
-    chunk = chunk_size or default_chunk_size(backend, search_k, n_db, device)
-    db_torch = torch.from_numpy(database) if backend == "faiss" else torch.from_numpy(database).to(device)
+    chunk = chunk_size or default_chunk_size(backend, search_k, n_ref, device)
+    ref_torch = torch.from_numpy(reference) if backend == "faiss" else torch.from_numpy(reference).to(device)
 
     def search(q: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if backend == "faiss":
             qt = torch.from_numpy(q)
-            with_extra = min(search_k + 1, n_db)
-            d, i = faiss.knn(q, database, with_extra, metric=faiss.METRIC_INNER_PRODUCT)
+            with_extra = min(search_k + 1, n_ref)
+            d, i = faiss.knn(q, reference, with_extra, metric=faiss.METRIC_INNER_PRODUCT)
             scores, indices = torch.from_numpy(d), torch.from_numpy(i)
             if with_extra > search_k:
-                scores, indices = _fix_boundary_ties(scores, indices, search_k, n_db, lambda r: qt[r] @ db_torch.T)
+                scores, indices = _fix_boundary_ties(scores, indices, search_k, n_ref, lambda r: qt[r] @ ref_torch.T)
             return _canonical_order(scores, indices)
         qt = torch.from_numpy(q).to(device)
-        full = qt @ db_torch.T
-        if search_k == n_db:
+        full = qt @ ref_torch.T
+        if search_k == n_ref:
             scores, indices = full.sort(dim=1, descending=True, stable=True)
             return scores, indices
         scores, indices = full.topk(search_k + 1, dim=1)
-        scores, indices = _fix_boundary_ties(scores, indices, search_k, n_db, lambda r: full[r])
+        scores, indices = _fix_boundary_ties(scores, indices, search_k, n_ref, lambda r: full[r])
         return _canonical_order(scores, indices)
 
     with _ieee_fp32_matmul(device), torch.inference_mode():
@@ -202,7 +202,7 @@ def iter_knn(
 
 def exact_knn(
     queries: np.ndarray | torch.Tensor,
-    database: np.ndarray | torch.Tensor,
+    reference: np.ndarray | torch.Tensor,
     k: int,
     exclude_self: bool = False,
     device: str | torch.device | None = None,
@@ -211,13 +211,13 @@ def exact_knn(
     *,
     rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours of each query in ``database`` by inner product.
+    """Exact k nearest neighbours of each query in ``reference`` by inner product.
 
     Args:
         queries: (Q, d) float array or tensor. For cosine similarity pass L2-normalised embeddings.
-        database: (N, d) float array or tensor.
+        reference: (N, d) float array or tensor.
         k: neighbours per query, 1 <= k <= N (N - 1 with ``exclude_self``).
-        exclude_self: queries are the database itself (Q == N, row i is item i); each query's own index is
+        exclude_self: queries are the reference set itself (Q == N, row i is item i); each query's own index is
             removed from its list (by index; see the module docstring).
         device: where the torch backend computes; None means CPU, "auto" a GPU when present.
         chunk_size: queries per chunk (memory knob); None picks one from a memory budget.
@@ -227,7 +227,7 @@ def exact_knn(
 
     Returns:
         ``(scores, indices)``: numpy arrays (Q, k) float32 (inner products, decreasing along a row) and (Q, k)
-        int64 (database indices), Q = R with ``rows``; equal scores are ordered by increasing index.
+        int64 (reference indices), Q = R with ``rows``; equal scores are ordered by increasing index.
 
     Raises:
         ValueError: bad shapes, dimensions that differ, NaN/inf values, k out of range, ``exclude_self`` with
@@ -236,16 +236,16 @@ def exact_knn(
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     name = resolve_backend(backend, dev)
     q = as_float32_matrix(queries, "queries")
-    db = q if queries is database else as_float32_matrix(database, "database")
-    if q.shape[1] != db.shape[1]:
-        raise ValueError(f"queries have dimension {q.shape[1]} but the database has {db.shape[1]}")
-    if exclude_self and q.shape != db.shape:
+    ref = q if queries is reference else as_float32_matrix(reference, "reference")
+    if q.shape[1] != ref.shape[1]:
+        raise ValueError(f"queries have dimension {q.shape[1]} but the reference set has {ref.shape[1]}")
+    if exclude_self and q.shape != ref.shape:
         raise ValueError(
-            f"exclude_self=True needs the queries to be the database itself, got shapes {q.shape} and {db.shape}"
+            f"exclude_self=True needs the queries to be the reference set itself, got shapes {q.shape} and {ref.shape}"
         )
-    limit = db.shape[0] - int(exclude_self)
+    limit = ref.shape[0] - int(exclude_self)
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= limit:
-        raise ValueError(f"k must be an integer in [1, {limit}] for this database, got {k!r}")
+        raise ValueError(f"k must be an integer in [1, {limit}] for this reference set, got {k!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     if rows is None:
@@ -255,7 +255,7 @@ def exact_knn(
         raise ValueError(f"query indices (rows) must be in [0, {q.shape[0] - 1}]")
     scores = np.empty((rows.size, k), dtype=np.float32)
     indices = np.empty((rows.size, k), dtype=np.int64)
-    for start, s, i in iter_knn(q, rows, db, int(k), exclude_self, name, dev, chunk_size):
+    for start, s, i in iter_knn(q, rows, ref, int(k), exclude_self, name, dev, chunk_size):
         scores[start : start + len(s)] = s
         indices[start : start + len(i)] = i
     return scores, indices

@@ -1,7 +1,7 @@
 """Exact retrieval metrics (Recall@k, positive recall, MAP@R, R-precision) in memory linear in N.
 
 Definitions, for a query q, its ranked neighbours (exact inner product, ties by index, see ``knn``) and
-P(q) = the database items with q's label (q itself excluded in leave-one-out), R = |P(q)|:
+P(q) = the reference items with q's label (q itself excluded in leave-one-out), R = |P(q)|:
 
 - ``recall@k``: 1 if at least one of the k nearest is in P(q), else 0 (the deep-metric-learning hit rate,
   "Recall@k" of the papers).
@@ -12,7 +12,7 @@ P(q) = the database items with q's label (q itself excluded in leave-one-out), R
   Learning Reality Check", 2020).
 
 Each is averaged over the queries with R >= 1; queries with no positive are excluded and counted. A k larger
-than the database means the whole database.
+than the reference set means all of it.
 
 Memory: MAP@R needs the R nearest of each query, R up to the largest class size minus one. The search runs in
 query chunks; a first pass goes to a depth chosen by a cost model (``first_pass_depth``: usually all but the
@@ -30,7 +30,7 @@ import torch
 from recallk.evaluation.knn import as_float32_matrix, iter_knn, resolve_backend
 from recallk.utils import resolve_device
 
-# Search cost per query ~ (1 + _DEPTH_COST * depth) full passes over the database: measured with faiss on a 2-core
+# Search cost per query ~ (1 + _DEPTH_COST * depth) full passes over the reference set: measured with faiss on a 2-core
 # CPU (depth 1001 costs ~35% more than depth 33). Used to choose the first-pass depth (see first_pass_depth).
 _DEPTH_COST = 3e-4
 _FIRST_PASS_MAX_DEPTH: int | None = None  # optional cap (tests lower it to force the second pass)
@@ -70,9 +70,9 @@ def _validate_ks(ks: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({int(k) for k in ks}))
 
 
-def count_positives(query_labels: np.ndarray, db_labels: np.ndarray, leave_one_out: bool) -> np.ndarray:
-    """|P(q)| per query: (Q,) int64 count of database items with the query's label (minus itself if LOO)."""
-    classes, counts = np.unique(db_labels, return_counts=True)
+def count_positives(query_labels: np.ndarray, ref_labels: np.ndarray, leave_one_out: bool) -> np.ndarray:
+    """|P(q)| per query: (Q,) int64 count of reference items with the query's label (minus itself if LOO)."""
+    classes, counts = np.unique(ref_labels, return_counts=True)
     pos = np.searchsorted(classes, query_labels).clip(max=len(classes) - 1)
     found = classes[pos] == query_labels
     return np.where(found, counts[pos], 0).astype(np.int64) - int(leave_one_out)
@@ -81,9 +81,9 @@ def count_positives(query_labels: np.ndarray, db_labels: np.ndarray, leave_one_o
 def first_pass_depth(r: np.ndarray, min_depth: int, available: int) -> int:
     """The first-pass depth d minimising the modelled search cost, at least ``min_depth`` (capped by available).
 
-    Cost model, in full passes over the database: every query is searched to depth d, costing
+    Cost model, in full passes over the reference set: every query is searched to depth d, costing
     1 + _DEPTH_COST * d; each query with R > d is searched again to about its own R, costing 1 + _DEPTH_COST * R.
-    A deep first pass makes every query pay for the largest classes; a shallow one re-reads the database for
+    A deep first pass makes every query pay for the largest classes; a shallow one re-reads the reference set for
     many queries. ``r`` holds R (>= 1) per used query.
     """
     low = min(min_depth, available)
@@ -143,7 +143,7 @@ def retrieval_metrics(
             pass L2-normalised embeddings for cosine similarity.
         labels: (N,) integer class ids.
         ks: the k's of ``recall@k`` and ``positive_recall@k``.
-        ref_emb, ref_labels: an optional separate database (M, d) / (M,). Without it the metrics are
+        ref_emb, ref_labels: an optional separate reference set (M, d) / (M,). Without it the metrics are
             leave-one-out: every query searches all the other embeddings (itself excluded by index). With it,
             queries search the reference set and nothing is excluded.
         device: where the kNN search runs (None: CPU; "auto": a GPU when present).
@@ -160,37 +160,37 @@ def retrieval_metrics(
     """
     ks = _validate_ks(ks)
     if (ref_emb is None) != (ref_labels is None):
-        raise ValueError("give both ref_emb and ref_labels for a separate database, or neither for leave-one-out")
+        raise ValueError("give both ref_emb and ref_labels for a separate reference set, or neither for leave-one-out")
     queries = as_float32_matrix(embeddings, "embeddings")
-    q_labels = _labels_array(labels, len(queries), "labels")
+    query_labels = _labels_array(labels, len(queries), "labels")
     leave_one_out = ref_emb is None
     if leave_one_out:
-        database, db_labels = queries, q_labels
+        reference, ref_labels = queries, query_labels
     else:
-        database = as_float32_matrix(ref_emb, "ref_emb")
-        db_labels = _labels_array(ref_labels, len(database), "ref_labels")
-        if database.shape[1] != queries.shape[1]:
-            raise ValueError(f"embeddings have dimension {queries.shape[1]} but ref_emb has {database.shape[1]}")
+        reference = as_float32_matrix(ref_emb, "ref_emb")
+        ref_labels = _labels_array(ref_labels, len(reference), "ref_labels")
+        if reference.shape[1] != queries.shape[1]:
+            raise ValueError(f"embeddings have dimension {queries.shape[1]} but ref_emb has {reference.shape[1]}")
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     backend = resolve_backend(backend, dev)
 
-    positives = count_positives(q_labels, db_labels, leave_one_out)
+    positives = count_positives(query_labels, ref_labels, leave_one_out)
     rows = np.flatnonzero(positives > 0)
     if len(rows) == 0:
         raise ValueError(
             "no query has a positive (every class has a single item, or no query label is in the reference "
             "set): the metrics are undefined"
         )
-    available = len(database) - int(leave_one_out)  # neighbours a query can have
+    available = len(reference) - int(leave_one_out)  # neighbours a query can have
     r = positives[rows]
     depth = first_pass_depth(r, ks[-1], available)
     totals = _Totals(ks)
 
     def relevance(start: int, indices: np.ndarray, subset: np.ndarray) -> np.ndarray:
-        return db_labels[indices] == q_labels[subset[start : start + len(indices)], None]
+        return ref_labels[indices] == query_labels[subset[start : start + len(indices)], None]
 
     # Pass 1: every query, to `depth`; MAP@R for the queries whose R fits.
-    for start, _, indices in iter_knn(queries, rows, database, depth, leave_one_out, backend, dev, chunk_size):
+    for start, _, indices in iter_knn(queries, rows, reference, depth, leave_one_out, backend, dev, chunk_size):
         relevant = relevance(start, indices, rows)
         r_chunk = r[start : start + len(indices)]
         totals.add_recalls(relevant, r_chunk)
@@ -206,7 +206,7 @@ def retrieval_metrics(
         group = deep[start : start + max(1, _SECOND_PASS_BUDGET // group_depth)]
         group_rows = rows[group]
         for s, _, indices in iter_knn(
-            queries, group_rows, database, group_depth, leave_one_out, backend, dev, chunk_size
+            queries, group_rows, reference, group_depth, leave_one_out, backend, dev, chunk_size
         ):
             totals.add_map_at_r(relevance(s, indices, group_rows), r[group[s : s + len(indices)]])
         start += len(group)
