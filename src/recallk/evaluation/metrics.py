@@ -30,8 +30,8 @@ import torch
 from recallk.evaluation.knn import as_float32_matrix, iter_knn, resolve_backend
 from recallk.utils import resolve_device
 
-# Search cost per query ~ (1 + _DEPTH_COST * depth) full passes over the reference set: measured with faiss on a 2-core
-# CPU (depth 1001 costs ~35% more than depth 33). Used to choose the first-pass depth (see first_pass_depth).
+# Search cost per query ~ (1 + _DEPTH_COST * depth) full passes over the reference set, fitted to the faiss depth
+# measurement of docs/benchmarks.md ("Evaluation metrics"). Used to choose the first-pass depth (first_pass_depth).
 _DEPTH_COST = 3e-4
 _FIRST_PASS_MAX_DEPTH: int | None = None  # optional cap (tests lower it to force the second pass)
 _SECOND_PASS_BUDGET = 1 << 22  # neighbour entries per second-pass chunk
