@@ -114,6 +114,16 @@ def test_freeze_bn(freeze):
     assert not any(m.training for m in bns)
 
 
+def test_frozen_model_pickles_whole(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet18", embed_dim=16).eval()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False).train()
+    assert not any(m.training for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(loaded(x), model(x))
+
+
 def test_pooling_defaults_and_overrides():
     assert build_model("vit_tiny_patch16_224", embed_dim=8).pool.method == "cls"
     assert build_model("convnext_atto", embed_dim=8).pool.method == "avg"

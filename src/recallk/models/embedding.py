@@ -33,8 +33,9 @@ def freeze_batchnorm(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, _BatchNorm) and not isinstance(module, _FrozenBatchNorm):
             cls = type(module)
-            if cls not in _FROZEN_CLASSES:
-                _FROZEN_CLASSES[cls] = type(f"Frozen{cls.__name__}", (_FrozenBatchNorm, cls), {})
+            if cls not in _FROZEN_CLASSES:  # a module-level name, so that a whole model still pickles
+                name = f"Frozen{cls.__name__}"
+                _FROZEN_CLASSES[cls] = globals()[name] = type(name, (_FrozenBatchNorm, cls), {"__module__": __name__})
             module.__class__ = _FROZEN_CLASSES[cls]
             module.train(False)
     return model
