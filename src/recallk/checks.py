@@ -14,14 +14,18 @@ __all__ = [
     "check_has_positive",
     "check_ks_and_taus",
     "check_labels",
+    "check_norm",
     "check_optional_positive_int",
     "check_self_index",
     "check_similarity",
+    "max_similarity",
+    "overflow_message",
 ]
 
 NO_POSITIVE_MESSAGE = (
     "no query in the batch has a positive (another reference item with its label, itself excluded): each class "
-    "needs at least 2 items in the batch: use recallk.data.ClassBalancedBatchSampler"
+    "needs at least 2 items in the batch: use recallk.data.ClassBalancedBatchSampler with per_class >= 2 "
+    "(train.per_class in a config; the paper uses 4)"
 )
 
 
@@ -31,21 +35,61 @@ def _require_tensor(x: object, name: str) -> torch.Tensor:
     return x
 
 
-def _check_finite(x: torch.Tensor, name: str) -> None:
-    # One reduction is enough when the sum is finite (NaN and Inf propagate into it); the exact, slower
-    # element test runs only when the sum is not finite (which also happens for huge finite values).
-    if bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
+#: Largest |similarity| accepted, as a fraction of the largest finite value of the dtype the loss and the
+#: metrics compute in (float32 for half and float32 input, float64 for float64): 2^-40 leaves room for RS@k's
+#: 1 / tau_rank scaling (tau_rank >= 1e-11) and its differences of similarities. In float32 that is |s| <= 3.1e26,
+#: i.e. embedding norms up to 1.76e13 (a model's L2-normalised output has norm 1).
+OVERFLOW_HEADROOM = 2.0**-40
+
+
+def max_similarity(dtype: torch.dtype) -> float:
+    """The largest |similarity| (inner product) accepted for inputs of ``dtype`` (see ``OVERFLOW_HEADROOM``)."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.finfo(compute).max * OVERFLOW_HEADROOM
+
+
+def overflow_message(name: str, max_norm: float, dtype: torch.dtype) -> str:
+    """The one message for embeddings whose inner products would overflow (loss, kernels and metrics)."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    return (
+        f"{name} has a row of norm {max_norm:.3g}: its inner products (up to {max_norm * max_norm:.3g}) overflow "
+        f"{str(compute).replace('torch.', '')} arithmetic (norms must stay below {max_similarity(dtype) ** 0.5:.3g}). "
+        "L2-normalise the embeddings (torch.nn.functional.normalize(x, dim=1)) or check the model for exploding "
+        "activations (lower the learning rate, clip gradients)"
+    )
+
+
+def check_norm(max_norm: float, name: str, dtype: torch.dtype) -> None:
+    """Raise ValueError (:func:`overflow_message`) when ``max_norm ** 2`` exceeds :func:`max_similarity`."""
+    if not max_norm <= max_similarity(dtype) ** 0.5:
+        raise ValueError(overflow_message(name, max_norm, dtype))
+
+
+def _max_abs(x: torch.Tensor, name: str) -> float:
+    """max |x| in one pass (NaN propagates); raises the NaN/Inf error when x holds one."""
+    lo, hi = torch.aminmax(x.detach())
+    m = max(-float(lo), float(hi))
+    if m == m and m != float("inf"):
+        return m
+    bad = int((~torch.isfinite(x)).sum())
+    raise ValueError(
+        f"{name} contains {bad} NaN or Inf value(s): check the model output for overflow (lower the learning "
+        "rate, disable fp16, or clip gradients) before computing the loss"
+    )
+
+
+def _check_embedding_range(x: torch.Tensor, name: str) -> None:
+    """NaN/Inf, then rows whose inner products would overflow the compute dtype (exact norms only when the cheap
+    bound ``max|x| * sqrt(d)`` does not already clear them)."""
+    m = _max_abs(x, name)
+    if m * x.shape[1] ** 0.5 <= max_similarity(x.dtype) ** 0.5:
         return
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(
-            f"{name} contains {bad} NaN or Inf value(s): check the model output for overflow (lower the learning "
-            "rate, disable fp16, or clip gradients) before computing the loss"
-        )
+    check_norm(float(torch.linalg.vector_norm(x.detach(), dim=1, dtype=torch.float64).max()), name, x.dtype)
 
 
 def check_embeddings(embeddings: object, name: str = "embeddings") -> torch.Tensor:
-    """Require a non-empty, finite, floating (N, d) tensor; returns it unchanged."""
+    """Require a non-empty, finite, floating (N, d) tensor whose inner products cannot overflow (row norms below
+    ``max_similarity(dtype) ** 0.5``: 1.76e13 for half and float32); returns it unchanged."""
     emb = _require_tensor(embeddings, name)
     if emb.dim() != 2:
         raise ValueError(f"{name} must have shape (N, d), got {tuple(emb.shape)}: flatten or stack it to 2-D")
@@ -55,7 +99,7 @@ def check_embeddings(embeddings: object, name: str = "embeddings") -> torch.Tens
         raise ValueError(f"{name} is an empty batch (0 rows): pass at least 2 items of one class")
     if emb.shape[1] == 0:
         raise ValueError(f"{name} has 0 dimensions per item (shape {tuple(emb.shape)}): check the model head")
-    _check_finite(emb, name)
+    _check_embedding_range(emb, name)
     return emb
 
 
@@ -76,8 +120,10 @@ def check_embedding_pair(query_emb: object, ref_emb: object) -> tuple[torch.Tens
     return query_emb, ref_emb
 
 
-def check_similarity(sim: object, name: str = "sim", square: bool = False) -> torch.Tensor:
-    """Require a non-empty, finite, floating (Q, N) tensor ((B, B) when ``square``); returns it unchanged."""
+def check_similarity(sim: object, name: str = "sim", square: bool = False, scale: float = 1.0) -> torch.Tensor:
+    """Require a non-empty, finite, floating (Q, N) tensor ((B, B) when ``square``) whose values times ``scale``
+    (RS@k passes 1 / tau_rank) stay below a quarter of the largest value of the compute dtype (float32 for half
+    and float32, float64 for float64), so that no later scaling or difference overflows; returns it unchanged."""
     s = _require_tensor(sim, name)
     if s.dim() != 2:
         raise ValueError(f"{name} must be a 2-D (queries, references) similarity matrix, got shape {tuple(s.shape)}")
@@ -90,7 +136,14 @@ def check_similarity(sim: object, name: str = "sim", square: bool = False) -> to
             f"{name} must be square (B, B) for a batch against itself, got {tuple(s.shape)}: pass ref_labels "
             "for a separate reference set"
         )
-    _check_finite(s, name)
+    m = _max_abs(s, name)
+    limit = torch.finfo(torch.float64 if s.dtype == torch.float64 else torch.float32).max / 4 / scale
+    if m > limit:
+        raise ValueError(
+            f"{name} holds a similarity of magnitude {m:.3g}, which overflows the loss's arithmetic (limit "
+            f"{limit:.3g} at this tau_rank): similarities of L2-normalised embeddings lie in [-1, 1]; L2-normalise "
+            "the embeddings (torch.nn.functional.normalize(x, dim=1)) before forming the matrix"
+        )
     return s
 
 

@@ -23,7 +23,7 @@ import yaml
 
 from recallk.data import DATASET_SPECS
 from recallk.engine import TrainSettings
-from recallk.losses import RecallAtKSurrogate, loss_names
+from recallk.losses import RecallAtKSurrogate, loss_min_per_class, loss_names
 from recallk.models import build_model
 
 
@@ -221,6 +221,13 @@ def validate_config(config: dict[str, Any]) -> None:
     for key in ("batch_size", "per_class", "epochs"):
         if train[key] is None or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    need = loss_min_per_class(loss["name"])
+    if train["per_class"] < need:
+        raise ConfigError(
+            f"train.per_class={train['per_class']} cannot train loss {loss['name']!r}: a query needs another item "
+            f"of its class in the batch (a positive), so each class needs at least {need} items per batch; set "
+            f"train.per_class={max(need, 4)} (the paper's value is 4)"
+        )
     if train["batch_size"] % train["per_class"]:
         fixed = max(train["batch_size"] // train["per_class"], 1) * train["per_class"]
         raise ConfigError(

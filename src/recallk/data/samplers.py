@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -32,6 +33,9 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             remaining classes that still have ``per_class`` unused items is yielded, if there are any.
 
     Yields lists of dataset indices (ints). ``len(sampler)`` is the number of batches per epoch.
+
+    Warns once (UserWarning, at construction) with the number of classes smaller than ``per_class``, which are
+    never sampled.
 
     Raises:
         ValueError (before any training): ``batch_size`` not divisible by ``per_class`` or by ``world_size``,
@@ -79,6 +83,15 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         bounds = np.cumsum(np.bincount(inverse, minlength=len(classes)))[:-1]
         groups = np.split(order, bounds)
         self._items = [group for group in groups if len(group) >= per_class]
+        small = len(groups) - len(self._items)
+        if small and rank == 0:
+            warnings.warn(
+                f"{small} of the {len(classes)} classes have fewer than per_class={per_class} items and will never "
+                f"be sampled ({sum(len(g) for g in groups if len(g) < per_class)} items unused); lower per_class "
+                "or remove those classes to use them",
+                UserWarning,
+                stacklevel=2,
+            )
         if len(self._items) < self.classes_per_batch:
             raise ValueError(
                 f"a batch of {batch_size} with {per_class} items per class needs {self.classes_per_batch} classes "

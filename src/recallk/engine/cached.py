@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -141,6 +143,47 @@ def backward_chunks(
         start = stop
 
 
+_BN_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _training_norms(model: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
+    """Normalisation layers (BatchNorm, SyncBatchNorm, InstanceNorm with running statistics) that are in train
+    mode and track running statistics: the ones whose forward updates buffers."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]  # fmt: skip
+
+
+def _warn_ghost_batchnorm(model: nn.Module, norms: list[nn.Module], chunk_size: int) -> None:
+    """The one-time warning (per model) that BatchNorm trains with per-chunk ("ghost batch") statistics."""
+    if model in _BN_WARNED:
+        return
+    _BN_WARNED.add(model)
+    warnings.warn(
+        f"cached_backward: {len(norms)} BatchNorm layer(s) are in train mode, so each chunk of at most "
+        f"{chunk_size} images is normalised with its own statistics (ghost-batch BatchNorm) and running statistics "
+        "are updated once per chunk; the gradient is exactly that of this ghost-batch model, not of one BatchNorm "
+        "over the whole batch. For the paper's setting (frozen BatchNorm, chunk-independent gradients) call "
+        "recallk.models.freeze_batchnorm(model) or set model.freeze_bn: true in the config.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+@contextlib.contextmanager
+def _running_stats_kept(norms: list[nn.Module]) -> Iterator[None]:
+    """Pass 2 must not update running statistics a second time: put them back as pass 1 left them."""
+    saved = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in norms]
+    saved = [tuple(None if t is None else t.clone() for t in ts) for ts in saved]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, ts in zip(norms, saved):
+                for name, value in zip(("running_mean", "running_var", "num_batches_tracked"), ts):
+                    if value is not None and getattr(m, name) is not None:
+                        getattr(m, name).copy_(value)
+
+
 def cached_backward(
     model: nn.Module,
     images: torch.Tensor,
@@ -156,8 +199,12 @@ def cached_backward(
     """Gradient of ``criterion(model(images), labels)`` in chunks of ``chunk_size``: one step of method.md §3.
 
     Args:
-        model: maps (n, C, H, W) images to (n, d) embeddings. Its train/eval mode is the caller's business;
-            for exact gradients BatchNorm must be frozen (see :func:`freeze_batchnorm`).
+        model: maps (n, C, H, W) images to (n, d) embeddings. Its train/eval mode is the caller's business.
+            BatchNorm in train mode has defined "ghost batch" semantics: each chunk is normalised with its own
+            batch statistics, the gradient is exactly that of ``cat([model(chunk) for chunk in chunks])``, and
+            running statistics are updated exactly once per chunk (in pass 1; pass 2 leaves them as it found
+            them); a one-time warning per model says so. Frozen BatchNorm (:func:`freeze_batchnorm`,
+            ``model.freeze_bn: true``) gives the gradient of one full-batch backward, whatever the chunk size.
         images: (B, C, H, W), already augmented; any device (moved chunk by chunk to ``device``).
         labels: int64 (B,).
         criterion: ``criterion(embeddings (B, d) float32 or wider, labels (B,)) -> scalar``; may have parameters and may
@@ -182,6 +229,9 @@ def cached_backward(
         raise ValueError(f"images has {images.shape[0]} rows but labels has {labels.shape[0]}; they must match")
     run_device = resolve_step_device(model, images, device)
     chunks = split_into_chunks(images, chunk_size)
+    norms = _training_norms(model)
+    if norms:
+        _warn_ghost_batchnorm(model, norms, chunk_size)
     embeddings, rng_states = embed_without_grad(model, chunks, device=run_device, autocast_dtype=autocast_dtype)
     labels, rows = labels.to(run_device), slice(None)
     if gather is not None:
@@ -189,7 +239,8 @@ def cached_backward(
     with gather.shared_randomness(criterion, run_device) if gather is not None else contextlib.nullcontext():
         loss, grad = loss_and_embedding_grad(criterion, embeddings, labels, scaler=scaler)
     del embeddings
-    backward_chunks(model, chunks, grad[rows], rng_states, device=run_device, autocast_dtype=autocast_dtype)
+    with _running_stats_kept(norms):
+        backward_chunks(model, chunks, grad[rows], rng_states, device=run_device, autocast_dtype=autocast_dtype)
     if gather is not None:
         gather.reduce_gradients(model, criterion)
     return loss

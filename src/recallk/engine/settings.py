@@ -28,8 +28,9 @@ class TrainSettings:
             sampler's shuffles.
         eval_every, best_metric: evaluate every this many epochs (and after the last); the metric (higher is
             better) that picks ``checkpoints/best.pt``.
-        num_workers: DataLoader workers. Bit-identical resume needs 0 (workers draw augmentation randomness
-            from seeds that depend on where the loader started).
+        num_workers: DataLoader workers. Any number gives the same run: each item's augmentation randomness
+            is seeded from (seed, epoch, item) (:func:`recallk.engine.trainer.item_seed`), so resume is
+            bit-identical with workers too.
         max_steps_per_epoch: cap on steps per epoch (quick runs); max_steps: stop (and save) after this many
             global steps; a later ``fit(resume=True)`` continues.
         log_every: write a train line every this many steps (plus one per epoch).
@@ -38,6 +39,7 @@ class TrainSettings:
 
     Raises:
         ValueError: an unknown optimizer or amp value, a negative ``epochs``/``num_workers``, a non-positive
+            ``batch_size``/``per_class`` or a ``batch_size`` that is not a multiple of ``per_class``, a non-positive
             ``chunk_size``, ``eval_every``, ``log_every``, ``max_steps_per_epoch`` or ``max_steps``.
     """
 
@@ -71,6 +73,13 @@ class TrainSettings:
         for name, value in (("epochs", self.epochs), ("num_workers", self.num_workers)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        for name, value in (("batch_size", self.batch_size), ("per_class", self.per_class)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.per_class:
+            fixed = max(self.batch_size // self.per_class, 1) * self.per_class
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by per_class {self.per_class}: choose a "
+                             f"multiple of per_class, e.g. batch_size={fixed}")
         for name, value in (("chunk_size", self.chunk_size), ("eval_every", self.eval_every),
                             ("log_every", self.log_every), ("max_steps_per_epoch", self.max_steps_per_epoch or 1),
                             ("max_steps", self.max_steps or 1)):

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import random
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from recallk.data.samplers import ClassBalancedBatchSampler
@@ -39,6 +44,68 @@ class NonFiniteLossError(RuntimeError):
 
 class _StopRequested(Exception):
     """Internal: the step budget ``max_steps`` is spent."""
+
+
+@contextlib.contextmanager
+def _interrupt_deferred() -> Iterator[None]:
+    """Hold back a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: the optimiser update and
+    the step counters are applied together or not at all. Only in the main thread (elsewhere: no effect)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of dataset item ``index`` in ``epoch`` of a run seeded ``seed`` (a 63-bit int from
+    ``numpy.random.SeedSequence([seed, epoch, index])``): the same in every worker, process and resumed run."""
+    return int(np.random.SeedSequence([seed % 2**63, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _SeededBatches(Sampler[list[tuple[int, int]]]):
+    """The batch sampler's index lists as ``(index, item_seed(seed, epoch, index))`` pairs."""
+
+    def __init__(self, batches: Sampler[list[int]], seed: int, epoch: int) -> None:
+        self.batches, self.seed, self.epoch = batches, seed, epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batches:
+            yield [(i, item_seed(self.seed, self.epoch, i)) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _SeededItems(Dataset):
+    """``dataset[index]`` run with the torch, NumPy and Python random generators seeded from the item's seed
+    (restored afterwards): augmentation randomness is a function of (seed, epoch, item), whatever worker or
+    process loads the item and wherever the run was resumed."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def _json_value(value: Any) -> Any:
@@ -72,7 +139,9 @@ class Trainer:
             last; ``best_metric`` (higher is better) picks ``checkpoints/best.pt``.
 
     Raises:
-        ValueError: bad settings (including a batch the sampler cannot form), before any training.
+        ValueError: bad settings, before any training and before the epoch-0 evaluation: a batch the sampler
+            cannot form (too few classes with ``per_class`` items), or ``per_class`` below the criterion's
+            ``min_per_class`` (2 for pair- and rank-based losses).
     """
 
     def __init__(
@@ -91,6 +160,13 @@ class Trainer:
         if labels is None:
             raise ValueError("train_dataset must have a .labels attribute (one class id per item) for the "
                              "class-balanced sampler")
+        need = int(getattr(criterion, "min_per_class", 1))
+        if s.per_class < need:
+            raise ValueError(
+                f"per_class={s.per_class} cannot train {type(criterion).__name__}: a query needs another item of its "
+                f"class in the batch (a positive), so each class needs at least {need} items per batch; set "
+                f"per_class={max(need, 4)} (train.per_class in a config; the paper uses 4)"
+            )
         self.settings, self.eval_fn = s, eval_fn
         context = init_distributed() if s.distributed else DistributedContext(0, 1, 0, resolve_device(s.device))
         self.rank, self.world_size, self.device = context.rank, context.world_size, context.device
@@ -120,6 +196,11 @@ class Trainer:
         self.best_epoch: int | None = None
         self.last_eval: dict[str, Any] = {}
         self._rng_snapshot: dict[str, Any] | None = None
+        # What a step changes before its optimiser update (model buffers such as BatchNorm running statistics in
+        # pass 1, the criterion's extra state such as SiMix's generator in the loss), as of the last completed
+        # step: a checkpoint written on Ctrl-C takes these, so that all its state is of one completed step.
+        self._buffer_snapshot: dict[str, torch.Tensor] = {}
+        self._criterion_snapshot: dict[str, Any] = {}
         self._writer: Any = None
 
     # ----------------------------------------------------------------------------------------------- public
@@ -128,7 +209,8 @@ class Trainer:
         ``eval_fn``) plus ``train_loss`` (mean of the last epoch) and ``best_<best_metric>``.
 
         ``resume``: True continues from ``run_dir/checkpoints/last.pt``, a path from that checkpoint; the
-        continued run ends with the weights an uninterrupted run would have (one process, num_workers=0).
+        continued run ends with the weights an uninterrupted run would have (any num_workers; a Ctrl-C inside
+        a step resumes from the last completed step).
 
         Raises:
             NonFiniteLossError: NaN/Inf loss or gradient (names epoch and step; checkpoints stay as they were).
@@ -144,7 +226,7 @@ class Trainer:
         try:
             if not resumed:
                 self._evaluate(0)
-                self._rng_snapshot = capture_all_rng()
+                self._mark_completed()
             while self.epoch < self.settings.epochs:
                 self._train_epoch(self.epoch + 1)
                 self._finish_epoch(self.epoch + 1)
@@ -163,12 +245,31 @@ class Trainer:
         extra = {"train_loss": self.last_train_loss, f"best_{self.settings.best_metric}": self.best_value}
         return {**self.last_eval, **{key: value for key, value in extra.items() if value is not None}}
 
+    def _mark_completed(self) -> None:
+        """Record the state a step changes before its optimiser update (RNG streams, model buffers, the
+        criterion's extra state) as that of the last completed step."""
+        self._rng_snapshot = capture_all_rng()
+        self._buffer_snapshot = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        self._criterion_snapshot = {}
+        if isinstance(self.criterion, nn.Module):
+            self._criterion_snapshot = {k: v for k, v in self.criterion.state_dict().items()
+                                        if k.endswith("_extra_state")}  # fmt: skip
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything a checkpoint holds (see :meth:`fit`); RNG states as of the last completed step."""
+        """Everything a checkpoint holds (see :meth:`fit`), all of it as of the last completed step: RNG states,
+        model buffers and the criterion's extra state are taken from the snapshot of that step (a Ctrl-C inside
+        pass 1, the loss or pass 2 has already changed them); parameters and optimiser state change only in the
+        optimiser update, which a Ctrl-C cannot split."""
+        model_state = self.model.state_dict()
+        model_state.update({k: v for k, v in self._buffer_snapshot.items() if k in model_state})
+        criterion_state = None
+        if isinstance(self.criterion, nn.Module):
+            criterion_state = self.criterion.state_dict()
+            criterion_state.update(self._criterion_snapshot)
         return {
             "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "criterion": self.criterion.state_dict() if isinstance(self.criterion, nn.Module) else None,
+            "model": model_state,
+            "criterion": criterion_state,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -189,8 +290,11 @@ class Trainer:
         self.sampler.load_state_dict({"epoch": epoch, "position": self.position, "seed": self.settings.seed})
         # A private generator: creating the loader must not draw from the global RNG (exact resume).
         generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + epoch)
-        return DataLoader(self.train_dataset, batch_sampler=self.sampler, num_workers=self.settings.num_workers,
-                          pin_memory=self.device.type == "cuda", generator=generator)
+        # Each item's augmentation draws from its own seed (seed, epoch, item): exact resume with workers too.
+        batches = _SeededBatches(self.sampler, self.settings.seed, epoch)
+        return DataLoader(_SeededItems(self.train_dataset), batch_sampler=batches,
+                          num_workers=self.settings.num_workers, pin_memory=self.device.type == "cuda",
+                          generator=generator)  # fmt: skip
 
     def _train_epoch(self, epoch: int) -> None:
         self.model.train()
@@ -235,16 +339,17 @@ class Trainer:
             raise NonFiniteLossError(f"the loss is {value} {where}")
         if self.scaler is None and not self._gradients_finite():
             raise NonFiniteLossError(f"a parameter gradient is not finite {where}")
-        if self.scaler is not None:  # fp16: the scaler skips steps with overflowing gradients by design
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.step += 1
-        self.position += 1
-        self.epoch_loss_sum += value
-        self.epoch_steps += 1
-        self._rng_snapshot = capture_all_rng()
+        with _interrupt_deferred():  # the update and the counters go together
+            if self.scaler is not None:  # fp16: the scaler skips steps with overflowing gradients by design
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.step += 1
+            self.position += 1
+            self.epoch_loss_sum += value
+            self.epoch_steps += 1
+            self._mark_completed()
         return value
 
     def _gradients_finite(self) -> bool:
@@ -264,7 +369,7 @@ class Trainer:
         self.position = 0
         if epoch % self.settings.eval_every == 0 or epoch == self.settings.epochs:
             self._evaluate(epoch)
-        self._rng_snapshot = capture_all_rng()
+        self._mark_completed()
         self._save("last.pt")
         self.epoch_loss_sum, self.epoch_steps = 0.0, 0
 
@@ -283,7 +388,7 @@ class Trainer:
             value = float(self.last_eval[self.settings.best_metric])
             if self.best_value is None or value > self.best_value:
                 self.best_value, self.best_epoch = value, epoch
-                self._rng_snapshot = capture_all_rng()
+                self._mark_completed()
                 self._save("best.pt", gather_rng=False)  # rank 0 alone here: no collective
         if self.settings.distributed:
             dist.barrier()
@@ -347,4 +452,5 @@ class Trainer:
         per_rank = state.get("rng_per_rank")
         rng = per_rank[self.rank] if per_rank and len(per_rank) > self.rank else state["rng"]
         restore_all_rng(rng)
+        self._mark_completed()  # the restored model and criterion are the checkpoint's completed step
         self._rng_snapshot = rng

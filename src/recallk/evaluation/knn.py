@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from recallk import checks
 from recallk.utils import resolve_device
 
 try:  # faiss is a dependency, but the torch backend keeps working without it
@@ -31,10 +32,20 @@ except ImportError:  # pragma: no cover - exercised only where faiss is missing
 
 BACKENDS = ("faiss", "torch")
 
-# Working-memory targets, in elements: candidate lists per query chunk (faiss), score blocks (torch).
-_CANDIDATE_BUDGET = 1 << 22
-_CPU_SCORE_BUDGET = 1 << 25
+# Working-memory targets, in elements: candidate lists per query chunk (faiss), score blocks (torch), and the
+# full score rows of rows with a tie at the k-th place (redone by the order rule, ~13 bytes per element).
+_CANDIDATE_BUDGET = 1 << 20
+_CPU_SCORE_BUDGET = 1 << 24
 _GPU_SCORE_BUDGET = 1 << 28
+_TIE_BUDGET = 1 << 20
+#: faiss queries per chunk at most: faiss's own BLAS query block (larger chunks only copy more queries).
+_FAISS_MAX_CHUNK = 4096
+#: Bytes per element of each working set, an upper bound over the temporaries the code creates (see
+#: :func:`chunk_memory_bound`): faiss candidates (float32 + int64 lists, their k-prefix copies and the sorts of
+#: ``_canonical_order``), torch scores (the float32 block, 4, plus 1 of slack for topk), tie rows.
+_BYTES_PER_CANDIDATE = 64
+_BYTES_PER_SCORE = 5
+_BYTES_PER_TIE_SCORE = 16
 
 
 def faiss_available() -> bool:
@@ -64,7 +75,8 @@ def as_float32_matrix(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     """``x`` as a C-contiguous float32 numpy (N, d) array (no copy when it already is one).
 
     Raises:
-        ValueError: not 2-D, empty, or holds NaN/inf.
+        ValueError: not 2-D, empty, holds NaN/inf, or has a row whose float32 inner products would overflow
+            (``recallk.checks.check_norm``: the same message as the loss).
     """
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float32).numpy()
@@ -73,6 +85,8 @@ def as_float32_matrix(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a non-empty 2-D (N, d) array, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError(f"{name} holds NaN or inf values; check the model's outputs")
+    if float(np.abs(x).max()) * x.shape[1] ** 0.5 > checks.max_similarity(torch.float32) ** 0.5:
+        checks.check_norm(float(np.sqrt(np.square(x, dtype=np.float64).sum(1).max())), name, torch.float32)
     return x
 
 
@@ -106,7 +120,8 @@ def _select_by_rule(full_scores: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     above = full_scores > kth[:, None]
     equal = full_scores == kth[:, None]
     needed = k - above.sum(dim=1)
-    chosen = above | (equal & (equal.cumsum(dim=1) <= needed[:, None]))
+    chosen = equal.cumsum(dim=1, dtype=torch.int32).le_(needed[:, None].to(torch.int32)).logical_and_(equal)
+    chosen.logical_or_(above)
     indices = chosen.nonzero()[:, 1].view(-1, k)  # nonzero is row-major: indices ascend within a row
     return full_scores.gather(1, indices), indices
 
@@ -124,7 +139,7 @@ def _fix_boundary_ties(
     """
     tied = (scores[:, k - 1] == scores[:, k]).nonzero()[:, 0]
     scores, indices = scores[:, :k].contiguous(), indices[:, :k].contiguous()
-    step = max(1, _CPU_SCORE_BUDGET // n_reference)
+    step = max(1, _TIE_BUDGET // n_reference)
     for start in range(0, len(tied), step):
         rows = tied[start : start + step]
         s, i = _select_by_rule(full_rows(rows), k)
@@ -143,11 +158,29 @@ def _drop_self(
 
 
 def default_chunk_size(backend: str, k: int, n_reference: int, device: torch.device) -> int:
-    """Queries per chunk so that a chunk's working memory stays near a fixed budget (50-150 MB on CPU)."""
+    """Queries per chunk so that a chunk's working memory stays below :func:`chunk_memory_bound`: on the CPU at
+    most 150 MiB plus the chunk's float32 query copy (at most 4,096 (faiss) or 8,192 (torch) queries x d x 4
+    bytes), for reference sets up to 4 million items and k up to 16,383 (faiss; a larger k needs 64 bytes per
+    candidate and query); 1 GiB score blocks on a GPU. ``k`` is the number of neighbours searched (k + 1 with
+    self exclusion). Pinned by ``tests/evaluation/test_knn_memory.py``."""
     if backend == "faiss":
-        return int(min(16384, max(256, _CANDIDATE_BUDGET // (k + 1))))
+        return int(min(_FAISS_MAX_CHUNK, max(1, _CANDIDATE_BUDGET // (k + 1))))
     budget = _GPU_SCORE_BUDGET if device.type == "cuda" else _CPU_SCORE_BUDGET
     return int(min(8192, max(1, budget // n_reference)))
+
+
+def chunk_memory_bound(backend: str, chunk: int, k: int, n_reference: int, dim: int) -> int:
+    """Upper bound in bytes on the working memory of one chunk of :func:`iter_knn` on the CPU (what the search
+    allocates besides its inputs and outputs): the query copy ``chunk * dim * 4``, plus for faiss 64 bytes per
+    candidate (``chunk * (k + 2)``) and faiss's own 16 MiB BLAS block, or for torch 5 bytes per score
+    (``chunk * n_reference``: the float32 block and slack for topk) and 64 per candidate; plus the tie rows
+    (16 bytes x max(2^20, N): 16 MiB up to a million references).
+    ``tests/evaluation/test_knn_memory.py`` measures the process's peak against it."""
+    tie = _BYTES_PER_TIE_SCORE * max(_TIE_BUDGET, n_reference)
+    queries = chunk * dim * 4
+    if backend == "faiss":
+        return queries + _BYTES_PER_CANDIDATE * chunk * (k + 2) + (16 << 20) + tie
+    return queries + _BYTES_PER_SCORE * chunk * n_reference + _BYTES_PER_CANDIDATE * chunk * (k + 2) + tie
 
 
 def iter_knn(

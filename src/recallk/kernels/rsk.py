@@ -17,20 +17,25 @@ A backend is one file holding an object with the :class:`Backend` methods and on
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
 
 from recallk import checks
+from recallk.kernels.dispatch import MATRIX_BUDGET_BYTES, choose_path
 
 __all__ = [
     "CLAMP",
+    "MATRIX_BUDGET_BYTES",
     "Backend",
     "Positives",
     "RSkParams",
+    "auto_path",
     "backend_names",
     "get_backend",
+    "no_autocast",
     "positive_layout",
     "register_backend",
     "resolve_backend",
@@ -40,6 +45,17 @@ __all__ = [
 
 #: Every sigmoid argument is clamped to [-CLAMP, CLAMP] (method.md section 1).
 CLAMP = 50.0
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that turns ``torch.autocast`` off for ``device``'s type (a no-op where autocast does not exist).
+
+    The loss is computed in float32 (float64 for float64 input) whatever autocast a user's training loop has
+    active: autocast would run its matmuls in bf16/fp16 and hand float32 buffers half tensors.
+    """
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -125,14 +141,14 @@ def positive_layout(
 class Backend(Protocol):
     """An implementation of RS@k; register an instance with :func:`register_backend`.
 
-    ``name`` is its ``backend=`` value; ``backend="auto"`` takes, among the backends whose
-    ``available(device, auto=True)`` is true, the one of highest ``priority``. ``dtypes`` lists the input dtypes
-    it takes; ``requirement`` says what it needs to run (for the error when it cannot). The two loss methods get
-    checked inputs on one device and return a scalar loss differentiable w.r.t. the similarity or embeddings.
+    ``name`` is its ``backend=`` value; ``backend="auto"`` picks among the usable backends
+    (``available(device, auto=True)``) by the measured rule of :mod:`recallk.kernels.dispatch`. ``dtypes`` lists
+    the input dtypes it takes; ``requirement`` says what it needs to run (for the error when it cannot). The two
+    loss methods get checked inputs on one device and return a scalar loss differentiable w.r.t. the similarity
+    or embeddings.
     """
 
     name: str
-    priority: int
     dtypes: tuple[torch.dtype, ...]
     requirement: str
 
@@ -164,24 +180,35 @@ def backend_names() -> tuple[str, ...]:
     return ("auto", *_BACKENDS)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to a registered backend for ``device`` (see :class:`Backend`); check the name."""
+def auto_path(
+    device: torch.device, rows: int, cols: int, backend: str = "auto", memory: str = "auto",
+    budget_bytes: int = MATRIX_BUDGET_BYTES,
+) -> tuple[str, str]:  # fmt: skip
+    """:func:`recallk.kernels.dispatch.choose_path` with what is usable on ``device``: ``(backend, memory)``."""
+    triton = "triton" in _BACKENDS and _BACKENDS["triton"].available(device, auto=True)
+    return choose_path(device, rows, cols, backend, memory, triton, budget_bytes)
+
+
+def resolve_backend(backend: str, device: torch.device, memory: str = "matrix") -> str:
+    """Map ``"auto"`` to the fastest measured backend for ``device`` and the ``memory`` path ("matrix": from a
+    similarity matrix, "recompute": from embeddings; :mod:`recallk.kernels.dispatch`); check the name."""
     if backend == "auto":
-        usable = [b for b in _BACKENDS.values() if b.available(device, auto=True)]
-        return max(usable, key=lambda b: b.priority).name
+        return auto_path(device, 1, 1, "auto", memory)[0]
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
     return backend
 
 
-def get_backend(backend: str | Backend, x: torch.Tensor | None = None, name: str = "input") -> Backend:
+def get_backend(
+    backend: str | Backend, x: torch.Tensor | None = None, name: str = "input", memory: str = "matrix"
+) -> Backend:
     """The backend object of a name or instance, resolved for ``x``'s device (CPU when None).
 
     Raises:
         ValueError: unknown name, or (with ``x``) a backend that cannot run on ``x``'s device or dtype.
     """
     device = torch.device("cpu") if x is None else x.device
-    impl = backend if not isinstance(backend, str) else _BACKENDS[resolve_backend(backend, device)]
+    impl = backend if not isinstance(backend, str) else _BACKENDS[resolve_backend(backend, device, memory)]
     if x is not None and not impl.available(device):
         raise ValueError(
             f"backend={impl.name!r} cannot run on {device}: it needs {impl.requirement}; or use backend='torch'"
@@ -225,7 +252,9 @@ def rsk_loss_from_similarity(
 
     Args:
         sim: (Q, N) similarities, float16/bfloat16/float32/float64 (half inputs are computed in float32,
-            float64 in float64; the Triton backend takes no float64). Differentiable.
+            float64 in float64; the Triton backend takes no float64), with |s| / tau_rank below a quarter of
+            the compute dtype's maximum (``checks.check_similarity``).
+            Differentiable. Any active ``torch.autocast`` is turned off inside (see :func:`no_autocast`).
         query_labels: (Q,) integer labels of the queries. ref_labels: (N,) integer labels of the references.
         params: the hyper-parameters (:class:`RSkParams`).
         self_index: (Q,) integer column of query q in the reference set, or -1 when absent; None = all -1.
@@ -242,11 +271,12 @@ def rsk_loss_from_similarity(
         ValueError: NaN/Inf in ``sim``, wrong shapes or dtypes, an unknown or unavailable backend, a bad
             ``block_size``, or no query with a positive.
     """
-    sim = checks.check_similarity(sim)
+    sim = checks.check_similarity(sim, scale=1.0 / params.tau_rank)
     impl = get_backend(backend, sim, "sim")
     positives = _positives(sim.shape, sim.device, query_labels, ref_labels, self_index, block_size,
                            ("sim", "sim (columns)"))  # fmt: skip
-    return impl.from_similarity(sim, positives, params, block_size)
+    with no_autocast(sim.device):
+        return impl.from_similarity(sim, positives, params, block_size)
 
 
 def rsk_loss_from_embeddings(
@@ -282,8 +312,9 @@ def rsk_loss_from_embeddings(
             unavailable backend, a bad ``block_size``, or no query with a positive.
     """
     query_emb, ref_emb = checks.check_embedding_pair(query_emb, ref_emb)
-    impl = get_backend(backend, query_emb, "query_emb")
+    impl = get_backend(backend, query_emb, "query_emb", memory="recompute")
     positives = _positives((query_emb.shape[0], ref_emb.shape[0]), query_emb.device, query_labels, ref_labels,
                            self_index, block_size, ("query_emb", "ref_emb"))  # fmt: skip
-    return impl.from_embeddings(query_emb, ref_emb, positives, params, block_size)
+    with no_autocast(query_emb.device):
+        return impl.from_embeddings(query_emb, ref_emb, positives, params, block_size)
 

@@ -297,7 +297,7 @@ def _scaled(grad: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> t
 class TorchBackend:
     """The blocked torch Functions: any device, any floating dtype (fp16/bf16 computed in fp32, fp64 in fp64)."""
 
-    name, priority, requirement = "torch", 0, "nothing"
+    name, requirement = "torch", "nothing"
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
     def available(self, device: torch.device, auto: bool = False) -> bool:

@@ -14,8 +14,11 @@ import torch
 from torch import nn
 
 from recallk import checks
+from recallk.kernels import no_autocast
 
-__all__ = ["MetricLoss", "build_loss", "loss_names", "register_loss"]
+_HALF = (torch.float16, torch.bfloat16)
+
+__all__ = ["MetricLoss", "build_loss", "loss_min_per_class", "loss_names", "register_loss"]
 
 
 class MetricLoss(nn.Module):
@@ -25,7 +28,13 @@ class MetricLoss(nn.Module):
     :meth:`forward` checks the inputs and calls :meth:`compute`, which subclasses implement. A loss that draws
     random numbers keeps its ``generator`` attribute (a ``torch.Generator``); its state then travels with
     ``state_dict()`` as the extra state ``{"generator_state": ByteTensor}``.
+
+    ``min_per_class``: the fewest items of one class a batch needs for the loss to learn anything: 2 for pair-
+    and rank-based losses (a query needs a positive), 1 for proxy-based ones. The Trainer and the config refuse
+    a smaller ``per_class`` before any work starts.
     """
+
+    min_per_class: int = 2
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor | None = None,
@@ -40,9 +49,14 @@ class MetricLoss(nn.Module):
                 against it alone (no self exclusion). Needs ``ref_labels``.
             ref_labels: (N,) integer labels of ``ref_emb``.
 
+        Mixed precision: half (float16/bfloat16) embeddings are widened to float32 first and any active
+        ``torch.autocast`` is turned off inside, so every loss computes in float32 (float64 for float64 input)
+        in the standard AMP recipe; the gradient flows back to the half embeddings in their dtype.
+
         Raises:
-            ValueError: NaN/Inf, wrong shapes, non-integer labels, an empty batch, ``ref_emb`` without
-                ``ref_labels`` (or the reverse) or of another width, or what the loss itself rejects.
+            ValueError: NaN/Inf, embeddings whose inner products would overflow (``checks.check_embeddings``),
+                wrong shapes, non-integer labels, an empty batch, ``ref_emb`` without ``ref_labels`` (or the
+                reverse) or of another width, or what the loss itself rejects.
         """
         emb = checks.check_embeddings(embeddings)
         labels = checks.check_labels(labels, emb.shape[0]).to(emb.device)
@@ -56,7 +70,10 @@ class MetricLoss(nn.Module):
                 )
             ref_labels = checks.check_labels(ref_labels, ref_emb.shape[0], name="ref_labels", against="ref_emb")
             ref_labels = ref_labels.to(emb.device)
-        return self.compute(emb, labels, ref_emb, ref_labels)
+        with no_autocast(emb.device):
+            emb = emb.float() if emb.dtype in _HALF else emb
+            ref_emb = ref_emb.float() if ref_emb is not None and ref_emb.dtype in _HALF else ref_emb
+            return self.compute(emb, labels, ref_emb, ref_labels)
 
     def compute(
         self, embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor | None,
@@ -77,13 +94,25 @@ class MetricLoss(nn.Module):
 
 
 _LOSSES: dict[str, Callable[..., nn.Module]] = {}
+_MIN_PER_CLASS: dict[str, int] = {}
 
 
-def register_loss(name: str, factory: Callable[..., nn.Module]) -> None:
-    """Make ``build_loss(name, **cfg)`` return ``factory(**cfg)``. Raises ValueError on a taken name."""
+def register_loss(name: str, factory: Callable[..., nn.Module], min_per_class: int | None = None) -> None:
+    """Make ``build_loss(name, **cfg)`` return ``factory(**cfg)``; ``min_per_class`` (default: the factory's
+    ``min_per_class`` attribute, else 2) is what :func:`loss_min_per_class` reports. Raises ValueError on a taken
+    name."""
     if name in _LOSSES:
         raise ValueError(f"a loss named {name!r} is already registered")
     _LOSSES[name] = factory
+    _MIN_PER_CLASS[name] = int(min_per_class if min_per_class is not None else getattr(factory, "min_per_class", 2))
+
+
+def loss_min_per_class(name: str) -> int:
+    """The fewest items per class a batch needs for loss ``name`` (see :class:`MetricLoss`); ValueError when
+    unknown."""
+    if name not in _MIN_PER_CLASS:
+        raise ValueError(f"unknown loss {name!r}: choose one of {list(_LOSSES)}")
+    return _MIN_PER_CLASS[name]
 
 
 def loss_names() -> tuple[str, ...]:

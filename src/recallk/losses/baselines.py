@@ -104,8 +104,13 @@ def build_baseline(name: str, **cfg: Any) -> MetricLearningBaseline:
             f"bad options for loss {name!r} ({err}): it accepts {params} and pytorch-metric-learning's common "
             "options (distance, reducer, ...)"
         ) from err
-    return MetricLearningBaseline(name, loss, group_by_class=(name == "smooth_ap"))
+    built = MetricLearningBaseline(name, loss, group_by_class=(name == "smooth_ap"))
+    built.min_per_class = _MIN_PER_CLASS.get(name, 2)
+    return built
 
+
+#: Proxy-Anchor compares items with learnt class proxies: one item of a class in a batch is enough.
+_MIN_PER_CLASS = {"proxy_anchor": 1}
 
 for _name in BASELINES:
-    register_loss(_name, functools.partial(build_baseline, _name))
+    register_loss(_name, functools.partial(build_baseline, _name), min_per_class=_MIN_PER_CLASS.get(_name, 2))

@@ -39,6 +39,9 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (emb,) = ctx.saved_tensors
+        if torch.amp.is_autocast_available(emb.device.type):  # a backward run inside autocast stays in emb's dtype
+            with torch.autocast(device_type=emb.device.type, enabled=False):
+                return (grad + grad.T).to(emb.dtype) @ emb
         return (grad + grad.T) @ emb
 
 

@@ -16,9 +16,9 @@ from recallk.losses.simix import simix, simix_embeddings
 __all__ = ["MEMORY_MODES", "RECOMPUTE_ABOVE_BYTES", "RecallAtKSurrogate", "gram"]
 
 MEMORY_MODES = ("auto", "matrix", "recompute")
-#: ``memory="auto"`` switches to "recompute" when the float32 similarity of the (augmented) batch would be
-#: larger than this: 1 GiB, i.e. about B = 16,384 (B + V = 16,384 with SiMix).
-RECOMPUTE_ABOVE_BYTES = 1 << 30
+#: ``memory="auto"`` never stores a float32 similarity of the (augmented) batch larger than this: 1 GiB, i.e.
+#: about B = 16,384 (B + V = 16,384 with SiMix). Below it the choice is measured (:mod:`recallk.kernels.dispatch`).
+RECOMPUTE_ABOVE_BYTES = kernels.MATRIX_BUDGET_BYTES
 
 _SIMIX_WITH_REF = (
     "simix=True mixes items of one batch and needs the batch against itself: drop ref_emb/ref_labels or build "
@@ -42,17 +42,20 @@ class RecallAtKSurrogate(MetricLoss):
         simix: apply :func:`recallk.losses.simix` to the batch similarity in ``forward``/``from_similarity``
             (not with a separate reference set).
         max_pairs_per_class: SiMix cap on pairs per class (None: all pairs).
-        backend: "auto" (Triton kernel for CUDA tensors when importable, else torch), "torch" or "triton".
+        backend: "torch", "triton" or "auto": with ``memory``, the fastest measured path for the device and
+            batch size (:mod:`recallk.kernels.dispatch`: on CUDA the Triton matrix kernel from about 5,000 rows
+            while the matrix fits, the torch recompute path otherwise; torch on the CPU).
         generator: random source of SiMix; by default a CPU generator seeded with ``torch.initial_seed()``
             (so ``torch.manual_seed`` makes training reproducible). Replace the ``generator`` attribute to
             change it; its state is saved and restored with ``state_dict()`` (see :class:`MetricLoss`).
         block_size: query rows per block of the torch path (None: automatic).
         memory: how ``forward`` forms similarities (a memory strategy). "matrix" computes the (B, N) matrix and
-            its gradient (fastest while they fit); "recompute" never stores them: the torch path computes the similarity
-            rows of one block of queries at a time, the Triton path recomputes tiles inside its kernels, and
-            SiMix mixes the embeddings instead of the matrix (same pairs and alphas); "auto" (default) uses
-            "recompute" when the float32 matrix would exceed ``RECOMPUTE_ABOVE_BYTES`` (1 GiB). Both give the
-            same loss up to float rounding. ``from_similarity`` always takes a matrix.
+            its gradient; "recompute" never stores them: the torch path computes the similarity rows of one
+            block of queries at a time, the Triton path recomputes tiles inside its kernels, and
+            SiMix mixes the embeddings instead of the matrix (same pairs and alphas); "auto" (default) never
+            stores a float32 matrix above ``RECOMPUTE_ABOVE_BYTES`` (1 GiB) and below it takes the measured
+            fastest path (the matrix on the CPU). Both give the same loss up to float rounding.
+            ``from_similarity`` always takes a matrix.
         similarity: deprecated spelling of ``memory`` (DeprecationWarning).
 
     Embeddings are used as given (not re-normalised): the model L2-normalises, and SiMix's virtual items are
@@ -122,48 +125,52 @@ class RecallAtKSurrogate(MetricLoss):
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
         """The loss of checked inputs (see :meth:`MetricLoss.forward`): float32, or float64 for float64 input."""
-        emb, options = embeddings, {"backend": self.backend, "block_size": self.block_size}
+        emb = embeddings
         if ref_emb is None:
-            if not self._recompute_batch(labels):
-                return self.from_similarity(gram(emb), labels)
+            backend, memory = self._path(emb.device, self._augmented_size(labels))
+            if memory == "matrix":
+                return self.from_similarity(gram(emb), labels, backend=backend)
             if self.simix:
                 emb, labels = simix_embeddings(
                     emb, labels, generator=self.generator, max_pairs_per_class=self.max_pairs_per_class
                 )
             self_index = torch.arange(emb.shape[0], device=emb.device)
             return kernels.rsk_loss_from_embeddings(emb, emb, labels, labels, self.params, self_index=self_index,
-                                                    **options)  # fmt: skip
+                                                    backend=backend, block_size=self.block_size)  # fmt: skip
         if self.simix:
             raise ValueError(_SIMIX_WITH_REF)
-        if not self._recompute(emb.shape[0], ref_emb.shape[0]):
-            return self.from_similarity(emb @ ref_emb.T, labels, ref_labels)
-        return kernels.rsk_loss_from_embeddings(emb, ref_emb, labels, ref_labels, self.params, **options)
+        backend, memory = self._path(emb.device, emb.shape[0], ref_emb.shape[0])
+        if memory == "matrix":
+            return self.from_similarity(emb @ ref_emb.T, labels, ref_labels, backend=backend)
+        return kernels.rsk_loss_from_embeddings(emb, ref_emb, labels, ref_labels, self.params, backend=backend,
+                                                block_size=self.block_size)  # fmt: skip
 
-    def _recompute_batch(self, labels: torch.Tensor) -> bool:
-        """Whether a batch against itself goes the "recompute" way; "auto" counts SiMix's virtual items."""
-        if self.memory != "auto" or not self.simix:
-            return self._recompute(labels.numel(), labels.numel())
+    def _augmented_size(self, labels: torch.Tensor) -> int:
+        """Rows of a batch against itself after SiMix (its virtual items counted), as "auto" sizes it."""
+        if not self.simix:
+            return labels.numel()
         sizes = torch.unique(labels, return_counts=True)[1]
         pairs = sizes * (sizes - 1) // 2
         if self.max_pairs_per_class is not None:
             pairs = pairs.clamp(max=self.max_pairs_per_class)
-        augmented = labels.numel() + int(pairs.sum())
-        return self._recompute(augmented, augmented)
+        return labels.numel() + int(pairs.sum())
 
-    def _recompute(self, rows: int, cols: int) -> bool:
-        if self.memory == "auto":
-            return rows * cols * 4 > RECOMPUTE_ABOVE_BYTES
-        return self.memory == "recompute"
+    def _path(self, device: torch.device, rows: int, cols: int | None = None) -> tuple[str, str]:
+        """``(backend, memory)`` for ``rows`` queries against ``cols`` references (default: ``rows``)."""
+        return kernels.auto_path(device, rows, rows if cols is None else cols, self.backend, self.memory,
+                                 RECOMPUTE_ABOVE_BYTES)  # fmt: skip
 
     def from_similarity(
-        self, sim: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, sim: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None = None,
+        backend: str | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Loss from a similarity matrix already computed.
 
         Args:
             sim: (B, B) similarity of the batch with itself (item i is query i and column i), or (B, N) against
                 a separate reference set when ``ref_labels`` is given.
             labels: (B,) integer labels of the rows. ref_labels: (N,) integer labels of the columns.
+            backend: overrides the loss's ``backend`` for this call.
 
         Returns:
             Scalar loss tensor.
@@ -180,7 +187,8 @@ class RecallAtKSurrogate(MetricLoss):
         elif self.simix:
             raise ValueError(_SIMIX_WITH_REF)
         return kernels.rsk_loss_from_similarity(sim, labels, ref_labels, self.params, self_index=self_index,
-                                                backend=self.backend, block_size=self.block_size)  # fmt: skip
+                                                backend=backend or self.backend,
+                                                block_size=self.block_size)  # fmt: skip
 
 
 register_loss("rsk", RecallAtKSurrogate)

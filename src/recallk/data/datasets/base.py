@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -66,23 +66,109 @@ def read_rows(path: Path, fields: int, expected: str, skip: int = 0, maxsplit: i
     return rows
 
 
+#: Transparent pixels are composited onto this opaque background (white, as image viewers and web pages show
+#: product photos) before the alpha channel is dropped.
+TRANSPARENCY_BACKGROUND = (255, 255, 255)
+
+#: Modes holding more than 8 bits per sample, as Pillow names them, and the divisor that maps their full range
+#: onto 0..255 (16-bit: 65535 / 255 = 257). Mode "I" (32-bit signed) is read as 16-bit data, the range of every
+#: format that produces it (16-bit PNG and TIFF); values outside 0..65535 are refused.
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_PLAIN_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"})
+
+
+class UnsupportedImageModeError(BadImageError):
+    """An image decodes, but its pixel mode has no defined 8-bit RGB form; ``.path`` and ``.mode`` say which."""
+
+    def __init__(self, path: str | os.PathLike, mode: str, why: str) -> None:
+        self.mode = mode
+        ValueError.__init__(
+            self, f"cannot convert image {path} (Pillow mode {mode!r}) to 8-bit RGB: {why}. Convert the file to "
+            "8-bit RGB (e.g. PIL.Image.open(path).convert('RGB') after scaling its values to 0..255), or pass "
+            "skip_bad_images=True to skip it"
+        )
+        self.path = str(path)
+
+
+def _scaled_to_l(img: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """A 16-bit ("I;16*", "I") or float ("F") greyscale image as mode "L", by the fixed rule of its mode:
+    16-bit v -> round(v / 257); float in [0, 1] -> round(255 v). Anything else raises UnsupportedImageModeError."""
+    a = np.asarray(img)
+    if img.mode in _SIXTEEN_BIT_MODES:
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            raise UnsupportedImageModeError(path, img.mode, f"values span {lo}..{hi}, outside the 16-bit 0..65535")
+        out = np.rint(a.astype(np.float64) / 257.0)
+    else:  # "F"
+        lo, hi = float(a.min()), float(a.max())
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= 1.0):
+            raise UnsupportedImageModeError(
+                path, img.mode, f"32-bit float values span {lo:g}..{hi:g}; only 0..1 has a defined 8-bit form"
+            )
+        out = np.rint(a.astype(np.float64) * 255.0)
+    return Image.fromarray(out.astype(np.uint8), mode="L")
+
+
+def to_rgb8(img: Image.Image, path: str | os.PathLike = "<image>", *, in_place: bool = False) -> Image.Image:
+    """The 8-bit RGB picture of a decoded Pillow image, as an image viewer shows it.
+
+    - EXIF orientation is applied (``PIL.ImageOps.exif_transpose``): a photo stored sideways comes out upright.
+    - Transparency (an alpha channel, or a ``transparency`` key of a "P", "L" or "RGB" image) is composited onto
+      ``TRANSPARENCY_BACKGROUND`` (white).
+    - 16-bit greyscale ("I;16", "I;16B", "I;16L", "I;16N", "I") maps 0..65535 to 0..255 (v / 257, rounded);
+      float "F" maps 0..1 to 0..255. Pillow reads 16-bit RGB files (PNG, TIFF) as 8-bit "RGB" itself.
+    - "1", "L", "P", "RGB", "CMYK", "YCbCr" use Pillow's conversion.
+
+    ``in_place``: orient ``img`` itself (no copy) and return it when it is already RGB (the loader's own images).
+
+    Raises:
+        UnsupportedImageModeError: a mode or value range without a defined 8-bit form (names file and mode).
+    """
+    img = ImageOps.exif_transpose(img, in_place=True) or img if in_place else ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info and in_place:
+        return img
+    if mode in _SIXTEEN_BIT_MODES or mode == "F":
+        return _scaled_to_l(img, path).convert("RGB")
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*TRANSPARENCY_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in _PLAIN_MODES:
+        return img.convert("RGB")
+    raise UnsupportedImageModeError(path, mode, "recallk has no rule for this mode")
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file fully decoded as RGB; raises BadImageError naming the file if it cannot be read."""
+    """Open an image file fully decoded as 8-bit RGB by :func:`to_rgb8` (EXIF orientation applied, transparency
+    on white, 16-bit and float scaled by fixed rules).
+
+    Raises:
+        DatasetFileNotFoundError: the file is missing.
+        BadImageError: it cannot be decoded (naming the file); :class:`UnsupportedImageModeError` when it decodes
+            to a mode or value range without a defined 8-bit RGB form (naming the file and the mode).
+    """
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            img.load()
+            return to_rgb8(img, path, in_place=True)
     except FileNotFoundError as e:
         raise DatasetFileNotFoundError(f"image not found: {path}") from e
+    except BadImageError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(path, e) from e
 
 
 def image_is_readable(path: str | os.PathLike) -> bool:
-    """Fast full decode check: JPEGs decode at 1/8 scale (draft mode), other formats decode fully."""
+    """Fast full decode check, including the conversion to 8-bit RGB: JPEGs decode at 1/8 scale (draft mode),
+    other formats decode fully."""
     try:
         with Image.open(path) as img:
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
+            to_rgb8(img, path, in_place=True)
         return True
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return False

@@ -56,7 +56,7 @@ class TritonBackend:
         "imported)"
     )
 
-    name, priority = "triton", 10
+    name = "triton"
 
     def __init__(self, precision: str = "ieee") -> None:
         if precision not in ("ieee", "tf32", "tf32x3"):

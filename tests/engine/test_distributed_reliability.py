@@ -1,0 +1,102 @@
+"""Randomness and several machines (issue 13, sections 2 and 7).
+
+- ``RecallAtKSurrogate(simix=True)`` built after different per-rank seeds: two gloo processes give the summed
+  gradient of one global-batch loss (the one-process gradient) and equal losses on both ranks.
+- ``torchrun --nnodes 2`` (two "nodes" on localhost, static rendezvous, gloo) trains to the weights of one
+  process (slow: two torchrun launches).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from engine_helpers import grads, make_batch, make_net
+
+from recallk.engine import DistributedGather, cached_backward, freeze_batchnorm
+from recallk.engine.distributed import init_distributed
+from recallk.losses import RecallAtKSurrogate
+
+WORLD_SIZE = 2
+BATCH = 12
+HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _simix_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    init_distributed(backend="gloo")
+    try:
+        model = freeze_batchnorm(make_net(dropout=0.0))
+        images, labels = make_batch(batch=BATCH, classes=3)
+        rows = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+        torch.manual_seed(100 + rank)  # the user's per-rank seed, before building the loss
+        criterion = RecallAtKSurrogate(ks=(1, 2, 4), simix=True)
+        losses = []
+        for _ in range(2):  # two steps: the second step's SiMix draw must agree too
+            model.zero_grad()
+            losses.append(cached_backward(model, images[rows], labels[rows], criterion, chunk_size=4,
+                                          gather=DistributedGather()))  # fmt: skip
+        torch.save({"losses": losses, "model": grads(model)}, Path(out_dir) / f"simix{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_simix_with_different_rank_seeds_gives_the_global_batch_gradient(tmp_path):
+    mp.start_processes(_simix_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, start_method="spawn")
+    model = freeze_batchnorm(make_net(dropout=0.0))
+    images, labels = make_batch(batch=BATCH, classes=3)
+    torch.manual_seed(100)  # rank 0's seed: its generator state is the one every rank uses
+    criterion = RecallAtKSurrogate(ks=(1, 2, 4), simix=True)
+    want = []
+    for _ in range(2):
+        model.zero_grad()
+        want.append(cached_backward(model, images, labels, criterion, chunk_size=5))
+    expected = grads(model)
+    results = [torch.load(tmp_path / f"simix{rank}.pt") for rank in range(WORLD_SIZE)]
+    for result in results:
+        for got, loss in zip(result["losses"], want):
+            torch.testing.assert_close(got, loss, rtol=1e-12, atol=0)
+        for name, grad in expected.items():
+            torch.testing.assert_close(result["model"][name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_trains_like_one_process(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+             str(HERE / "multinode_train.py"), str(tmp_path)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in range(2)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(outputs)
+    distributed = torch.load(tmp_path / "weights.pt")
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    subprocess.run([sys.executable, str(HERE / "multinode_train.py"), str(single_dir), "--single"], env=env,
+                   check=True, timeout=300)  # fmt: skip
+    single = torch.load(single_dir / "weights.pt")
+    start = freeze_batchnorm(make_net(dropout=0.0)).state_dict()
+    assert any(not torch.equal(single[k], start[k]) for k in start)  # the run did train
+    for name, value in single.items():
+        torch.testing.assert_close(distributed[name], value, rtol=1e-9, atol=1e-11, msg=name)

@@ -1,0 +1,112 @@
+"""Exact resume (issue 13, section 5): a Ctrl-C inside pass 1, inside the loss or inside pass 2 of a SiMix run
+with BatchNorm in train mode resumes to the weights of the uninterrupted run (every piece of checkpoint state is
+that of the last completed step); augmentation randomness is a function of (seed, epoch, item), so the run is
+the same with any number of DataLoader workers and resumes exactly with workers too."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from engine_helpers import NoisyImages, make_net, nearest_neighbour_eval
+from torch import nn
+
+from recallk.engine import Trainer
+from recallk.engine.trainer import item_seed
+from recallk.losses import RecallAtKSurrogate
+
+STOP_STEP = 4  # the first step of epoch 2 (3 steps per epoch)
+CHUNKS = 3  # batch 8 in chunks of 3
+
+
+class SimixLoss(nn.Module):
+    """RS@k with SiMix as a sub-module, so that a hook can stop the run right after its random draw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rsk = RecallAtKSurrogate(ks=(1, 2), simix=True, generator=torch.Generator().manual_seed(7))
+
+    def forward(self, embeddings, labels):
+        return self.rsk(embeddings, labels)
+
+
+def make_trainer(run_dir, **overrides) -> Trainer:
+    torch.manual_seed(0)
+    model = make_net(dropout=0.2)  # BatchNorm trains (ghost batches): its running statistics change in pass 1
+    dataset = NoisyImages()  # augmentation noise from the global torch RNG
+    settings = dict(batch_size=8, chunk_size=3, per_class=2, epochs=2, optimizer="adam", lr=1e-2, device="cpu",
+                    seed=3, eval_fn=nearest_neighbour_eval(dataset), progress=False, tensorboard=False)
+    settings.update(overrides)
+    return Trainer(model, SimixLoss(), dataset, run_dir, **settings)
+
+
+def fit(trainer: Trainer, **kwargs) -> Trainer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the ghost-batch BatchNorm notice
+        trainer.fit(**kwargs)
+    return trainer
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        va, vb = sa[name], sb[name]
+        if isinstance(va, dict):  # a loss's extra state: {"generator_state": ByteTensor}
+            assert va.keys() == vb.keys() and all(torch.equal(va[k], vb[k]) for k in va), name
+        else:
+            assert torch.equal(va, vb), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return fit(make_trainer(tmp_path_factory.mktemp("full")))
+
+
+def _stop_at(trainer: Trainer, where: str) -> None:
+    """Raise KeyboardInterrupt during step STOP_STEP: in pass 1 (second chunk), right after the loss (its SiMix
+    draw done), or in pass 2 (second chunk)."""
+    calls = {"pass1": 0, "pass2": 0, "loss": 0}
+
+    def model_hook(module, inputs, output):
+        if not module.training:
+            return  # evaluation
+        kind = "pass2" if torch.is_grad_enabled() else "pass1"
+        calls[kind] += 1
+        if kind == where and calls[kind] == (STOP_STEP - 1) * CHUNKS + 2:
+            raise KeyboardInterrupt
+
+    def loss_hook(module, inputs, output):
+        calls["loss"] += 1
+        if where == "loss" and calls["loss"] == STOP_STEP:
+            raise KeyboardInterrupt
+
+    trainer.model.register_forward_hook(model_hook)
+    trainer.criterion.rsk.register_forward_hook(loss_hook)
+
+
+@pytest.mark.parametrize("where", ["pass1", "loss", "pass2"])
+def test_ctrl_c_inside_a_step_resumes_exactly(uninterrupted, tmp_path, where):
+    cut = make_trainer(tmp_path)
+    _stop_at(cut, where)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cut)
+    assert cut.step == STOP_STEP - 1
+    resumed = fit(make_trainer(tmp_path), resume=True)
+    assert_same_state(resumed.model, uninterrupted.model)
+    assert_same_state(resumed.criterion, uninterrupted.criterion)  # SiMix's generator included
+
+
+def test_workers_do_not_change_the_run_and_resume_exactly(uninterrupted, tmp_path):
+    with_workers = fit(make_trainer(tmp_path / "w", num_workers=2))
+    assert_same_state(with_workers.model, uninterrupted.model)
+    fit(make_trainer(tmp_path / "cut", num_workers=2, max_steps=STOP_STEP))
+    resumed = fit(make_trainer(tmp_path / "cut", num_workers=2), resume=True)
+    assert_same_state(resumed.model, uninterrupted.model)
+
+
+def test_item_seed_depends_on_seed_epoch_and_item_only():
+    seeds = {item_seed(s, e, i) for s in (0, 1) for e in (1, 2) for i in (0, 1, 2)}
+    assert len(seeds) == 12 and all(0 <= x < 2**63 for x in seeds)
+    assert item_seed(3, 2, 5) == item_seed(3, 2, 5)
