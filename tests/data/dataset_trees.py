@@ -8,6 +8,7 @@ its miniature: tests/data/test_dataset_contract.py fails for a registered datase
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,52 @@ def make_folder(root: Path):
     return expected, colours
 
 
+def make_inshop(root: Path):
+    # (image name, item id, split); item 2 is in query and gallery, item 5 in the gallery only
+    rows = [
+        ("img/WOMEN/Dresses/id_00000001/01_1_front.jpg", "id_00000001", "train"),
+        ("img/WOMEN/Dresses/id_00000001/01_2_side.jpg", "id_00000001", "train"),
+        ("img/MEN/Denim/id_00000003/01_1_front.jpg", "id_00000003", "train"),
+        ("img/WOMEN/Tees_Tanks/id_00000002/01_1_front.jpg", "id_00000002", "query"),
+        ("img/WOMEN/Tees_Tanks/id_00000004/02_1_front.jpg", "id_00000004", "query"),
+        ("img/WOMEN/Tees_Tanks/id_00000002/01_2_side.jpg", "id_00000002", "gallery"),
+        ("img/WOMEN/Tees_Tanks/id_00000004/02_3_back.jpg", "id_00000004", "gallery"),
+        ("img/MEN/Shirts_Polos/id_00000005/01_4_full.jpg", "id_00000005", "gallery"),
+    ]
+    lines = [str(len(rows)), "image_name item_id evaluation_status"]
+    lines += [f"{name:<60} {item} {split}" for name, item, split in rows]
+    (root / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    colours = {root / name: write_jpeg(root / name, n) for n, (name, _, _) in enumerate(rows)}
+    expected = {s: [(root / name, item) for name, item, split in rows if split == s] for s in ("train", "query",
+                                                                                              "gallery")}
+    return expected, colours
+
+
+REVISITED_IMLIST = {
+    "roxford5k": ["all_souls_000001", "ashmolean_000002", "oxford_000003", "all_souls_000013", "radcliffe_000005"],
+    "rparis6k": ["paris_defense_000001", "paris_eiffel_000002", "paris_general_000003", "paris_defense_000605"],
+}
+
+
+def make_revisited(root: Path, name: str):
+    """gnd_<name>.pkl and jpg/; the queries are database images too (as in the benchmark), cropped to a box."""
+    imlist = REVISITED_IMLIST[name]
+    qimlist = [imlist[3], imlist[1]]
+    gnd = [
+        {"bbx": [1.0, 2.0, 9.0, 8.0], "easy": [0], "hard": [3], "junk": [2]},
+        {"bbx": [0.4, 0.6, 10.5, 9.2], "easy": [], "hard": [1], "junk": [0]},
+    ]
+    with open(root / f"gnd_{name}.pkl", "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f)
+    colours = {root / "jpg" / f"{n}.jpg": write_jpeg(root / "jpg" / f"{n}.jpg", i) for i, n in enumerate(imlist)}
+    landmark = lambda n: n.rpartition("_")[0]  # noqa: E731
+    expected = {
+        "database": [(root / "jpg" / f"{n}.jpg", landmark(n)) for n in imlist],
+        "query": [(root / "jpg" / f"{n}.jpg", landmark(n)) for n in qimlist],
+    }
+    return expected, colours
+
+
 @dataclass(frozen=True)
 class MiniTree:
     """How to build a dataset's miniature: ``write(root)`` writes it, ``options`` go to build_dataset.
@@ -195,6 +242,9 @@ TREES: dict[str, MiniTree] = {
     "inaturalist": MiniTree(make_inat),
     "vehicleid": MiniTree(make_vehicleid),
     "folder": MiniTree(make_folder),
+    "inshop": MiniTree(make_inshop),
+    "roxford5k": MiniTree(lambda root: make_revisited(root, "roxford5k")),
+    "rparis6k": MiniTree(lambda root: make_revisited(root, "rparis6k")),
     # two characters in one font, rendered by the dataset into root (its cache folder)
     "kanji": MiniTree(lambda root: None, {"max_classes": 2, "fonts": ["ipag"], "progress": False}, True),
 }

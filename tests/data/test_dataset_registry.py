@@ -11,7 +11,8 @@ from recallk.data import build_dataset, dataset_spec
 def test_every_dataset_has_splits_and_eval_ks():
     with pytest.deprecated_call():
         DATASETS, DEFAULT_EVAL_KS, SPLITS = data.DATASETS, data.DEFAULT_EVAL_KS, data.SPLITS
-    assert set(DATASETS) == {"sop", "cub", "cars196", "inaturalist", "vehicleid", "folder", "kanji"}
+    assert set(DATASETS) == {"sop", "cub", "cars196", "inaturalist", "vehicleid", "folder", "kanji", "inshop",
+                             "roxford5k", "rparis6k"}
     assert set(DEFAULT_EVAL_KS) == set(DATASETS) == set(SPLITS)
     assert DEFAULT_EVAL_KS["inaturalist"] == (1, 4, 16, 32)
     assert DEFAULT_EVAL_KS["sop"] == (1, 10, 100, 1000)

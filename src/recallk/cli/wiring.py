@@ -19,6 +19,7 @@ from recallk.evaluation import (
     evaluate_protocol,
     format_metrics_table,
     pixel_embeddings,
+    query_gallery_metrics,
     retrieval_metrics,
 )
 from recallk.losses import build_loss
@@ -128,14 +129,26 @@ def evaluate_checkpoint(
     root: str | None = None,
     splits: list[str] | None = None,
     ks: list[int] | None = None,
+    query: str | None = None,
+    gallery: str | None = None,
     **embed_options: Any,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate a trainer checkpoint (its run folder's ``config.yaml`` rebuilds the model); ``embed_options``
     (``batch_size``, ``device``, ``progress``) go to :func:`recallk.evaluation.embed_dataset`.
 
+    With ``query`` and ``gallery`` (two ``<class>/<image>`` folders, instead of ``dataset``/``root``/``splits``)
+    the query images search the gallery images (``recallk.evaluation.query_gallery_metrics``: classes matched
+    by folder name); the result is ``{"query": metrics}``. ``ks`` default to ``eval.ks`` of the run, else the
+    folder dataset's.
+
     Raises:
-        ValueError: missing checkpoint or config, or anything the dataset or metrics reject.
+        ValueError: missing checkpoint or config, only one of query/gallery, query/gallery mixed with
+            dataset/root/splits, or anything the dataset or metrics reject.
     """
+    if (query is None) != (gallery is None):
+        raise ValueError("give both --query and --gallery (two <class>/<image> folders), or neither")
+    if query is not None and (dataset or root or splits):
+        raise ValueError("--query/--gallery evaluate two folders: leave out --dataset, --root and --split")
     if not checkpoint.is_file():
         raise ValueError(f"checkpoint not found: {checkpoint}")
     config_path = checkpoint.resolve().parent.parent / "config.yaml"
@@ -156,6 +169,14 @@ def evaluate_checkpoint(
     if name == "folder" and splits is None and root is not None and not (Path(root) / "test").is_dir():
         splits = ["all"]  # a plain folder of class folders: evaluate all of it, leave-one-out
     embed_options["device"] = resolve_device(embed_options.get("device", "auto"))
+    if query is not None:
+        tf = transforms_for_model(model, "test", dataset="folder", image_size=d["image_size"])
+        sets = [build_dataset("folder", folder, None, tf) for folder in (query, gallery)]
+        (q_emb, _), (g_emb, _) = (embed_dataset(model, ds, num_workers=d["num_workers"], **embed_options)
+                                  for ds in sets)
+        folder_ks = ks or config["eval"]["ks"] or dataset_spec("folder").eval_ks
+        return {"query": query_gallery_metrics(q_emb, sets[0], g_emb, sets[1], folder_ks,
+                                               device=embed_options["device"])}
     return evaluate_protocol(
         model, name, root, transform, ks=ks or (config["eval"]["ks"] if same else None), splits=splits,
         dataset_options=test_options(config) if same else {}, num_workers=d["num_workers"], **embed_options,

@@ -14,6 +14,9 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+#: The evaluation protocols a DatasetSpec can name (``DatasetSpec.eval_protocol``).
+EVAL_PROTOCOLS = ("leave_one_out", "query_gallery", "revisited")
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -24,7 +27,13 @@ class DatasetSpec:
         build: ``build(root, split, transform, **options) -> Dataset`` with ``.labels`` and ``.classes``.
         splits: the valid split names; None = any split name (the folder loader).
         eval_ks: the benchmark's evaluation k's of recall@k, ascending (method.md sections 4 and 5).
-        eval_splits: the evaluation protocol: the test splits, each evaluated leave-one-out.
+        eval_splits: the evaluation protocol: the test splits, each evaluated as ``eval_protocol`` says.
+        eval_protocol: how a test split is searched (one of ``EVAL_PROTOCOLS``): ``"leave_one_out"`` (every item
+            queries all the others of its split), ``"query_gallery"`` (the split's items query ``gallery_split``;
+            In-Shop) or ``"revisited"`` (the split's items query ``gallery_split`` with per-query easy/hard/junk
+            ground truth in the query dataset's ``.ground_truth``; revisited Oxford/Paris, where ``eval_ks`` are
+            the k's of mP@k).
+        gallery_split: the split searched by the queries; required unless ``eval_protocol`` is leave-one-out.
         image_size: default image side (for models that take any input size); None = the model's size, or 224.
         transforms: ``transforms(kind, size, interpolation) -> list`` of the PIL transforms before ToTensor and
             Normalize; None = the ImageNet photo transforms of method.md section 4.
@@ -37,6 +46,16 @@ class DatasetSpec:
     eval_splits: tuple[str, ...] = ("test",)
     image_size: int | None = None
     transforms: Callable[..., list] | None = None
+    eval_protocol: str = "leave_one_out"
+    gallery_split: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.eval_protocol not in EVAL_PROTOCOLS:
+            raise ValueError(f"dataset {self.name!r}: eval_protocol must be one of {EVAL_PROTOCOLS}, "
+                             f"got {self.eval_protocol!r}")
+        if (self.gallery_split is None) != (self.eval_protocol == "leave_one_out"):
+            raise ValueError(f"dataset {self.name!r}: give gallery_split exactly when eval_protocol is not "
+                             f"'leave_one_out' (got {self.eval_protocol!r} and gallery_split={self.gallery_split!r})")
 
     @property
     def options(self) -> frozenset[str]:

@@ -7,7 +7,8 @@ from recallk.evaluation.baselines import pixel_embeddings
 from recallk.evaluation.embed import embed_dataset
 from recallk.evaluation.knn import exact_knn
 from recallk.evaluation.metrics import retrieval_metrics
-from recallk.evaluation.protocols import evaluate_protocol, format_metrics_table
+from recallk.evaluation.protocols import evaluate_protocol, format_metrics_table, query_gallery_metrics
+from recallk.evaluation.revisited import revisited_map, revisited_metrics
 
 __all__ = [
     "embed_dataset",
@@ -15,7 +16,10 @@ __all__ = [
     "exact_knn",
     "format_metrics_table",
     "pixel_embeddings",
+    "query_gallery_metrics",
     "retrieval_metrics",
+    "revisited_map",
+    "revisited_metrics",
 ]
 
 

@@ -1,4 +1,5 @@
-"""The evaluation protocol of each benchmark: which splits, leave-one-out, which k's (method.md section 5)."""
+"""The evaluation protocol of each benchmark: which splits, leave-one-out or query/gallery or revisited, which k's
+(method.md section 5; ``DatasetSpec.eval_protocol``)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from recallk.data import DATASET_SPECS, build_dataset, dataset_spec
 from recallk.evaluation.embed import embed_dataset
 from recallk.evaluation.metrics import metric_order, retrieval_metrics
+from recallk.evaluation.revisited import revisited_metric_names, revisited_metrics
 
 
 def __getattr__(name: str) -> Any:
@@ -33,7 +36,12 @@ def evaluate_protocol(
     dataset_options: Mapping[str, Any] | None = None,
     **embed_options: Any,
 ) -> dict[str, dict[str, float | int]]:
-    """Embed each test split of ``dataset_name`` with ``model`` and compute its leave-one-out metrics.
+    """Embed each test split of ``dataset_name`` with ``model`` and compute its metrics by the dataset's protocol.
+
+    ``dataset_spec(dataset_name).eval_protocol``: ``"leave_one_out"``: ``retrieval_metrics`` of the split alone;
+    ``"query_gallery"``: the split's items query the spec's ``gallery_split`` (``query_gallery_metrics``, classes
+    matched by name); ``"revisited"``: ``revisited_metrics`` against ``gallery_split`` with the query dataset's
+    ``.ground_truth`` (``ks`` are then the k's of mP@k). The gallery is embedded once.
 
     Args:
         model: image batch -> (B, d) embeddings (see ``embed_dataset``).
@@ -47,7 +55,7 @@ def evaluate_protocol(
             the search also runs on ``device``.
 
     Returns:
-        ``{split: retrieval_metrics(...) result}``, in the order of ``splits``.
+        ``{split: metrics}`` (``retrieval_metrics`` or ``revisited_metrics`` keys), in the order of ``splits``.
 
     Raises:
         ValueError: unknown dataset name, empty ``splits``, or any error of ``build_dataset`` /
@@ -60,12 +68,72 @@ def evaluate_protocol(
     if not splits:
         raise ValueError("splits is empty: give at least one split, or None for the protocol's splits")
     ks = tuple(ks) if ks is not None else spec.eval_ks
+    device = embed_options.get("device", "auto")
     results: dict[str, dict[str, float | int]] = {}
+    gallery: tuple[Any, np.ndarray] | None = None
     for split in splits:
         dataset = build_dataset(dataset_name, root, split, transform, **(dataset_options or {}))
         embeddings, labels = embed_dataset(model, dataset, **embed_options)
-        results[split] = retrieval_metrics(embeddings, labels, ks, device=embed_options.get("device", "auto"))
+        if spec.eval_protocol == "leave_one_out":
+            results[split] = retrieval_metrics(embeddings, labels, ks, device=device)
+            continue
+        if gallery is None:
+            gallery_set = build_dataset(dataset_name, root, spec.gallery_split, transform, **(dataset_options or {}))
+            gallery = (gallery_set, embed_dataset(model, gallery_set, **embed_options)[0])
+        if spec.eval_protocol == "revisited":
+            results[split] = revisited_metrics(embeddings, gallery[1], dataset.ground_truth, ks, device=device)
+        else:
+            results[split] = query_gallery_metrics(embeddings, dataset, gallery[1], gallery[0], ks, device=device)
     return results
+
+
+def class_names_of(dataset: Any) -> np.ndarray:
+    """(N,) array of the class name of each item of a dataset with ``.labels`` and ``.classes``."""
+    return np.asarray(dataset.classes, dtype=object)[np.asarray(dataset.labels)]
+
+
+def query_gallery_metrics(
+    query_emb: np.ndarray,
+    query_set: Any,
+    gallery_emb: np.ndarray,
+    gallery_set: Any,
+    ks: Sequence[int],
+    *,
+    device: str | torch.device | None = None,
+) -> dict[str, float | int]:
+    """``retrieval_metrics`` of queries searching a separate gallery, classes matched by name.
+
+    Two datasets number their classes each on their own; here a query's positives are the gallery items whose
+    class *name* (``classes[label]``) equals the query's. A query whose class is absent from the gallery has no
+    positive: it is excluded and counted in ``num_excluded_queries``.
+
+    Args:
+        query_emb: (Q, d) float32 embeddings of ``query_set``'s items; gallery_emb: (G, d) of ``gallery_set``'s.
+        query_set, gallery_set: datasets with ``.labels`` and ``.classes``.
+        ks: the k's of recall@k.
+        device: where the kNN search runs.
+
+    Raises:
+        ValueError: as ``retrieval_metrics`` (e.g. no query's class is in the gallery).
+    """
+    gallery_names = class_names_of(gallery_set)
+    index = {name: i for i, name in enumerate(dict.fromkeys(gallery_names.tolist()))}
+    ref_labels = np.fromiter((index[n] for n in gallery_names), dtype=np.int64, count=len(gallery_names))
+    unseen = len(index)  # one id no gallery item has
+    labels = np.fromiter((index.get(n, unseen) for n in class_names_of(query_set)), dtype=np.int64,
+                         count=len(query_set.labels))
+    return retrieval_metrics(query_emb, labels, ks, ref_emb=gallery_emb, ref_labels=ref_labels, device=device)
+
+
+_REVISITED_ORDER = {name: i for i, name in enumerate(revisited_metric_names(range(1, 1001)))}
+
+
+def _table_order(name: str) -> tuple[int, tuple]:
+    """Rows of a table: revisited mAP and mP@k in their order, the others by ``metric_order`` (counts last), then
+    the revisited skip counts."""
+    if name in _REVISITED_ORDER and name != "num_queries":
+        return (2 if name.startswith("num_skipped_") else 0), (_REVISITED_ORDER[name],)
+    return 1, metric_order(name)
 
 
 def format_metrics_table(results: Mapping[str, Mapping[str, float | int]]) -> str:
@@ -75,7 +143,7 @@ def format_metrics_table(results: Mapping[str, Mapping[str, float | int]]) -> st
     ``results`` maps split name -> metrics dict (``evaluate_protocol``'s output).
     """
     splits = list(results)
-    names = sorted({name for metrics in results.values() for name in metrics}, key=metric_order)
+    names = sorted({name for metrics in results.values() for name in metrics}, key=_table_order)
 
     def cell(value: float | int | None) -> str:
         if value is None:
