@@ -24,6 +24,7 @@ LAYERS = [
     {"recallk.engine"},
     {"recallk.evaluation"},
     {"recallk.report"},
+    {"recallk.retrieval"},
     {"recallk.config"},
     {"recallk.bench", "recallk.cli", "recallk.__main__"},
 ]

@@ -23,6 +23,11 @@ _EXPORTS = {
     "retrieval_metrics": "recallk.evaluation",
     "embed_dataset": "recallk.evaluation",
     "write_report": "recallk.report",
+    "Retriever": "recallk.retrieval",
+    "GalleryIndex": "recallk.retrieval",
+    "load_trained_model": "recallk.retrieval",
+    "embed_images": "recallk.retrieval",
+    "export_model": "recallk.retrieval",
     "load_config": "recallk.config",
 }
 

@@ -16,6 +16,10 @@ from recallk.config import dump_config, load_config
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch a parsed command line to its sub-command; returns the exit code."""
+    if args.command in ("embed", "index", "search", "export"):
+        from recallk.cli import retrieval
+
+        return getattr(retrieval, args.command)(args)
     return {"train": train, "eval": evaluate, "report": report, "bench": bench}[args.command](args)
 
 
@@ -53,6 +57,12 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    if getattr(args, "query_embeddings", None) or getattr(args, "gallery_embeddings", None):
+        from recallk.cli import retrieval
+
+        return retrieval.evaluate_files(args)
+    if not args.checkpoint:
+        raise ValueError("give --checkpoint (or --query-embeddings Q.npz --gallery-embeddings G.npz)")
     from recallk.cli import wiring
 
     results = wiring.evaluate_checkpoint(
@@ -61,6 +71,8 @@ def evaluate(args: argparse.Namespace) -> int:
         root=args.root,
         splits=args.split,
         ks=args.ks,
+        query=args.query,
+        gallery=args.gallery,
         batch_size=args.batch_size,
         device=args.device,
         progress=not args.no_progress,

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from recallk import __version__
+from recallk.cli.retrieval_parsers import add_parsers as add_retrieval_parsers
 
 BENCHES = ("loss", "engine", "eval")
 
@@ -55,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval",
         help="evaluate a checkpoint on a dataset's test protocol",
-        description="Embed a dataset split with a trained model and print retrieval metrics (leave-one-out).",
+        description="Embed a dataset split with a trained model and print retrieval metrics by the dataset's "
+        "protocol: leave-one-out, query vs gallery (inshop) or revisited mAP/mP@k (roxford5k, rparis6k); or search "
+        "a --gallery folder with a --query folder.",
     )
-    ev.add_argument("--checkpoint", required=True, help="checkpoint file (runs/<name>/checkpoints/best.pt)")
+    ev.add_argument("--checkpoint", help="checkpoint file (runs/<name>/checkpoints/best.pt); required unless "
+                    "--query-embeddings and --gallery-embeddings are given")
     ev.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
     ev.add_argument("--root", help="dataset folder (default: the training run's data.root)")
     ev.add_argument("--split", action="append", help="split(s) to evaluate (default: the dataset's protocol)")
@@ -65,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.add_argument("--query", metavar="DIR", help="with --gallery: a <class>/<image> folder of query images that "
+                    "search the gallery folder (instead of --dataset/--root)")
+    ev.add_argument("--gallery", metavar="DIR", help="the <class>/<image> folder searched by --query")
+    ev.add_argument("--query-embeddings", metavar="Q.npz", help="with --gallery-embeddings: evaluate the "
+                    "queries of one embedding file (recallk embed) against the gallery of another")
+    ev.add_argument("--gallery-embeddings", metavar="G.npz", help="the gallery embedding file")
+
+    add_retrieval_parsers(sub)
 
     rep = sub.add_parser(
         "report",

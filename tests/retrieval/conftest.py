@@ -1,0 +1,32 @@
+"""Run folders for the retrieval tests: a real short kanji training run (module-scoped, a few seconds) and
+untrained run folders (a config.yaml and a checkpoint of a freshly built model, instant)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tests.retrieval.retrieval_helpers import ROOT, make_untrained_run
+
+from recallk.cli.main import main
+
+TINY_OVERRIDES = [
+    "model.name=resnet10t", "model.embed_dim=32", "data.image_size=32", "data.options.max_classes=8",
+    "data.test_options.max_classes=4", "train.epochs=1", "train.batch_size=32", "train.chunk_size=32",
+    "eval.pixel_baseline=false",
+]
+
+
+@pytest.fixture(scope="session")
+def kanji_run(tmp_path_factory) -> Path:
+    """``recallk train`` of a tiny kanji config (one epoch); returns the run folder."""
+    runs = tmp_path_factory.mktemp("runs")
+    code = main(["train", "-c", str(ROOT / "configs" / "kanji.yaml"), "--name", "tiny", "--no-progress",
+                 f"runs_dir={runs}", *TINY_OVERRIDES])
+    assert code == 0
+    return runs / "tiny"
+
+
+@pytest.fixture()
+def untrained_run(tmp_path) -> Path:
+    return make_untrained_run(tmp_path / "run")
