@@ -192,3 +192,14 @@ def test_unreadable_images_and_empty_folders_are_clear_errors(untrained_run, tmp
     trained = load_trained_model(untrained_run)
     with pytest.raises(ValueError, match="query image not found"):
         embed_images(trained, [tmp_path / "missing.png"])
+
+
+def test_in_memory_images_of_any_mode_convert_like_files():
+    from PIL import Image
+
+    from recallk.retrieval.embed import to_rgb
+
+    ramp = np.tile(np.linspace(10, 245, 64).round().astype(np.uint8), (8, 1))
+    sixteen = Image.fromarray(ramp.astype(np.uint16) * 257)  # a 16-bit greyscale picture of the same ramp
+    assert sixteen.mode.startswith("I")
+    np.testing.assert_array_equal(np.asarray(to_rgb(sixteen))[..., 0], ramp)

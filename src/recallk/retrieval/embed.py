@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from recallk import __version__
-from recallk.data.datasets.base import load_rgb
+from recallk.data.datasets.base import load_rgb, to_rgb8
 from recallk.data.datasets.folder import IMAGE_SUFFIXES
 from recallk.data.transforms import transforms_for_model
 from recallk.evaluation import embed_dataset
@@ -103,11 +103,12 @@ def expand_images(items: Sequence[ImageLike] | ImageLike) -> tuple[list[ImageLik
 
 def to_rgb(image: ImageLike) -> Image.Image:
     """An RGB PIL image from a path (``recallk.data``'s reader: bad files raise BadImageError, a ValueError), a
-    PIL image or a uint8 array (H, W) / (H, W, 3)."""
+    PIL image in any mode (``recallk.data``'s conversion: 16-bit, transparency, EXIF orientation) or a uint8 array
+    (H, W) / (H, W, 3)."""
     if isinstance(image, (str, os.PathLike)):
         return load_rgb(image)
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb8(image)
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise ValueError(f"image arrays must be uint8 (H, W) or (H, W, 3), got {array.dtype} {array.shape}")
