@@ -70,3 +70,21 @@ def test_search_stays_within_the_documented_bound(backend):
     assert working <= got["bound"], got
     # The documented figure: 150 MiB plus the chunk's query copy.
     assert working <= (150 << 20) + got["chunk"] * dim * 4, got
+
+
+def test_input_checks_make_no_array_sized_copy():
+    """The gallery at R1M is 2 GB: checking it for NaN/inf and overflow must not allocate another one."""
+    import tracemalloc
+
+    import numpy as np
+
+    from recallk.evaluation.knn import as_float32_matrix
+
+    x = np.random.default_rng(0).random((20_000, 64), dtype=np.float32)  # 5 MB
+    tracemalloc.start()
+    try:
+        assert as_float32_matrix(x, "gallery") is x
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes // 20, peak

@@ -16,6 +16,7 @@ query chunk, then ``torch.topk``) on any device, used on a GPU and when faiss is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -83,9 +84,10 @@ def as_float32_matrix(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty 2-D (N, d) array, got shape {x.shape}")
-    if not np.isfinite(x).all():
+    lo, hi = float(x.min()), float(x.max())  # two reductions, no array-sized temporary (NaN propagates)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} holds NaN or inf values; check the model's outputs")
-    if float(np.abs(x).max()) * x.shape[1] ** 0.5 > checks.max_similarity(torch.float32) ** 0.5:
+    if max(-lo, hi) * x.shape[1] ** 0.5 > checks.max_similarity(torch.float32) ** 0.5:
         checks.check_norm(float(np.sqrt(np.square(x, dtype=np.float64).sum(1).max())), name, torch.float32)
     return x
 
