@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from recallk import __version__
 from recallk.cli.retrieval_parsers import add_parsers as add_retrieval_parsers
 
-BENCHES = ("loss", "engine", "eval")
+BENCHES = ("loss", "engine", "eval", "train")
 
 _EPILOG_TRAIN = """\
 examples:
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="speed and memory benchmarks (loss, engine, eval)",
+        help="speed and memory benchmarks (loss, engine, eval, train)",
         description="Run a benchmark; arguments after the name go to it (e.g. recallk bench loss --help).",
     )
     bench.add_argument("which", choices=BENCHES, help="which benchmark")

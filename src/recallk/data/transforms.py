@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torchvision import transforms as T
 
 from recallk.data.registry import DATASET_SPECS
@@ -95,3 +97,68 @@ def transforms_for_model(
         dataset=dataset,
         interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
     )
+
+
+class DeviceNormalize:
+    """The float part of ``ToTensor() + Normalize(mean, std)`` run on a batch where it lies (the GPU):
+    uint8 ``(n, 3, H, W)`` (``PILToTensor`` output) -> float32 ``(x / 255 - mean) / std``, with the same
+    operations in the same order as torchvision's, so the result is the same bit for bit.
+
+    ``memory_format=torch.channels_last`` returns the batch in that layout (for channels_last models).
+    Float input (a transform that already normalised) is returned as is, only moved to ``memory_format``.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float],
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.mean, self.std, self.memory_format = tuple(map(float, mean)), tuple(map(float, std)), memory_format
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {mean} and {std}")
+        # (mean, std) per device, made once: a host-to-device copy per batch would make the host wait for the GPU.
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._constants:
+            self._constants[device] = (
+                torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1).to(device),
+                torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1).to(device))
+        return self._constants[device]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"DeviceNormalize expects uint8 (n, 3, H, W) images, got {tuple(images.shape)}")
+            mean, std = self._on(images.device)
+            images = images.to(torch.float32).div(255).sub_(mean).div_(std)
+        return images.contiguous(memory_format=self.memory_format)
+
+    def __repr__(self) -> str:
+        return f"DeviceNormalize(mean={self.mean}, std={self.std}, memory_format={self.memory_format})"
+
+
+def split_device_normalize(transform: Callable | None) -> tuple[T.Compose, DeviceNormalize] | None:
+    """Split a ``Compose([..., ToTensor(), Normalize(mean, std)])`` (what :func:`build_transforms` returns) into
+    its host part ending with ``PILToTensor()`` (PIL -> uint8 (3, H, W), a quarter of float32's bytes) and a
+    :class:`DeviceNormalize` that finishes the job on the device; ``DeviceNormalize(host(img)[None])[0]``
+    equals ``transform(img)`` exactly. Returns None for any other transform (it is then used as is)."""
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(transform, T.Compose) or not steps or len(steps) < 2:
+        return None
+    to_tensor, normalize = steps[-2], steps[-1]
+    if type(to_tensor) is not T.ToTensor or type(normalize) is not T.Normalize or normalize.inplace:
+        return None
+    mean, std = torch.as_tensor(normalize.mean).flatten(), torch.as_tensor(normalize.std).flatten()
+    if mean.numel() != 3 or std.numel() != 3:
+        return None
+    return T.Compose([*steps[:-2], T.PILToTensor()]), DeviceNormalize(mean.tolist(), std.tolist())
+
+
+def with_device_normalize(dataset: Any) -> tuple[Any, DeviceNormalize | None]:
+    """``dataset`` with its ``.transform`` split by :func:`split_device_normalize`: a shallow copy whose items are
+    uint8 images, and the :class:`DeviceNormalize` to apply to batches of them; ``(dataset, None)`` when its
+    transform cannot be split (the dataset is then used as is). The dataset passed in is not changed."""
+    split = split_device_normalize(getattr(dataset, "transform", None))
+    if split is None:
+        return dataset, None
+    host = copy.copy(dataset)
+    host.transform = split[0]
+    return host, split[1]

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -22,6 +22,8 @@ from recallk.engine.rng import RngState
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: A function run on each chunk once it is on the device, before the model (pass 1 and pass 2 alike).
+Prepare = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Gather(Protocol):
@@ -62,30 +64,56 @@ def resolve_step_device(model: nn.Module, images: torch.Tensor, device: torch.de
     return next(itertools.chain(model.parameters(), model.buffers()), images).device
 
 
-def embed_without_grad(
+def _prepared(chunk: torch.Tensor, device: torch.device, prepare: Prepare | None) -> torch.Tensor:
+    chunk = chunk.to(device, non_blocking=True)
+    return prepare(chunk) if prepare is not None else chunk
+
+
+def _embed_stream(
     model: nn.Module,
-    chunks: Sequence[torch.Tensor],
+    chunks: Iterable[torch.Tensor],
     *,
     device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, list[RngState]]:
-    """Pass 1: embed every chunk under ``torch.no_grad()``.
-
-    Returns the embeddings (B, d) on ``device`` (float32 when the model outputs half precision, else the
-    model's dtype, e.g. float64 in tests), and the RNG state captured just before each chunk's
-    forward, for :func:`backward_chunks` to replay.
-    """
+    autocast_dtype: torch.dtype | None,
+    prepare: Prepare | None,
+) -> tuple[torch.Tensor, list[RngState], list[torch.Tensor]]:
+    """Pass 1 over chunks as they arrive: (embeddings (B, d), RNG states, the chunks as received)."""
     states: list[RngState] = []
     outputs: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []
     with torch.no_grad():
         for chunk in chunks:
+            kept.append(chunk)
             states.append(RngState(device))
             with _autocast(device, autocast_dtype):
-                out = model(chunk.to(device, non_blocking=True))
+                out = model(_prepared(chunk, device, prepare))
             outputs.append(out.float() if out.dtype in _HALF_DTYPES else out)
+    if not outputs:
+        raise ValueError("cannot take a step on an empty batch (no chunk arrived)")
     embeddings = torch.cat(outputs)
     if embeddings.ndim != 2:
         raise ValueError(f"the model must return (chunk, d) embeddings, got shape {tuple(outputs[0].shape)}")
+    return embeddings, states, kept
+
+
+def embed_without_grad(
+    model: nn.Module,
+    chunks: Iterable[torch.Tensor],
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    prepare: Prepare | None = None,
+) -> tuple[torch.Tensor, list[RngState]]:
+    """Pass 1: embed every chunk under ``torch.no_grad()``.
+
+    Each chunk is moved to ``device`` (non-blocking) and, if given, ``prepare(chunk)`` runs there first (e.g.
+    :class:`recallk.data.transforms.DeviceNormalize`: uint8 -> normalised float32). Returns the embeddings
+    (B, d) on ``device`` (float32 when the model outputs half precision, else the model's dtype, e.g. float64
+    in tests), and the RNG state captured just before each chunk's forward, for :func:`backward_chunks` to
+    replay.
+    """
+    embeddings, states, _ = _embed_stream(model, chunks, device=device, autocast_dtype=autocast_dtype,
+                                          prepare=prepare)
     return embeddings, states
 
 
@@ -124,17 +152,19 @@ def backward_chunks(
     *,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    prepare: Prepare | None = None,
 ) -> None:
     """Pass 2: re-run each chunk with autograd and back-propagate its rows of ``embedding_grad`` (B, d).
 
     Each chunk's forward runs with its pass-1 RNG state replayed (``rng_states[i]``, from
-    :func:`embed_without_grad`). Gradients accumulate into ``.grad``.
+    :func:`embed_without_grad`) on ``prepare(chunk)`` when given (the same function as in pass 1).
+    Gradients accumulate into ``.grad``.
     """
     start = 0
     for chunk, rng_state in zip(chunks, rng_states, strict=True):
         stop = start + chunk.shape[0]
         with rng_state.replay(), _autocast(device, autocast_dtype):
-            out = model(chunk.to(device, non_blocking=True))
+            out = model(_prepared(chunk, device, prepare))
         grad = embedding_grad[start:stop]
         if out.shape != grad.shape:
             raise ValueError(f"pass 2 returned shape {tuple(out.shape)} for a chunk whose pass-1 embeddings "
@@ -195,6 +225,7 @@ def cached_backward(
     autocast_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     gather: Gather | None = None,
+    prepare: Prepare | None = None,
 ) -> torch.Tensor:
     """Gradient of ``criterion(model(images), labels)`` in chunks of ``chunk_size``: one step of method.md §3.
 
@@ -216,6 +247,8 @@ def cached_backward(
         gather: several processes (:class:`recallk.engine.distributed.DistributedGather`): ``images`` and
             ``labels`` are then this rank's rows of the global batch, the loss is that of the global batch and
             every rank ends with its gradient (gradients already in ``.grad`` are reduced too: zero them first).
+        prepare: run on each chunk once on ``device`` (both passes), e.g. uint8 -> normalised float32
+            (:class:`recallk.data.transforms.DeviceNormalize`); the gradient is that of the prepared batch.
 
     Returns:
         The loss, detached (a scalar on ``device``). Parameter gradients of the model and the criterion are
@@ -227,20 +260,72 @@ def cached_backward(
     """
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"images has {images.shape[0]} rows but labels has {labels.shape[0]}; they must match")
-    run_device = resolve_step_device(model, images, device)
     chunks = split_into_chunks(images, chunk_size)
+    label_chunks = torch.split(labels, chunk_size)
+    return cached_backward_stream(model, zip(chunks, label_chunks), criterion, scaler=scaler,
+                                  autocast_dtype=autocast_dtype, device=resolve_step_device(model, images, device),
+                                  gather=gather, prepare=prepare)
+
+
+def cached_backward_stream(
+    model: nn.Module,
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    criterion: Criterion,
+    *,
+    prepare: Prepare | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    gather: Gather | None = None,
+) -> torch.Tensor:
+    """:func:`cached_backward` on a batch that arrives chunk by chunk (streaming pass 1).
+
+    Pass 1 embeds each chunk as soon as ``chunks`` yields it (later chunks may still be loading, e.g. from a
+    :class:`recallk.data.loading.ChunkedBatchLoader`), and keeps the chunk as it arrived (uint8 when the
+    loader hands uint8: 150 KB per 224 px image) for pass 2, which therefore reloads nothing and runs on
+    exactly the pass-1 inputs (``prepare`` is deterministic and runs again on the device).
+
+    Args:
+        chunks: ``(images (n, ...), labels (n,) int64)`` pairs in batch order; images on any device (pinned
+            host memory on CUDA: non-blocking copies). The chunk sizes may differ.
+        prepare: run on each chunk once it is on ``device``, before the model (e.g.
+            :class:`recallk.data.transforms.DeviceNormalize`: uint8 -> normalised float32, channels_last).
+        criterion, scaler, autocast_dtype, device, gather: as in :func:`cached_backward`.
+
+    Returns:
+        The loss, detached; gradients accumulate into ``.grad`` exactly as :func:`cached_backward` on the
+        concatenated (prepared) batch.
+
+    Raises:
+        ValueError: no chunk, a chunk whose images and labels differ in length, a non-scalar loss.
+    """
+    label_parts: list[torch.Tensor] = []
     norms = _training_norms(model)
-    if norms:
-        _warn_ghost_batchnorm(model, norms, chunk_size)
-    embeddings, rng_states = embed_without_grad(model, chunks, device=run_device, autocast_dtype=autocast_dtype)
-    labels, rows = labels.to(run_device), slice(None)
+    run_device = resolve_step_device(model, torch.empty(0), device)
+
+    def images_of(stream: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        for images, chunk_labels in stream:
+            if images.shape[0] != chunk_labels.shape[0]:
+                raise ValueError(f"a chunk has {images.shape[0]} images but {chunk_labels.shape[0]} labels; they "
+                                 "must match")
+            if images.shape[0] == 0:
+                raise ValueError("cannot take a step on an empty chunk (0 images)")
+            if norms and not label_parts:
+                _warn_ghost_batchnorm(model, norms, images.shape[0])
+            label_parts.append(chunk_labels)
+            yield images
+
+    embeddings, rng_states, kept = _embed_stream(model, images_of(chunks), device=run_device,
+                                                 autocast_dtype=autocast_dtype, prepare=prepare)
+    labels, rows = torch.cat(label_parts).to(run_device), slice(None)
     if gather is not None:
         embeddings, labels, rows = gather.gather(embeddings, labels)
     with gather.shared_randomness(criterion, run_device) if gather is not None else contextlib.nullcontext():
         loss, grad = loss_and_embedding_grad(criterion, embeddings, labels, scaler=scaler)
     del embeddings
     with _running_stats_kept(norms):
-        backward_chunks(model, chunks, grad[rows], rng_states, device=run_device, autocast_dtype=autocast_dtype)
+        backward_chunks(model, kept, grad[rows], rng_states, device=run_device, autocast_dtype=autocast_dtype,
+                        prepare=prepare)
     if gather is not None:
         gather.reduce_gradients(model, criterion)
     return loss

@@ -7,24 +7,24 @@ import dataclasses
 import json
 import math
 import os
-import random
 import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from recallk.data.loading import ChunkedBatchLoader, SeededItems, item_seed
 from recallk.data.samplers import ClassBalancedBatchSampler
-from recallk.engine.cached import cached_backward
+from recallk.data.transforms import with_device_normalize
+from recallk.engine.cached import Prepare, cached_backward_stream
 from recallk.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from recallk.engine.distributed import DistributedContext, DistributedGather, init_distributed
 from recallk.engine.optim import build_optimizer, build_scheduler
@@ -35,6 +35,7 @@ from recallk.utils import autocast_dtype, resolve_device, seed_everything
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
 # Progress kept in a checkpoint as is: completed epochs, batches done in the epoch under way, global optimiser
 # steps, the running epoch loss, the last epoch's mean loss and the last evaluation.
+__all__ = ["NonFiniteLossError", "SeededItems", "Trainer", "item_seed"]  # item_seed, SeededItems: recallk.data.loading
 _PROGRESS = ("epoch", "position", "step", "epoch_loss_sum", "epoch_steps", "last_train_loss", "last_eval")
 
 
@@ -61,51 +62,6 @@ def _interrupt_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if received:
         raise KeyboardInterrupt
-
-
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of dataset item ``index`` in ``epoch`` of a run seeded ``seed`` (a 63-bit int from
-    ``numpy.random.SeedSequence([seed, epoch, index])``): the same in every worker, process and resumed run."""
-    return int(np.random.SeedSequence([seed % 2**63, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
-
-
-class _SeededBatches(Sampler[list[tuple[int, int]]]):
-    """The batch sampler's index lists as ``(index, item_seed(seed, epoch, index))`` pairs."""
-
-    def __init__(self, batches: Sampler[list[int]], seed: int, epoch: int) -> None:
-        self.batches, self.seed, self.epoch = batches, seed, epoch
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.batches:
-            yield [(i, item_seed(self.seed, self.epoch, i)) for i in batch]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class _SeededItems(Dataset):
-    """``dataset[index]`` run with the torch, NumPy and Python random generators seeded from the item's seed
-    (restored afterwards): augmentation randomness is a function of (seed, epoch, item), whatever worker or
-    process loads the item and wherever the run was resumed."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % 2**32)
-                return self.dataset[index]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
 
 def _json_value(value: Any) -> Any:
@@ -174,8 +130,20 @@ class Trainer:
         self.gather = DistributedGather() if s.distributed else None
 
         self.model = model.to(self.device)
+        if s.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = criterion.to(self.device) if isinstance(criterion, nn.Module) else criterion
         self.train_dataset = train_dataset
+        # The loader hands uint8 images when the dataset's transform ends with ToTensor + Normalize; the float
+        # conversion and normalisation run on the device (same values bit for bit).
+        self._host_dataset, normalize = with_device_normalize(train_dataset) if s.device_normalize else (
+            train_dataset, None)
+        layout = torch.channels_last if s.channels_last else torch.contiguous_format
+        if normalize is not None:
+            normalize.memory_format = layout
+        self.prepare: Prepare | None = normalize if normalize is not None else (
+            (lambda images: images.contiguous(memory_format=layout)) if s.channels_last else None)
+        self._batches: ChunkedBatchLoader | None = None  # built at the first epoch; its workers persist
         self.run_dir = Path(run_dir)
         self.sampler = ClassBalancedBatchSampler(labels, s.batch_size, per_class=s.per_class, seed=s.seed,
                                                  rank=self.rank, world_size=self.world_size)
@@ -239,6 +207,9 @@ class Trainer:
                               f"step {self.step}); continue with resume", stacklevel=2)
             raise
         finally:
+            if self._batches is not None:
+                self._batches.close()
+                self._batches = None
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
@@ -282,25 +253,27 @@ class Trainer:
         }
 
     # ----------------------------------------------------------------------------------------------- epochs
-    def _steps_in_epoch(self) -> int:
+    def _steps_in_epoch(self, epoch: int) -> int:
+        self.sampler.set_epoch(epoch)
         steps = len(self.sampler)
         return min(steps, self.settings.max_steps_per_epoch) if self.settings.max_steps_per_epoch else steps
 
-    def _loader(self, epoch: int) -> DataLoader:
-        self.sampler.load_state_dict({"epoch": epoch, "position": self.position, "seed": self.settings.seed})
-        # A private generator: creating the loader must not draw from the global RNG (exact resume).
-        generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + epoch)
-        # Each item's augmentation draws from its own seed (seed, epoch, item): exact resume with workers too.
-        batches = _SeededBatches(self.sampler, self.settings.seed, epoch)
-        return DataLoader(_SeededItems(self.train_dataset), batch_sampler=batches,
-                          num_workers=self.settings.num_workers, pin_memory=self.device.type == "cuda",
-                          generator=generator)  # fmt: skip
+    def _loader(self) -> ChunkedBatchLoader:
+        """The sample-parallel loader (built once; workers persist across epochs): every worker loads chunks of
+        the same batch, each item augmented from its own seed (seed, epoch, item), so any num_workers and any
+        resume point give the same images."""
+        if self._batches is None:
+            s = self.settings
+            self._batches = ChunkedBatchLoader(self._host_dataset, self.sampler, s.chunk_size, seed=s.seed,
+                                               num_workers=s.num_workers, pin_memory=self.device.type == "cuda",
+                                               prefetch_factor=s.prefetch_factor)
+        return self._batches
 
     def _train_epoch(self, epoch: int) -> None:
         self.model.train()
         if isinstance(self.criterion, nn.Module):
             self.criterion.train()
-        total = self._steps_in_epoch()
+        total = self._steps_in_epoch(epoch)
         if self.position >= total:
             return
         s = self.settings
@@ -308,9 +281,11 @@ class Trainer:
                    desc=f"epoch {epoch}/{s.epochs}", disable=not (s.progress and self.is_main), dynamic_ncols=True,
                    leave=False)
         interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
+        batches = self._loader()
+        wait_start = batches.wait_s
         try:
-            for images, labels in self._loader(epoch):
-                loss = self._train_step(images, labels, epoch)
+            for chunks in batches.epoch(epoch, self.position, total):
+                loss = self._train_step(chunks, epoch)
                 interval_loss += loss
                 interval_steps += 1
                 bar.update(s.batch_size)
@@ -318,8 +293,10 @@ class Trainer:
                 if interval_steps == s.log_every:
                     elapsed = time.perf_counter() - interval_start
                     self._log_train(epoch, interval_loss / interval_steps, "interval",
-                                    images_per_s=interval_steps * s.batch_size / max(elapsed, 1e-9))
+                                    images_per_s=interval_steps * s.batch_size / max(elapsed, 1e-9),
+                                    data_wait_s=batches.wait_s - wait_start)
                     interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
+                    wait_start = batches.wait_s
                 if s.max_steps is not None and self.step >= s.max_steps:
                     raise _StopRequested
                 if self.position >= total:
@@ -327,11 +304,12 @@ class Trainer:
         finally:
             bar.close()
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> float:
+    def _train_step(self, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> float:
+        """One optimiser step on a batch arriving as chunks (streaming pass 1: each chunk is embedded as it
+        arrives, while the workers load the next ones)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = cached_backward(self.model, images, labels, self.criterion, self.settings.chunk_size,
-                               scaler=self.scaler, autocast_dtype=self.autocast_dtype, device=self.device,
-                               gather=self.gather)
+        loss = cached_backward_stream(self.model, chunks, self.criterion, prepare=self.prepare, scaler=self.scaler,
+                                      autocast_dtype=self.autocast_dtype, device=self.device, gather=self.gather)
         value = float(loss)
         where = (f"at epoch {epoch}, step {self.step + 1} (batch {self.position + 1} of the epoch); the last "
                  f"good checkpoint in {self.checkpoint_dir} was kept. Lower the learning rate or try amp=None")
