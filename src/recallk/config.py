@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -256,5 +257,122 @@ def section_arguments(config: Mapping[str, Any], section: str) -> dict[str, Any]
 
 
 def dump_config(config: Mapping[str, Any], path: str | Path) -> None:
-    """Write the resolved configuration as YAML (keys in definition order)."""
-    Path(path).write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    """Write the resolved configuration as YAML (keys in definition order), atomically (temp file + os.replace)."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def produced_metrics(config: Mapping[str, Any]) -> list[str]:
+    """The names of the metrics a training run's evaluations produce (``recallk.evaluation.retrieval_metrics``
+    at ``eval.ks`` or the dataset's ks), found by running that function on a tiny made-up set."""
+    import numpy as np
+
+    from recallk.data import dataset_spec
+    from recallk.evaluation import retrieval_metrics
+
+    ks = tuple(config["eval"]["ks"] or dataset_spec(config["data"]["dataset"]).eval_ks)
+    n = max(ks) + 2
+    embeddings = np.random.default_rng(0).standard_normal((n, 2)).astype(np.float32)
+    return sorted(retrieval_metrics(embeddings, np.arange(n) % 2, ks))
+
+
+def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
+    """The cheap checks of a resolved config that need no model, data loading or run folder: run before any of
+    them, so that a mistake costs no weight download and leaves nothing behind.
+
+    Checks: the data splits and options are the dataset's, ``data.root`` (when given) is an existing folder,
+    ``train.best_metric`` is a metric the run's evaluation produces, ``train.batch_size`` splits evenly
+    between ``world_size`` processes, ``train.lr`` is positive, ``train.device`` names a device this machine
+    has, and ``train.amp=fp16`` is not asked of the CPU (the GradScaler would skip every step there).
+
+    Raises:
+        ConfigError: naming the key, what is wrong and how to fix it.
+    """
+    import torch
+
+    from recallk.data import dataset_spec
+    from recallk.utils import autocast_dtype, resolve_device
+
+    data, train = config["data"], config["train"]
+    spec = dataset_spec(data["dataset"])
+    for key in ("train_split", "test_split"):
+        if spec.splits is not None and data[key] not in spec.splits:
+            raise ConfigError(f"data.{key}={data[key]!r} is not a split of dataset {spec.name!r}: "
+                              f"use one of {list(spec.splits)}")
+    for key in ("options", "test_options"):
+        unknown = sorted(set(data[key]) - spec.options)
+        if unknown:
+            raise ConfigError(f"data.{key} has {unknown}, not options of dataset {spec.name!r}; "
+                              f"valid: {sorted(spec.options)}")
+    if data["root"] is not None and not Path(str(data["root"])).expanduser().is_dir():
+        raise ConfigError(f"data.root={data['root']} is not a folder: set data.root=/path/to/{spec.name} (the "
+                          f"folder the dataset unpacks to; see docs/datasets.md)")
+    metrics = produced_metrics(config)
+    if train["best_metric"] not in metrics:
+        raise ConfigError(f"train.best_metric={train['best_metric']!r} is not a metric this run produces; "
+                          f"choose one of {metrics} (e.g. train.best_metric=map@r)")
+    if train["batch_size"] % world_size:
+        unit = math.lcm(world_size, train["per_class"])
+        raise ConfigError(
+            f"train.batch_size={train['batch_size']} cannot be split evenly between {world_size} processes (each "
+            f"takes an equal slice of the global batch): use a multiple of {unit} "
+            f"(e.g. train.batch_size={max(train['batch_size'] // unit, 1) * unit})")
+    if train["lr"] <= 0:
+        raise ConfigError(f"train.lr={train['lr']} would never change the weights: use a positive learning rate")
+    try:
+        device = resolve_device(train["device"])
+    except RuntimeError as err:
+        raise ConfigError(f"train.device={train['device']!r} is not a device name ({err}); use auto, cpu, cuda "
+                          f"or cuda:N") from None
+    if device.type == "cuda" and world_size == 1:  # several processes: each rank uses cuda:LOCAL_RANK
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ConfigError(f"train.device={train['device']!r}: this machine has {count} CUDA device(s); use "
+                              f"train.device=auto or cpu" + (f" or cuda:0..cuda:{count - 1}" if count else ""))
+    elif device.type not in ("cpu", "mps"):
+        raise ConfigError(f"train.device={train['device']!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cpu" and world_size == 1 and autocast_dtype(train["amp"], device) == torch.float16:
+        raise ConfigError("train.amp=fp16 cannot train on the CPU (the GradScaler skips every step, so the weights "
+                          "never change): use train.amp=bf16 or train.amp=null on the CPU, or a CUDA device")
+
+
+#: keys that ``--resume`` may change: they change how long the run goes, how often it evaluates and logs, and how
+#: data is loaded, but not one step of the training itself.
+RESUME_SAFE_KEYS = ("train.epochs", "train.max_steps", "train.eval_every", "train.log_every", "train.tensorboard",
+                    "train.prefetch_factor", "data.num_workers", "eval.batch_size", "eval.pixel_baseline")
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and (not prefix or (prefix[:-1], key) not in _FREE_FORM):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def resume_changes(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """What ``requested`` changes of a run's ``saved`` config: ``{"train.epochs": (old, new), ...}``, only the keys
+    of :data:`RESUME_SAFE_KEYS` (``name`` and ``runs_dir`` are where the run is, not what it is).
+
+    Raises:
+        ConfigError: any other key differs; the message lists each as ``key: saved -> requested`` and how to
+            resume (leave out ``-c`` and the overrides: ``--resume`` reads the run's own config.yaml).
+    """
+    old, new = _flatten(saved), _flatten(requested)
+    differ = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+              if k not in ("name", "runs_dir") and old.get(k) != new.get(k)}
+    refused = {k: v for k, v in differ.items() if k not in RESUME_SAFE_KEYS}
+    if refused:
+        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(
+            f"--resume continues the run as its config.yaml says; these overrides would change it:\n{lines}\n"
+            f"resume with --name and --resume alone (plus, if wanted, overrides of {', '.join(RESUME_SAFE_KEYS)}), "
+            f"or start a new run under another --name")
+    return differ

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from recallk.config import dump_config, load_config
+from recallk.config import check_startable, dump_config, load_config, resume_changes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,21 +26,93 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    """``recallk train``: check everything cheap first (config, data folder and splits, best_metric, batch split,
+    device) so that a mistake leaves no run folder behind; with ``--resume`` the run's own ``config.yaml`` is the
+    configuration (overrides of other keys than ``config.RESUME_SAFE_KEYS`` are refused with a diff)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 touches the run folder
     config = load_config(args.config, args.overrides)
-    from recallk.cli import wiring
-
     if args.name:
         config["name"] = args.name
     run_dir = Path(config["runs_dir"]) / config["name"]
-    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 touches the run folder
+    changes: dict[str, tuple[Any, Any]] = {}
+    if args.resume:
+        config, changes = resumed_config(run_dir, args, config)
+    check_startable(config, world_size)
+    from recallk.cli import wiring
+
+    fresh = False
     if main_process:
         prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
-        dump_config(config, run_dir / "config.yaml")
-    summary = wiring.train_from_config(config, run_dir, resume=args.resume, progress=not args.no_progress)
+        fresh = not args.resume
+        if args.resume:
+            record_resume(run_dir, config, changes)
+        else:
+            dump_config(config, run_dir / "config.yaml")
+    log_to_stdout(main_process)
+    try:
+        summary = wiring.train_from_config(config, run_dir, resume=args.resume, progress=not args.no_progress)
+    except BaseException:
+        if fresh:
+            remove_unstarted_run(run_dir)
+        raise
     if main_process:
         print(summary["table"])
         print(json.dumps({"run_dir": str(run_dir), **summary["final"]}))
     return 0
+
+
+def log_to_stdout(main_process: bool) -> None:
+    """Progress lines of the trainer (logger ``recallk.train``) go to stdout on rank 0, with or without bars."""
+    log = logging.getLogger("recallk.train")
+    log.setLevel(logging.INFO if main_process else logging.WARNING)
+    log.propagate = False
+    for old in [h for h in log.handlers if getattr(h, "_recallk_cli", False)]:  # an earlier main() in-process
+        log.removeHandler(old)
+    handler = logging.StreamHandler(sys.stdout)  # the current stdout
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._recallk_cli = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+
+
+def remove_unstarted_run(run_dir: Path) -> None:
+    """Remove a run folder this command created when the run stopped before it had anything to keep (no
+    checkpoint, no metrics): a failed start must not block the corrected command."""
+    if run_dir.is_dir() and not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def resumed_config(run_dir: Path, args: argparse.Namespace,
+                   requested: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """The configuration of ``--resume``: the run's own ``config.yaml`` plus the command's overrides, of which only
+    ``RESUME_SAFE_KEYS`` may differ from it; returns (config, {key: (saved, new)}).
+
+    Raises:
+        ValueError: no ``config.yaml`` or checkpoint in ``run_dir``; ConfigError (a ValueError) with the diff
+            when the command would change the run.
+    """
+    saved_path = run_dir / "config.yaml"
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise ValueError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}; start without --resume")
+    if not saved_path.is_file():
+        raise ValueError(f"--resume: {saved_path} is missing: it is the configuration of the run to continue")
+    saved = load_config(saved_path)
+    if args.config is None:
+        requested = load_config(saved_path, args.overrides)
+    requested["name"], requested["runs_dir"] = saved["name"], saved["runs_dir"]
+    return requested, resume_changes(saved, requested)
+
+
+def record_resume(run_dir: Path, config: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append the resume (time, command line, changed keys) to ``resumes.jsonl``; with changes, rewrite
+    ``config.yaml`` (atomically) with the new values and say so."""
+    record = {"time": time.time(), "argv": sys.argv[1:], "changes": {k: list(v) for k, v in changes.items()}}
+    with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+    if changes:
+        dump_config(config, run_dir / "config.yaml")
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        print(f"resume: {shown} (recorded in {run_dir / 'config.yaml'} and resumes.jsonl)")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:

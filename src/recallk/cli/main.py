@@ -17,8 +17,11 @@ examples:
   recallk train --config configs/sop_resnet50.yaml data.root=/data/Stanford_Online_Products train.batch_size=2000
   recallk train --config configs/kanji.yaml --name demo --resume
 
-Overrides are section.key=value (value parsed as YAML). Unknown keys are an error that lists the valid ones.
-The resolved config is saved as runs/<name>/config.yaml."""
+Overrides are section.key=value (value parsed as YAML), anywhere on the line. Unknown keys are an error that
+lists the valid ones. The resolved config is saved as runs/<name>/config.yaml; progress goes to stdout and
+runs/<name>/train.log. Ctrl-C, SIGTERM and SIGUSR1 save checkpoints/last.pt; --resume continues from it with the
+run's own config.yaml (only train.epochs, train.eval_every and other keys that do not change the training may be
+overridden; see docs/run-folder.md)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,20 +99,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; for ``train``, ``KEY=VALUE`` overrides may come anywhere (before, between or after
+    the flags: ``recallk train -c X a.b=1 --no-progress c.d=2``)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train":
+        flags = [item for item in extra if item.startswith("-") or "=" not in item]
+        if not flags:
+            args.overrides = [*args.overrides, *extra]
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``recallk`` console script; returns the process exit code."""
+    """Entry point of the ``recallk`` console script; returns the process exit code (2: a user error, told in one
+    line on every rank; 130: Ctrl-C; 128 + signal number: SIGTERM/SIGUSR1, after saving a checkpoint)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2
     from recallk.cli import commands  # imported late: keeps --help fast
+    from recallk.engine.trainer import NonFiniteLossError, Preempted, TrainingStalledError
 
     try:
         return commands.run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, NonFiniteLossError, TrainingStalledError) as err:
         print(f"recallk {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"recallk {args.command}: stopped by {stop.args[0]}; continue with the same command and --resume",
+              file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"recallk {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -35,12 +36,58 @@ from recallk.utils import autocast_dtype, resolve_device, seed_everything
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
 # Progress kept in a checkpoint as is: completed epochs, batches done in the epoch under way, global optimiser
 # steps, the running epoch loss, the last epoch's mean loss and the last evaluation.
-__all__ = ["NonFiniteLossError", "SeededItems", "Trainer", "item_seed"]  # item_seed, SeededItems: recallk.data.loading
-_PROGRESS = ("epoch", "position", "step", "epoch_loss_sum", "epoch_steps", "last_train_loss", "last_eval")
+# ``pending_eval``: the epoch whose evaluation was under way when the run stopped (run again on resume).
+__all__ = ["NonFiniteLossError", "Preempted", "SeededItems", "Trainer", "TrainingStalledError",
+           "item_seed"]  # item_seed, SeededItems: recallk.data.loading
+_PROGRESS = ("epoch", "position", "step", "epoch_loss_sum", "epoch_steps", "last_train_loss", "last_eval",
+             "pending_eval")
+#: consecutive steps without an update (every one skipped by the GradScaler, or all gradients exactly zero) after
+#: which the run stops with :class:`TrainingStalledError`. The GradScaler skips a few steps by design while it
+#: calibrates its scale (halving it from 2**16 each time), far fewer than this.
+MAX_IDLE_STEPS = 20
+#: the signals that stop a run with a checkpoint: Ctrl-C, and what Slurm and Kubernetes send at pre-emption or at
+#: the time limit (SIGTERM; SIGUSR1 with ``sbatch --signal=USR1@90``).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+logger = logging.getLogger("recallk.train")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient became NaN or infinite; the run stopped without saving the bad weights."""
+
+
+class TrainingStalledError(RuntimeError):
+    """Steps are being made without changing the weights (GradScaler skips, zero gradients); the run stopped."""
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM or SIGUSR1 stopped the run (after saving, like Ctrl-C); ``signum`` is the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_exception(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Preempted(signum)
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _stop_exception(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """Inside the block SIGTERM and SIGUSR1 raise :class:`Preempted` (SIGINT raises KeyboardInterrupt as usual), so
+    that all stop signals save a checkpoint the same way. Only in the main thread (elsewhere: no effect)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_stop) for signum in STOP_SIGNALS if signum != signal.SIGINT}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class _StopRequested(Exception):
@@ -49,19 +96,22 @@ class _StopRequested(Exception):
 
 @contextlib.contextmanager
 def _interrupt_deferred() -> Iterator[None]:
-    """Hold back a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: the optimiser update and
-    the step counters are applied together or not at all. Only in the main thread (elsewhere: no effect)."""
+    """Hold back the stop signals (Ctrl-C, SIGTERM, SIGUSR1) until the block ends, then raise KeyboardInterrupt
+    (:class:`Preempted` for SIGTERM/SIGUSR1): the optimiser update and the step counters are applied together or
+    not at all. Only in the main thread (elsewhere: no effect)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if received:
-        raise KeyboardInterrupt
+        raise _stop_exception(received[0])
 
 
 def _json_value(value: Any) -> Any:
@@ -97,7 +147,7 @@ class Trainer:
     Raises:
         ValueError: bad settings, before any training and before the epoch-0 evaluation: a batch the sampler
             cannot form (too few classes with ``per_class`` items), or ``per_class`` below the criterion's
-            ``min_per_class`` (2 for pair- and rank-based losses).
+            ``min_per_class`` (2 for pair- and rank-based losses), or ``amp="fp16"`` on the CPU.
     """
 
     def __init__(
@@ -153,6 +203,9 @@ class Trainer:
                                          lr_multipliers=multipliers)
         self.scheduler = build_scheduler(self.optimizer, s.milestones, s.gamma)
         self.autocast_dtype = autocast_dtype(s.amp, self.device)
+        if self.autocast_dtype == torch.float16 and self.device.type == "cpu":
+            raise ValueError("amp='fp16' cannot train on the CPU (the GradScaler skips every step there, so the "
+                             "weights never change): use amp='bf16' or amp=None on the CPU, or a CUDA device")
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
 
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -163,6 +216,10 @@ class Trainer:
         self.best_value: float | None = None
         self.best_epoch: int | None = None
         self.last_eval: dict[str, Any] = {}
+        self.pending_eval: int | None = None
+        self._idle_steps = 0
+        self._epoch_times: list[float] = []
+        self._epoch_start, self._epoch_first_step = time.perf_counter(), 0
         self._rng_snapshot: dict[str, Any] | None = None
         # What a step changes before its optimiser update (model buffers such as BatchNorm running statistics in
         # pass 1, the criterion's extra state such as SiMix's generator in the loss), as of the last completed
@@ -180,39 +237,61 @@ class Trainer:
         continued run ends with the weights an uninterrupted run would have (any num_workers; a Ctrl-C inside
         a step resumes from the last completed step).
 
+        Progress goes to ``run_dir/train.log`` and to the ``recallk.train`` logger (INFO): a block at the start, a
+        line per epoch (loss, images/s, evaluation metrics, time left). SIGTERM and SIGUSR1 (pre-emption, time
+        limits) stop the run like Ctrl-C: ``checkpoints/last.pt`` as of the last completed step, every rank's
+        random state beside it. On resume, ``metrics.jsonl`` is cut back to the checkpoint's step and an
+        evaluation the stop interrupted is run again.
+
         Raises:
             NonFiniteLossError: NaN/Inf loss or gradient (names epoch and step; checkpoints stay as they were).
-            KeyboardInterrupt: after saving ``checkpoints/last.pt`` (Ctrl-C).
+            TrainingStalledError: ``MAX_IDLE_STEPS`` steps in a row changed no weight (GradScaler skips, zero
+                gradients); checkpoints stay as they were.
+            KeyboardInterrupt: after saving ``checkpoints/last.pt`` (Ctrl-C); :class:`Preempted`, a subclass,
+                for SIGTERM and SIGUSR1.
             FileNotFoundError: ``resume`` names no checkpoint.
         """
         seed_everything(self.settings.seed + self.rank)
         resumed = bool(resume)
-        if resumed:
-            path = self.checkpoint_dir / "last.pt" if resume is True else Path(resume)
-            self._restore(load_checkpoint(path, map_location=self.device))
-        self._open_tensorboard()
-        try:
-            if not resumed:
-                self._evaluate(0)
-                self._mark_completed()
-            while self.epoch < self.settings.epochs:
-                self._train_epoch(self.epoch + 1)
-                self._finish_epoch(self.epoch + 1)
-        except _StopRequested:
-            self._save("last.pt")
-        except KeyboardInterrupt:
-            if self._rng_snapshot is not None:
-                self._save("last.pt", gather_rng=False)  # other ranks may be stopped anywhere: no collective
-                warnings.warn(f"interrupted: saved {self.checkpoint_dir / 'last.pt'} (epoch {self.epoch}, "
-                              f"step {self.step}); continue with resume", stacklevel=2)
-            raise
-        finally:
-            if self._batches is not None:
-                self._batches.close()
-                self._batches = None
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+        with _stop_signals_raise():
+            if resumed:
+                path = self.checkpoint_dir / "last.pt" if resume is True else Path(resume)
+                self._restore(load_checkpoint(path, map_location=self.device), path)
+            self._log_start(resumed)
+            self._open_tensorboard()
+            try:
+                if not resumed:
+                    self._evaluate(0)
+                    self._log(self._eval_text(0))
+                    self._mark_completed()
+                elif self.pending_eval is not None:  # the stop came during this evaluation: run it again
+                    self._evaluate(self.pending_eval)
+                    self._log(self._eval_text(self.pending_eval))
+                    self.pending_eval = None
+                    self._mark_completed()
+                    self._save("last.pt")
+                while self.epoch < self.settings.epochs:
+                    self._train_epoch(self.epoch + 1)
+                    self._finish_epoch(self.epoch + 1)
+            except _StopRequested:
+                self._save("last.pt")
+            except KeyboardInterrupt as stop:
+                if self._rng_snapshot is not None:
+                    self._save("last.pt", gather_rng=False)  # other ranks may be stopped anywhere: no collective
+                    self._save_rank_rng()
+                    what = stop.args[0] if isinstance(stop, Preempted) else "Ctrl-C"
+                    message = (f"stopped by {what}: saved {self.checkpoint_dir / 'last.pt'} (epoch {self.epoch}, "
+                               f"step {self.step}); continue with resume (recallk train --name <run> --resume)")
+                    self._log(message)
+                    warnings.warn(message, stacklevel=2)
+                raise
+            finally:
+                if self._batches is not None:
+                    self._batches.close()
+                    self._batches = None
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
         extra = {"train_loss": self.last_train_loss, f"best_{self.settings.best_metric}": self.best_value}
         return {**self.last_eval, **{key: value for key, value in extra.items() if value is not None}}
 
@@ -274,6 +353,7 @@ class Trainer:
         if isinstance(self.criterion, nn.Module):
             self.criterion.train()
         total = self._steps_in_epoch(epoch)
+        self._epoch_start, self._epoch_first_step = time.perf_counter(), self.step
         if self.position >= total:
             return
         s = self.settings
@@ -315,12 +395,16 @@ class Trainer:
                  f"good checkpoint in {self.checkpoint_dir} was kept. Lower the learning rate or try amp=None")
         if not math.isfinite(value):
             raise NonFiniteLossError(f"the loss is {value} {where}")
-        if self.scaler is None and not self._gradients_finite():
+        finite, zero = self._gradient_norms()
+        if self.scaler is None and not finite:
             raise NonFiniteLossError(f"a parameter gradient is not finite {where}")
+        updated = not zero
         with _interrupt_deferred():  # the update and the counters go together
             if self.scaler is not None:  # fp16: the scaler skips steps with overflowing gradients by design
+                scale = self.scaler.get_scale()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                updated = updated and self.scaler.get_scale() >= scale  # a skipped step lowers the scale
             else:
                 self.optimizer.step()
             self.step += 1
@@ -328,12 +412,23 @@ class Trainer:
             self.epoch_loss_sum += value
             self.epoch_steps += 1
             self._mark_completed()
+        self._idle_steps = 0 if updated else self._idle_steps + 1
+        if self._idle_steps >= MAX_IDLE_STEPS:
+            why = ("the fp16 GradScaler skipped every one (overflowing gradients: use amp=bf16 or amp=None)"
+                   if self.scaler is not None and not zero else "every gradient was exactly zero (check the loss "
+                   "and the batch: per_class, labels)")
+            raise TrainingStalledError(f"{self._idle_steps} steps in a row did not change the weights: {why}; "
+                                       f"stopped at epoch {epoch}, step {self.step}")
         return value
 
-    def _gradients_finite(self) -> bool:
+    def _gradient_norms(self) -> tuple[bool, bool]:
+        """(every gradient is finite, every gradient is exactly zero or absent)."""
         norms = [torch.linalg.vector_norm(p.grad.float()) for group in self.optimizer.param_groups
                  for p in group["params"] if p.grad is not None]
-        return not norms or bool(torch.isfinite(torch.stack(norms)).all())
+        if not norms:
+            return True, True
+        norms = torch.stack(norms)
+        return bool(torch.isfinite(norms).all()), bool((norms == 0).all())
 
     def _finish_epoch(self, epoch: int) -> None:
         if self.epoch_steps:
@@ -345,10 +440,24 @@ class Trainer:
             self.scheduler.step()
         self.epoch = epoch
         self.position = 0
-        if epoch % self.settings.eval_every == 0 or epoch == self.settings.epochs:
+        train_s = time.perf_counter() - self._epoch_start
+        images_per_s = (self.step - self._epoch_first_step) * self.settings.batch_size / max(train_s, 1e-9)
+        evaluated = epoch % self.settings.eval_every == 0 or epoch == self.settings.epochs
+        if evaluated:
+            self.pending_eval = epoch  # saved as such if a stop comes during the evaluation
             self._evaluate(epoch)
+            self.pending_eval = None
         self._mark_completed()
         self._save("last.pt")
+        self._epoch_times.append(time.perf_counter() - self._epoch_start)
+        left = sum(self._epoch_times) / len(self._epoch_times) * (self.settings.epochs - epoch)
+        loss = f"{self.epoch_loss_sum / self.epoch_steps:.4f}" if self.epoch_steps else "-"
+        text = (f"epoch {epoch}/{self.settings.epochs}  step {self.step}  loss {loss}  "
+                f"lr {self.optimizer.param_groups[0]['lr']:.3g}  {images_per_s:.1f} img/s")
+        if evaluated:
+            text += "  |  " + self._eval_text(epoch, prefix=False)
+        self._log(f"{text}  |  {_duration(time.perf_counter() - self._epoch_start)} this epoch, "
+                  f"about {_duration(left)} left")
         self.epoch_loss_sum, self.epoch_steps = 0.0, 0
 
     # ------------------------------------------------------------------------------------------ evaluation
@@ -372,6 +481,89 @@ class Trainer:
             dist.barrier()
 
     # ------------------------------------------------------------------------------------- logs, checkpoints
+    def _log(self, text: str) -> None:
+        """One line of progress (rank 0): appended to ``run_dir/train.log`` and logged to ``recallk.train``."""
+        if not self.is_main or not text:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.run_dir / "train.log", "a", encoding="utf-8") as handle:
+            handle.write("".join(f"{stamp} {line}\n" for line in text.splitlines()))
+        logger.info(text)
+
+    def _eval_text(self, epoch: int, prefix: bool = True) -> str:
+        """The summary of the evaluation of ``epoch`` (recall@k and map@r in percent, as the CLI's table)."""
+        if self.eval_fn is None or not self.last_eval:
+            return ""
+        shown = [(k, v) for k, v in self.last_eval.items()
+                 if (k.startswith("recall@") or k == "map@r") and isinstance(v, float)]
+        text = "  ".join(f"{k} {100 * v:.2f}" for k, v in shown)
+        return f"evaluation after epoch {epoch}: {text}" if prefix else text
+
+    def _log_start(self, resumed: bool) -> None:
+        s, labels = self.settings, self.train_dataset.labels
+        precision = {None: "float32", torch.bfloat16: "bfloat16 autocast",
+                     torch.float16: "float16 autocast + GradScaler"}[self.autocast_dtype]
+        classes = len(set(int(c) for c in labels))
+        where = (f"resumed at epoch {self.epoch}, step {self.step} (batch {self.position} of the epoch)" if resumed
+                 else "new run")
+        self._log("\n".join([
+            f"run folder   {self.run_dir} ({where})",
+            f"device       {self.device}, {self.world_size} process(es)",
+            f"train data   {len(labels)} images, {classes} classes; {self._steps_in_epoch(self.epoch + 1)} steps "
+            f"per epoch, {s.epochs} epochs",
+            f"batch        {s.batch_size} images ({s.per_class} per class) in chunks of {s.chunk_size}"
+            + (f", {s.batch_size // self.world_size} per process" if self.world_size > 1 else ""),
+            f"precision    {precision}; optimizer {s.optimizer}, lr {s.lr:g}",
+        ]))
+
+    def _rank_rng_path(self, rank: int) -> Path:
+        return self.checkpoint_dir / f"last.rng.rank{rank}.pt"
+
+    def _save_rank_rng(self) -> None:
+        """After a stop (no collective possible): every rank but 0 writes its own random state, with its step,
+        beside ``last.pt`` (rank 0's is in ``last.pt``)."""
+        if self.settings.distributed and not self.is_main and self._rng_snapshot is not None:
+            save_checkpoint({"step": self.step, "rng": self._rng_snapshot}, self._rank_rng_path(self.rank))
+
+    def _rank_rng(self, state: dict[str, Any], path: Path) -> dict[str, Any]:
+        """This rank's random state for a resume from ``state``: from ``rng_per_rank``, else from the rank's own
+        file of the same step, else (no such file) a fresh stream seeded from (seed, rank, step), with a warning."""
+        per_rank = state.get("rng_per_rank")
+        if per_rank and len(per_rank) > self.rank:
+            return per_rank[self.rank]
+        if self.rank == 0:
+            return state["rng"]
+        side = path.with_name(self._rank_rng_path(self.rank).name)
+        if side.is_file():
+            mine = load_checkpoint(side)
+            if mine.get("step") == state.get("step"):
+                return mine["rng"]
+        warnings.warn(f"rank {self.rank}: no random state of step {state.get('step')} in the checkpoint; this rank "
+                      f"continues with a stream seeded from (seed, rank, step)", stacklevel=3)
+        seed_everything(self.settings.seed + 1_000_003 * self.rank + 7919 * int(state.get("step", 0)))
+        return capture_all_rng()
+
+    def _trim_metrics(self) -> None:
+        """Cut ``metrics.jsonl`` back to the restored step: drop lines of later steps (written after the checkpoint)
+        and those of an evaluation that will run again, so that resuming never duplicates a line."""
+        if not (self.is_main and self.metrics_path.is_file()):
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if record.get("step", 0) > self.step:
+                continue
+            if (self.pending_eval is not None and record.get("kind") == "eval"
+                    and record.get("epoch") == self.pending_eval):
+                continue
+            kept.append(line)
+        tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.metrics_path)
+
     def _write_metrics(self, kind: str, epoch: int, values: Mapping[str, Any]) -> None:
         if not self.is_main:
             return
@@ -409,7 +601,7 @@ class Trainer:
         if self.is_main:
             save_checkpoint(state, self.checkpoint_dir / name)
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def _restore(self, state: dict[str, Any], path: Path | None = None) -> None:
         settings = state.get("settings", {})
         for key in ("batch_size", "per_class", "seed"):
             mine = getattr(self.settings, key)
@@ -427,8 +619,16 @@ class Trainer:
             setattr(self, key, state.get(key, getattr(self, key)))
         best = state.get("best", {})
         self.best_value, self.best_epoch = best.get("value"), best.get("epoch")
-        per_rank = state.get("rng_per_rank")
-        rng = per_rank[self.rank] if per_rank and len(per_rank) > self.rank else state["rng"]
+        rng = self._rank_rng(state, path if path is not None else self.checkpoint_dir / "last.pt")
         restore_all_rng(rng)
         self._mark_completed()  # the restored model and criterion are the checkpoint's completed step
         self._rng_snapshot = rng
+        self._trim_metrics()
+
+
+def _duration(seconds: float) -> str:
+    """``3725`` -> ``"1h02m"``, ``75`` -> ``"1m15s"``, ``4.2`` -> ``"4s"``."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

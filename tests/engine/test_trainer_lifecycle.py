@@ -1,0 +1,111 @@
+"""Run lifecycle in the trainer (issue 19): a stop during an evaluation runs it again on resume (weights and
+metrics.jsonl as in the uninterrupted run), steps that change no weight stop the run, fp16 on the CPU is refused,
+each rank resumes its own random stream, progress lines go to train.log."""
+
+from __future__ import annotations
+
+import json
+import signal
+import warnings
+
+import pytest
+import torch
+from engine_helpers import NoisyImages, contrastive_loss, make_net, nearest_neighbour_eval
+
+from recallk.engine import Trainer, load_checkpoint, save_checkpoint
+from recallk.engine.rng import capture_all_rng
+from recallk.engine.trainer import Preempted, TrainingStalledError
+
+
+def make_trainer(run_dir, eval_fn=None, criterion=contrastive_loss, **overrides) -> Trainer:
+    torch.manual_seed(0)
+    dataset = NoisyImages()
+    settings = dict(batch_size=8, chunk_size=4, per_class=2, epochs=3, optimizer="adam", lr=1e-2, device="cpu",
+                    seed=3, progress=False, tensorboard=False)
+    settings.update(overrides)
+    return Trainer(make_net(dropout=0.2), criterion, dataset, run_dir,
+                   eval_fn=eval_fn or nearest_neighbour_eval(dataset), **settings)
+
+
+def fit(trainer: Trainer, **kwargs) -> Trainer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.fit(**kwargs)
+    return trainer
+
+
+def lines(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def key(record):
+    return (record["kind"], record.get("scope"), record.get("split"), record["epoch"], record["step"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_during_an_evaluation_runs_it_again_on_resume(tmp_path, signum):
+    full = fit(make_trainer(tmp_path / "full"))
+    base = nearest_neighbour_eval(NoisyImages())
+    calls = []
+
+    def stopping_eval(model, epoch):  # a signal arrives while epoch 2's evaluation runs
+        calls.append(epoch)
+        if epoch == 2 and calls.count(2) == 1:
+            signal.raise_signal(signum)
+        return base(model, epoch)
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        fit(make_trainer(tmp_path / "cut", eval_fn=stopping_eval))
+    assert isinstance(info.value, Preempted) == (signum == signal.SIGTERM)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["pending_eval"] == 2
+    resumed = fit(make_trainer(tmp_path / "cut", eval_fn=stopping_eval), resume=True)
+    assert calls == [0, 1, 2, 2, 3]  # epoch 2's evaluation ran again, then training went on
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    cut_lines, full_lines = lines(tmp_path / "cut"), lines(tmp_path / "full")
+    assert [key(r) for r in cut_lines] == [key(r) for r in full_lines]  # nothing missing, nothing twice
+    log = (tmp_path / "cut" / "train.log").read_text()
+    assert "stopped by" in log and "resumed at epoch 2" in log and "epoch 3/3" in log
+
+
+def test_metrics_after_the_checkpoint_are_cut_on_resume(tmp_path):
+    fit(make_trainer(tmp_path / "run", max_steps=4))  # stops (and saves) at step 4
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as handle:  # a hard kill after step 5 had left this
+        handle.write(json.dumps({"kind": "train", "scope": "interval", "epoch": 2, "step": 5, "time": 0}) + "\n")
+    fit(make_trainer(tmp_path / "run"), resume=True)
+    keys = [key(r) for r in lines(tmp_path / "run")]
+    assert len(keys) == len(set(keys))
+    assert [r["step"] for r in lines(tmp_path / "run") if r.get("scope") == "interval"] == list(range(1, 10))
+
+
+def test_steps_that_change_no_weight_stop_the_run(tmp_path):
+    def zero_loss(embeddings, labels):
+        return 0.0 * embeddings.sum()
+
+    with pytest.raises(TrainingStalledError, match="did not change the weights"):
+        fit(make_trainer(tmp_path / "run", criterion=zero_loss, epochs=10))
+
+
+def test_fp16_on_the_cpu_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"fp16.*CPU"):
+        make_trainer(tmp_path / "run", amp="fp16")
+
+
+def test_each_rank_resumes_its_own_random_stream(tmp_path):
+    trainer = make_trainer(tmp_path / "run")
+    rank0 = capture_all_rng()
+    torch.rand(3)
+    rank1 = capture_all_rng()
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = {"step": 5, "rng": rank0}  # written by rank 0 after a stop: no collective, so no rng_per_rank
+    trainer.rank = 1
+    with pytest.warns(UserWarning, match="no random state of step 5"):
+        fresh = trainer._rank_rng(state, checkpoint)
+    assert not torch.equal(fresh["torch_cpu"], rank0["torch_cpu"])  # not rank 0's stream replayed
+    save_checkpoint({"step": 5, "rng": rank1}, checkpoint.with_name("last.rng.rank1.pt"))
+    assert torch.equal(trainer._rank_rng(state, checkpoint)["torch_cpu"], rank1["torch_cpu"])
+    save_checkpoint({"step": 4, "rng": rank1}, checkpoint.with_name("last.rng.rank1.pt"))  # of another step
+    with pytest.warns(UserWarning):
+        assert not torch.equal(trainer._rank_rng(state, checkpoint)["torch_cpu"], rank1["torch_cpu"])
+    state["rng_per_rank"] = [rank0, rank1]
+    assert torch.equal(trainer._rank_rng(state, checkpoint)["torch_cpu"], rank1["torch_cpu"])
