@@ -36,6 +36,8 @@ RESULTS = "docs/results.md"
 MACHINE = "2-core CPU, no GPU (shared with other work), torch 1 thread per run"
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 DISCUSSION_BEGIN, DISCUSSION_END = "<!-- discussion:begin -->", "<!-- discussion:end -->"
+# The "Demo recipe" section (how configs/kanji.yaml was chosen) is hand-written too and kept the same way.
+DEMO_BEGIN, DEMO_END = "<!-- demo-recipe:begin -->", "<!-- demo-recipe:end -->"
 
 # Hyper-parameters of the baselines: the defaults of pytorch-metric-learning, which are the values of the papers
 # (Smooth-AP: temperature 0.01, Brown et al. 2020; multi-similarity: alpha 2, beta 50, lambda/base 0.5, Wang et
@@ -371,18 +373,18 @@ def automatic_verdicts(aggs: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def read_discussion(path: Path) -> str:
-    """The hand-written text between the discussion markers of an existing results file ('' if none)."""
+def read_discussion(path: Path, begin: str = DISCUSSION_BEGIN, end: str = DISCUSSION_END) -> str:
+    """The hand-written text between two markers (default: the discussion's) of an existing results file
+    ('' if the file or the markers are missing)."""
     if not path.is_file():
         return ""
-    match = re.search(re.escape(DISCUSSION_BEGIN) + r"\n?(.*?)" + re.escape(DISCUSSION_END),
-                      path.read_text(), re.S)
+    match = re.search(re.escape(begin) + r"\n?(.*?)" + re.escape(end), path.read_text(), re.S)
     return match.group(1).strip() if match else ""
 
 
 def render_results(groups: Sequence[Group], aggs: dict[str, dict[str, Any]], seeds: Sequence[int],
-                   discussion: str, total_wall_s: float | None) -> str:
-    """The whole docs/results.md text."""
+                   discussion: str, total_wall_s: float | None, demo: str = "") -> str:
+    """The whole docs/results.md text; ``demo`` is the hand-written "Demo recipe" section (kept when not empty)."""
     from recallk.config import load_config
 
     base = load_config(ROOT / BASE_CONFIG)
@@ -433,6 +435,8 @@ def render_results(groups: Sequence[Group], aggs: dict[str, dict[str, Any]], see
     out += [*automatic_verdicts({k: v for k, v in aggs.items() if k in cells}), ""]
     out += ["## What the numbers say about the paper's claims", "", DISCUSSION_BEGIN,
             discussion or "(to be written after the study has run)", DISCUSSION_END, ""]
+    if demo:
+        out += [DEMO_BEGIN, demo, DEMO_END, ""]
     return "\n".join(out)
 
 
@@ -493,7 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if results and all(status == "done" for _, status, _ in results) and not args.only:
             timing_file.write_text(json.dumps({"wall_s": total}))
         total_wall = json.loads(timing_file.read_text())["wall_s"] if timing_file.is_file() else None
-        path.write_text(render_results(groups, aggs, args.seeds, read_discussion(path), total_wall))
+        path.write_text(render_results(groups, aggs, args.seeds, read_discussion(path), total_wall,
+                                        read_discussion(path, DEMO_BEGIN, DEMO_END)))
         print(f"\nwrote {path}")
     return 1 if failed else 0
 

@@ -121,3 +121,16 @@ def test_discussion_survives_a_rewrite(tmp_path):
     rewritten.write_text(study.render_results(study.GROUPS, {}, [1, 2, 3], "hand-written\ntext", None))
     assert study.read_discussion(rewritten) == "hand-written\ntext"
     assert "configs/study/kanji.yaml" in rewritten.read_text()
+
+
+def test_demo_recipe_section_survives_a_rewrite(tmp_path):
+    path = tmp_path / "results.md"
+    path.write_text(f"# old\n{study.DEMO_BEGIN}\n## Demo recipe\nruns\n{study.DEMO_END}\n")
+    demo = study.read_discussion(path, study.DEMO_BEGIN, study.DEMO_END)
+    assert demo == "## Demo recipe\nruns" and study.read_discussion(path) == ""
+    text = study.render_results(study.GROUPS, {}, [1, 2, 3], "", None, demo)
+    assert text.index(study.DISCUSSION_END) < text.index("## Demo recipe\nruns")
+    rewritten = tmp_path / "new.md"
+    rewritten.write_text(text)
+    assert study.read_discussion(rewritten, study.DEMO_BEGIN, study.DEMO_END) == demo
+    assert study.DEMO_BEGIN not in study.render_results(study.GROUPS, {}, [1, 2, 3], "", None)

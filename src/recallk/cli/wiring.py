@@ -83,18 +83,42 @@ def _eval_callback(config: dict[str, Any], test_set: Any, device: torch.device, 
     return eval_fn
 
 
+GAIN_COLUMN = "after - raw pixels"
+
+
 def _comparison_rows(config: dict[str, Any], run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Rows of the final table: raw pixels (if asked), the evaluation before training, the last one."""
+    """Columns of the final table, in reading order: the last evaluation (``after training (epoch N)``), raw
+    pixels and the gain over them in points (when ``eval.pixel_baseline``), the evaluation before training.
+
+    The raw-pixel embeddings (:func:`recallk.evaluation.pixel_embeddings` of the test split at
+    ``data.image_size``) are also written to ``embeddings/raw_pixels/<test split>.npz`` (``embeddings``,
+    ``labels``), where the report finds them for its model-vs-pixels examples.
+    """
     d, rows = config["data"], {}
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    if evals:
+        rows[f"after training (epoch {evals[-1]['epoch']})"] = evals[-1]
     if config["eval"]["pixel_baseline"]:
         raw = build_dataset(d["dataset"], d["root"], d["test_split"], transform=None, **test_options(config))
         size = d["image_size"] or dataset_spec(d["dataset"]).image_size or 64
-        rows["raw pixels"] = retrieval_metrics(*pixel_embeddings(raw, size), eval_ks(config))
-    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+        pixels, labels = pixel_embeddings(raw, size)
+        _save_embeddings(run_dir / "embeddings" / "raw_pixels" / f"{d['test_split']}.npz", pixels, labels)
+        rows["raw pixels"] = retrieval_metrics(pixels, labels, eval_ks(config))
+        if evals:
+            after = rows[f"after training (epoch {evals[-1]['epoch']})"]
+            rows[GAIN_COLUMN] = {k: after[k] - v for k, v in rows["raw pixels"].items()
+                                 if k in after and isinstance(v, float) and isinstance(after[k], float)}
     if evals:
         rows["before training"] = evals[0]
-        rows[f"after training (epoch {evals[-1]['epoch']})"] = evals[-1]
     return {name: {k: v for k, v in m.items() if k.startswith(SUMMARY_METRICS)} for name, m in rows.items()}
+
+
+def _save_embeddings(path: Path, embeddings: np.ndarray, labels: np.ndarray) -> None:
+    """``np.savez(path, embeddings=, labels=)`` written atomically (a temporary file, then ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, embeddings=embeddings, labels=labels)
+    os.replace(tmp, path)
 
 
 def train_from_config(
@@ -102,7 +126,9 @@ def train_from_config(
 ) -> dict[str, Any]:
     """Train as ``config`` says, in ``run_dir``; returns ``{"table": str, "final": metrics}``.
 
-    Writes ``embeddings/<test split>.npz`` of the final evaluation and ``report.html`` (rank 0 only).
+    Writes ``embeddings/<test split>.npz`` of the final evaluation, ``embeddings/raw_pixels/<test split>.npz``
+    (with ``eval.pixel_baseline``) and ``report.html`` (rank 0 only). The table leads with the trained model,
+    then raw pixels and the trained model's gain over them, then the model before training.
     """
     seed_everything(config["seed"])
     model = model_from_config(config)
@@ -116,10 +142,11 @@ def train_from_config(
     if trainer.rank != 0:
         return {"table": "", "final": final}
     if last:
-        (run_dir / "embeddings").mkdir(exist_ok=True)
-        np.savez(run_dir / "embeddings" / f"{config['data']['test_split']}.npz", **last)
+        _save_embeddings(run_dir / "embeddings" / f"{config['data']['test_split']}.npz", last["embeddings"],
+                         last["labels"])
+    table = format_metrics_table(_comparison_rows(config, run_dir))  # before the report: it reads the pixels
     write_report(run_dir)
-    return {"table": format_metrics_table(_comparison_rows(config, run_dir)),
+    return {"table": table,
             "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}}
 
 

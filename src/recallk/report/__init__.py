@@ -17,12 +17,21 @@ import yaml
 
 from . import examples as _examples
 from . import html
-from .examples import Example, answerable, class_name, select_queries, thumbnail_png
+from .examples import (
+    Example,
+    answerable,
+    changed_examples,
+    class_name,
+    compare_first_neighbours,
+    select_queries,
+    thumbnail_png,
+)
 from .plots import figure_png, history_figure, plot_history, read_metrics
 
 __all__ = ["plot_history", "read_metrics", "write_report"]
 
 THUMB_SIZE = 96
+BASELINE_NAME = "raw pixels"
 
 
 def write_report(
@@ -47,10 +56,15 @@ def write_report(
         top: neighbours shown per query (exact inner-product kNN, leave-one-out).
         split: the split whose embeddings are shown; default ``data.test_split`` of the config, else "test".
 
+    The report leads with the comparison a reader asks for first: the trained model (last evaluation) against
+    raw pixels (when ``embeddings/raw_pixels/<split>.npz`` exists, as ``recallk train`` writes it with
+    ``eval.pixel_baseline``) and against the model before training (epoch 0), then the queries whose first
+    neighbour raw pixels got wrong and the model right, and the reverse (each shown with both neighbour lists).
+
     Raises:
         ValueError: run_dir or its metrics.jsonl is missing or malformed, config.yaml is not a YAML mapping,
-            the embeddings file lacks ``embeddings``/``labels``, or a given ``dataset`` does not match it
-            (length or labels).
+            an embeddings file lacks ``embeddings``/``labels``, the raw-pixel file does not match the model's
+            embeddings (rows or labels), or a given ``dataset`` does not match them (length or labels).
     """
     run = Path(run_dir)
     if not run.is_dir():
@@ -69,6 +83,7 @@ def write_report(
         f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
     )
     sections = [
+        _comparison_section(run, cfg, records, split, dataset, num_queries, top, seed),
         html.config_section(config_text),
         html.plots_section(figure_png(history_figure(records))),
         html.metrics_section(records),
@@ -197,3 +212,91 @@ def _check_dataset(dataset: Any, labels: np.ndarray, emb_path: Path) -> None:
     ds_labels = getattr(dataset, "labels", None)
     if ds_labels is not None and not np.array_equal(np.asarray(ds_labels).reshape(-1), labels):
         raise ValueError(f"dataset.labels differ from the labels in {emb_path}; pass the evaluated split, in order")
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as npz:
+        if "embeddings" not in npz or "labels" not in npz:
+            raise ValueError(f"{path} must hold arrays 'embeddings' (N, d) and 'labels' (N,)")
+        embeddings, labels = npz["embeddings"], npz["labels"].reshape(-1)
+    if embeddings.ndim != 2 or embeddings.shape[0] != labels.shape[0]:
+        raise ValueError(f"{path}: embeddings {embeddings.shape} and labels {labels.shape} do not match")
+    return embeddings, labels
+
+
+def _comparison_section(
+    run: Path, cfg: dict[str, Any], records: list[dict[str, Any]], split: str, dataset: Any, num_queries: int,
+    top: int, seed: int,
+) -> str:
+    """Trained vs raw pixels vs untrained (table), then what changed against raw pixels (counts, examples)."""
+    from recallk.evaluation import retrieval_metrics  # only when a baseline is shown
+
+    evals = [r for r in records if r.get("kind") == "eval" and (r.get("split") or split) == split]
+    heading = f"<h2>Trained model vs raw pixels vs untrained ({escape(split)} split)</h2>"
+    if not evals:
+        return heading + "\n" + html.note(f"metrics.jsonl holds no evaluation of the {split!r} split.")
+    after, before = evals[-1], (evals[0] if int(evals[0]["epoch"]) == 0 else None)
+    model_name = f"trained (epoch {after['epoch']})"
+    columns: dict[str, dict[str, Any]] = {model_name: after}
+    emb_path = run / "embeddings" / f"{split}.npz"
+    pix_path = run / "embeddings" / "raw_pixels" / f"{split}.npz"
+    pixels = None
+    if pix_path.is_file() and emb_path.is_file():
+        model_emb, labels = _read_npz(emb_path)
+        pixels, pix_labels = _read_npz(pix_path)
+        if pixels.shape[0] != labels.shape[0] or not np.array_equal(pix_labels, labels):
+            raise ValueError(f"{pix_path} does not match {emb_path} (rows or labels): both must embed the "
+                             f"{split!r} split in dataset order")
+        ks = sorted(int(k.split("@")[1]) for k in after if k.startswith("recall@"))
+        columns[BASELINE_NAME] = retrieval_metrics(pixels, labels, ks or (1,))
+    if before is not None and before is not after:
+        columns["untrained (epoch 0)"] = before
+    parts = [heading, html.comparison_table(columns, model_name, BASELINE_NAME if pixels is not None else None)]
+    if pixels is None:
+        parts.append(html.note(f"No raw-pixel baseline: {pix_path.relative_to(run)} does not exist (recallk train "
+                               "writes it with eval.pixel_baseline: true)."))
+        return "\n".join(parts)
+
+    comparison = compare_first_neighbours(model_emb, pixels, labels, seed=seed)
+    c = comparison.counts()
+    sample = " (a random sample of the answerable queries)" if comparison.sampled else ""
+    parts.append(
+        f"<p>First neighbour (leave-one-out) of {c['queries']} queries{escape(sample)}: right for both in "
+        f"{c['both right']}, <b>raw pixels wrong and the model right in {c['fixed']}</b>, raw pixels right and the "
+        f"model wrong in {c['broken']}, wrong for both in {c['both wrong']}.</p>")
+    if dataset is None:
+        try:
+            dataset = _dataset_from_config(cfg, split)
+            _check_dataset(dataset, labels, emb_path)
+        except Exception as e:  # shown in the report: the rest of it is still worth writing
+            parts.append(html.note(f"Examples omitted: could not build the {split!r} dataset from config.yaml "
+                                   f"({type(e).__name__}: {e}). Pass dataset= to write_report."))
+            return "\n".join(parts)
+    else:
+        _check_dataset(dataset, labels, emb_path)
+    thumbnail, label_name = _thumbnailer(dataset, labels)
+    per_group = max(1, num_queries // 4)
+    for queries, title in ((comparison.fixed, "Raw pixels wrong, the model right"),
+                           (comparison.broken, "Raw pixels right, the model wrong")):
+        parts.append(f"<h3>{title} <small>({min(per_group, queries.size)} of {queries.size}, drawn with seed "
+                     f"{seed}; top {top} under each)</small></h3>")
+        pairs = changed_examples(model_emb, pixels, labels, queries, per_group, top, seed=seed)
+        parts.append(html.paired_rows(pairs, ("model", BASELINE_NAME), thumbnail, label_name) if pairs
+                     else html.note("None."))
+    return "\n".join(parts)
+
+
+def _thumbnailer(dataset: Any, labels: np.ndarray) -> tuple[Any, Any]:
+    """``thumbnail(index, rgb) -> PNG`` (cached) and ``label_name(index) -> class name`` for ``dataset``."""
+    classes = getattr(dataset, "classes", None)
+    cache: dict[tuple[int, tuple[int, int, int]], bytes] = {}
+
+    def thumbnail(index: int, rgb: tuple[int, int, int]) -> bytes:
+        if (index, rgb) not in cache:
+            cache[(index, rgb)] = thumbnail_png(dataset[index][0], THUMB_SIZE, rgb)
+        return cache[(index, rgb)]
+
+    def label_name(index: int) -> str:
+        return class_name(int(labels[index]), classes)
+
+    return thumbnail, label_name

@@ -152,3 +152,111 @@ def class_name(label: int, classes: Sequence[str] | None) -> str:
     if classes is not None and 0 <= label < len(classes):
         return str(classes[label])
     return str(label)
+
+
+# Above this many answerable items the model-vs-baseline comparison uses a seeded random subset of queries.
+MAX_COMPARE_QUERIES = 10_000
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """First-neighbour outcome (leave-one-out) of the same queries under two embeddings of the same items.
+
+    Attributes:
+        queries: (M,) int64 item indices compared (all answerable items, or a seeded sample of them).
+        model_hit, baseline_hit: (M,) bool, whether the nearest other item has the query's class.
+        sampled: True when ``queries`` is a random subset of the answerable items.
+    """
+
+    queries: np.ndarray
+    model_hit: np.ndarray
+    baseline_hit: np.ndarray
+    sampled: bool
+
+    @property
+    def fixed(self) -> np.ndarray:
+        """Queries the baseline got wrong and the model got right, (K,) int64."""
+        return self.queries[self.model_hit & ~self.baseline_hit]
+
+    @property
+    def broken(self) -> np.ndarray:
+        """Queries the baseline got right and the model got wrong, (K,) int64."""
+        return self.queries[~self.model_hit & self.baseline_hit]
+
+    def counts(self) -> dict[str, int]:
+        """``{"queries", "both right", "fixed", "broken", "both wrong"}`` query counts."""
+        m, b = self.model_hit, self.baseline_hit
+        return {"queries": int(m.size), "both right": int((m & b).sum()), "fixed": int((m & ~b).sum()),
+                "broken": int((~m & b).sum()), "both wrong": int((~m & ~b).sum())}
+
+
+def compare_first_neighbours(
+    model_embeddings: np.ndarray, baseline_embeddings: np.ndarray, labels: np.ndarray, seed: int = 0,
+    max_queries: int = MAX_COMPARE_QUERIES,
+) -> Comparison:
+    """Which queries each embedding answers right at rank 1 (exact inner-product kNN, the query left out).
+
+    Used by the report to show what training changed against a baseline (raw pixels): the fraction of
+    ``model_hit`` over all answerable queries is the model's recall@1 (``recallk.evaluation.retrieval_metrics``
+    up to ties of the first-neighbour score).
+
+    Args:
+        model_embeddings: (N, d1) float array; baseline_embeddings: (N, d2) float array of the same N items;
+        labels: (N,) int array. The dimensions may differ.
+        seed: draws the query subset when more than ``max_queries`` items are answerable.
+
+    Raises:
+        ValueError: row counts disagree, N < 2, or ``max_queries < 1``.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    model = np.ascontiguousarray(model_embeddings, dtype=np.float32)
+    base = np.ascontiguousarray(baseline_embeddings, dtype=np.float32)
+    if model.ndim != 2 or base.ndim != 2 or not model.shape[0] == base.shape[0] == labels.shape[0]:
+        raise ValueError(f"model embeddings (N, d1), baseline embeddings (N, d2) and labels (N,) must have the same "
+                         f"N, got {model.shape}, {base.shape} and {labels.shape}")
+    if labels.shape[0] < 2:
+        raise ValueError(f"need at least 2 items to compare first neighbours, got {labels.shape[0]}")
+    if max_queries < 1:
+        raise ValueError(f"max_queries must be >= 1, got {max_queries}")
+    queries = answerable(labels)
+    sampled = queries.size > max_queries
+    if sampled:
+        queries = np.sort(np.random.default_rng(seed).choice(queries, max_queries, replace=False))
+    hits = []
+    for emb in (model, base):
+        _, idx = exact_knn(emb, emb, 1, exclude_self=True, rows=queries)
+        hits.append(labels[idx[:, 0]] == labels[queries])
+    return Comparison(queries.astype(np.int64), hits[0], hits[1], sampled)
+
+
+def changed_examples(
+    model_embeddings: np.ndarray, baseline_embeddings: np.ndarray, labels: np.ndarray, queries: np.ndarray,
+    num: int, top: int, seed: int = 0, kind: str = "changed",
+) -> list[tuple[Example, Example]]:
+    """Up to ``num`` of ``queries`` drawn at random (seeded), each with its ``top`` neighbours under the model
+    and under the baseline: ``[(model example, baseline example)]`` in query order.
+
+    Raises:
+        ValueError: num or top < 1, or row counts disagree.
+    """
+    if num < 1 or top < 1:
+        raise ValueError(f"num and top must be >= 1, got {num} and {top}")
+    labels = np.asarray(labels).reshape(-1)
+    queries = np.asarray(queries, dtype=np.int64).reshape(-1)
+    if queries.size > num:
+        queries = np.sort(np.random.default_rng(seed).choice(queries, num, replace=False))
+    if queries.size == 0:
+        return []
+    pairs = []
+    for emb in (model_embeddings, baseline_embeddings):
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        if emb.shape[0] != labels.shape[0]:
+            raise ValueError(f"embeddings have {emb.shape[0]} rows but labels {labels.shape[0]}")
+        k = min(top, emb.shape[0] - 1)
+        scores, idx = exact_knn(emb, emb, k, exclude_self=True, rows=queries)
+        pairs.append([
+            Example(query=int(q), neighbours=tuple(int(j) for j in idx[i]), scores=tuple(float(s) for s in scores[i]),
+                    hits=tuple(bool(labels[j] == labels[q]) for j in idx[i]), kind=kind)
+            for i, q in enumerate(queries)
+        ])
+    return list(zip(pairs[0], pairs[1]))

@@ -46,6 +46,8 @@ figure.thumb {{ margin: 0; width: 106px; text-align: center; }}
 figure.thumb img {{ display: block; width: 106px; height: 106px; image-rendering: auto; }}
 figcaption {{ font-size: 0.72em; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }}
 figure.query figcaption {{ font-weight: 600; }}
+.pair {{ border-left: 3px solid #d0d7de; padding-left: 8px; margin: 0 0 14px; }}
+.pair-name {{ margin: 2px 0; font-size: 0.85em; font-weight: 600; color: #555; }}
 """
 
 
@@ -195,3 +197,49 @@ def examples_section(body: str, split: str, top: int) -> str:
         "caption: inner-product similarity and class</p>"
     )
     return f"{heading}\n{legend}\n{body}"
+
+
+SUMMARY_PREFIXES = ("recall@", "map@r", "r_precision")
+
+
+def comparison_table(columns: dict[str, Record], model: str, baseline: str | None) -> str:
+    """The lead table: one column per evaluated embedding (``columns``: name -> metrics, in reading order),
+    recall@k, MAP@R and R-precision in percent, and right after ``baseline``'s column the gain of ``model`` over
+    it in points (as in the table ``recallk train`` prints)."""
+    names = list(columns)
+    keys = sorted({k for m in columns.values() for k, v in m.items() if k.startswith(SUMMARY_PREFIXES)
+                   and _is_number(v)}, key=metric_order)
+    gain_head = f"{model} − {baseline} (points)" if baseline else None
+    head = "".join(f"<th>{escape(n)}</th>" + (f"<th>{escape(gain_head)}</th>" if gain_head and n == baseline else "")
+                   for n in names)
+    lines = ['<table class="metrics">', f"<thead><tr><th>metric (%)</th>{head}</tr></thead>", "<tbody>"]
+    for key in keys:
+        cells = ""
+        for name in names:
+            value = columns[name].get(key)
+            cells += f"<td>{100 * value:.2f}</td>" if _is_number(value) else "<td>—</td>"
+            if gain_head and name == baseline:
+                a, b = columns[model].get(key), value
+                if _is_number(a) and _is_number(b) and math.isfinite(a - b):
+                    css = ' class="up"' if a > b else ' class="down"' if a < b else ""
+                    cells += f"<td{css}>{100 * (a - b):+.2f}</td>"
+                else:
+                    cells += "<td>—</td>"
+        lines.append(f'<tr class="lead"><td>{escape(key)}</td>{cells}</tr>')
+    lines.append("</tbody></table>")
+    return "\n".join(lines)
+
+
+def paired_rows(
+    pairs: Sequence[tuple[Example, Example]],
+    names: tuple[str, str],
+    thumbnail: Callable[[int, tuple[int, int, int]], bytes],
+    label_name: Callable[[int], str],
+) -> str:
+    """Each query twice: its neighbours under the first embedding (``names[0]``), then under the second."""
+    blocks = []
+    for first, second in pairs:
+        rows = [f'<p class="pair-name">{escape(name)}</p>\n{example_rows([ex], thumbnail, label_name)}'
+                for name, ex in zip(names, (first, second))]
+        blocks.append('<div class="pair">\n' + "\n".join(rows) + "\n</div>")
+    return "\n".join(blocks)
