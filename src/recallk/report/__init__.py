@@ -158,17 +158,7 @@ def _examples_body(
         _check_dataset(dataset, labels, emb_path)
 
     examples = select_queries(embeddings, labels, num_queries, top, seed=seed)
-    classes = getattr(dataset, "classes", None)
-    cache: dict[tuple[int, tuple[int, int, int]], bytes] = {}
-
-    def thumbnail(index: int, rgb: tuple[int, int, int]) -> bytes:
-        if (index, rgb) not in cache:
-            cache[(index, rgb)] = thumbnail_png(dataset[index][0], THUMB_SIZE, rgb)
-        return cache[(index, rgb)]
-
-    def label_name(index: int) -> str:
-        return class_name(int(labels[index]), classes)
-
+    thumbnail, label_name = _thumbnailer(dataset, labels)
     n_answerable = answerable(labels).size
     parts = []
     for kind, heading, explanation in (
