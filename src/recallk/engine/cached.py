@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -195,8 +196,17 @@ def _warn_ghost_batchnorm(model: nn.Module, norms: list[nn.Module], chunk_size: 
         "over the whole batch. For the paper's setting (frozen BatchNorm, chunk-independent gradients) call "
         "recallk.models.freeze_batchnorm(model) or set model.freeze_bn: true in the config.",
         UserWarning,
-        stacklevel=3,
+        stacklevel=_caller_level(),
     )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this module: the warning then points at the user's call of
+    the step (the cached step reaches the check through generators of varying depth)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @contextlib.contextmanager
