@@ -14,18 +14,23 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import yaml
 
-from recallk.data import DATASET_SPECS
+from recallk.data import DATASET_SPECS, dataset_spec
 from recallk.engine import TrainSettings
+from recallk.evaluation import retrieval_metrics
 from recallk.losses import RecallAtKSurrogate, loss_min_per_class, loss_names
 from recallk.models import build_model
+from recallk.utils import autocast_dtype, resolve_device
 
 
 class ConfigError(ValueError):
@@ -258,8 +263,6 @@ def section_arguments(config: Mapping[str, Any], section: str) -> dict[str, Any]
 
 def dump_config(config: Mapping[str, Any], path: str | Path) -> None:
     """Write the resolved configuration as YAML (keys in definition order), atomically (temp file + os.replace)."""
-    import os
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False))
@@ -269,10 +272,7 @@ def dump_config(config: Mapping[str, Any], path: str | Path) -> None:
 def produced_metrics(config: Mapping[str, Any]) -> list[str]:
     """The names of the metrics a training run's evaluations produce (``recallk.evaluation.retrieval_metrics``
     at ``eval.ks`` or the dataset's ks), found by running that function on a tiny made-up set."""
-    import numpy as np
 
-    from recallk.data import dataset_spec
-    from recallk.evaluation import retrieval_metrics
 
     ks = tuple(config["eval"]["ks"] or dataset_spec(config["data"]["dataset"]).eval_ks)
     n = max(ks) + 2
@@ -292,10 +292,7 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
     Raises:
         ConfigError: naming the key, what is wrong and how to fix it.
     """
-    import torch
 
-    from recallk.data import dataset_spec
-    from recallk.utils import autocast_dtype, resolve_device
 
     data, train = config["data"], config["train"]
     spec = dataset_spec(data["dataset"])
