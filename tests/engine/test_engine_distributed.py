@@ -95,6 +95,16 @@ def two_process_results(tmp_path_factory):
     return out_dir
 
 
+
+def _assert_equals_one_process(result, loss, expected_model, expected_criterion):
+    """A rank's saved loss and gradients equal the one-process run's."""
+    torch.testing.assert_close(result["loss"], loss, rtol=1e-12, atol=0)
+    assert result["model"].keys() == expected_model.keys()
+    for name, grad in expected_model.items():
+        torch.testing.assert_close(result["model"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    for name, grad in expected_criterion.items():
+        torch.testing.assert_close(result["criterion"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
 def test_two_process_gradient_equals_one_process(two_process_results):
     model = freeze_batchnorm(make_net(dropout=0.0))
     criterion = RandomMixLoss()
@@ -104,12 +114,7 @@ def test_two_process_gradient_equals_one_process(two_process_results):
     expected_model, expected_criterion = grads(model), grads(criterion)
     for rank in range(WORLD_SIZE):
         result = torch.load(two_process_results / f"grads{rank}.pt")
-        torch.testing.assert_close(result["loss"], loss, rtol=1e-12, atol=0)
-        assert result["model"].keys() == expected_model.keys()
-        for name, grad in expected_model.items():
-            torch.testing.assert_close(result["model"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
-        for name, grad in expected_criterion.items():
-            torch.testing.assert_close(result["criterion"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+        _assert_equals_one_process(result, loss, expected_model, expected_criterion)
 
 
 def test_loss_generator_is_shared_across_ranks(two_process_results):
@@ -122,12 +127,7 @@ def test_loss_generator_is_shared_across_ranks(two_process_results):
     expected_model, expected_criterion = grads(model), grads(criterion)
     results = [torch.load(two_process_results / f"generator_grads{rank}.pt") for rank in range(WORLD_SIZE)]
     for result in results:
-        torch.testing.assert_close(result["loss"], loss, rtol=1e-12, atol=0)
-        assert result["model"].keys() == expected_model.keys()
-        for name, grad in expected_model.items():
-            torch.testing.assert_close(result["model"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
-        for name, grad in expected_criterion.items():
-            torch.testing.assert_close(result["criterion"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+        _assert_equals_one_process(result, loss, expected_model, expected_criterion)
         # the generators stay in step after the loss
         assert torch.equal(result["generator"], criterion.generator.get_state())
 

@@ -136,12 +136,7 @@ def _examples_body(
             f"Retrieval examples omitted: {emb_path.relative_to(run)} does not exist{found}. "
             "It is written by the final evaluation of a run."
         )
-    with np.load(emb_path) as npz:
-        if "embeddings" not in npz or "labels" not in npz:
-            raise ValueError(f"{emb_path} must hold arrays 'embeddings' (N, d) and 'labels' (N,)")
-        embeddings, labels = npz["embeddings"], npz["labels"].reshape(-1)
-    if embeddings.ndim != 2 or embeddings.shape[0] != labels.shape[0]:
-        raise ValueError(f"{emb_path}: embeddings {embeddings.shape} and labels {labels.shape} do not match")
+    embeddings, labels = _read_npz(emb_path)
     if embeddings.shape[0] < 2:
         return html.note(f"Retrieval examples omitted: {emb_path.name} holds fewer than 2 items.")
 
