@@ -27,10 +27,11 @@ import yaml
 
 from recallk.data import DATASET_SPECS, dataset_spec
 from recallk.engine import TrainSettings
+from recallk.engine.settings import check_amp_device, check_per_class
 from recallk.evaluation import retrieval_metrics
 from recallk.losses import RecallAtKSurrogate, loss_min_per_class, loss_names
 from recallk.models import build_model
-from recallk.utils import autocast_dtype, resolve_device
+from recallk.utils import resolve_device
 
 
 class ConfigError(ValueError):
@@ -227,21 +228,15 @@ def validate_config(config: dict[str, Any]) -> None:
     for key in ("batch_size", "per_class", "epochs"):
         if train[key] is None or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
-    need = loss_min_per_class(loss["name"])
-    if train["per_class"] < need:
-        raise ConfigError(
-            f"train.per_class={train['per_class']} cannot train loss {loss['name']!r}: a query needs another item "
-            f"of its class in the batch (a positive), so each class needs at least {need} items per batch; set "
-            f"train.per_class={max(need, 4)} (the paper's value is 4)"
-        )
-    if train["batch_size"] % train["per_class"]:
+    if train["batch_size"] % train["per_class"]:  # checked before TrainSettings, in config words
         fixed = max(train["batch_size"] // train["per_class"], 1) * train["per_class"]
         raise ConfigError(
             f"train.batch_size ({train['batch_size']}) must be divisible by train.per_class "
             f"({train['per_class']}); e.g. train.batch_size={fixed}"
         )
     try:
-        train_settings(config)
+        train_settings(config)  # its own checks: sizes, divisibility, optimizer, amp, ...
+        check_per_class(train["per_class"], loss_min_per_class(loss["name"]), f"loss {loss['name']!r}")
     except (TypeError, ValueError) as err:
         raise ConfigError(_in_config_words(str(err), "train", train)) from None
 
@@ -332,9 +327,11 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
                               f"train.device=auto or cpu" + (f" or cuda:0..cuda:{count - 1}" if count else ""))
     elif device.type not in ("cpu", "mps"):
         raise ConfigError(f"train.device={train['device']!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cpu" and world_size == 1 and autocast_dtype(train["amp"], device) == torch.float16:
-        raise ConfigError("train.amp=fp16 cannot train on the CPU (the GradScaler skips every step, so the weights "
-                          "never change): use train.amp=bf16 or train.amp=null on the CPU, or a CUDA device")
+    if world_size == 1:
+        try:
+            check_amp_device(train["amp"], device)
+        except ValueError as err:
+            raise ConfigError(_in_config_words(str(err), "train", train)) from None
 
 
 #: keys that ``--resume`` may change: they change how long the run goes, how often it evaluates and logs, and how

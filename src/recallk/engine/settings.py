@@ -98,3 +98,21 @@ class TrainSettings:
                             ("max_steps", self.max_steps or 1)):
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def check_per_class(per_class: int, need: int, loss: str) -> None:
+    """Refuse ``per_class`` below ``need``, the loss's ``min_per_class`` (2 for pair- and rank-based losses: a query
+    needs a positive in the batch). Raises ValueError with the fix."""
+    if per_class < need:
+        raise ValueError(
+            f"per_class={per_class} cannot train {loss}: a query needs another item of its class in the batch (a "
+            f"positive), so each class needs at least {need} items per batch; set per_class={max(need, 4)} (the "
+            "paper uses 4)"
+        )
+
+
+def check_amp_device(amp: str | bool | None, device: torch.device) -> None:
+    """Refuse fp16 on the CPU: the GradScaler would skip every step there and the weights would never change."""
+    if device.type == "cpu" and autocast_dtype(amp, device) == torch.float16:
+        raise ValueError("amp=fp16 cannot train on the CPU (the GradScaler skips every step there, so the weights "
+                         "never change): use amp=bf16 or amp=None on the CPU, or a CUDA device")

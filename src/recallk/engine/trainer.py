@@ -30,7 +30,7 @@ from recallk.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_c
 from recallk.engine.distributed import DistributedContext, DistributedGather, init_distributed
 from recallk.engine.optim import build_optimizer, build_scheduler
 from recallk.engine.rng import capture_all_rng, restore_all_rng
-from recallk.engine.settings import TrainSettings
+from recallk.engine.settings import TrainSettings, check_amp_device, check_per_class
 from recallk.utils import autocast_dtype, resolve_device, seed_everything
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
@@ -166,13 +166,7 @@ class Trainer:
         if labels is None:
             raise ValueError("train_dataset must have a .labels attribute (one class id per item) for the "
                              "class-balanced sampler")
-        need = int(getattr(criterion, "min_per_class", 1))
-        if s.per_class < need:
-            raise ValueError(
-                f"per_class={s.per_class} cannot train {type(criterion).__name__}: a query needs another item of its "
-                f"class in the batch (a positive), so each class needs at least {need} items per batch; set "
-                f"per_class={max(need, 4)} (train.per_class in a config; the paper uses 4)"
-            )
+        check_per_class(s.per_class, int(getattr(criterion, "min_per_class", 1)), type(criterion).__name__)
         self.settings, self.eval_fn = s, eval_fn
         context = init_distributed() if s.distributed else DistributedContext(0, 1, 0, resolve_device(s.device))
         self.rank, self.world_size, self.device = context.rank, context.world_size, context.device
@@ -202,10 +196,8 @@ class Trainer:
         self.optimizer = build_optimizer(modules, s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
                                          lr_multipliers=multipliers)
         self.scheduler = build_scheduler(self.optimizer, s.milestones, s.gamma)
+        check_amp_device(s.amp, self.device)
         self.autocast_dtype = autocast_dtype(s.amp, self.device)
-        if self.autocast_dtype == torch.float16 and self.device.type == "cpu":
-            raise ValueError("amp='fp16' cannot train on the CPU (the GradScaler skips every step there, so the "
-                             "weights never change): use amp='bf16' or amp=None on the CPU, or a CUDA device")
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
 
         self.checkpoint_dir = self.run_dir / "checkpoints"
