@@ -16,7 +16,7 @@ from recallk.cli.wiring import model_from_config
 from recallk.config import dump_config, load_config
 from recallk.data import build_dataset
 from recallk.data.transforms import transforms_for_model
-from recallk.evaluation import embed_dataset, query_gallery_metrics, revisited_metrics
+from recallk.evaluation import embed_dataset, query_gallery_metrics, retrieval_metrics, revisited_metrics
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,23 @@ def test_query_without_gallery_is_an_error(checkpoint, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(ckpt), "--query", str(tmp_path), "--gallery", str(tmp_path),
                  "--dataset", "inshop"]) == 2
     assert "leave out --dataset" in capsys.readouterr().err
+
+
+def test_eval_never_loads_pretrained_weights(checkpoint, tmp_path, capsys):
+    """The checkpoint holds the weights: a run trained from pretrained weights (model.pretrained names a file
+    that is gone, or the hub, unreachable here) still evaluates, with the checkpoint's weights."""
+    ckpt, model = checkpoint
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    config = load_config(ckpt.parent.parent / "config.yaml", ["model.pretrained=/nonexistent/weights.pth"])
+    dump_config(config, run / "config.yaml")
+    (run / "checkpoints" / "last.pt").write_bytes(ckpt.read_bytes())
+    rng = np.random.default_rng(5)
+    for c in range(3):
+        for i in range(2):
+            noise(tmp_path / "photos" / f"c{c}" / f"{i}.png", rng)
+    _, result = run_eval(capsys, "--checkpoint", str(run / "checkpoints" / "last.pt"), "--dataset", "folder",
+                         "--root", str(tmp_path / "photos"), "--ks", "1")
+    _, emb = library(model, "folder", tmp_path / "photos", "all")
+    labels = build_dataset("folder", tmp_path / "photos", "all").labels
+    assert result["all"]["recall@1"] == pytest.approx(retrieval_metrics(emb, labels, (1,))["recall@1"], abs=1e-9)

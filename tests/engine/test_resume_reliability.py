@@ -12,8 +12,8 @@ import torch
 from engine_helpers import NoisyImages, make_net, nearest_neighbour_eval
 from torch import nn
 
+from recallk.data.loading import item_seed
 from recallk.engine import Trainer
-from recallk.engine.trainer import item_seed
 from recallk.losses import RecallAtKSurrogate
 
 STOP_STEP = 4  # the first step of epoch 2 (3 steps per epoch)

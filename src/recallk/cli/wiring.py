@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from recallk.config import load_config, section_arguments, train_settings
+from recallk.config import section_arguments, train_settings
 from recallk.data import build_dataset, dataset_spec
 from recallk.data.transforms import transforms_for_model
-from recallk.engine import Trainer, load_checkpoint
+from recallk.engine import Trainer
 from recallk.evaluation import (
     embed_dataset,
     evaluate_protocol,
@@ -25,6 +25,7 @@ from recallk.evaluation import (
 from recallk.losses import build_loss
 from recallk.models import build_model
 from recallk.report import read_metrics, write_report
+from recallk.retrieval import load_trained_model
 from recallk.utils import resolve_device, seed_everything
 
 SUMMARY_METRICS = ("recall@", "map@r", "r_precision")
@@ -160,7 +161,8 @@ def evaluate_checkpoint(
     gallery: str | None = None,
     **embed_options: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Evaluate a trainer checkpoint (its run folder's ``config.yaml`` rebuilds the model); ``embed_options``
+    """Evaluate a trainer checkpoint (:func:`recallk.retrieval.load_trained_model`: its run folder's ``config.yaml``
+    rebuilds the model); ``embed_options``
     (``batch_size``, ``device``, ``progress``) go to :func:`recallk.evaluation.embed_dataset`.
 
     With ``query`` and ``gallery`` (two ``<class>/<image>`` folders, instead of ``dataset``/``root``/``splits``)
@@ -176,18 +178,8 @@ def evaluate_checkpoint(
         raise ValueError("give both --query and --gallery (two <class>/<image> folders), or neither")
     if query is not None and (dataset or root or splits):
         raise ValueError("--query/--gallery evaluate two folders: leave out --dataset, --root and --split")
-    if not checkpoint.is_file():
-        raise ValueError(f"checkpoint not found: {checkpoint}")
-    config_path = checkpoint.resolve().parent.parent / "config.yaml"
-    if not config_path.is_file():
-        raise ValueError(
-            f"{config_path} not found: a checkpoint is evaluated with the config.yaml of its run folder "
-            "(runs/<name>/checkpoints/<file>.pt)"
-        )
-    config = load_config(config_path)
-    model = model_from_config(config)
-    state = load_checkpoint(checkpoint, map_location="cpu")
-    model.load_state_dict(state.get("model", state))
+    trained = load_trained_model(checkpoint)  # the run's config.yaml, its model and weights (nothing downloaded)
+    model, config = trained.model, trained.config
     d = config["data"]
     name = dataset or d["dataset"]
     same = name == d["dataset"]

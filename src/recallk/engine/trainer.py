@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from recallk.data.loading import ChunkedBatchLoader, SeededItems, item_seed
+from recallk.data.loading import ChunkedBatchLoader
 from recallk.data.samplers import ClassBalancedBatchSampler
 from recallk.data.transforms import with_device_normalize
 from recallk.engine.cached import Prepare, cached_backward_stream
@@ -34,11 +34,10 @@ from recallk.engine.settings import TrainSettings, check_amp_device, check_per_c
 from recallk.utils import autocast_dtype, resolve_device, seed_everything
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
+__all__ = ["NonFiniteLossError", "Preempted", "Trainer", "TrainingStalledError"]
 # Progress kept in a checkpoint as is: completed epochs, batches done in the epoch under way, global optimiser
 # steps, the running epoch loss, the last epoch's mean loss and the last evaluation.
 # ``pending_eval``: the epoch whose evaluation was under way when the run stopped (run again on resume).
-__all__ = ["NonFiniteLossError", "Preempted", "SeededItems", "Trainer", "TrainingStalledError",
-           "item_seed"]  # item_seed, SeededItems: recallk.data.loading
 _PROGRESS = ("epoch", "position", "step", "epoch_loss_sum", "epoch_steps", "last_train_loss", "last_eval",
              "pending_eval")
 #: consecutive steps without an update (every one skipped by the GradScaler, or all gradients exactly zero) after

@@ -154,12 +154,13 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _model_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The model weights of a trainer checkpoint (current format) or of a bare state dict."""
+    """The model weights of a trainer checkpoint (current format), of ``{"model": state dict}`` or of a bare state
+    dict."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a recallk checkpoint (a dict)")
     if "model" in state:
-        fmt = state.get("format")
-        if fmt != CHECKPOINT_FORMAT:
+        fmt = state.get("format")  # older formats are converted by load_checkpoint; None: a hand-saved {"model": ...}
+        if fmt is not None and fmt != CHECKPOINT_FORMAT:
             newer = isinstance(fmt, int) and fmt > CHECKPOINT_FORMAT
             raise CheckpointError(
                 f"{path} is a checkpoint of format {fmt!r}, this recallk ({__version__}) reads format "
