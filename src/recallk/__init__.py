@@ -1,6 +1,8 @@
 """recallk: the Recall@k surrogate loss (RS@k), similarity mixup (SiMix) and batches larger than memory.
 
 The public API is re-exported lazily so that ``import recallk`` stays cheap and the layers load only when used.
+``recallk.load_model(path, device="cpu") -> (model, transform)`` gives a trained model and its test transform from
+a checkpoint file alone (:func:`recallk.retrieval.checkpoint.load_model`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _EXPORTS = {
     "Retriever": "recallk.retrieval",
     "GalleryIndex": "recallk.retrieval",
     "load_trained_model": "recallk.retrieval",
+    "load_model": "recallk.retrieval.checkpoint",  # (model, test transform) from a checkpoint file alone
     "embed_images": "recallk.retrieval",
     "export_model": "recallk.retrieval",
     "load_config": "recallk.config",

@@ -71,6 +71,10 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 0,
         "options": {},  # extra keyword arguments of recallk.data.build_dataset (e.g. max_classes)
         "test_options": {},  # merged over options for the test split only (e.g. a smaller max_classes)
+        # validation classes carved from the training split (number, or fraction in (0, 1); null = none): they
+        # choose checkpoints/best.pt instead of the test split (recallk.data.splits, docs/run-folder.md)
+        "val_classes": None,
+        "val_seed": 0,  # seed of that split (fixed by default, so runs of different seeds share it)
     },
     # build_model's arguments; options: extra keyword arguments of timm.create_model (e.g. drop_path_rate)
     "model": {"name": "resnet50", **_signature_defaults(build_model, skip=("name",)), "options": {}},
@@ -281,8 +285,9 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
 
     Checks: the data splits and options are the dataset's, ``data.root`` (when given) is an existing folder,
     ``train.best_metric`` is a metric the run's evaluation produces, ``train.batch_size`` splits evenly
-    between ``world_size`` processes, ``train.lr`` is positive, ``train.device`` names a device this machine
-    has, and ``train.amp=fp16`` is not asked of the CPU (the GradScaler would skip every step there).
+    between ``world_size`` processes, ``train.lr`` is positive, the class-split keys (:func:`check_class_splits`),
+    ``train.device`` names a device this machine has, and ``train.amp=fp16`` is not asked of the CPU (the
+    GradScaler would skip every step there).
 
     Raises:
         ConfigError: naming the key, what is wrong and how to fix it.
@@ -303,6 +308,7 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
     if data["root"] is not None and not Path(str(data["root"])).expanduser().is_dir():
         raise ConfigError(f"data.root={data['root']} is not a folder: set data.root=/path/to/{spec.name} (the "
                           f"folder the dataset unpacks to; see docs/datasets.md)")
+    check_class_splits(config)
     metrics = produced_metrics(config)
     if train["best_metric"] not in metrics:
         raise ConfigError(f"train.best_metric={train['best_metric']!r} is not a metric this run produces; "
@@ -332,6 +338,46 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
             check_amp_device(train["amp"], device)
         except ValueError as err:
             raise ConfigError(_in_config_words(str(err), "train", train)) from None
+
+
+def check_class_splits(config: Mapping[str, Any]) -> None:
+    """Check ``data.val_classes`` / ``data.val_seed`` and the folder split options ``test_classes`` /
+    ``test_seed`` (numbers of the right kind; the same folder split for the train and the test split).
+
+    Raises:
+        ConfigError: naming the key and a valid value.
+    """
+    data = config["data"]
+    val = data["val_classes"]
+    if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float))
+                            or (isinstance(val, int) and val < 1) or (isinstance(val, float) and not 0 < val < 1)):
+        raise ConfigError(f"data.val_classes={val!r}: give a number of training classes to hold out for validation "
+                          f"(an integer >= 1, e.g. data.val_classes=50), a fraction in (0, 1) (e.g. "
+                          f"data.val_classes=0.2), or null for no validation split")
+    for key, value in (("data.val_seed", data["val_seed"]),
+                       *((f"data.{part}.test_seed", data[part]["test_seed"]) for part in ("options", "test_options")
+                         if "test_seed" in data[part])):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer (the seed of the class split), got {value!r}")
+    if data["dataset"] != "folder":
+        return
+    split = {key: data["options"].get(key) for key in ("test_classes", "test_seed")}
+    test_split = {key: data["test_options"].get(key, value) for key, value in split.items()}
+    if split != test_split:
+        raise ConfigError(f"data.test_options changes the folder's class split ({split} -> {test_split}): the train "
+                          f"and test splits must come from the same split; set test_classes and test_seed in "
+                          f"data.options only")
+    classes = split["test_classes"]
+    if classes is None:
+        return
+    if (isinstance(classes, bool) or not isinstance(classes, (int, float)) or (isinstance(classes, int) and classes < 1)
+            or (isinstance(classes, float) and not 0 < classes < 1)):
+        raise ConfigError(f"data.options.test_classes={classes!r}: give a number of classes (an integer >= 1) or a "
+                          f"fraction in (0, 1) of the folder's classes, e.g. data.options.test_classes=0.5")
+    splits = {"data.train_split": data["train_split"], "data.test_split": data["test_split"]}
+    if splits != {"data.train_split": "train", "data.test_split": "test"}:
+        raise ConfigError(f"data.options.test_classes splits a flat <class>/<image> folder into 'train' and 'test': "
+                          f"set data.train_split=train and data.test_split=test (got {splits})")
 
 
 #: keys that ``--resume`` may change: they change how long the run goes, how often it evaluates and logs, and how

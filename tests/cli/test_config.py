@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,33 @@ def test_loss_similarity_and_backend_reach_the_loss(tmp_path):
     config = load_config(path, ["loss.similarity=tiles"])
     with pytest.raises(ValueError, match="similarity must be one of"):
         criterion_from_config(config, np.arange(8))
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["data.val_classes=0"], "data.val_classes=0: give a number of training classes"),
+    (["data.val_classes=1.5"], "data.val_classes=1.5"),
+    (["data.val_classes=true"], "data.val_classes=True"),
+    (["data.val_classes=some"], "data.val_classes='some'"),
+    (["data.val_seed=0.5"], "'data.val_seed' must be int"),
+    (["data.dataset=folder", "data.options.test_classes=0"], "data.options.test_classes=0: give a number"),
+    (["data.dataset=folder", "data.options.test_classes=2", "data.options.test_seed=x"],
+     "data.options.test_seed must be an integer"),
+    (["data.dataset=folder", "data.options.test_classes=2", "data.test_options.test_classes=3"],
+     "data.test_options changes the folder's class split"),
+    (["data.dataset=folder", "data.options.test_classes=2", "data.train_split=all"],
+     "set data.train_split=train and data.test_split=test"),
+])
+def test_class_split_keys_are_checked_before_start(overrides, needle):
+    from recallk.config import check_startable
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        check_startable(load_config(None, overrides))
+
+
+def test_class_split_keys_accepted():
+    from recallk.config import check_startable
+
+    for overrides in (["data.val_classes=10"], ["data.val_classes=0.2", "data.val_seed=3"],
+                      ["data.dataset=folder", "data.options.test_classes=0.5", "data.options.test_seed=2"]):
+        check_startable(load_config(None, overrides))
+    assert DEFAULTS["data"]["val_classes"] is None and DEFAULTS["data"]["val_seed"] == 0

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,9 +15,11 @@ import numpy as np
 import torch
 
 from recallk.config import section_arguments, train_settings
-from recallk.data import build_dataset, dataset_spec
+from recallk.data import ClassSubset, build_dataset, class_disjoint_split, dataset_spec
+from recallk.data.splits import check_batchable
 from recallk.data.transforms import transforms_for_model
 from recallk.engine import Trainer
+from recallk.engine.trainer import VALIDATION_PREFIX
 from recallk.evaluation import (
     embed_dataset,
     evaluate_protocol,
@@ -44,13 +50,66 @@ def test_options(config: dict[str, Any]) -> dict[str, Any]:
 def datasets_from_config(
     config: dict[str, Any], model: torch.nn.Module
 ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
-    """(train dataset with training augmentation, test dataset with the test transform)."""
+    """(train dataset with training augmentation, test dataset with the test transform); the training classes
+    exclude the validation classes of ``data.val_classes`` (see :func:`split_datasets_from_config`)."""
+    train, _, test = split_datasets_from_config(config, model)
+    return train, test
+
+
+def split_datasets_from_config(
+    config: dict[str, Any], model: torch.nn.Module
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None, torch.utils.data.Dataset]:
+    """(train, validation or None, test) datasets of a resolved config.
+
+    With ``data.val_classes`` (a number of classes, or a fraction in (0, 1)) the training split is divided by
+    :func:`recallk.data.class_disjoint_split` (seed ``data.val_seed``) into the training classes (training
+    augmentation) and the validation classes (the test transform, evaluated leave-one-out); both are
+    :class:`recallk.data.ClassSubset` of one decoded training split. Without it the validation set is None.
+
+    Raises:
+        ValueError: what :func:`recallk.data.build_dataset` raises, a bad ``data.val_classes``, or too few
+            training classes left for one batch (``train.batch_size / train.per_class`` classes of ``per_class``
+            images), or no validation class with two images (leave-one-out needs a positive).
+    """
     d = config["data"]
     train_tf, test_tf = (transforms_for_model(model, kind, dataset=d["dataset"], image_size=d["image_size"])
                          for kind in ("train", "test"))
-    train = build_dataset(d["dataset"], d["root"], d["train_split"], transform=train_tf, **d["options"])
+    if d["val_classes"] is None:
+        train = build_dataset(d["dataset"], d["root"], d["train_split"], transform=train_tf, **d["options"])
+        return train, None, build_dataset(d["dataset"], d["root"], d["test_split"], transform=test_tf,
+                                          **test_options(config))
+    base = build_dataset(d["dataset"], d["root"], d["train_split"], transform=None, **d["options"])
+    kept, held = class_disjoint_split(base.labels, d["val_classes"], d["val_seed"], class_names=base.classes,
+                                      what="data.val_classes")
+    train = ClassSubset(base, kept, train_tf, name=f"{d['dataset']}/{d['train_split']} (training classes)")
+    val = ClassSubset(base, held, test_tf, name=f"{d['dataset']}/{d['train_split']} (validation classes)")
+    t = config["train"]
+    check_batchable(train.labels, t["batch_size"], t["per_class"],
+                    f"data.val_classes={d['val_classes']} holds out {len(val.classes)} of the {len(base.classes)} "
+                    f"classes of {d['dataset']}/{d['train_split']} and leaves")
+    if int((np.bincount(val.labels) >= 2).sum()) == 0:
+        raise ValueError(f"data.val_classes={d['val_classes']}: none of the {len(val.classes)} validation classes "
+                         f"has two images, so leave-one-out validation has no query with a positive; hold out "
+                         f"more classes")
     test = build_dataset(d["dataset"], d["root"], d["test_split"], transform=test_tf, **test_options(config))
-    return train, test
+    return train, val, test
+
+
+def same_images_warning(config: dict[str, Any]) -> str | None:
+    """The warning for a run that trains and tests on the same images (same dataset, root, split and options),
+    with how to fix it; None when the splits differ."""
+    d = config["data"]
+    whole = {None, "all"} if d["dataset"] == "folder" else set()  # the folder's two names of the whole folder
+    train_split, test_split = (None if s in whole else s for s in (d["train_split"], d["test_split"]))
+    if train_split != test_split or d["options"] != test_options(config):
+        return None
+    fix = ("split a flat <class>/<image> folder by class with data.options.test_classes=0.5 (a seeded, "
+           "class-disjoint train/test split; docs/datasets.md), or put the classes in <root>/train/ and <root>/test/"
+           if d["dataset"] == "folder" else "set data.test_split to the dataset's test split")
+    return (f"WARNING: training and testing on the same images (data.dataset={d['dataset']}, data.root={d['root']}, "
+            f"data.train_split={d['train_split']}, data.test_split={d['test_split']}, same options): the test "
+            f"metrics measure memorisation, not retrieval of unseen classes"
+            + (", and best.pt is chosen on the training images" if d["val_classes"] is None else "") + f"; {fix}")
 
 
 def criterion_from_config(config: dict[str, Any], train_labels: np.ndarray) -> torch.nn.Module:
@@ -70,16 +129,25 @@ def eval_ks(config: dict[str, Any], dataset: str | None = None) -> tuple[int, ..
     return tuple(config["eval"]["ks"] or dataset_spec(dataset or config["data"]["dataset"]).eval_ks)
 
 
-def _eval_callback(config: dict[str, Any], test_set: Any, device: torch.device, progress: bool,
-                   last: dict[str, np.ndarray]) -> Callable[[torch.nn.Module, int], dict[str, Any]]:
-    """The trainer's ``eval_fn``: embed the test split, keep the embeddings in ``last``, return the metrics."""
+def _eval_callback(
+    config: dict[str, Any], test_set: Any, device: torch.device, progress: bool, last: dict[str, np.ndarray],
+    val_set: Any = None,
+) -> Callable[[torch.nn.Module, int], dict[str, Any]]:
+    """The trainer's ``eval_fn``: embed the test split, keep the embeddings in ``last``, return the metrics; with
+    ``val_set`` also the leave-one-out metrics of the validation classes, under ``val/<key>`` (the Trainer then
+    chooses ``best.pt`` by ``val/<train.best_metric>``)."""
     ks = eval_ks(config)
 
+    def embed(model: torch.nn.Module, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+        return embed_dataset(model, dataset, batch_size=config["eval"]["batch_size"], device=device,
+                             num_workers=config["data"]["num_workers"], progress=progress)
+
     def eval_fn(model: torch.nn.Module, epoch: int) -> dict[str, Any]:
-        last["embeddings"], last["labels"] = embed_dataset(
-            model, test_set, batch_size=config["eval"]["batch_size"], device=device,
-            num_workers=config["data"]["num_workers"], progress=progress)
-        return retrieval_metrics(last["embeddings"], last["labels"], ks)
+        last["embeddings"], last["labels"] = embed(model, test_set)
+        metrics = retrieval_metrics(last["embeddings"], last["labels"], ks)
+        if val_set is not None:
+            metrics.update({VALIDATION_PREFIX + k: v for k, v in retrieval_metrics(*embed(model, val_set), ks).items()})
+        return metrics
 
     return eval_fn
 
@@ -88,8 +156,10 @@ GAIN_COLUMN = "after - raw pixels"
 
 
 def _comparison_rows(config: dict[str, Any], run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Columns of the final table, in reading order: the last evaluation (``after training (epoch N)``), raw
-    pixels and the gain over them in points (when ``eval.pixel_baseline``), the evaluation before training.
+    """Columns of the final table, in reading order: the last evaluation (``after training (epoch N)``), the
+    epoch a validation split chose for ``best.pt`` when it is another one (its test metrics; ``best.json``), raw
+    pixels and the gain over them in points (when ``eval.pixel_baseline``), the evaluation
+    before training.
 
     The raw-pixel embeddings (:func:`recallk.evaluation.pixel_embeddings` of the test split at
     ``data.image_size``) are also written to ``embeddings/raw_pixels/<test split>.npz`` (``embeddings``,
@@ -99,6 +169,12 @@ def _comparison_rows(config: dict[str, Any], run_dir: Path) -> dict[str, dict[st
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     if evals:
         rows[f"after training (epoch {evals[-1]['epoch']})"] = evals[-1]
+    chosen = _best_choice(run_dir)
+    if chosen is not None and chosen.get("split") == "validation" and evals and chosen["epoch"] != evals[-1]["epoch"]:
+        # the test numbers of the epoch the validation split chose for best.pt
+        at_best = [r for r in evals if r["epoch"] == chosen["epoch"]]
+        if at_best:
+            rows[f"best.pt (epoch {chosen['epoch']}, chosen on {chosen['split']})"] = at_best[-1]
     if config["eval"]["pixel_baseline"]:
         raw = build_dataset(d["dataset"], d["root"], d["test_split"], transform=None, **test_options(config))
         size = d["image_size"] or dataset_spec(d["dataset"]).image_size or 64
@@ -114,12 +190,31 @@ def _comparison_rows(config: dict[str, Any], run_dir: Path) -> dict[str, dict[st
     return {name: {k: v for k, v in m.items() if k.startswith(SUMMARY_METRICS)} for name, m in rows.items()}
 
 
+def _best_choice(run_dir: Path) -> dict[str, Any] | None:
+    """``run_dir/best.json`` (which evaluation chose ``best.pt``: metric, split, value, epoch, step), or None."""
+    path = run_dir / "best.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def _save_embeddings(path: Path, embeddings: np.ndarray, labels: np.ndarray) -> None:
     """``np.savez(path, embeddings=, labels=)`` written atomically (a temporary file, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, embeddings=embeddings, labels=labels)
     os.replace(tmp, path)
+
+
+def _log_at_start(message: str, run_dir: Path, warning: bool = False) -> None:
+    """A line of the start (rank 0): appended to ``run_dir/train.log`` with a timestamp, and printed: a
+    ``warning`` on stderr (always, whatever the warning filters), anything else through the ``recallk.train``
+    logger (stdout under the CLI)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a", encoding="utf-8") as handle:
+        handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+    if warning:
+        print(message, file=sys.stderr, flush=True)
+    else:
+        logging.getLogger("recallk.train").info(message)
 
 
 def train_from_config(
@@ -132,13 +227,22 @@ def train_from_config(
     then raw pixels and the trained model's gain over them, then the model before training.
     """
     seed_everything(config["seed"])
+    main_process = os.environ.get("RANK", "0") == "0"
+    warning = same_images_warning(config)
+    if warning and main_process:
+        _log_at_start(warning, run_dir, warning=True)
     model = model_from_config(config)
-    train_set, test_set = datasets_from_config(config, model)
+    train_set, val_set, test_set = split_datasets_from_config(config, model)
+    if val_set is not None and main_process:
+        d = config["data"]
+        _log_at_start(f"validation   {len(val_set)} images, {len(val_set.classes)} classes held out of "
+                      f"{d['train_split']} (data.val_classes={d['val_classes']}, data.val_seed={d['val_seed']}); "
+                      f"they choose best.pt by val/{config['train']['best_metric']}", run_dir)
     criterion = criterion_from_config(config, train_set.labels)
     settings = train_settings(config, progress=progress, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)
     last: dict[str, np.ndarray] = {}
-    eval_fn = _eval_callback(config, test_set, resolve_device(settings.device), progress, last)
-    trainer = Trainer(model, criterion, train_set, run_dir, settings, eval_fn=eval_fn)
+    eval_fn = _eval_callback(config, test_set, resolve_device(settings.device), progress, last, val_set=val_set)
+    trainer = Trainer(model, criterion, train_set, run_dir, settings, eval_fn=eval_fn, config=config)
     final = trainer.fit(resume=resume)
     if trainer.rank != 0:
         return {"table": "", "final": final}
@@ -161,9 +265,11 @@ def evaluate_checkpoint(
     gallery: str | None = None,
     **embed_options: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Evaluate a trainer checkpoint (:func:`recallk.retrieval.load_trained_model`: its run folder's ``config.yaml``
-    rebuilds the model); ``embed_options``
-    (``batch_size``, ``device``, ``progress``) go to :func:`recallk.evaluation.embed_dataset`.
+    """Evaluate a trainer checkpoint, alone or in its run folder: :func:`recallk.retrieval.load_trained_model`
+    rebuilds the model and its test transform from the config the checkpoint carries (older checkpoints: their run
+    folder's ``config.yaml``). The data are the run's (``data.dataset``, ``data.root``, its test options) unless
+    ``dataset``/``root`` say otherwise; ``embed_options`` (``batch_size``, ``device``, ``progress``) go to
+    :func:`recallk.evaluation.embed_dataset`.
 
     With ``query`` and ``gallery`` (two ``<class>/<image>`` folders, instead of ``dataset``/``root``/``splits``)
     the query images search the gallery images (``recallk.evaluation.query_gallery_metrics``: classes matched
@@ -172,33 +278,48 @@ def evaluate_checkpoint(
 
     Raises:
         ValueError: missing checkpoint or config, only one of query/gallery, query/gallery mixed with
-            dataset/root/splits, or anything the dataset or metrics reject.
+            dataset/root/splits, a data root that is not on this machine (pass ``root``), a checkpoint that names
+            no dataset (pass ``dataset`` and ``root``), or anything the dataset or metrics reject.
     """
     if (query is None) != (gallery is None):
         raise ValueError("give both --query and --gallery (two <class>/<image> folders), or neither")
     if query is not None and (dataset or root or splits):
         raise ValueError("--query/--gallery evaluate two folders: leave out --dataset, --root and --split")
-    trained = load_trained_model(checkpoint)  # the run's config.yaml, its model and weights (nothing downloaded)
+    trained = load_trained_model(checkpoint)  # its own config (older: the run's config.yaml); nothing downloaded
     model, config = trained.model, trained.config
-    d = config["data"]
-    name = dataset or d["dataset"]
-    same = name == d["dataset"]
-    transform = transforms_for_model(model, "test", dataset=name, image_size=d["image_size"])
-    root = root if root is not None else (d["root"] if same else None)
-    if name == "folder" and splits is None and root is not None and not (Path(root) / "test").is_dir():
-        splits = ["all"]  # a plain folder of class folders: evaluate all of it, leave-one-out
+    d, run_ks = config.get("data") or {}, (config.get("eval") or {}).get("ks")
+    num_workers, image_size = d.get("num_workers", 0), d.get("image_size")
     embed_options["device"] = resolve_device(embed_options.get("device", "auto"))
     if query is not None:
-        tf = transforms_for_model(model, "test", dataset="folder", image_size=d["image_size"])
+        tf = transforms_for_model(model, "test", dataset="folder", image_size=image_size)
         sets = [build_dataset("folder", folder, None, tf) for folder in (query, gallery)]
-        (q_emb, _), (g_emb, _) = (embed_dataset(model, ds, num_workers=d["num_workers"], **embed_options)
+        (q_emb, _), (g_emb, _) = (embed_dataset(model, ds, num_workers=num_workers, **embed_options)
                                   for ds in sets)
-        folder_ks = ks or config["eval"]["ks"] or dataset_spec("folder").eval_ks
+        folder_ks = ks or run_ks or dataset_spec("folder").eval_ks
         return {"query": query_gallery_metrics(q_emb, sets[0], g_emb, sets[1], folder_ks,
                                                device=embed_options["device"])}
+    name = dataset or d.get("dataset")
+    if name is None:
+        raise ValueError(f"{checkpoint} does not name the dataset it was trained on (a Trainer API run on a dataset "
+                         "recallk does not know): pass --dataset and --root, or --query and --gallery folders")
+    same = name == d.get("dataset")
+    if root is not None and not Path(root).exists():
+        raise ValueError(f"--root {root} does not exist: pass the dataset's folder on this machine")
+    if root is None and same and d.get("root") is not None:
+        root = d["root"]
+        if not Path(root).exists():
+            raise ValueError(
+                f"the data root {root} recorded in {checkpoint} (data.root of its run) does not exist here: the "
+                f"checkpoint was trained elsewhere or the data moved; pass --root with the {name} folder on this "
+                "machine")
+    transform = transforms_for_model(model, "test", dataset=name, image_size=image_size)
+    options = {**(d.get("options") or {}), **(d.get("test_options") or {})} if same else {}
+    if (name == "folder" and splits is None and root is not None and not (Path(root) / "test").is_dir()
+            and options.get("test_classes") is None):  # a folder split by test_classes: its test classes
+        splits = ["all"]  # a plain folder of class folders: evaluate all of it, leave-one-out
     return evaluate_protocol(
-        model, name, root, transform, ks=ks or (config["eval"]["ks"] if same else None), splits=splits,
-        dataset_options=test_options(config) if same else {}, num_workers=d["num_workers"], **embed_options,
+        model, name, root, transform, ks=ks or (run_ks if same else None), splits=splits,
+        dataset_options=options, num_workers=num_workers, **embed_options,
     )
 
 
@@ -207,5 +328,7 @@ __all__ = [
     "datasets_from_config",
     "evaluate_checkpoint",
     "model_from_config",
+    "same_images_warning",
+    "split_datasets_from_config",
     "train_from_config",
 ]

@@ -1,4 +1,5 @@
-"""Datasets, class-balanced batch sampling and image transforms: ``build_dataset``, ``build_transforms``.
+"""Datasets, class-balanced batch sampling, class-disjoint splits and image transforms: ``build_dataset``,
+``class_disjoint_split`` / ``ClassSubset`` (validation classes), ``build_transforms``.
 
 Importing a dataset's module registers its :class:`DatasetSpec`: ``recallk.data.datasets`` (images), ``kanji``."""
 
@@ -8,6 +9,7 @@ from recallk.data.datasets import BadImageError, DatasetFileNotFoundError, Image
 from recallk.data.kanji import KanjiDataset, KanjiFontsMissingError
 from recallk.data.registry import DATASET_SPECS, DatasetSpec, build_dataset, dataset_spec, register_dataset
 from recallk.data.samplers import ClassBalancedBatchSampler
+from recallk.data.splits import ClassSubset, class_disjoint_split
 from recallk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, transforms_for_model
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "IMAGENET_STD",
     "BadImageError",
     "ClassBalancedBatchSampler",
+    "ClassSubset",
     "DatasetFileNotFoundError",
     "DatasetSpec",
     "ImageListDataset",
@@ -23,6 +26,7 @@ __all__ = [
     "KanjiFontsMissingError",
     "build_dataset",
     "build_transforms",
+    "class_disjoint_split",
     "dataset_spec",
     "register_dataset",
     "transforms_for_model",

@@ -1,17 +1,36 @@
-"""Checkpoints written atomically: a crash while writing never leaves a truncated or missing file behind."""
+"""Checkpoints written atomically: a crash while writing never leaves a truncated or missing file behind.
+
+Every trainer checkpoint also says what it is (docs/run-folder.md): ``config`` (the run's resolved config, as
+``config.yaml`` holds it), ``model_spec`` (``{"name": ..., **build_model keyword arguments}``, None for a model
+that ``recallk.models.build_model`` did not build) and ``recallk_version``, so that it can be used alone, copied
+anywhere. ``best.pt`` is weights-only (:func:`weights_only_state`): it cannot resume a run.
+"""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import inspect
 import os
-import tempfile
+import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from torch import nn
+from torchvision import transforms as T
+
+from recallk.data.registry import DATASET_SPECS
+from recallk.losses import RecallAtKSurrogate
+from recallk.models import build_model
 
 CHECKPOINT_FORMAT = 2  # 1 kept a loss's generator beside its state dict, as "criterion_generator"
+#: what a weights-only checkpoint (best.pt) keeps of a trainer checkpoint: no optimizer, scheduler, scaler, rng,
+#: criterion or progress counters beyond epoch and step.
+WEIGHTS_ONLY_KEYS = ("format", "model", "config", "model_spec", "recallk_version", "best", "epoch", "step")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -23,16 +42,30 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new, empty temporary file beside ``path`` (exclusive create, mode ``0o666`` less the umask, as ``open``
+    would give; ``tempfile.mkstemp`` would make it 0600); returns (fd, name)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        name = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` with torch.save to ``path`` atomically; returns the path.
 
     The state goes to a temporary file in the same folder, is flushed and fsync'ed, then ``os.replace`` puts it
     in place (atomic on POSIX and Windows). If anything fails, the temporary file is removed, the previous file
-    at ``path`` is untouched and the error propagates.
+    at ``path`` is untouched and the error propagates. The file gets the mode of any file the process creates
+    (``0o666 & ~umask``: group-readable under the usual umask 022 or 002), like the run's other files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
@@ -66,3 +99,110 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             state["criterion"]["_extra_state"] = {"generator_state": generator_state}
         state["format"] = CHECKPOINT_FORMAT
     return state
+
+
+def weights_only_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The weights-only export of a trainer checkpoint (what ``best.pt`` holds): the entries of
+    ``WEIGHTS_ONLY_KEYS`` that ``state`` has (model weights, config, model_spec, recallk_version, best, epoch,
+    step), without optimizer, scheduler, scaler, random state and criterion. It evaluates and loads
+    (``recallk.load_model``) but cannot resume training."""
+    return {key: state[key] for key in WEIGHTS_ONLY_KEYS if key in state}
+
+
+def is_weights_only(state: Mapping[str, Any]) -> bool:
+    """Whether a trainer checkpoint lacks the optimizer state a resume needs (``best.pt``, a weights export)."""
+    return "model" in state and "optimizer" not in state
+
+
+def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` as ``config.yaml`` holds it: YAML's plain types (tuples become lists), by a
+    ``yaml.safe_dump`` / ``yaml.safe_load`` round trip, so that the checkpoint and the file say the same.
+
+    Raises:
+        ValueError: a value YAML cannot represent (an object, a tensor), naming its type.
+    """
+    try:
+        return yaml.safe_load(yaml.safe_dump(_plain(dict(config)), sort_keys=False))
+    except yaml.YAMLError as e:
+        raise ValueError(f"the run config must hold plain values (numbers, strings, lists, mappings): {e}") from e
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (os.PathLike, torch.device, torch.dtype)):
+        return str(value)
+    return value
+
+
+def write_config_yaml(config: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``config`` as YAML (keys in their order) to ``path`` atomically (temp file + ``os.replace``), as
+    ``recallk.config.dump_config`` does; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(plain_config(config), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def describe_loss(criterion: Any) -> dict[str, Any] | None:
+    """The config ``loss`` section of a criterion that can describe itself, else None.
+
+    A criterion describes itself by a ``loss_spec`` attribute (a mapping with ``name``), or, for
+    :class:`recallk.losses.RecallAtKSurrogate`, by its constructor's arguments read back from its attributes
+    (``{"name": "rsk", "ks": [...], ..., "options": {}}``, the shape of the CLI config's section; the random
+    generator is state, not configuration, and is left out).
+    """
+    spec = getattr(criterion, "loss_spec", None)
+    if isinstance(spec, Mapping) and "name" in spec:
+        return _plain(dict(spec))
+    if isinstance(criterion, RecallAtKSurrogate):
+        names = [n for n in inspect.signature(RecallAtKSurrogate).parameters if n not in ("generator", "similarity")]
+        return {"name": "rsk", **{n: _plain(getattr(criterion, n)) for n in names}, "options": {}}
+    return None
+
+
+def _model_section(model_spec: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A ``model_spec`` in the shape of the CLI config's ``model`` section: build_model's own arguments, then the
+    timm keyword arguments under ``options``."""
+    if model_spec is None:
+        return None
+    own = set(inspect.signature(build_model).parameters) - {"timm_kwargs"}
+    section = {k: v for k, v in model_spec.items() if k in own}
+    return _plain({**section, "options": {k: v for k, v in model_spec.items() if k not in own}})
+
+
+def _image_size(transform: Any) -> int | None:
+    """The output size of a torchvision transform: its first crop (RandomResizedCrop, CenterCrop, RandomCrop), else
+    its first Resize, else None."""
+    steps = list(getattr(transform, "transforms", ()))
+    for kinds in ((T.RandomResizedCrop, T.CenterCrop, T.RandomCrop), (T.Resize,)):
+        for step in steps:
+            if isinstance(step, kinds) and step.size is not None:
+                size = step.size if isinstance(step.size, int) else step.size[-1] if len(step.size) else None
+                return int(size) if size is not None else None
+    return None
+
+
+def trainer_run_config(model: nn.Module, criterion: Any, settings: Any, train_dataset: Any) -> dict[str, Any]:
+    """What a :class:`recallk.engine.Trainer` made without a config knows of its run, as a config dict (the
+    sections of ``config.yaml``, plain YAML types): ``model`` (from the model's ``model_spec``; None for a model
+    ``build_model`` did not build), ``loss`` (:func:`describe_loss`; None when it cannot describe itself),
+    ``train`` (the :class:`TrainSettings` fields), ``seed``, and ``data``: ``dataset`` (the registered dataset
+    the train set's ``name`` starts with, as ``build_dataset`` names them, else None) and ``image_size`` (read
+    from the train transform, else None; the test transform rebuilt from the checkpoint uses both).
+    """
+    name = str(getattr(train_dataset, "name", None) or "").split("/")[0]  # build_dataset names sets "<dataset>/<split>"
+    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    return plain_config({
+        "seed": fields.pop("seed"),
+        "data": {"dataset": name if name in DATASET_SPECS else None,
+                 "image_size": _image_size(getattr(train_dataset, "transform", None)),
+                 "num_workers": fields.pop("num_workers")},
+        "model": _model_section(getattr(model, "model_spec", None)),
+        "loss": describe_loss(criterion),
+        "train": fields,
+    })

@@ -22,11 +22,21 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from recallk import __version__
 from recallk.data.loading import ChunkedBatchLoader
 from recallk.data.samplers import ClassBalancedBatchSampler
 from recallk.data.transforms import with_device_normalize
 from recallk.engine.cached import Prepare, cached_backward_stream
-from recallk.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from recallk.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    is_weights_only,
+    load_checkpoint,
+    plain_config,
+    save_checkpoint,
+    trainer_run_config,
+    weights_only_state,
+    write_config_yaml,
+)
 from recallk.engine.distributed import DistributedContext, DistributedGather, init_distributed
 from recallk.engine.optim import build_optimizer, build_scheduler
 from recallk.engine.rng import capture_all_rng, restore_all_rng
@@ -44,6 +54,9 @@ _PROGRESS = ("epoch", "position", "step", "epoch_loss_sum", "epoch_steps", "last
 #: which the run stops with :class:`TrainingStalledError`. The GradScaler skips a few steps by design while it
 #: calibrates its scale (halving it from 2**16 each time), far fewer than this.
 MAX_IDLE_STEPS = 20
+#: the prefix of validation metrics in what ``eval_fn`` returns (``val/map@r``): when ``val/<best_metric>`` is
+#: there, it (not the test split's ``best_metric``) chooses ``checkpoints/best.pt`` (docs/run-folder.md, best.json)
+VALIDATION_PREFIX = "val/"
 #: the signals that stop a run with a checkpoint: Ctrl-C, and what Slurm and Kubernetes send at pre-emption or at
 #: the time limit (SIGTERM; SIGUSR1 with ``sbatch --signal=USR1@90``).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
@@ -141,7 +154,15 @@ class Trainer:
         run_dir: the run folder (docs/run-folder.md): ``metrics.jsonl``, ``checkpoints/``, ``tensorboard/``.
         settings: a :class:`TrainSettings`; ``**settings_kwargs`` build one (or override fields of ``settings``).
         eval_fn: ``eval_fn(model, epoch) -> metrics`` run on epoch 0, every ``eval_every`` epochs and after the
-            last; ``best_metric`` (higher is better) picks ``checkpoints/best.pt``.
+            last; ``best_metric`` (higher is better) picks ``checkpoints/best.pt``: ``val/<best_metric>`` when the
+            metrics hold it (a validation split carved from the training classes), else ``best_metric`` (the test
+            split). Each new best also writes ``run_dir/best.json`` (metric, split, value, epoch, step).
+        config: the run's resolved config (plain values), written to ``run_dir/config.yaml`` when ``fit`` starts
+            and stored in every checkpoint (the CLI passes its own). Default: what the trainer knows
+            (:func:`recallk.engine.checkpoint.trainer_run_config`: the model's ``model_spec`` from
+            ``build_model``, the settings, the loss when it can describe itself, the train transform's size).
+            Checkpoints also carry ``model_spec`` and ``recallk_version``, so ``recallk.load_model`` and
+            ``recallk eval --checkpoint`` use one alone; ``best.pt`` is weights-only.
 
     Raises:
         ValueError: bad settings, before any training and before the epoch-0 evaluation: a batch the sampler
@@ -158,6 +179,7 @@ class Trainer:
         settings: TrainSettings | None = None,
         *,
         eval_fn: EvalFn | None = None,
+        config: Mapping[str, Any] | None = None,
         **settings_kwargs: Any,
     ) -> None:
         s = TrainSettings(**settings_kwargs) if settings is None else dataclasses.replace(settings, **settings_kwargs)
@@ -167,6 +189,11 @@ class Trainer:
                              "class-balanced sampler")
         check_per_class(s.per_class, int(getattr(criterion, "min_per_class", 1)), type(criterion).__name__)
         self.settings, self.eval_fn = s, eval_fn
+        # What the checkpoints and config.yaml say the run is (docs/run-folder.md): the caller's resolved config, or
+        # what this trainer knows (model spec, settings, the loss when it can describe itself).
+        self.model_spec = getattr(model, "model_spec", None)
+        self.run_config = (plain_config(config) if config is not None
+                           else trainer_run_config(model, criterion, s, train_dataset))
         context = init_distributed() if s.distributed else DistributedContext(0, 1, 0, resolve_device(s.device))
         self.rank, self.world_size, self.device = context.rank, context.world_size, context.device
         self.is_main = self.rank == 0
@@ -206,6 +233,8 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.best_value: float | None = None
         self.best_epoch: int | None = None
+        # the metric and split that chose best.pt: ``val/<best_metric>`` on "validation" when eval_fn returns it
+        self.best_metric, self.best_split = s.best_metric, "test"
         self.last_eval: dict[str, Any] = {}
         self.pending_eval: int | None = None
         self._idle_steps = 0
@@ -222,7 +251,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- public
     def fit(self, resume: bool | str | os.PathLike = False) -> dict[str, Any]:
         """Train to the last epoch (or ``max_steps``); returns the final evaluation metrics (empty without
-        ``eval_fn``) plus ``train_loss`` (mean of the last epoch) and ``best_<best_metric>``.
+        ``eval_fn``) plus ``train_loss`` (mean of the last epoch) and ``best_<metric>``, the value that chose
+        best.pt (``best_val/map@r`` when the evaluation has a validation split, else ``best_map@r``).
 
         ``resume``: True continues from ``run_dir/checkpoints/last.pt``, a path from that checkpoint; the
         continued run ends with the weights an uninterrupted run would have (any num_workers; a Ctrl-C inside
@@ -248,6 +278,7 @@ class Trainer:
             if resumed:
                 path = self.checkpoint_dir / "last.pt" if resume is True else Path(resume)
                 self._restore(load_checkpoint(path, map_location=self.device), path)
+            self._write_config(resumed)
             self._log_start(resumed)
             self._open_tensorboard()
             try:
@@ -283,7 +314,7 @@ class Trainer:
                 if self._writer is not None:
                     self._writer.close()
                     self._writer = None
-        extra = {"train_loss": self.last_train_loss, f"best_{self.settings.best_metric}": self.best_value}
+        extra = {"train_loss": self.last_train_loss, f"best_{self.best_metric}": self.best_value}
         return {**self.last_eval, **{key: value for key, value in extra.items() if value is not None}}
 
     def _mark_completed(self) -> None:
@@ -309,6 +340,7 @@ class Trainer:
             criterion_state.update(self._criterion_snapshot)
         return {
             "format": CHECKPOINT_FORMAT,
+            "config": self.run_config, "model_spec": self.model_spec, "recallk_version": __version__,
             "model": model_state,
             "criterion": criterion_state,
             "optimizer": self.optimizer.state_dict(),
@@ -317,7 +349,8 @@ class Trainer:
             "sampler": {"epoch": self.epoch + 1, "position": self.position, "seed": self.settings.seed},
             "rng": self._rng_snapshot if self._rng_snapshot is not None else capture_all_rng(),
             **{key: getattr(self, key) for key in _PROGRESS},
-            "best": {"metric": self.settings.best_metric, "value": self.best_value, "epoch": self.best_epoch},
+            "best": {"metric": self.best_metric, "split": self.best_split, "value": self.best_value,
+                     "epoch": self.best_epoch},
             "settings": {"batch_size": self.settings.batch_size, "per_class": self.settings.per_class,
                          "seed": self.settings.seed, "world_size": self.world_size},
         }
@@ -463,13 +496,34 @@ class Trainer:
                                  f"{sorted(metrics)}; pass one of them as best_metric")
             self.last_eval = {k: _json_value(v) for k, v in metrics.items()}
             self._write_metrics("eval", epoch, {"split": "test", **self.last_eval})
-            value = float(self.last_eval[self.settings.best_metric])
-            if self.best_value is None or value > self.best_value:
-                self.best_value, self.best_epoch = value, epoch
+            metric, split = self._selection_metric(metrics)
+            value = float(self.last_eval[metric])
+            if self.best_value is None or metric != self.best_metric or value > self.best_value:
+                self.best_value, self.best_epoch, self.best_metric, self.best_split = value, epoch, metric, split
                 self._mark_completed()
                 self._save("best.pt", gather_rng=False)  # rank 0 alone here: no collective
+                self._write_best_json()
+                self._log(f"best.pt = epoch {epoch} ({metric} {100 * value:.2f} on the {split} split)")
         if self.settings.distributed:
             dist.barrier()
+
+    def _selection_metric(self, metrics: Mapping[str, Any]) -> tuple[str, str]:
+        """(metric key, split) that chooses best.pt: ``val/<best_metric>`` on the validation split when the
+        evaluation has it, else ``best_metric`` on the test split."""
+        validation = VALIDATION_PREFIX + self.settings.best_metric
+        return (validation, "validation") if validation in metrics else (self.settings.best_metric, "test")
+
+    def _write_best_json(self) -> None:
+        """``run_dir/best.json`` (rank 0), atomically: which evaluation chose ``checkpoints/best.pt``:
+        ``{"metric", "split" ("validation" or "test"), "value" (fraction as in metrics.jsonl), "epoch", "step"}``."""
+        if not self.is_main:
+            return
+        record = {"metric": self.best_metric, "split": self.best_split, "value": self.best_value,
+                  "epoch": self.best_epoch, "step": self.step}
+        path = self.run_dir / "best.json"
+        tmp = path.with_name(".best.json.tmp")
+        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
     # ------------------------------------------------------------------------------------- logs, checkpoints
     def _log(self, text: str) -> None:
@@ -483,11 +537,13 @@ class Trainer:
         logger.info(text)
 
     def _eval_text(self, epoch: int, prefix: bool = True) -> str:
-        """The summary of the evaluation of ``epoch`` (recall@k and map@r in percent, as the CLI's table)."""
+        """The summary of the evaluation of ``epoch`` (recall@k and map@r in percent, as the CLI's table; the
+        validation split's as ``val/recall@k``, ``val/map@r`` after the test split's)."""
         if self.eval_fn is None or not self.last_eval:
             return ""
         shown = [(k, v) for k, v in self.last_eval.items()
-                 if (k.startswith("recall@") or k == "map@r") and isinstance(v, float)]
+                 if (k.removeprefix(VALIDATION_PREFIX).startswith("recall@") or k.removeprefix(VALIDATION_PREFIX)
+                     == "map@r") and isinstance(v, float)]
         text = "  ".join(f"{k} {100 * v:.2f}" for k, v in shown)
         return f"evaluation after epoch {epoch}: {text}" if prefix else text
 
@@ -584,6 +640,12 @@ class Trainer:
         self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
     def _save(self, name: str, gather_rng: bool = True) -> None:
+        """Write checkpoint ``name`` (rank 0); ``best.pt`` is weights-only (``engine.checkpoint.WEIGHTS_ONLY_KEYS``:
+        no optimizer, scheduler, scaler or random state), the others hold everything a resume needs."""
+        if name == "best.pt":
+            if self.is_main:
+                save_checkpoint(weights_only_state(self.state_dict()), self.checkpoint_dir / name)
+            return
         state = self.state_dict()
         if self.settings.distributed and gather_rng:
             per_rank: list[Any] = [None] * self.world_size
@@ -592,7 +654,17 @@ class Trainer:
         if self.is_main:
             save_checkpoint(state, self.checkpoint_dir / name)
 
+    def _write_config(self, resumed: bool) -> None:
+        """``run_dir/config.yaml`` (rank 0): written at the start of a new run; a resumed run keeps the file it
+        has (never silently rewritten) and writes it only when it is missing."""
+        path = self.run_dir / "config.yaml"
+        if self.is_main and not (resumed and path.exists()):
+            write_config_yaml(self.run_config, path)
+
     def _restore(self, state: dict[str, Any], path: Path | None = None) -> None:
+        if is_weights_only(state):
+            raise ValueError(f"{path} is a weights-only checkpoint (best.pt keeps no optimizer or random state): it "
+                             f"cannot resume a run; resume from {self.checkpoint_dir / 'last.pt'}")
         settings = state.get("settings", {})
         for key in ("batch_size", "per_class", "seed"):
             mine = getattr(self.settings, key)
@@ -610,6 +682,9 @@ class Trainer:
             setattr(self, key, state.get(key, getattr(self, key)))
         best = state.get("best", {})
         self.best_value, self.best_epoch = best.get("value"), best.get("epoch")
+        self.best_metric = best.get("metric") or self.settings.best_metric
+        self.best_split = best.get("split") or ("validation" if self.best_metric.startswith(VALIDATION_PREFIX)
+                                                else "test")
         rng = self._rank_rng(state, path if path is not None else self.checkpoint_dir / "last.pt")
         restore_all_rng(rng)
         self._mark_completed()  # the restored model and criterion are the checkpoint's completed step

@@ -47,6 +47,12 @@ def build_model(
         in_chans: input channels.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``img_size=64``, ``drop_path_rate=0.1``).
 
+    Returns:
+        An :class:`EmbeddingModel` whose ``model_spec`` attribute records these arguments as plain values,
+        ``{"name": name, "embed_dim": ..., "pretrained": False | True | "path", "pooling": the pooling used,
+        "freeze_bn": ..., "in_chans": ..., **timm_kwargs}``: ``build_model(**model_spec)`` builds the same
+        network again (the trainer stores it in every checkpoint, so a checkpoint can rebuild its model alone).
+
     Raises:
         ValueError: unknown model name or pooling; :class:`WeightsError` (a ValueError) for a missing or
             mismatched weight file, listing the missing and unexpected keys.
@@ -80,4 +86,8 @@ def build_model(
     prefix = getattr(backbone, "num_prefix_tokens", None)
     has_cls = getattr(backbone, "cls_token", None) is not None
     pooling = pooling or default_pooling(name, prefix, has_cls)
-    return EmbeddingModel(backbone, pooling, embed_dim, freeze_bn)
+    model = EmbeddingModel(backbone, pooling, embed_dim, freeze_bn)
+    model.model_spec = {"name": name, "embed_dim": embed_dim,
+                        "pretrained": os.fspath(pretrained) if local else bool(pretrained), "pooling": pooling,
+                        "freeze_bn": freeze_bn, "in_chans": in_chans, **timm_kwargs}
+    return model

@@ -1,9 +1,11 @@
 """A trained model as a retrieval system uses it: the network, its test-time transform and its identity.
 
-A trainer checkpoint (``runs/<name>/checkpoints/<file>.pt``) holds the weights; the run folder's ``config.yaml``
-says which network they belong to and which test transform the run evaluated with. :func:`load_trained_model`
-rebuilds both, so the transform travels with the checkpoint. The **model identity** (``model_id``) is a SHA-256
-over the model section of the config, the preprocessing and the weights themselves: embedding files, indexes
+A trainer checkpoint (``runs/<name>/checkpoints/<file>.pt``) holds the weights, the run's resolved config and the
+model's ``model_spec`` (``build_model`` arguments): they say which network the weights belong to and which test
+transform the run evaluated with, so a checkpoint copied anywhere, alone, is enough. Older checkpoints (no config
+inside) use the run folder's ``config.yaml`` beside ``checkpoints/``. :func:`load_trained_model` rebuilds network
+and transform; :func:`load_model` is the short form. The **model identity** (``model_id``) is a SHA-256 over the
+model section of the config, the preprocessing and the weights themselves: embedding files, indexes
 and exports carry it, and a query model whose identity differs from the index's is refused.
 """
 
@@ -25,6 +27,7 @@ from recallk.data.transforms import transforms_for_model
 from recallk.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from recallk.models import build_model
 from recallk.retrieval.files import file_sha256
+from recallk.utils import resolve_device
 
 
 class CheckpointError(ValueError):
@@ -42,6 +45,8 @@ class TrainedModel:
         config: the run's resolved config (``config.yaml``) as a dict.
         model_id: hex SHA-256 identity of model config + preprocessing + weights (module docstring).
         checkpoint: path of the checkpoint file; checkpoint_sha256: hex SHA-256 of its bytes.
+        model_spec: the ``build_model`` arguments the network was rebuilt with (``{"name": ..., ...}``).
+        config_source: where the config came from: ``"checkpoint"`` or the path of a ``config.yaml``.
         embed_dim: d.
     """
 
@@ -52,6 +57,8 @@ class TrainedModel:
     model_id: str
     checkpoint: str
     checkpoint_sha256: str
+    model_spec: dict[str, Any] | None = None
+    config_source: str = "checkpoint"
     embed_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -138,12 +145,16 @@ def model_identity(model: torch.nn.Module, model_section: dict[str, Any], prepro
     return digest.hexdigest()
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path, checkpoint: Path | None = None) -> dict[str, Any]:
     if not path.is_file():
-        raise CheckpointError(
-            f"{path} not found: a checkpoint is used with the config.yaml of its run folder "
-            "(runs/<name>/checkpoints/<file>.pt next to runs/<name>/config.yaml); pass config= to name another"
-        )
+        if checkpoint is not None:
+            raise CheckpointError(
+                f"{checkpoint} carries no config of its own (written before checkpoints held one) and {path} is not "
+                "there: such a checkpoint is used with the config.yaml of its run folder "
+                "(runs/<name>/checkpoints/<file>.pt next to runs/<name>/config.yaml); pass config= (Python) to name "
+                "that file, or keep the checkpoint in its run folder"
+            )
+        raise CheckpointError(f"config file not found: {path}")
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -173,45 +184,118 @@ def _model_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path} is not a recallk checkpoint: no 'model' entry (keys: {sorted(state)[:8]})")
 
 
+def _stored_config(state: Any) -> dict[str, Any] | None:
+    """The config a checkpoint carries (None: an older checkpoint, a bare state dict or a hand-saved one)."""
+    config = state.get("config") if isinstance(state, dict) and "model" in state else None
+    return config if isinstance(config, dict) else None
+
+
+def _build_spec(cfg: dict[str, Any], state: Any, own_config: bool, path: Path) -> dict[str, Any]:
+    """``build_model`` arguments (with ``name``, ``pretrained=False``: the weights come from the checkpoint): the
+    checkpoint's ``model_spec`` when its own config is used, else the config's model section."""
+    spec = state.get("model_spec") if own_config else None
+    if isinstance(spec, dict) and "name" in spec:
+        return {**spec, "pretrained": False}
+    model = cfg.get("model")
+    if not isinstance(model, dict) or "name" not in model:
+        raise CheckpointError(
+            f"{path} does not say how to build its model (no model_spec, no model section in its config): the "
+            "model was not made by recallk.models.build_model. Build it yourself and load the weights with "
+            "model.load_state_dict(recallk.engine.load_checkpoint(path)['model'])"
+        )
+    return {"name": model["name"], **_model_arguments(model)}
+
+
 def load_trained_model(
     checkpoint: str | os.PathLike, config: str | os.PathLike | None = None
 ) -> TrainedModel:
     """Rebuild a trained embedding model, its test transform and its identity from a checkpoint.
 
+    The config comes from, in this order: ``config`` when given; the checkpoint itself (``"config"`` and
+    ``"model_spec"`` entries, written by the trainer: the checkpoint works alone, copied anywhere); the run folder's
+    ``config.yaml`` beside ``checkpoints/`` (older checkpoints, bare state dicts). Nothing is downloaded: the
+    network is built with ``pretrained=False`` and gets the checkpoint's weights.
+
     Args:
-        checkpoint: a trainer checkpoint (``runs/<name>/checkpoints/best.pt``) or a bare model state dict.
-        config: the run's ``config.yaml``; default: ``<checkpoint folder>/../config.yaml``.
+        checkpoint: a trainer checkpoint (``runs/<name>/checkpoints/best.pt`` or ``last.pt``, or a copy) or a bare
+            model state dict.
+        config: a run's ``config.yaml`` to use instead of the checkpoint's own config.
 
     Returns:
         A :class:`TrainedModel` in eval mode on the CPU.
 
     Raises:
-        CheckpointError (a ValueError): missing or unreadable file or config, another checkpoint format, or
+        CheckpointError (a ValueError): missing or unreadable file; a checkpoint without config of its own whose
+            run folder has no ``config.yaml``; another checkpoint format; a model not built by ``build_model``;
             weights that do not fit the config's model (another model's checkpoint).
     """
     path = Path(checkpoint)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    config_path = Path(config) if config is not None else path.resolve().parent.parent / "config.yaml"
-    cfg = _read_config(config_path)
     try:
         state = load_checkpoint(path, map_location="cpu")
     except Exception as e:  # corrupt or foreign file: torch raises many kinds
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from e
+        beside = path.resolve().parent.parent / "config.yaml"
+        context = "" if config is not None or beside.is_file() else f"; {beside} not found: not in a run folder either"
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}){context}") from e
     weights = _model_state(state, path)
-    model = build_model(cfg["model"]["name"], **_model_arguments(cfg["model"]))
+    stored = _stored_config(state) if config is None else None
+    if stored is not None:
+        cfg, source = stored, "checkpoint"
+    else:
+        config_path = Path(config) if config is not None else path.resolve().parent.parent / "config.yaml"
+        cfg, source = _read_config(config_path, None if config is not None else path), str(config_path)
+    spec = _build_spec(cfg, state, stored is not None, path)
+    model = build_model(**spec)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
+        where = "its own model_spec" if source == "checkpoint" else f"the model of {source}"
         raise CheckpointError(
-            f"the weights in {path} do not fit the model of {config_path} ({cfg['model']['name']}, "
-            f"embed_dim={cfg['model'].get('embed_dim')}): the checkpoint is of another model. Use the checkpoint "
-            f"with its own run folder's config.yaml. Details: {str(e)[:600]}"
+            f"the weights in {path} do not fit {where} ({spec['name']}, embed_dim={spec.get('embed_dim')}): the "
+            f"checkpoint is of another model. Use the checkpoint with its own run folder's config.yaml. "
+            f"Details: {str(e)[:600]}"
         ) from e
     model.eval()
     data = cfg.get("data") or {}
     transform = transforms_for_model(model, "test", dataset=data.get("dataset"), image_size=data.get("image_size"))
-    spec = preprocessing_spec(transform)
-    return TrainedModel(model=model, transform=transform, preprocessing=spec, config=cfg,
-                        model_id=model_identity(model, cfg["model"], spec), checkpoint=str(path.resolve()),
-                        checkpoint_sha256=file_sha256(path))
+    preprocessing = preprocessing_spec(transform)
+    section = cfg.get("model") if isinstance(cfg.get("model"), dict) else spec
+    return TrainedModel(model=model, transform=transform, preprocessing=preprocessing, config=cfg,
+                        model_id=model_identity(model, section, preprocessing), checkpoint=str(path.resolve()),
+                        checkpoint_sha256=file_sha256(path), model_spec=spec, config_source=source)
+
+
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, T.Compose]:
+    """A trained recallk model and its test transform, from a checkpoint file alone (copied anywhere).
+
+    Example::
+
+        model, transform = recallk.load_model("best.pt")
+        with torch.no_grad():
+            embeddings = model(torch.stack([transform(image) for image in pil_images]))
+
+    Args:
+        path: a checkpoint written by the trainer (``best.pt``, ``last.pt``); older checkpoints without a config
+            inside are read with their run folder's ``config.yaml`` (see :func:`load_trained_model`).
+        device: where to put the model: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``
+            (:func:`recallk.utils.resolve_device`).
+
+    Returns:
+        ``(model, transform)``: ``model`` in eval mode on ``device`` maps float32 images ``(N, 3, H, W)``
+        (normalised, as ``transform`` makes them) to float32 embeddings ``(N, d)`` of unit L2 norm;
+        ``transform`` is the run's test transform: a PIL image (any mode; convert to RGB first) -> float32
+        tensor ``(3, H, W)`` (resize, centre crop, ``ToTensor`` to 0..1, ImageNet-style normalisation).
+
+    Raises:
+        CheckpointError (a ValueError): see :func:`load_trained_model`; ValueError: a device name torch does not
+            know; torch's RuntimeError/AssertionError when the device exists but is not available here.
+    """
+    try:
+        target = resolve_device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device={device!r} is not a device name ('cpu', 'cuda', 'cuda:1', 'auto'): {e}") from e
+    trained = load_trained_model(path)
+    return trained.model.to(target), trained.transform

@@ -1,4 +1,5 @@
-"""A user's own images: ``root/<class name>/<image>``, optionally split (``root/train/``, ``root/test/``).
+"""A user's own images: ``root/<class name>/<image>``, optionally split (``root/train/``, ``root/test/``), or
+split by class with the options ``test_classes`` and ``test_seed`` (a seeded class-disjoint train/test split).
 
 Images are files with a suffix in ``IMAGE_SUFFIXES`` (any case), found recursively below each class folder;
 hidden files and folders are ignored. Class ids follow the sorted class folder names.
@@ -11,10 +12,20 @@ linked image file all count. A link that leads back into a folder it sits in (a 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from recallk.data.datasets.base import DatasetFileNotFoundError, image_list_builder, require
+import numpy as np
+
+from recallk.data.datasets.base import (
+    DatasetFileNotFoundError,
+    ImageListDataset,
+    image_list_builder,
+    require,
+    resolve_root,
+)
 from recallk.data.registry import DatasetSpec, register_dataset
+from recallk.data.splits import class_disjoint_split
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
@@ -90,5 +101,56 @@ def _parse(base: Path, split: str | None) -> tuple[list[Path], list[str], None]:
     return paths, keys, None
 
 
-build_folder = image_list_builder("folder", _parse, default_split=None)
+_build_folder_tree = image_list_builder("folder", _parse, default_split=None)
+#: the split names of a flat folder split by ``test_classes``
+SPLIT_NAMES = ("train", "test")
+
+
+def build_folder(
+    root: str | os.PathLike | None,
+    split: str | None = None,
+    transform: Callable | None = None,
+    skip_bad_images: bool = False,
+    test_classes: int | float | None = None,
+    test_seed: int = 0,
+) -> ImageListDataset:
+    """The images of ``root/<class>/`` (``split=None`` or ``"all"``) or ``root/<split>/<class>/``; with
+    ``test_classes``, one side of a seeded class-disjoint split of the flat ``root/<class>/`` folder.
+
+    Args:
+        root: the folder of class folders (or of split folders of class folders).
+        split: a sub-folder name, None / ``"all"`` (the class folders directly under root); with ``test_classes``
+            ``"train"`` or ``"test"`` (the two sides of the split).
+        transform: applied to each PIL RGB image.
+        skip_bad_images: drop unreadable images at construction (see ``ImageListDataset``).
+        test_classes: hold out this many classes (int >= 1) or this fraction of them (float in (0, 1)) of a flat
+            folder as the test split (:func:`recallk.data.splits.class_disjoint_split` on the class folder names:
+            the split depends on the names and ``test_seed`` only). None: the folder's own layout.
+        test_seed: the seed of that split (any int).
+
+    Raises:
+        ValueError: ambiguous split (root has ``train/`` and ``test/`` but no split was given), ``test_classes``
+            on a root that already has ``train/`` and ``test/`` folders or with a split other than train/test, a
+            bad ``test_classes``; DatasetFileNotFoundError: missing root or split folder, no images;
+            SymlinkLoopError: a link loop.
+    """
+    if test_classes is None:
+        return _build_folder_tree(root, split, transform, skip_bad_images)
+    base = resolve_root(root, "folder")
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"with test_classes (a class-disjoint split of the flat folder {base}) the split must be "
+                         f"'train' or 'test', got {split!r}; without test_classes a folder is used as laid out")
+    if (base / "train").is_dir() and (base / "test").is_dir():
+        raise ValueError(f"{base} already holds train/ and test/ folders: leave out test_classes "
+                         f"(data.options.test_classes) to use them, or point root at a flat <class>/<image> folder")
+    paths, keys, _ = _parse(base, None)
+    names, labels = np.unique(np.array(keys, dtype=str), return_inverse=True)
+    kept, held = class_disjoint_split(labels.reshape(-1), test_classes, test_seed, class_names=list(names),
+                                      what="test_classes")
+    chosen = held if split == "test" else kept
+    name = f"folder/{split} (test_classes={test_classes}, test_seed={test_seed})"
+    return ImageListDataset([paths[i] for i in chosen], [keys[i] for i in chosen], transform, None,
+                            skip_bad_images, name=name)
+
+
 register_dataset(DatasetSpec("folder", build_folder, splits=None, eval_ks=(1, 2, 4, 8)))

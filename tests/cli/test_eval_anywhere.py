@@ -1,0 +1,152 @@
+"""``recallk eval --checkpoint`` on a checkpoint copied anywhere, alone (issue 19, "Evaluate anywhere"): a tiny run
+trained with the CLI, its best.pt copied out, the run folder deleted, the data moved; the copy gives the metrics of
+the evaluation in place. Also: what every checkpoint carries, best.pt weights-only, group-readable files, and an
+older checkpoint (no config inside) still evaluated through its run folder's config.yaml."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import recallk
+from recallk.cli.main import main
+
+TINY = ["--no-progress", "data.dataset=folder", "data.image_size=32", "model.name=resnet10t", "model.embed_dim=16",
+        "train.epochs=1", "train.batch_size=16", "train.chunk_size=8", "train.device=cpu", "train.lr=1e-3",
+        "train.tensorboard=false", "eval.pixel_baseline=false", "eval.ks=[1, 2]"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: faster on the shared 2-core machine, and the same arithmetic in every evaluation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_folder(root):
+    """train/ (8 classes) and test/ (4 classes) of 4 noisy copies of a coarse colour pattern per class."""
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", range(8)), ("test", range(8, 12))):
+        for c in classes:
+            base = rng.random((3, 3, 3))
+            folder = root / split / f"class{c:02d}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                image = np.kron(base, np.ones((11, 11, 1))) + 0.1 * rng.standard_normal((33, 33, 3))
+                Image.fromarray((image.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(run folder, data folder) of a one-epoch CLI run."""
+    top = tmp_path_factory.mktemp("anywhere")
+    data = write_folder(top / "data")
+    torch.set_num_threads(1)
+    assert main(["train", "--name", "tiny", f"runs_dir={top / 'runs'}", f"data.root={data}", *TINY]) == 0
+    return top / "runs" / "tiny", data
+
+
+def evaluate(capsys, *args: str) -> dict:
+    capsys.readouterr()
+    assert main(["eval", "--no-progress", "--device", "cpu", *args]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_checkpoints_carry_config_model_spec_and_version(trained):
+    run, _ = trained
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for name in ("best.pt", "last.pt"):
+        state = torch.load(run / "checkpoints" / name, weights_only=True)
+        assert state["config"] == config, name
+        assert state["recallk_version"] == recallk.__version__
+        spec = state["model_spec"]
+        assert (spec["name"], spec["embed_dim"], spec["pretrained"], spec["pooling"]) == ("resnet10t", 16, False,
+                                                                                         "gem")
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    # best.pt is weights-only: no optimizer, scheduler, scaler, random state or criterion
+    assert set(best) == {"format", "model", "config", "model_spec", "recallk_version", "best", "epoch", "step"}
+    assert {"optimizer", "scheduler", "rng"} <= set(last)
+    assert best["best"]["epoch"] == best["epoch"] and best["best"]["metric"] == "map@r"
+
+
+def test_checkpoints_are_group_readable_like_the_other_files(trained):
+    run, _ = trained
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE((run / "config.yaml").stat().st_mode) == expected  # how the run's other files are made
+    for name in ("best.pt", "last.pt"):
+        assert stat.S_IMODE((run / "checkpoints" / name).stat().st_mode) == expected, name
+    if not umask & stat.S_IRGRP:
+        assert (run / "checkpoints" / "best.pt").stat().st_mode & stat.S_IRGRP
+
+
+def test_eval_of_a_checkpoint_copied_anywhere_alone(trained, tmp_path, capsys):
+    run, data = trained
+    in_place = evaluate(capsys, "--checkpoint", str(run / "checkpoints" / "best.pt"))
+    # the run folder gone, the data moved: only the copied file and the data's new folder are left
+    copy = tmp_path / "elsewhere" / "copy.pt"
+    copy.parent.mkdir()
+    shutil.copy(run / "checkpoints" / "best.pt", copy)
+    saved_run = tmp_path / "saved_run"
+    shutil.copytree(run, saved_run)  # the module's other tests still use the run: put it back afterwards
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    shutil.rmtree(run)
+    hidden = data.with_name("data.hidden")
+    data.rename(hidden)
+    try:
+        capsys.readouterr()
+        assert main(["eval", "--no-progress", "--checkpoint", str(copy)]) == 2
+        err = capsys.readouterr().err
+        assert f"data root {data}" in err and "pass --root" in err and "Traceback" not in err
+        anywhere = evaluate(capsys, "--checkpoint", str(copy), "--root", str(moved))
+    finally:
+        hidden.rename(data)
+        shutil.copytree(saved_run, run)
+    assert anywhere.keys() == in_place.keys() == {"test"}
+    assert anywhere["test"] == pytest.approx(in_place["test"], rel=1e-6, abs=1e-9)
+    assert {"recall@1", "recall@2", "map@r"} <= anywhere["test"].keys()
+
+
+def test_an_older_checkpoint_still_uses_its_run_folders_config(trained, capsys):
+    run, _ = trained
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    old = run / "checkpoints" / "old.pt"  # as written before checkpoints carried their config
+    torch.save({k: v for k, v in state.items() if k not in ("config", "model_spec", "recallk_version")}, old)
+    try:
+        before = evaluate(capsys, "--checkpoint", str(last))
+        assert evaluate(capsys, "--checkpoint", str(old)) == before
+        alone = old.parent.parent.parent / "old_alone.pt"
+        shutil.copy(old, alone)
+        capsys.readouterr()
+        assert main(["eval", "--no-progress", "--checkpoint", str(alone)]) == 2
+        assert "carries no config of its own" in capsys.readouterr().err
+    finally:
+        old.unlink()
+        alone.unlink(missing_ok=True)
+
+
+def test_resume_never_reads_best_pt(trained, tmp_path):
+    from recallk.engine import Trainer
+
+    run, data = trained
+    model, transform = recallk.load_model(run / "checkpoints" / "best.pt")
+    dataset = recallk.build_dataset("folder", data, "train", transform=transform)
+    trainer = Trainer(model, recallk.build_loss("rsk", ks=(1, 2)), dataset, tmp_path, batch_size=8, chunk_size=8,
+                      per_class=2, epochs=1, device="cpu", progress=False, tensorboard=False)
+    with pytest.raises(ValueError, match=r"weights-only checkpoint.*resume from .*last\.pt"):
+        trainer.fit(resume=run / "checkpoints" / "best.pt")

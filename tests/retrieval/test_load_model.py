@@ -1,0 +1,138 @@
+"""``recallk.load_model`` on checkpoints of runs made through the Trainer API (no CLI, no config given): the run
+writes config.yaml, its checkpoints rebuild the model and test transform alone, and the loaded model gives the
+trainer's embeddings. Also ``build_model``'s ``model_spec`` and the trainer's description of its loss."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import recallk
+from recallk.data.transforms import transforms_for_model
+from recallk.engine import Trainer, TrainSettings, save_checkpoint
+from recallk.engine.checkpoint import describe_loss, plain_config, weights_only_state
+from recallk.losses import RecallAtKSurrogate, build_loss
+from recallk.models import build_model
+from recallk.retrieval import CheckpointError, load_trained_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_folder(root, classes: int = 6, per_class: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        base = rng.random((3, 3, 3))
+        folder = root / f"class{c:02d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            image = np.kron(base, np.ones((13, 9, 1))) + 0.1 * rng.standard_normal((39, 27, 3))
+            Image.fromarray((image.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def api_run(tmp_path_factory):
+    """A run of the Trainer API alone: build_model + build_dataset + RS@k + Trainer, no config passed."""
+    top = tmp_path_factory.mktemp("api")
+    data = write_folder(top / "data")
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = build_model("resnet10t", embed_dim=8, freeze_bn=True)
+    train_set = recallk.build_dataset("folder", data, None,
+                                      transform=transforms_for_model(model, "train", image_size=40))
+    criterion = RecallAtKSurrogate(ks=(1, 2), tau_rank=0.02, simix=True)
+    eval_set = recallk.build_dataset("folder", data, None,
+                                     transform=transforms_for_model(model, "test", image_size=40))
+
+    def eval_fn(net, epoch):
+        embeddings, labels = recallk.embed_dataset(net, eval_set, batch_size=32, device="cpu", progress=False)
+        return recallk.retrieval_metrics(embeddings, labels, (1, 2))
+
+    settings = TrainSettings(batch_size=8, chunk_size=8, per_class=2, epochs=1, lr=1e-3, device="cpu",
+                             progress=False, tensorboard=False, max_steps_per_epoch=2)
+    trainer = Trainer(model, criterion, train_set, top / "run", settings, eval_fn=eval_fn)
+    trainer.fit()
+    return trainer, top / "run", data
+
+
+def test_the_api_run_writes_what_it_knows_to_config_yaml(api_run):
+    _, run, _ = api_run
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"] == {"name": "resnet10t", "embed_dim": 8, "pretrained": False, "pooling": "gem",
+                               "freeze_bn": True, "in_chans": 3, "options": {}}
+    assert config["loss"]["name"] == "rsk" and config["loss"]["ks"] == [1, 2]
+    assert config["loss"]["tau_rank"] == 0.02 and config["loss"]["simix"] is True
+    assert config["data"] == {"dataset": "folder", "image_size": 40, "num_workers": 0}
+    assert config["train"]["batch_size"] == 8 and config["train"]["milestones"] == [] and config["seed"] == 1
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"] == config
+
+
+def test_load_model_gives_the_trainers_embeddings_from_a_copy_alone(api_run, tmp_path):
+    trainer, run, data = api_run
+    copy = tmp_path / "copy.pt"
+    shutil.copy(run / "checkpoints" / "last.pt", copy)  # last.pt: the weights the trainer ends with
+    model, transform = recallk.load_model(copy)
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+    expected_tf = transforms_for_model(trainer.model, "test", dataset="folder", image_size=40)
+    images = [Image.open(p).convert("RGB") for p in sorted(data.glob("class0*/*.png"))[:6]]
+    x = torch.stack([transform(im) for im in images])
+    assert x.shape == (6, 3, 40, 40) and x.dtype == torch.float32
+    assert torch.equal(x, torch.stack([expected_tf(im) for im in images]))
+    trainer.model.eval()
+    with torch.no_grad():
+        got, want = model(x), trainer.model(x)
+    assert got.shape == (6, 8) and torch.equal(got, want)
+
+
+def test_best_pt_of_an_api_run_is_weights_only_and_loads(api_run):
+    _, run, _ = api_run
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert "optimizer" not in best and "rng" not in best and "criterion" not in best
+    trained = load_trained_model(run / "checkpoints" / "best.pt")
+    assert trained.config_source == "checkpoint" and trained.model_spec["name"] == "resnet10t"
+    assert trained.embed_dim == 8
+
+
+def test_build_model_records_arguments_that_build_it_again():
+    torch.manual_seed(0)
+    model = build_model("resnet10t", embed_dim=12, pooling="avg", freeze_bn=False, drop_rate=0.1)
+    spec = model.model_spec
+    assert spec == {"name": "resnet10t", "embed_dim": 12, "pretrained": False, "pooling": "avg", "freeze_bn": False,
+                    "in_chans": 3, "drop_rate": 0.1}
+    again = build_model(**spec)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert again.backbone.drop_rate == 0.1 and not again.freeze_bn
+
+
+def test_the_loss_description_rebuilds_the_loss():
+    loss = RecallAtKSurrogate(ks=(1, 4), tau_rank=0.05, tau_k=(1.0, 2.0), simix=True, max_pairs_per_class=3)
+    spec = describe_loss(loss)
+    again = build_loss(spec["name"], **{k: v for k, v in spec.items() if k not in ("name", "options")})
+    assert again.extra_repr() == loss.extra_repr()
+    assert describe_loss(torch.nn.MSELoss()) is None
+
+
+def test_errors(api_run, tmp_path):
+    _, run, _ = api_run
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        recallk.load_model(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="not a device name"):
+        recallk.load_model(run / "checkpoints" / "best.pt", device="gpu")
+    # a model the Trainer got from elsewhere than build_model: nothing says how to build it
+    state = weights_only_state(torch.load(run / "checkpoints" / "best.pt", weights_only=True))
+    save_checkpoint({**state, "model_spec": None, "config": {**state["config"], "model": None}}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match=r"not made by recallk\.models\.build_model"):
+        recallk.load_model(tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="plain values"):
+        plain_config({"a": object()})
