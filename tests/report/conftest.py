@@ -92,10 +92,12 @@ def metrics_lines(epochs: int = 3) -> list[dict]:
 
 @pytest.fixture
 def make_run(tmp_path: Path):
-    """Factory: make_run(embeddings=, config=, metrics=) -> (run_dir, dataset, embeddings, labels)."""
+    """Factory: make_run(embeddings=, config=, metrics=, name=) -> (run_dir, dataset, embeddings, labels);
+    ``metrics`` may be a list of records to write instead of ``metrics_lines()``."""
 
-    def make(embeddings: bool = True, config: bool | dict = True, metrics: bool = True, seed: int = 0):
-        run = tmp_path / "runs" / "tiny-run"
+    def make(embeddings: bool = True, config: bool | dict = True, metrics: bool | list = True, seed: int = 0,
+             name: str = "tiny-run"):
+        run = tmp_path / "runs" / name
         run.mkdir(parents=True)
         emb, labels = clustered_embeddings(seed)
         if config:
@@ -103,7 +105,7 @@ def make_run(tmp_path: Path):
                 config
                 if isinstance(config, dict)
                 else {
-                    "name": "tiny-run",
+                    "name": name,
                     "data": {
                         "dataset": "no-such-dataset",
                         "root": str(tmp_path / "data"),
@@ -115,7 +117,8 @@ def make_run(tmp_path: Path):
             )
             (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         if metrics:
-            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics_lines()))
+            lines = metrics if isinstance(metrics, list) else metrics_lines()
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
         if embeddings:
             (run / "embeddings").mkdir()
             np.savez(run / "embeddings" / "test.npz", embeddings=emb, labels=labels)

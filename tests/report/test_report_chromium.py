@@ -15,7 +15,7 @@ from recallk.report.examples import HIT_RGB, MISS_RGB, QUERY_RGB
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-def screenshot(html: Path, png: Path, profile: Path, size: str = "1280,2000") -> subprocess.CompletedProcess:
+def screenshot(html: Path, png: Path, profile: Path, size: str = "1280,3000") -> subprocess.CompletedProcess:
     command = [
         str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -36,7 +36,7 @@ def test_report_renders_in_headless_chromium(make_run, tmp_path):
     result = screenshot(html, png, tmp_path / "profile")
     assert result.returncode == 0 and png.is_file(), result.stderr[-2000:]
     image = np.asarray(Image.open(png).convert("RGB"))
-    assert image.shape == (2000, 1280, 3)
+    assert image.shape == (3000, 1280, 3)
     assert (image.min(axis=2) < 200).mean() > 0.02, "the page rendered (almost) blank"
     # a 106 px thumbnail's 5 px frame is about 2,000 pixels of its colour
     for name, rgb in (("query", QUERY_RGB), ("same-class", HIT_RGB), ("other-class", MISS_RGB)):

@@ -81,12 +81,13 @@ def test_report_holds_config_and_metrics(make_run):
     assert "no-such-dataset" in text and "ks:" in text  # config body, as YAML
     evals = [r for r in metrics_lines() if r["kind"] == "eval"]
     before, after = evals[0], evals[-1]
-    assert "before (epoch 0)" in text and "after (epoch 3)" in text
+    assert "before (epoch 0)" in text and "last epoch (3)" in text
     for key in ("recall@1", "recall@2", "recall@4", "recall@8", "positive_recall@1", "map@r", "r_precision"):
         row = re.search(rf"<tr><td>{re.escape(key)}</td>(.*?)</tr>", text)
         assert row, key
-        cells = re.findall(r"<td[^>]*>([^<]*)</td>", row.group(1))
-        assert cells == [f"{before[key]:.4f}", f"{after[key]:.4f}", f"{after[key] - before[key]:+.4f}"]
+        cells = re.findall(r"<td[^>]*>([^<]*)</td>", row.group(1))  # percent, as the CLI prints them
+        assert cells == [f"{100 * before[key]:.2f}", f"{100 * after[key]:.2f}",
+                         f"{100 * (after[key] - before[key]):+.2f}"]
     assert re.search(r"<tr><td>num_queries</td><td>30</td><td>30</td>", text)
 
 

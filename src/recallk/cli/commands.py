@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recallk import provenance
 from recallk.config import check_startable, dump_config, load_config, resume_changes
 
 
@@ -45,6 +46,7 @@ def train(args: argparse.Namespace) -> int:
     if main_process:
         prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
         fresh = not args.resume
+        provenance.start_segment(run_dir, resume=args.resume, device=record_device(config))  # run.json
         if args.resume:
             record_resume(run_dir, config, changes)
         else:
@@ -52,14 +54,35 @@ def train(args: argparse.Namespace) -> int:
     log_to_stdout(main_process)
     try:
         summary = wiring.train_from_config(config, run_dir, resume=args.resume, progress=not args.no_progress)
-    except BaseException:
+    except BaseException as stop:
         if fresh:
             remove_unstarted_run(run_dir)
+        if main_process:
+            provenance.end_segment(run_dir, outcome(stop))
         raise
+    if main_process:
+        provenance.end_segment(run_dir, "finished")
     if main_process:
         print(summary["table"])
         print(json.dumps({"run_dir": str(run_dir), **summary["final"]}))
     return 0
+
+
+def record_device(config: dict[str, Any]) -> str:
+    """The device rank 0 trains on, as ``run.json`` records it (``cuda:<LOCAL_RANK>`` under torchrun)."""
+    from recallk.utils import resolve_device
+
+    device = resolve_device(config["train"]["device"])
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return str(device)
+
+
+def outcome(stop: BaseException) -> str:
+    """How a training segment ended, in words, for ``run.json``."""
+    if isinstance(stop, KeyboardInterrupt):  # Preempted (SIGTERM, SIGUSR1) is one, named by its signal
+        return f"stopped by {stop.args[0]}" if hasattr(stop, "signum") and stop.args else "interrupted (Ctrl-C)"
+    return f"error: {type(stop).__name__}: {stop}"
 
 
 def log_to_stdout(main_process: bool) -> None:
@@ -159,9 +182,14 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from recallk.report import write_report
+    """``recallk report RUN_DIR`` writes the run's report.html; ``recallk report RUN_A RUN_B ...`` one page
+    comparing the runs (``--out``, default ``report-compare.html`` in the current directory)."""
+    from recallk.report import write_comparison, write_report
 
-    path = write_report(Path(args.run_dir), out_path=Path(args.out) if args.out else None)
+    if len(args.run_dirs) == 1:
+        path = write_report(Path(args.run_dirs[0]), out_path=Path(args.out) if args.out else None)
+    else:
+        path = write_comparison([Path(d) for d in args.run_dirs], Path(args.out or "report-compare.html"))
     print(f"wrote {path}")
     return 0
 

@@ -83,11 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser(
         "report",
-        help="write report.html for a run folder",
-        description="Write a self-contained report.html (plots, metrics, retrieval examples) into RUN_DIR.",
+        help="write report.html for a run folder, or compare runs side by side",
+        description="Write a self-contained report.html (run record, plots, metrics, retrieval examples) into "
+        "RUN_DIR; with several run folders, one page comparing them (metrics, differing config keys, records, "
+        "overlaid curves).",
     )
-    rep.add_argument("run_dir", help="run folder, e.g. runs/demo")
-    rep.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s), e.g. runs/demo")
+    rep.add_argument("--out", help="output file (default: RUN_DIR/report.html for one run, report-compare.html "
+                     "in the current directory for several)")
 
     bench = sub.add_parser(
         "bench",

@@ -1,22 +1,23 @@
-"""Self-contained HTML report of a run folder: config, training curves, final metrics, retrieval examples.
+"""Self-contained HTML report of a run folder: the research record (best.pt, wall time, images/s, device,
+versions, git commit, command line, resumes), config, training curves, final metrics, retrieval examples.
 
 ``write_report(run_dir)`` reads the run folder described in docs/run-folder.md and writes ``report.html``
-(images as base64 PNG data URIs, inline CSS, no script, nothing fetched from the network).
+(images as base64 PNG data URIs, inline CSS, no script, nothing fetched from the network);
+``write_comparison(run_dirs, out_path)`` puts several runs side by side in one such page.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from html import escape
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from . import examples as _examples
 from . import html
+from .compare import write_comparison
 from .examples import (
     Example,
     answerable,
@@ -27,8 +28,9 @@ from .examples import (
     thumbnail_png,
 )
 from .plots import figure_png, history_figure, plot_history, read_metrics
+from .record import RunRecord, read_npz, read_run, resume_marks, write_text_atomic
 
-__all__ = ["plot_history", "read_metrics", "write_report"]
+__all__ = ["RunRecord", "plot_history", "read_metrics", "read_run", "write_comparison", "write_report"]
 
 THUMB_SIZE = 96
 BASELINE_NAME = "raw pixels"
@@ -47,7 +49,8 @@ def write_report(
     """Write ``report.html`` for the run folder ``run_dir`` and return its path.
 
     Args:
-        run_dir: run folder with ``metrics.jsonl``, usually ``config.yaml`` and ``embeddings/<split>.npz``.
+        run_dir: run folder with ``metrics.jsonl``, usually ``config.yaml``, ``run.json``, ``best.json`` and
+            ``embeddings/<split>.npz``.
         dataset: the evaluated split, items ``(image, label)`` with PIL images (``transform=None``), row i of
             the embeddings file being item i. None builds it from ``config.yaml``'s ``data`` section with
             ``recallk.data.build_dataset``; if that fails the report says why and leaves the examples out.
@@ -56,63 +59,43 @@ def write_report(
         top: neighbours shown per query (exact inner-product kNN, leave-one-out).
         split: the split whose embeddings are shown; default ``data.test_split`` of the config, else "test".
 
-    The report leads with the comparison a reader asks for first: the trained model (last evaluation) against
-    raw pixels (when ``embeddings/raw_pixels/<split>.npz`` exists, as ``recallk train`` writes it with
-    ``eval.pixel_baseline``) and against the model before training (epoch 0), then the queries whose first
-    neighbour raw pixels got wrong and the model right, and the reverse (each shown with both neighbour lists).
+    The report opens with the run's record (:func:`read_run`: which epoch best.pt is and which split chose it,
+    wall time, images/s, device, versions, git commit, command line, resumed segments), then the comparison a
+    reader asks for first: the trained model (last evaluation, and best.pt's epoch when it differs) against raw
+    pixels (when ``embeddings/raw_pixels/<split>.npz`` exists, as ``recallk train`` writes it with
+    ``eval.pixel_baseline``) and against the model before training (epoch 0), in percent, then the queries whose
+    first neighbour raw pixels got wrong and the model right, and the reverse (each shown with both neighbour
+    lists). docs/report.md lists every section.
 
     Raises:
-        ValueError: run_dir or its metrics.jsonl is missing or malformed, config.yaml is not a YAML mapping,
+        ValueError: run_dir is not a run folder (no metrics.jsonl), a malformed metrics.jsonl, run.json,
+            best.json or resumes.jsonl, config.yaml is not a YAML mapping,
             an embeddings file lacks ``embeddings``/``labels``, the raw-pixel file does not match the model's
             embeddings (rows or labels), or a given ``dataset`` does not match them (length or labels).
     """
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ValueError(f"run folder not found: expected a directory {run} holding metrics.jsonl and config.yaml")
     if num_queries < 1 or top < 1:
         raise ValueError(f"num_queries and top must be >= 1, got {num_queries} and {top}")
-    records = read_metrics(run / "metrics.jsonl")
-    config_text, cfg = _read_config(run / "config.yaml")
-    data_cfg = cfg.get("data") or {}
-    if split is None:
-        split = str(data_cfg.get("test_split") or "test")
+    record = read_run(run_dir, split=split)
+    run, records, cfg, split = record.path, record.records, record.config, record.split
 
     epochs = [int(r["epoch"]) for r in records]
     subtitle = (
         f"run folder {run.resolve()} · {max(epochs, default=0)} epoch(s) logged · "
         f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
     )
+    best_epoch = record.best.epoch if record.best is not None else None
     sections = [
-        _comparison_section(run, cfg, records, split, dataset, num_queries, top, seed),
-        html.config_section(config_text),
-        html.plots_section(figure_png(history_figure(records))),
-        html.metrics_section(records),
+        html.record_section(record),
+        _comparison_section(record, dataset, num_queries, top, seed),
+        html.config_section(record.config_text),
+        html.plots_section(figure_png(history_figure(records, resume_marks(record), best_epoch))),
+        html.metrics_section(records, best_epoch, split),
         html.examples_section(_examples_body(run, cfg, split, dataset, num_queries, top, seed), split, top),
     ]
-    name = cfg.get("name") or run.resolve().name
-    document = html.page(f"recallk run: {name}", subtitle, sections)
-
+    document = html.page(f"recallk run: {record.name}", subtitle, sections)
     out = Path(out_path) if out_path is not None else run / "report.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(document, encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, document)
     return out
-
-
-def _read_config(path: Path) -> tuple[str | None, dict[str, Any]]:
-    if not path.is_file():
-        return None, {}
-    text = path.read_text(encoding="utf-8")
-    try:
-        cfg = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from e
-    if cfg is None:
-        return text, {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a YAML mapping (the resolved config), got {type(cfg).__name__}")
-    return text, cfg
 
 
 def _dataset_from_config(cfg: dict[str, Any], split: str) -> Any:
@@ -136,7 +119,7 @@ def _examples_body(
             f"Retrieval examples omitted: {emb_path.relative_to(run)} does not exist{found}. "
             "It is written by the final evaluation of a run."
         )
-    embeddings, labels = _read_npz(emb_path)
+    embeddings, labels = read_npz(emb_path)
     if embeddings.shape[0] < 2:
         return html.note(f"Retrieval examples omitted: {emb_path.name} holds fewer than 2 items.")
 
@@ -199,41 +182,29 @@ def _check_dataset(dataset: Any, labels: np.ndarray, emb_path: Path) -> None:
         raise ValueError(f"dataset.labels differ from the labels in {emb_path}; pass the evaluated split, in order")
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as npz:
-        if "embeddings" not in npz or "labels" not in npz:
-            raise ValueError(f"{path} must hold arrays 'embeddings' (N, d) and 'labels' (N,)")
-        embeddings, labels = npz["embeddings"], npz["labels"].reshape(-1)
-    if embeddings.ndim != 2 or embeddings.shape[0] != labels.shape[0]:
-        raise ValueError(f"{path}: embeddings {embeddings.shape} and labels {labels.shape} do not match")
-    return embeddings, labels
-
-
-def _comparison_section(
-    run: Path, cfg: dict[str, Any], records: list[dict[str, Any]], split: str, dataset: Any, num_queries: int,
-    top: int, seed: int,
-) -> str:
-    """Trained vs raw pixels vs untrained (table), then what changed against raw pixels (counts, examples)."""
-    from recallk.evaluation import retrieval_metrics  # only when a baseline is shown
-
-    evals = [r for r in records if r.get("kind") == "eval" and (r.get("split") or split) == split]
+def _comparison_section(record: RunRecord, dataset: Any, num_queries: int, top: int, seed: int) -> str:
+    """Trained (last epoch, and best.pt's epoch when it differs) vs raw pixels vs untrained (table, percent), then
+    what changed against raw pixels (counts, examples)."""
+    run, cfg, split = record.path, record.config, record.split
     heading = f"<h2>Trained model vs raw pixels vs untrained ({escape(split)} split)</h2>"
-    if not evals:
+    after, before = record.last_eval, record.before_eval
+    if after is None:
         return heading + "\n" + html.note(f"metrics.jsonl holds no evaluation of the {split!r} split.")
-    after, before = evals[-1], (evals[0] if int(evals[0]["epoch"]) == 0 else None)
     model_name = f"trained (epoch {after['epoch']})"
     columns: dict[str, dict[str, Any]] = {model_name: after}
+    best = record.best_eval
+    if best is not None and best is not after and record.best is not None:
+        columns[f"best.pt (epoch {best['epoch']}, chosen on {record.best.split})"] = best
     emb_path = run / "embeddings" / f"{split}.npz"
     pix_path = run / "embeddings" / "raw_pixels" / f"{split}.npz"
     pixels = None
-    if pix_path.is_file() and emb_path.is_file():
-        model_emb, labels = _read_npz(emb_path)
-        pixels, pix_labels = _read_npz(pix_path)
+    if record.baseline is not None and emb_path.is_file():
+        model_emb, labels = read_npz(emb_path)
+        pixels, pix_labels = read_npz(pix_path)
         if pixels.shape[0] != labels.shape[0] or not np.array_equal(pix_labels, labels):
             raise ValueError(f"{pix_path} does not match {emb_path} (rows or labels): both must embed the "
                              f"{split!r} split in dataset order")
-        ks = sorted(int(k.split("@")[1]) for k in after if k.startswith("recall@"))
-        columns[BASELINE_NAME] = retrieval_metrics(pixels, labels, ks or (1,))
+        columns[BASELINE_NAME] = record.baseline
     if before is not None and before is not after:
         columns["untrained (epoch 0)"] = before
     parts = [heading, html.comparison_table(columns, model_name, BASELINE_NAME if pixels is not None else None)]

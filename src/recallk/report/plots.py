@@ -83,10 +83,31 @@ def eval_records(records: Sequence[Record], split: str) -> list[Record]:
     return [r for r in records if r["kind"] == "eval" and str(r.get("split", "")) == split]
 
 
-def recall_ks(records: Sequence[Record]) -> list[int]:
-    """Sorted k values of every ``recall@k`` key found in the eval records."""
-    ks = {int(m.group(1)) for r in records if r["kind"] == "eval" for key in r if (m := _RECALL_KEY.match(key))}
+def recall_ks(records: Sequence[Record], prefix: str = "") -> list[int]:
+    """Sorted k values of every ``<prefix>recall@k`` key found in the eval records (prefix ``"val/"``: the
+    validation metrics logged next to the test ones)."""
+    ks = {int(m.group(1)) for r in records if r["kind"] == "eval" for key in r
+          if key.startswith(prefix) and (m := _RECALL_KEY.match(key[len(prefix):]))}
     return sorted(ks)
+
+
+def step_position(records: Sequence[Record], step: int, epoch: int = 0) -> float:
+    """The x (fractional epoch, as :func:`train_points` places the train lines) of the optimiser step ``step``:
+    that of the last train line at or before it, at least ``epoch`` (a resume from the end of an epoch sits
+    at that epoch)."""
+    xs, _ = train_points(records, "loss")
+    steps = [int(r["step"]) for r in _train_lines(records, "loss")]
+    before = [x for x, s in zip(xs, steps) if s <= step]
+    return max([float(epoch), *before])
+
+
+def _train_lines(records: Sequence[Record], key: str) -> list[Record]:
+    """The train records carrying ``key``, in the order :func:`train_points` returns their points."""
+    per_epoch: dict[int, list[Record]] = {}
+    for r in records:
+        if r["kind"] == "train" and r.get(key) is not None:
+            per_epoch.setdefault(int(r["epoch"]), []).append(r)
+    return [r for epoch in sorted(per_epoch) for r in per_epoch[epoch]]
 
 
 def _eval_series(records: Sequence[Record], key: str) -> tuple[list[int], list[float]]:
@@ -104,10 +125,15 @@ def _empty(ax: Any, message: str) -> None:
     ax.set_yticks([])
 
 
-def history_figure(records: Sequence[Record]) -> Figure:
+def history_figure(
+    records: Sequence[Record], resumes: Sequence[float] = (), best_epoch: int | None = None
+) -> Figure:
     """A 2x2 figure: train loss, learning rate, recall@k per k, and map@r (+ r_precision) against epoch.
 
-    Each eval split gets its own line style; epoch 0 is the evaluation before training.
+    Each eval split gets its own line style, and so do the validation metrics (``val/...`` keys); epoch 0 is the
+    evaluation before training. ``resumes``: x positions (fractional epochs, :func:`step_position`) where a
+    resumed segment continued, drawn as grey dashed vertical lines on every panel; ``best_epoch``: the epoch of
+    best.pt, a green dotted line on the evaluation panels.
     """
     fig = Figure(figsize=(11, 7.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -133,22 +159,38 @@ def history_figure(records: Sequence[Record]) -> Figure:
 
     styles = ["-", "--", ":", "-."]
     splits = eval_splits(records)
-    ks = recall_ks(records)
+    series = []  # (eval records, key prefix, legend suffix)
+    with_val = bool(recall_ks(records, "val/")) or any("val/map@r" in r for r in records)
+    for split in splits:
+        rows = eval_records(records, split)
+        series.append((rows, "", f" ({split})" if (len(splits) > 1 or with_val) and split else ""))
+        if with_val:
+            series.append((rows, "val/", " (validation)"))
+    ks = sorted(set(recall_ks(records)) | set(recall_ks(records, "val/")))
     colours = [f"C{i % 10}" for i in range(len(ks))]
     ax_recall.set_title("recall@k (hit rate)")
     ax_map.set_title("map@r and r-precision")
-    for s, split in enumerate(splits):
-        rows = eval_records(records, split)
-        suffix = f" ({split})" if len(splits) > 1 and split else ""
+    for s, (rows, prefix, suffix) in enumerate(series):
         style = styles[s % len(styles)]
         for k, colour in zip(ks, colours):
-            ex, ey = _eval_series(rows, f"recall@{k}")
+            ex, ey = _eval_series(rows, f"{prefix}recall@{k}")
             if ex:
                 ax_recall.plot(ex, ey, style, marker="o", markersize=4, color=colour, label=f"recall@{k}{suffix}")
         for key, colour in (("map@r", "tab:red"), ("r_precision", "tab:gray")):
-            ex, ey = _eval_series(rows, key)
+            ex, ey = _eval_series(rows, prefix + key)
             if ex:
                 ax_map.plot(ex, ey, style, marker="o", markersize=4, color=colour, label=f"{key}{suffix}")
+    if best_epoch is not None:
+        for ax in (ax_recall, ax_map):
+            if ax.lines:
+                ax.axvline(best_epoch, color="tab:green", linestyle=":", linewidth=1.5,
+                           label=f"best.pt (epoch {best_epoch})")
+    for ax in (ax_loss, ax_lr, ax_recall, ax_map):
+        if ax.lines:  # an empty panel keeps its "no records" text
+            for i, x in enumerate(resumes):
+                ax.axvline(x, color="0.45", linestyle="--", linewidth=1, label="resumed" if i == 0 else None)
+    if resumes and ax_loss.lines:
+        ax_loss.legend(fontsize=8, loc="best")
     for ax in (ax_recall, ax_map):
         if ax.lines:
             ax.legend(fontsize=8, loc="best")
@@ -156,6 +198,45 @@ def history_figure(records: Sequence[Record]) -> Figure:
         else:
             _empty(ax, "no evaluation records")
     for ax in (ax_loss, ax_lr, ax_recall, ax_map):
+        ax.set_xlabel("epoch (0 = before training)")
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def comparison_figure(runs: Sequence[tuple[str, Sequence[Record], Sequence[float]]]) -> Figure:
+    """Curves of several runs overlaid, one colour per run: training loss, recall@k (smallest k logged by any
+    run), map@r and r-precision of each run's test split (solid) and validation metrics (``val/...``, dashed),
+    against epoch. ``runs``: (label, metrics records, resume x positions (:func:`step_position`)) per run;
+    resumes are drawn as dotted vertical lines in the run's colour."""
+    fig = Figure(figsize=(11, 7.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_recall, ax_map, ax_rp = fig.subplots(2, 2).ravel()
+    ks = sorted({k for _, records, _ in runs for k in recall_ks(records)})
+    recall_key = f"recall@{ks[0]}" if ks else "recall@1"
+    ax_loss.set_title("training loss")
+    ax_recall.set_title(recall_key)
+    ax_map.set_title("map@r")
+    ax_rp.set_title("r_precision")
+    for i, (label, records, resumes) in enumerate(runs):
+        colour = f"C{i % 10}"
+        xs, ys = train_points(records, "loss")
+        if xs:
+            ax_loss.plot(xs, ys, color=colour, marker="o" if len(xs) <= 50 else None, markersize=3, label=label)
+        splits = eval_splits(records)
+        rows = eval_records(records, splits[-1] if splits else "")
+        for ax, key in ((ax_recall, recall_key), (ax_map, "map@r"), (ax_rp, "r_precision")):
+            for prefix, style, suffix in (("", "-", ""), ("val/", "--", " (validation)")):
+                ex, ey = _eval_series(rows, prefix + key)
+                if ex:
+                    ax.plot(ex, ey, style, color=colour, marker="o", markersize=4, label=label + suffix)
+        for ax in (ax_loss, ax_recall, ax_map, ax_rp):
+            for x in resumes if ax.lines else ():  # an empty panel keeps its "no records" text
+                ax.axvline(x, color=colour, linestyle=":", linewidth=1)
+    for ax in (ax_loss, ax_recall, ax_map, ax_rp):
+        if ax.lines:
+            ax.legend(fontsize=8, loc="best")
+        else:
+            _empty(ax, "no records")
         ax.set_xlabel("epoch (0 = before training)")
         ax.grid(alpha=0.3)
     return fig

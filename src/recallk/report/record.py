@@ -1,0 +1,369 @@
+"""The research record of a run folder: which epoch best.pt is and which split chose it, the test numbers of the last
+and of the best.pt epoch, the raw-pixel baseline, wall time, images/s, the segments (start and resumes) and where
+the run was made (``run.json``: device, versions, git commit, command line).
+
+Everything is read from the files of docs/run-folder.md; runs made before ``run.json`` / ``best.json`` existed
+get what their ``metrics.jsonl``, ``resumes.jsonl`` and checkpoints tell, and "not recorded" for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from recallk.provenance import read_run_file
+
+from .plots import Record, read_metrics
+
+NOT_RECORDED = "not recorded"
+_DEVICE_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d device\s+(.+)$")
+
+
+@dataclass
+class BestChoice:
+    """Which evaluation best.pt holds: ``metric`` (e.g. ``"val/recall@1"``), its ``value`` (fraction 0..1),
+    ``split`` ("validation" or "test"), ``epoch``, ``step`` (None when unknown) and ``source``: the file it was
+    read from (``best.json``, ``checkpoints/best.pt``) or ``metrics.jsonl`` (recomputed with
+    ``train.best_metric`` the way the trainer chooses: the first epoch with the highest value)."""
+
+    metric: str
+    value: float | None
+    split: str
+    epoch: int
+    step: int | None
+    source: str
+
+
+@dataclass
+class Segment:
+    """One start or resume of training: ``start`` / ``end`` (unix seconds, None when unknown), ``resume``, the
+    ``command`` line (None when not recorded), ``outcome`` and ``from_step`` / ``from_epoch`` (the progress it
+    continued from: the last metrics line written before it started)."""
+
+    start: float | None
+    end: float | None
+    resume: bool
+    command: str | None
+    outcome: str | None
+    from_step: int
+    from_epoch: int
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wall_s(self) -> float | None:
+        """Seconds from start to end, None when either is unknown."""
+        if self.start is None or self.end is None:
+            return None
+        return max(0.0, self.end - self.start)
+
+
+@dataclass
+class RunRecord:
+    """A run folder as the report reads it (:func:`read_run`)."""
+
+    path: Path
+    name: str
+    config_text: str | None
+    config: dict[str, Any]
+    records: list[Record]
+    split: str
+    best: BestChoice | None
+    last_eval: Record | None
+    best_eval: Record | None
+    before_eval: Record | None
+    baseline: dict[str, Any] | None
+    run_file: dict[str, Any] | None
+    segments: list[Segment]
+    wall_source: str
+    images_per_s: float | None
+    log_device: str | None = None
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        """The environment record (``run.json``) of the first recorded segment, {} for an older run."""
+        return next((s.environment for s in self.segments if s.environment.get("versions") is not None), {})
+
+    @property
+    def wall_s(self) -> float | None:
+        """Training wall time: the sum over segments (pauses between a stop and its resume not counted)."""
+        times = [s.wall_s for s in self.segments if s.wall_s is not None]
+        return sum(times) if times else None
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace`` (never half-written); the
+    parent folder is created. Returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def read_config(path: Path) -> tuple[str | None, dict[str, Any]]:
+    """(text, mapping) of a ``config.yaml``; (None, {}) when it does not exist.
+
+    Raises:
+        ValueError: the file is not valid YAML or not a mapping.
+    """
+    if not path.is_file():
+        return None, {}
+    text = path.read_text(encoding="utf-8")
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from e
+    if cfg is None:
+        return text, {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a YAML mapping (the resolved config), got {type(cfg).__name__}")
+    return text, cfg
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(embeddings (N, d), labels (N,))`` of an embeddings file.
+
+    Raises:
+        ValueError: the file lacks either array or their lengths differ.
+    """
+    with np.load(path) as npz:
+        if "embeddings" not in npz or "labels" not in npz:
+            raise ValueError(f"{path} must hold arrays 'embeddings' (N, d) and 'labels' (N,)")
+        embeddings, labels = npz["embeddings"], npz["labels"].reshape(-1)
+    if embeddings.ndim != 2 or embeddings.shape[0] != labels.shape[0]:
+        raise ValueError(f"{path}: embeddings {embeddings.shape} and labels {labels.shape} do not match")
+    return embeddings, labels
+
+
+def check_run_folder(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path after checking that it is a run folder (a directory holding ``metrics.jsonl``).
+
+    Raises:
+        ValueError: it does not exist, is not a directory, or holds no ``metrics.jsonl``.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"run folder not found: expected a directory {run} holding metrics.jsonl and config.yaml")
+    if not (run / "metrics.jsonl").is_file():
+        raise ValueError(f"{run} is not a run folder: it has no metrics.jsonl (give a folder that recallk train "
+                         "wrote, e.g. runs/<name>)")
+    return run
+
+
+def baseline_metrics(run: Path, split: str, ks: list[int]) -> dict[str, Any] | None:
+    """Metrics of raw L2-normalised pixels (``embeddings/raw_pixels/<split>.npz``) by
+    :func:`recallk.evaluation.retrieval_metrics` at recall@``ks`` (the table ``recallk train`` prints); None
+    when the file does not exist."""
+    from recallk.evaluation import retrieval_metrics  # only when a baseline is shown
+
+    path = run / "embeddings" / "raw_pixels" / f"{split}.npz"
+    if not path.is_file():
+        return None
+    pixels, labels = read_npz(path)
+    return retrieval_metrics(pixels, labels, ks or (1,))
+
+
+def recall_ks_of(record: Record | None) -> list[int]:
+    """Sorted k of the ``recall@k`` keys of one eval record (test keys only)."""
+    if record is None:
+        return []
+    return sorted(int(k.split("@")[1]) for k in record if k.startswith("recall@") and k.split("@")[1].isdigit())
+
+
+def read_run(run_dir: str | Path, split: str | None = None, baseline: bool = True) -> RunRecord:
+    """Read the record of the run folder ``run_dir`` (docs/run-folder.md).
+
+    Args:
+        run_dir: a folder holding ``metrics.jsonl`` (and usually ``config.yaml``, ``run.json``, ``best.json``).
+        split: the test split; default ``data.test_split`` of the config, else "test".
+        baseline: compute the raw-pixel metrics when ``embeddings/raw_pixels/<split>.npz`` exists.
+
+    Raises:
+        ValueError: not a run folder, or a malformed ``metrics.jsonl`` / ``config.yaml`` / ``run.json`` /
+            ``best.json`` / ``resumes.jsonl``.
+    """
+    run = check_run_folder(run_dir)
+    records = read_metrics(run / "metrics.jsonl")
+    config_text, cfg = read_config(run / "config.yaml")
+    if split is None:
+        split = str((cfg.get("data") or {}).get("test_split") or "test")
+    evals = [r for r in records if r.get("kind") == "eval" and str(r.get("split") or split) == split]
+    last_eval = evals[-1] if evals else None
+    before_eval = evals[0] if evals and int(evals[0]["epoch"]) == 0 else None
+    best = best_choice(run, cfg, evals)
+    best_eval = None
+    if best is not None:
+        best_eval = next((r for r in reversed(evals) if int(r["epoch"]) == best.epoch), None)
+    run_file = read_run_file(run)
+    segments = read_segments(run, run_file, records)
+    wall_source = ("run.json (start and end of each segment)" if run_file is not None
+                   else "metrics.jsonl timestamps (first to last line of each segment; start-up not counted)")
+    return RunRecord(
+        path=run, name=str(cfg.get("name") or run.resolve().name), config_text=config_text, config=cfg,
+        records=records, split=split, best=best, last_eval=last_eval, best_eval=best_eval, before_eval=before_eval,
+        baseline=baseline_metrics(run, split, recall_ks_of(last_eval)) if baseline else None,
+        run_file=run_file, segments=segments, wall_source=wall_source, images_per_s=training_images_per_s(records),
+        log_device=log_device(run / "train.log") if run_file is None else None,
+    )
+
+
+def log_device(path: Path) -> str | None:
+    """The device line of a ``train.log`` start block (``device  cpu, 1 process(es)``), for runs older than
+    ``run.json``; None when there is none."""
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            match = _DEVICE_LINE.match(line)
+            if match:
+                return match.group(1).strip()
+    return None
+
+
+def best_choice(run: Path, cfg: dict[str, Any], evals: list[Record]) -> BestChoice | None:
+    """Which evaluation ``checkpoints/best.pt`` holds: from ``best.json``, else the ``best`` entry of best.pt, else
+    recomputed from the eval lines with ``train.best_metric`` (default ``map@r``; ``val/<best_metric>`` when the
+    lines hold it) as the trainer chooses; None when nothing was evaluated.
+
+    Raises:
+        ValueError: ``best.json`` is not a JSON object with ``metric`` and ``epoch``.
+    """
+    path = run / "best.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg})") from e
+        if not isinstance(data, dict) or "metric" not in data or "epoch" not in data:
+            raise ValueError(f"{path} must be a JSON object with 'metric', 'split', 'value', 'epoch' and 'step'")
+        return BestChoice(str(data["metric"]), _float(data.get("value")), str(data.get("split") or "test"),
+                          int(data["epoch"]), _int(data.get("step")), "best.json")
+    checkpoint = run / "checkpoints" / "best.pt"
+    if checkpoint.is_file():
+        try:
+            from recallk.engine import load_checkpoint
+
+            state = load_checkpoint(checkpoint)
+        except Exception:  # an unreadable checkpoint: the eval lines still tell
+            state = {}
+        entry = state.get("best") if isinstance(state, dict) else None
+        if isinstance(entry, dict) and entry.get("epoch") is not None and entry.get("metric"):
+            return BestChoice(str(entry["metric"]), _float(entry.get("value")), str(entry.get("split") or "test"),
+                              int(entry["epoch"]), _int(state.get("step")), "checkpoints/best.pt")
+    metric = str(((cfg.get("train") or {}).get("best_metric")) or "map@r")
+    split = "test"
+    if any(f"val/{metric}" in r for r in evals):  # the trainer chooses on the validation split when it is logged
+        metric, split = f"val/{metric}", "validation"
+    best: Record | None = None
+    for r in evals:
+        value = r.get(metric)
+        if isinstance(value, int | float) and (best is None or value > best[metric]):
+            best = r
+    if best is None:
+        return None
+    return BestChoice(metric, float(best[metric]), split, int(best["epoch"]), _int(best.get("step")),
+                      "metrics.jsonl")
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def read_resumes(run: Path) -> list[dict[str, Any]]:
+    """The lines of ``resumes.jsonl`` (``time``, ``argv``, ``changes``), [] when it does not exist.
+
+    Raises:
+        ValueError: a line is not a JSON object with a ``time``.
+    """
+    path = run / "resumes.jsonl"
+    if not path.is_file():
+        return []
+    lines = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number} is not valid JSON ({e.msg})") from e
+        if not isinstance(entry, dict) or not isinstance(entry.get("time"), int | float):
+            raise ValueError(f"{path}:{number} must be a JSON object with a 'time'")
+        lines.append(entry)
+    return lines
+
+
+def read_segments(run: Path, run_file: dict[str, Any] | None, records: list[Record]) -> list[Segment]:
+    """The training segments of a run, in order: from ``run.json`` when it exists, else the first metrics line and
+    the lines of ``resumes.jsonl``. Each segment ends at its recorded ``end_time``, else at the last metrics line
+    written before the next segment started."""
+    times = sorted(float(r["time"]) for r in records if isinstance(r.get("time"), int | float))
+    if run_file is not None:
+        raw = [(s.get("time"), s.get("end_time"), bool(s.get("resume")), s.get("command"), s.get("outcome"), s)
+               for s in run_file["segments"] if isinstance(s, dict)]
+    else:
+        raw = [(times[0] if times else None, None, False, None, None, {})]
+        for entry in read_resumes(run):
+            argv = entry.get("argv")
+            command = "recallk " + " ".join(map(str, argv)) if isinstance(argv, list) else None
+            raw.append((entry["time"], None, True, command, None, {}))
+    segments: list[Segment] = []
+    for index, (start, end, resume, command, outcome, env) in enumerate(raw):
+        start = _float(start)
+        if start is None and index == 0 and times:  # the first segment of a run older than run.json
+            start = times[0]
+        following = _float(raw[index + 1][0]) if index + 1 < len(raw) else None
+        if _float(end) is None:
+            inside = [t for t in times if (start is None or t >= start) and (following is None or t < following)]
+            end = inside[-1] if inside else None
+        previous = [r for r in records if start is not None and isinstance(r.get("time"), int | float)
+                    and r["time"] < start]
+        last = previous[-1] if previous else None
+        segments.append(Segment(start, _float(end), resume, command if isinstance(command, str) else None,
+                                outcome if isinstance(outcome, str) else None,
+                                int(last["step"]) if last is not None and "step" in last else 0,
+                                int(last["epoch"]) if last is not None else 0, env))
+    return segments
+
+
+def training_images_per_s(records: list[Record]) -> float | None:
+    """Images per second of training over the whole run: total steps / total seconds, from the ``images_per_s``
+    of the train lines of ``metrics.jsonl`` (interval lines when logged, else epoch lines): each line covers
+    ``step - previous step`` steps at its rate, so the mean is weighted by time (a harmonic mean weighted by steps).
+    None when no train line carries ``images_per_s``."""
+    for scope in ("interval", "epoch"):
+        steps = seconds = 0.0
+        previous = 0
+        for r in records:
+            if r.get("kind") != "train":
+                continue
+            if r.get("scope", "epoch") != scope:
+                continue
+            rate, step = r.get("images_per_s"), int(r.get("step", 0))
+            n = step - previous
+            previous = step
+            if isinstance(rate, int | float) and rate > 0 and n > 0:
+                steps += n
+                seconds += n / rate
+        if steps:
+            return steps / seconds
+    return None
+
+
+def resume_marks(run: RunRecord) -> list[float]:
+    """x positions (fractional epochs, as the training curves place the train lines) of each resume: the progress
+    the resumed segment continued from."""
+    from .plots import step_position
+
+    return [step_position(run.records, s.from_step, s.from_epoch) for s in run.segments if s.resume]

@@ -1,0 +1,71 @@
+"""``recallk train`` records where and how a run was made in ``runs/<name>/run.json`` (contract 3): one segment per
+start, a resume appends one, and the report shows them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from html import escape
+from pathlib import Path
+
+import pytest
+import torch
+
+from recallk.cli.main import main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["-c", str(REPO / "configs" / "kanji.yaml"), "model.name=resnet10t", "data.image_size=32",
+        "data.options.max_classes=8", "data.test_options.max_classes=4", "train.batch_size=16",
+        "train.chunk_size=8", "train.max_steps_per_epoch=2", "eval.pixel_baseline=false", "train.tensorboard=false"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_writes_run_json_and_resume_adds_a_segment(tmp_path, monkeypatch):
+    argv = ["train", *TINY, f"runs_dir={tmp_path}", "--name", "r", "--no-progress", "train.epochs=1"]
+    monkeypatch.setattr(sys, "argv", ["recallk", *argv])
+    assert main(argv) == 0
+    run = tmp_path / "r"
+    data = json.loads((run / "run.json").read_text())
+    (first,) = data["segments"]
+    assert first["argv"] == ["recallk", *argv] and first["command"].startswith("recallk train -c ")
+    assert first["resume"] is False and first["outcome"] == "finished" and first["end_time"] >= first["time"]
+    assert first["device"] == "cpu" and first["world_size"] == 1
+    assert first["versions"]["torch"] and first["versions"]["timm"] and first["versions"]["python"]
+
+    argv = ["train", f"runs_dir={tmp_path}", "--name", "r", "--resume", "--no-progress", "train.epochs=2"]
+    monkeypatch.setattr(sys, "argv", ["recallk", *argv])
+    assert main(argv) == 0
+    segments = json.loads((run / "run.json").read_text())["segments"]
+    assert len(segments) == 2 and segments[0] == first  # appended, the first one untouched
+    assert segments[1]["resume"] is True and segments[1]["argv"] == ["recallk", *argv]
+    assert segments[1]["time"] >= first["end_time"] and segments[1]["outcome"] == "finished"
+
+    text = (run / "report.html").read_text(encoding="utf-8")  # written by the resumed run
+    assert "<th>resumed</th><td>1 time(s)</td>" in text and "<td>2 (resume)</td>" in text
+    assert "<td>epoch 1, step 2</td>" in text  # where the resume continued from
+    assert "<td>finished</td>" in text and "running when this report was written" in text
+    assert f"<code>{escape(segments[1]['command'])}</code>" in text
+
+
+def test_a_failed_start_leaves_no_run_json(tmp_path, capsys):
+    code = main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "bad", "--no-progress",
+                 "data.options.max_classes=2"])  # too few classes: found after the run folder is created
+    assert code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_outcome_words():
+    from recallk.cli.commands import outcome
+    from recallk.engine.trainer import Preempted
+
+    assert outcome(Preempted(signal.SIGTERM)) == "stopped by SIGTERM"
+    assert outcome(Preempted(signal.SIGUSR1)) == "stopped by SIGUSR1"
+    assert outcome(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
+    assert outcome(ValueError("bad")) == "error: ValueError: bad"
