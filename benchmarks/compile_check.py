@@ -2,7 +2,8 @@
 
 Triton compiles to PTX and ptxas assembles it on any machine; only running needs the device. This checks that
 every kernel compiles for the target (the interpreter used by the tests does not compile anything) and shows the
-register pressure of the tile sizes the wrappers pick for issue 7's cases, read from ``ptxas -v``:
+register pressure of the tile sizes the wrappers pick for issue 7's cases, read from ``ptxas -v``; the fused
+tensor-core kernels of ``rsk_fused`` (issue 14) with their default tiles and tf32x3 tile products included:
 
     python benchmarks/compile_check.py                 # sm_90 (H100/H200), the issue's three cases
     python benchmarks/compile_check.py --arch 80       # A100
@@ -29,6 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from recallk.kernels.triton import rsk_embeddings as emb_mod
+from recallk.kernels.triton import rsk_fused as fused_mod
 from recallk.kernels.triton import rsk_similarity as sim_mod
 
 #: (name, B, positives per query, d): issue 7's cases
@@ -42,7 +44,7 @@ _SIM_ARGS = {"sim_ptr": "*fp32", "stride_sq": "i64", "stride_sn": "i64", "pos_pt
              "N": "i32", "P": "i32", "inv_tau": "fp32"}
 _EMB_ARGS = {"qe_ptr": "*fp32", "re_ptr": "*fp32", "sp_ptr": "*fp32", "pos_ptr": "*i32", "self_ptr": "*i64",
              "Q": "i32", "N": "i32", "D": "i32", "P": "i32", "stride_qe": "i64", "stride_re": "i64",
-             "stride_out": "i64", "inv_tau": "fp32"}
+             "stride_out": "i64", "inv_tau": "fp32", "scale": "fp32", "SPLITS": "i32"}
 
 
 def _signature(fn: triton.JITFunction, known: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
@@ -80,7 +82,25 @@ def kernels_for(b: int, pmax: int, d: int) -> list[tuple[str, triton.JITFunction
         ("embeddings forward", emb_mod._emb_fwd_kernel, fwd_meta, 4, stages),
         ("embeddings dq", emb_mod._emb_dq_kernel, bwd_meta, bwd_warps, stages),
         ("embeddings dref", emb_mod._emb_dref_kernel, bwd_meta, bwd_warps, stages),
+        *fused_kernels(pmax, d, fused_mod.DEFAULT_CONFIG),
     ]
+
+
+def fused_kernels(
+    pmax: int, d: int, config: fused_mod.FusedConfig, precision: str = "tf32x3"
+) -> list[tuple[str, triton.JITFunction, dict[str, object], int, int]]:
+    """The tensor-core kernels of ``rsk_fused`` as ``rank_from_embeddings_fused`` launches them (float32 input)."""
+    bq, bn, bk, warps, stages = config.fwd
+    fwd = {"INCLUDE_QUERY": False, "WANT_DSUM": True, "BLOCK_Q": bq, "BLOCK_N": bn, "BLOCK_K": bk,
+           "BLOCK_P": config.block_p(pmax), "PRECISION": precision, "HALF": False}
+    rows = [("fused forward", fused_mod._fwd_kernel, fwd, warps, stages)]
+    for name, fn, tiles in (("fused dq", fused_mod._dq_kernel, config.dq),
+                            ("fused dref", fused_mod._dref_kernel, config.dref)):  # fmt: skip
+        bq, bn, bk, bwarps, bstages = tiles
+        meta = {"INCLUDE_QUERY": False, "BLOCK_Q": bq, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": config.block_d(d),
+                "PRECISION": precision, "HALF": False}
+        rows.append((name, fn, meta, bwarps, bstages))
+    return rows
 
 
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:

@@ -1,4 +1,5 @@
-"""The Triton kernels compile for an H100 (sm_90) without a GPU, with no register spills at the default tiles.
+"""The Triton kernels compile for an H100 (sm_90) without a GPU, with no register spills at the default tiles
+(the tensor-core kernels of ``rsk_fused`` included, with their default tf32x3 tile products).
 
 The interpreter tests check the maths but compile nothing; this runs benchmarks/compile_check.py, which compiles
 every kernel with the tiles the wrappers pick for issue 7's cases and reads registers and spills from ptxas. It
@@ -27,7 +28,8 @@ def test_every_kernel_compiles_for_sm90_without_spills():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| B=")]
-    kernels = {"similarity forward", "similarity backward", "embeddings forward", "embeddings dq", "embeddings dref"}
+    kernels = {"similarity forward", "similarity backward", "embeddings forward", "embeddings dq", "embeddings dref",
+               "fused forward", "fused dq", "fused dref"}
     assert len(rows) == 3 * len(kernels) and {r.split(" | ")[1] for r in rows} == kernels
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]

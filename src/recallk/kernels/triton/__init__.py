@@ -1,8 +1,8 @@
 """The Triton backend of RS@k: fused kernels (CUDA; CPU only under Triton's interpreter, TRITON_INTERPRET=1).
 
 This file only registers :class:`TritonBackend`; its methods import the kernel modules (``rsk_similarity``,
-``rsk_embeddings``) on first call, not with this package: Triton decides at a kernel's definition whether it is
-compiled or interpreted (TRITON_INTERPRET), so importing ``recallk`` must not fix that choice.
+``rsk_embeddings``, ``rsk_fused``) on first call, not with this package: Triton decides at a kernel's definition
+whether it is compiled or interpreted (TRITON_INTERPRET), so importing ``recallk`` must not fix that choice.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ import torch
 from recallk.kernels.rsk import CLAMP, Positives, RSkParams, register_backend, rsk_loss_from_embeddings
 from recallk.kernels.rsk import rsk_loss_from_similarity as _from_similarity
 
-__all__ = ["TritonBackend", "loss_from_rank", "triton_available"]
+__all__ = ["KERNELS", "TritonBackend", "loss_from_rank", "triton_available"]
+
+#: ``TritonBackend(kernel=...)`` values: the kernel sets of ``from_embeddings``
+KERNELS = ("tiles", "fused")
 
 
 def triton_available() -> bool:
@@ -46,8 +49,17 @@ class TritonBackend:
 
     Args:
         precision: ``tl.dot`` input precision of the recomputed similarity tiles (from embeddings): "ieee"
-            (exact float32, the registered backend), "tf32x3" (near float32, faster) or "tf32" (about 1e-3
-            relative error in s). Pass such an instance as ``backend=`` to use another precision.
+            (exact float32), "tf32x3" (three TF32 tensor-core passes, float32-level accuracy) or "tf32" (about
+            1e-3 relative error in s). None: "ieee" for ``kernel="tiles"``, "tf32x3" for ``kernel="fused"``.
+        kernel: the kernel set of :meth:`from_embeddings`: "tiles" (``rsk_embeddings``: the registered backend's,
+            measured on an H200, 4-8x slower than the torch recompute path) or "fused" (``rsk_fused``: each
+            similarity tile computed once per pass on tensor cores and reused for every positive; not yet
+            measured on a GPU, so nothing picks it by default). Pass such an instance as ``backend=``, e.g.
+            ``backend=TritonBackend(kernel="fused")``.
+        fused_config: tiles of the fused kernels, a ``rsk_fused.FusedConfig`` (None: its defaults).
+
+    Raises:
+        ValueError: an unknown precision or kernel, or ``fused_config`` without ``kernel="fused"``.
     """
 
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,10 +70,16 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, precision: str = "ieee") -> None:
+    def __init__(self, precision: str | None = None, kernel: str = "tiles", fused_config: Any = None) -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if precision is None:
+            precision = "ieee" if kernel == "tiles" else "tf32x3"
         if precision not in ("ieee", "tf32", "tf32x3"):
             raise ValueError(f"precision must be one of ('ieee', 'tf32', 'tf32x3'), got {precision!r}")
-        self.precision = precision
+        if fused_config is not None and kernel != "fused":
+            raise ValueError("fused_config applies to kernel='fused' only")
+        self.precision, self.kernel, self.fused_config = precision, kernel, fused_config
 
     def available(self, device: torch.device, auto: bool = False) -> bool:
         if not triton_available():
@@ -84,6 +102,13 @@ class TritonBackend:
     def from_embeddings(self, query_emb, ref_emb, positives, params, block_size):  # type: ignore[no-untyped-def]
         pos = positives.padded()
         query_emb, ref_emb = (x if x.stride(1) == 1 else x.contiguous() for x in (query_emb, ref_emb))
+        if self.kernel == "fused":
+            fused = self._kernels("rsk_fused")
+            rank = fused.rank_from_embeddings_fused(
+                query_emb, ref_emb, pos, positives.self_index.contiguous(), params.tau_rank, params.include_query,
+                self.precision, self.fused_config or fused.DEFAULT_CONFIG,
+            )  # fmt: skip
+            return loss_from_rank(rank, pos, positives.counts, params)
         rank = self._kernels("rsk_embeddings").rank_from_embeddings(
             query_emb, ref_emb, pos, positives.self_index.contiguous(), params.tau_rank, params.include_query,
             self.precision,

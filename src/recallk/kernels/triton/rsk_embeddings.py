@@ -24,6 +24,10 @@ import triton
 import triton.language as tl
 
 from recallk.kernels.rsk import CLAMP
+from recallk.kernels.triton.rsk_fused import _add_positive_pair_terms, positive_similarities
+
+# The host-side helpers (positive similarities, positive-pair gradient terms) are shared with ``rsk_fused``:
+# elementwise float32 products, so that torch's TF32 matmul flags cannot round them.
 
 __all__ = ["PRECISIONS", "embedding_rank_backward", "embedding_rank_forward", "rank_from_embeddings"]
 
@@ -188,22 +192,6 @@ def _blocks(pmax: int, block_q: int | None, block_n: int | None, block_p: int | 
     return block_q or _FORWARD_TILES[0], block_n or _FORWARD_TILES[1], bp
 
 
-def positive_similarities(
-    query_emb: torch.Tensor, ref_emb: torch.Tensor, pos: torch.Tensor, chunk_elements: int = 1 << 24
-) -> torch.Tensor:
-    """s_qp = <query_emb[q], ref_emb[pos[q, p]]> in float32, (Q, Pmax), 0 in padding; computed in query chunks."""
-    q, d = query_emb.shape
-    pmax = pos.shape[1]
-    out = torch.empty(q, pmax, dtype=torch.float32, device=query_emb.device)
-    rows = max(1, chunk_elements // max(1, pmax * d))
-    for r0 in range(0, q, rows):
-        cols = pos[r0 : r0 + rows].long()
-        gathered = ref_emb[cols.clamp(min=0)].float()  # (rows, Pmax, d)
-        s = torch.einsum("qpd,qd->qp", gathered, query_emb[r0 : r0 + rows].float())
-        out[r0 : r0 + rows] = torch.where(cols >= 0, s, 0.0)
-    return out
-
-
 def embedding_rank_forward(
     query_emb: torch.Tensor,
     ref_emb: torch.Tensor,
@@ -286,28 +274,6 @@ def embedding_rank_backward(
         query_emb, ref_emb, s_pos, pos, self_index, g, dref, *common, dref.stride(0), 1.0 / tau_rank, **meta
     )
     return dq, dref
-
-
-def _add_positive_pair_terms(
-    dq: torch.Tensor,
-    dref: torch.Tensor,
-    query_emb: torch.Tensor,
-    ref_emb: torch.Tensor,
-    pos: torch.Tensor,
-    coef: torch.Tensor,
-    chunk_elements: int = 1 << 24,
-) -> None:
-    """In place: dq[q] += sum_p coef[q,p] ref_emb[pos[q,p]], dref[pos[q,p]] += coef[q,p] query_emb[q] (padding
-    coef 0)."""
-    q, d = query_emb.shape
-    pmax = pos.shape[1]
-    rows = max(1, chunk_elements // max(1, pmax * d))
-    for r0 in range(0, q, rows):
-        cols = pos[r0 : r0 + rows].long().clamp(min=0)
-        c = coef[r0 : r0 + rows]
-        dq[r0 : r0 + rows] += torch.einsum("qp,qpd->qd", c, ref_emb[cols].float())
-        contrib = c[:, :, None] * query_emb[r0 : r0 + rows].float()[:, None, :]
-        dref.index_add_(0, cols.reshape(-1), contrib.reshape(-1, d))
 
 
 class _RankFromEmbeddings(torch.autograd.Function):
