@@ -10,6 +10,12 @@ epoch is skipped, so an interrupted study resumes where it stopped. At the end t
 aggregated (mean and sample standard deviation over seeds) and docs/results.md is written: tables, the exact
 command of every row, the budget, automatic verdicts on the paper's claims, and the hand-written discussion kept
 between the ``<!-- discussion -->`` markers of the previous file.
+
+Every group is written, whichever groups were run: a group whose runs are all finished in ``--runs-dir`` (every
+cell at every seed) is rendered from them; otherwise its section of the existing file (between its
+``<!-- group:NAME:begin/end -->`` markers) is kept as it is; a group with neither is rendered from what has
+finished, with a note saying which runs are missing. So ``--only batch`` refreshes the batch tables and keeps the
+other groups' tables, verdicts and the discussion.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 DISCUSSION_BEGIN, DISCUSSION_END = "<!-- discussion:begin -->", "<!-- discussion:end -->"
 # The "Demo recipe" section (how configs/kanji.yaml was chosen) is hand-written too and kept the same way.
 DEMO_BEGIN, DEMO_END = "<!-- demo-recipe:begin -->", "<!-- demo-recipe:end -->"
+# Each group's section (table, commands, notes, verdicts) sits between these markers, so that a rewrite can keep
+# the section of a group whose runs are gone.
+GROUP_BEGIN, GROUP_END = "<!-- group:{}:begin -->", "<!-- group:{}:end -->"
+VERDICT_RULE = ("Verdicts compare the means of two cells with Welch's t statistic over the seeds; |t| >= 3 is called "
+                "clear (a rough rule: with 3 seeds per cell Welch's test has 2 to 4 degrees of freedom, where the "
+                "two-sided 5% critical value is 4.3 to 2.8), anything else \"no clear difference\".")
 
 # Hyper-parameters of the baselines: the defaults of pytorch-metric-learning, which are the values of the papers
 # (Smooth-AP: temperature 0.01, Brown et al. 2020; multi-similarity: alpha 2, beta 50, lambda/base 0.5, Wang et
@@ -350,26 +362,30 @@ def _cell_by_name(groups: Sequence[Group]) -> dict[str, Cell]:
     return {c.name: c for g in groups for c in g.cells}
 
 
-def automatic_verdicts(aggs: dict[str, dict[str, Any]]) -> list[str]:
-    """Bullet lines comparing the cells that test each claim (only cells present in ``aggs``)."""
-    lines = []
+# (group, cell a, cell b, label a, label b): the comparisons that test each group's claim.
+VERDICTS: tuple[tuple[str, str, str, str, str], ...] = (
+    *((("losses", a, base, label, NAMES[base]) for base in ("smooth_ap", "contrastive", "multi_similarity",
+                                                           "proxy_anchor", "proxy_anchor_lr100")
+       for a, label in (("rsk", "RS@k"), ("rsk_simix", "RS@k + SiMix")))),
+    ("losses", "rsk_simix", "rsk", "SiMix (300 classes)", "no SiMix"),
+    ("batch", "rsk_b1024", "rsk", "batch 1024 (3 epochs)", "batch 256 (3 epochs)"),
+    ("batch", "rsk", "rsk_b64", "batch 256 (3 epochs)", "batch 64 (3 epochs)"),
+    ("batch", "rsk_b1024", "rsk_b64", "batch 1024 (3 epochs)", "batch 64 (3 epochs)"),
+    ("batch_steps", "rsk_b1024", "rsk_b256_18steps", "batch 1024 (18 steps)", "batch 256 (18 steps)"),
+    ("batch_steps", "rsk_b256_18steps", "rsk_b64_18steps", "batch 256 (18 steps)", "batch 64 (18 steps)"),
+    ("simix_few", "few_rsk_simix", "few_rsk", "SiMix (48 classes)", "no SiMix"),
+    ("include_query", "rsk_iq", "rsk", "include_query=True", "include_query=False"),
+)
 
-    def add(a: str, b: str, label_a: str, label_b: str) -> None:
-        if a in aggs and b in aggs:
+
+def automatic_verdicts(aggs: dict[str, dict[str, Any]], group: str | None = None) -> list[str]:
+    """Bullet lines comparing the cells that test each claim (of ``group`` only, when given; only cells present
+    in ``aggs``), on MAP@R and recall@1."""
+    lines = []
+    for name, a, b, label_a, label_b in VERDICTS:
+        if (group is None or name == group) and a in aggs and b in aggs:
             for metric in ("map@r", "recall@1"):
                 lines.append("- " + verdict(compare(aggs[a], aggs[b], metric), label_a, label_b, metric))
-
-    for base in ("smooth_ap", "contrastive", "multi_similarity", "proxy_anchor", "proxy_anchor_lr100"):
-        add("rsk", base, "RS@k", NAMES[base])
-        add("rsk_simix", base, "RS@k + SiMix", NAMES[base])
-    add("rsk_simix", "rsk", "SiMix (300 classes)", "no SiMix")
-    add("rsk_b1024", "rsk", "batch 1024 (3 epochs)", "batch 256 (3 epochs)")
-    add("rsk", "rsk_b64", "batch 256 (3 epochs)", "batch 64 (3 epochs)")
-    add("rsk_b1024", "rsk_b64", "batch 1024 (3 epochs)", "batch 64 (3 epochs)")
-    add("rsk_b1024", "rsk_b256_18steps", "batch 1024 (18 steps)", "batch 256 (18 steps)")
-    add("rsk_b256_18steps", "rsk_b64_18steps", "batch 256 (18 steps)", "batch 64 (18 steps)")
-    add("few_rsk_simix", "few_rsk", "SiMix (48 classes)", "no SiMix")
-    add("rsk_iq", "rsk", "include_query=True", "include_query=False")
     return lines
 
 
@@ -382,28 +398,73 @@ def read_discussion(path: Path, begin: str = DISCUSSION_BEGIN, end: str = DISCUS
     return match.group(1).strip() if match else ""
 
 
+def read_group_sections(path: Path) -> dict[str, str]:
+    """{group name: its section text between its markers} of an existing results file ({} when missing)."""
+    if not path.is_file():
+        return {}
+    pattern = re.escape(GROUP_BEGIN.format("@")).replace("@", r"([\w-]+)") + r"\n?(.*?)" + re.escape(
+        GROUP_END.format("@")).replace("@", r"\1")
+    return {m.group(1): m.group(2).strip() for m in re.finditer(pattern, path.read_text(), re.S)}
+
+
+def group_complete(group: Group, aggs: dict[str, dict[str, Any]], seeds: Sequence[int]) -> bool:
+    """True when every cell of ``group`` has a finished run at every seed in ``aggs``."""
+    return all(c.name in aggs and aggs[c.name]["n"] == len(seeds) for c in group.cells)
+
+
+def render_group(group: Group, aggs: dict[str, dict[str, Any]], seeds: Sequence[int], runs_dir: str = RUNS_DIR,
+                 when: str | None = None) -> str:
+    """One group's section (without its markers) from the aggregates of its finished runs: title, claim, table,
+    the command of every row, notes, verdicts and where the numbers come from (``when``: the date written)."""
+    out = [f"## {group.title}", "", f"Claim: {group.claim}", ""]
+    rows = [(c.label, aggs[c.name]) for c in group.cells if c.name in aggs and aggs[c.name]["n"]]
+    befores = [a["before"] for _, a in rows if a["before"]]
+    out += [format_table(rows, before=befores[0] if befores else None), ""]
+    missing = [f"{run_name(c, s)}" for c in group.cells for s in seeds
+               if c.name not in aggs or aggs[c.name]["n"] < len(seeds)]
+    walls = [aggs[c.name] for c in {c.name: c for c in group.cells}.values()
+             if c.name in aggs and aggs[c.name].get("wall_s")]
+    wall = sum(a["wall_s"] * a["n"] for a in walls)
+    source = f"Numbers: the finished runs in `{runs_dir}/`" + (f", aggregated on {when}" if when else "") + "."
+    if wall:
+        source += f" Sum of their wall times: {wall / 60:.0f} min."
+    if missing:
+        source += (f" Not finished (so not in the table; rerun `python benchmarks/study.py --only {group.name}`): "
+                   + ", ".join(missing) + ".")
+    out += [source, "", "Commands:", ""]
+    out += [f"- {c.label}: `{shell_command(c)}`" for c in group.cells]
+    if group.notes:
+        out += [""] + [f"Note: {n}" for n in group.notes]
+    verdicts = automatic_verdicts({k: v for k, v in aggs.items() if v["n"]}, group.name)
+    if verdicts:
+        out += ["", "Verdicts:", "", *verdicts]
+    return "\n".join(out)
+
+
 def render_results(groups: Sequence[Group], aggs: dict[str, dict[str, Any]], seeds: Sequence[int],
-                   discussion: str, total_wall_s: float | None, demo: str = "") -> str:
-    """The whole docs/results.md text; ``demo`` is the hand-written "Demo recipe" section (kept when not empty)."""
+                   discussion: str, total_wall_s: float | None, demo: str = "",
+                   kept: dict[str, str] | None = None, runs_dir: str = RUNS_DIR, when: str | None = None) -> str:
+    """The whole docs/results.md text, one section per group of ``groups``: rendered from ``aggs`` when the
+    group's runs are complete (:func:`group_complete`), else ``kept[group]`` (the section of the previous file)
+    when there is one, else rendered from what has finished. ``demo`` is the hand-written "Demo recipe" section
+    (kept when not empty); ``discussion`` the hand-written discussion."""
     from recallk.config import load_config
 
+    kept = kept or {}
     base = load_config(ROOT / BASE_CONFIG)
-    walls = {name: agg for name, agg in aggs.items() if agg.get("wall_s")}
-    run_wall = sum(agg["wall_s"] * agg["n"] for agg in walls.values())
     d, m, t = base["data"], base["model"], base["train"]
     out = [
         "# Results: RS@k against the baselines on kanji across fonts (CPU)",
         "",
         "Made by `python benchmarks/study.py --jobs 2` (rerun it to reproduce; finished runs in `runs/study/` are "
-        "skipped, so it resumes after an interruption). Every number is the evaluation of the held-out test "
-        "classes after the last epoch, in percent, mean ± sample standard deviation over seeds "
-        f"{', '.join(map(str, seeds))}. recall@k is the hit rate (a same-class item among the k nearest "
-        "neighbours, leave-one-out); map@r is MAP@R (Musgrave et al. 2020).",
+        "skipped, so it resumes after an interruption; `--only GROUP` reruns one group and keeps the others' "
+        "sections). Every number is the evaluation of the held-out test classes after the last epoch, in percent, "
+        f"mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}. recall@k is the hit rate (a "
+        "same-class item among the k nearest neighbours, leave-one-out); map@r is MAP@R (Musgrave et al. 2020). "
+        "Each group says where its numbers come from.",
         "",
         f"- Machine: {MACHINE}." + (
-            f" Whole study: {total_wall_s / 60:.0f} min of wall time." if total_wall_s else "") + (
-            f" Sum of the wall times of the runs in the tables: {run_wall / 60:.0f} min (runs overlap when "
-            "`--jobs` > 1)." if run_wall else ""),
+            f" Whole study: {total_wall_s / 60:.0f} min of wall time." if total_wall_s else ""),
         f"- Data: kanji across fonts (26 fonts per character), {d['image_size']} px, first "
         f"{d['options']['max_classes']} classes of each split unless a group says otherwise (disjoint train and "
         "test characters).",
@@ -415,24 +476,15 @@ def render_results(groups: Sequence[Group], aggs: dict[str, dict[str, Any]], see
         "other processes (the study's own included) ran at the same time, so it compares losses only roughly.",
         f"- Base config: [`{BASE_CONFIG}`](../{BASE_CONFIG}); each row's command adds its overrides. Replace "
         "`$SEED` by 1, 2, 3.",
+        f"- {VERDICT_RULE}",
         "",
     ]
-    cells = _cell_by_name(groups)
     for group in groups:
-        out += [f"## {group.title}", "", f"Claim: {group.claim}", ""]
-        rows = [(c.label, aggs[c.name]) for c in group.cells if c.name in aggs]
-        befores = [a["before"] for _, a in rows if a["before"]]
-        out += [format_table(rows, before=befores[0] if befores else None), ""]
-        out += ["Commands:", ""]
-        out += [f"- {c.label}: `{shell_command(c)}`" for c in group.cells]
-        if group.notes:
-            out += [""] + [f"Note: {n}" for n in group.notes]
-        out.append("")
-    out += ["## Automatic verdicts", "",
-            "Differences of means between two cells with Welch's t statistic over the seeds; |t| >= 3 is called "
-            "clear (a rough rule: with 3 seeds per cell Welch's test has 2 to 4 degrees of freedom, where the "
-            "two-sided 5% critical value is 4.3 to 2.8), anything else \"no clear difference\".", ""]
-    out += [*automatic_verdicts({k: v for k, v in aggs.items() if k in cells}), ""]
+        if group_complete(group, aggs, seeds) or group.name not in kept:
+            section = render_group(group, aggs, seeds, runs_dir, when)
+        else:
+            section = kept[group.name]
+        out += [GROUP_BEGIN.format(group.name), section, GROUP_END.format(group.name), ""]
     out += ["## What the numbers say about the paper's claims", "", DISCUSSION_BEGIN,
             discussion or "(to be written after the study has run)", DISCUSSION_END, ""]
     if demo:
@@ -487,7 +539,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = time.perf_counter() - start
     print(f"study: {len(results)} runs, {len(failed)} failed, {total / 60:.1f} min")
 
-    aggs = {cell.name: aggregate(cell, args.seeds, runs_dir, epochs[cell.name]) for cell, _ in todo}
+    # Every group's finished runs (not only the groups run now): a group complete on disk is rewritten from them.
+    all_cells = unique_runs(GROUPS, args.seeds[:1])
+    epochs.update({cell.name: expected_epochs(cell) for cell, _ in all_cells if cell.name not in epochs})
+    aggs = {cell.name: aggregate(cell, args.seeds, runs_dir, epochs[cell.name]) for cell, _ in all_cells}
     for group in groups:
         print(f"\n{group.title}")
         print(format_table([(c.label, aggs[c.name]) for c in group.cells]))
@@ -495,10 +550,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = ROOT / args.results
         timing_file = runs_dir / "study_wall.json"
         if results and all(status == "done" for _, status, _ in results) and not args.only:
+            timing_file.parent.mkdir(parents=True, exist_ok=True)
             timing_file.write_text(json.dumps({"wall_s": total}))
         total_wall = json.loads(timing_file.read_text())["wall_s"] if timing_file.is_file() else None
-        path.write_text(render_results(groups, aggs, args.seeds, read_discussion(path), total_wall,
-                                        read_discussion(path, DEMO_BEGIN, DEMO_END)))
+        kept = read_group_sections(path)
+        text = render_results(GROUPS, aggs, args.seeds, read_discussion(path), total_wall,
+                              read_discussion(path, DEMO_BEGIN, DEMO_END), kept=kept, runs_dir=args.runs_dir,
+                              when=time.strftime("%Y-%m-%d"))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        for group in GROUPS:
+            how = ("from its runs" if group_complete(group, aggs, args.seeds) else
+                   "kept from the previous file (runs incomplete)" if group.name in kept else
+                   "from its finished runs (incomplete, no previous section)")
+            print(f"{group.name}: {how}")
         print(f"\nwrote {path}")
     return 1 if failed else 0
 

@@ -134,3 +134,51 @@ def test_demo_recipe_section_survives_a_rewrite(tmp_path):
     rewritten.write_text(text)
     assert study.read_discussion(rewritten, study.DEMO_BEGIN, study.DEMO_END) == demo
     assert study.DEMO_BEGIN not in study.render_results(study.GROUPS, {}, [1, 2, 3], "", None)
+
+
+def _finished_runs(runs_dir: Path, cells: dict[str, float], seeds=(1, 2)) -> None:
+    """Finished runs of ``cells`` ({cell name: MAP@R of seed 1, as a fraction}) at ``seeds``, 3 epochs each."""
+    for name, value in cells.items():
+        for seed in seeds:
+            v = value + 0.01 * seed
+            _write_run(runs_dir / f"{name}-s{seed}", {0: {m: 0.05 for m in study.METRICS},
+                                                      3: {m: v for m in study.METRICS}})
+
+
+def test_regenerating_one_group_keeps_every_other_group_and_the_hand_written_sections(tmp_path):
+    results = tmp_path / "results.md"
+    old = {g.name: f"## {g.title}\n\nold table of {g.name}\n\nVerdicts:\n\n- old verdict of {g.name}"
+           for g in study.GROUPS}
+    results.write_text(study.render_results(study.GROUPS, {}, [1, 2], "the discussion", None, "## Demo recipe",
+                                            kept=old))
+    assert study.read_group_sections(results) == old
+    # Runs of the batch group only; rsk is shared with the losses and include_query groups, which stay incomplete.
+    runs = tmp_path / "runs"
+    _finished_runs(runs, {"rsk_b64": 0.40, "rsk": 0.30, "rsk_b1024": 0.15})
+    assert study.main(["--aggregate-only", "--only", "batch", "--seeds", "1", "2", "--runs-dir", str(runs),
+                       "--results", str(results)]) == 0
+    sections = study.read_group_sections(results)
+    assert list(sections) == [g.name for g in study.GROUPS]
+    for name in ("losses", "batch_steps", "simix_few", "include_query"):
+        assert sections[name] == old[name], name
+    batch = sections["batch"]
+    assert "old table" not in batch
+    assert "| RS@k, batch 64 | 2 | 41.50 ± 0.71 |" in batch  # mean of 41 and 42 %, sample std of the two
+    assert "batch 1024 (3 epochs) is worse than batch 256 (3 epochs) on map@r (-15.00 points" in batch
+    assert study.read_discussion(results) == "the discussion"
+    assert study.read_discussion(results, study.DEMO_BEGIN, study.DEMO_END) == "## Demo recipe"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_group_complete_on_disk_is_rewritten_and_one_without_runs_or_section_says_what_is_missing(tmp_path):
+    results = tmp_path / "results.md"
+    runs = tmp_path / "runs"
+    _finished_runs(runs, {"rsk": 0.30, "rsk_iq": 0.31})  # include_query complete, though not the group asked for
+    _finished_runs(runs, {"rsk_b64": 0.40}, seeds=(1,))   # batch: one cell at one seed of two
+    assert study.main(["--aggregate-only", "--only", "batch", "--seeds", "1", "2", "--runs-dir", str(runs),
+                       "--results", str(results)]) == 0
+    sections = study.read_group_sections(results)
+    assert "| RS@k, include_query=True (authors' code) | 2 | 32.50 ± 0.71 |" in sections["include_query"]
+    assert "| RS@k, batch 64 | 1 | 41.00 |" in sections["batch"]
+    assert "rsk_b64-s2, rsk-s1" not in sections["batch"] and "rsk_b64-s2, rsk_b1024-s1" in sections["batch"]
+    assert "--only simix_few" in sections["simix_few"]
