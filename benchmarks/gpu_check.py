@@ -22,9 +22,8 @@ Sections, in this order (the most important first, so that the deadline cuts the
    which spills registers: measured to weigh spills against forming H twice).
 3. api: ``RecallAtKSurrogate`` (default ks and temperatures) on a whole-SOP-sized batch, 59,552 = 14,888 x 4,
    and on B = 4,000: defaults (float32 and bfloat16 embeddings), each backend x memory setting, with and without
-   SiMix (148,880 rows at 59,552). "fused kernel" rows swap the registered Triton backend's embeddings kernel
-   for the fused one for that case only (``RecallAtKSurrogate`` takes backend names, and nothing picks the
-   unmeasured kernel by default).
+   SiMix (148,880 rows at 59,552). "triton_fused" is the registered name of the fused kernels (nothing picks
+   the unmeasured kernel by default).
 
 Time: median of the timed repetitions after one warm-up run (Triton compiles then); one repetition when the
 warm-up took over 2 s. torch.cuda.Event timing. Memory: torch.cuda.max_memory_allocated during one timed run
@@ -284,43 +283,34 @@ def api_cases(report: Report, device: torch.device, clock: Clock, sizes: tuple[i
               slow_at: int) -> None:  # fmt: skip
     """RecallAtKSurrogate at each size (4 per class): defaults, bf16, each backend x memory, with/without SiMix.
     The older Triton embeddings kernels are left out at ``slow_at`` rows and above with SiMix (measured: 19.9 s)."""
-    from recallk.kernels import get_backend
     from recallk.losses import RecallAtKSurrogate
 
     settings = [
-        ("defaults", {}, torch.float32, None),
-        ("defaults, bf16 embeddings", {}, torch.bfloat16, None),
-        ("torch, matrix", {"backend": "torch", "memory": "matrix"}, torch.float32, None),
-        ("torch, recompute", {"backend": "torch", "memory": "recompute"}, torch.float32, None),
-        ("triton, matrix", {"backend": "triton", "memory": "matrix"}, torch.float32, None),
-        ("triton, recompute (fused kernel)", {"backend": "triton", "memory": "recompute"}, torch.float32, "fused"),
-        ("triton, recompute (fused kernel), bf16", {"backend": "triton", "memory": "recompute"}, torch.bfloat16,
-         "fused"),
-        ("triton, recompute (tiles kernel)", {"backend": "triton", "memory": "recompute"}, torch.float32, "tiles"),
+        ("defaults", {}, torch.float32),
+        ("defaults, bf16 embeddings", {}, torch.bfloat16),
+        ("torch, matrix", {"backend": "torch", "memory": "matrix"}, torch.float32),
+        ("torch, recompute", {"backend": "torch", "memory": "recompute"}, torch.float32),
+        ("triton, matrix", {"backend": "triton", "memory": "matrix"}, torch.float32),
+        ("triton_fused, recompute", {"backend": "triton_fused", "memory": "recompute"}, torch.float32),
+        ("triton_fused, recompute, bf16", {"backend": "triton_fused", "memory": "recompute"}, torch.bfloat16),
+        ("triton (tiles kernel), recompute", {"backend": "triton", "memory": "recompute"}, torch.float32),
     ]
     jobs = [(b, simix, s) for b in sizes for simix in (False, True) for s in settings]
     jobs.sort(key=lambda j: (j[0] != sizes[-1], j[1] is False))  # the whole-dataset batch with SiMix first
-    triton_backend = get_backend("triton")
     data = {b: batch(b, 4, d, device, seed=2) for b in sizes}
-    for b, simix, (label, kwargs, dtype, kernel) in jobs:
+    for b, simix, (label, kwargs, dtype) in jobs:
         emb, labels = data[b]
         rows = b + (6 * (b // 4) if simix else 0)
         row = {"B": b, "rows": rows, "simix": simix, "setting": label, "dtype": str(dtype).removeprefix("torch.")}
-        if kernel == "tiles" and simix and b >= slow_at:
+        if label.startswith("triton (tiles") and simix and b >= slow_at:
             row["status"] = "skipped (measured before: 19.9 s)"
             report.add("api", row)
             continue
 
-        def work(kwargs=kwargs, dtype=dtype, kernel=kernel, simix=simix, b=b, emb=emb, labels=labels) -> dict:
+        def work(kwargs=kwargs, dtype=dtype, simix=simix, b=b, emb=emb, labels=labels) -> dict:
             loss_fn = RecallAtKSurrogate(simix=simix, generator=torch.Generator().manual_seed(0), **kwargs)
             path = loss_fn._path(device, loss_fn._augmented_size(labels))
-            saved = (triton_backend.kernel, triton_backend.precision)
-            if kernel is not None:  # this case only: the registered backend runs the chosen embeddings kernel
-                triton_backend.kernel, triton_backend.precision = kernel, ("tf32x3" if kernel == "fused" else "ieee")
-            try:
-                stats, loss, _ = run_one(lambda e: loss_fn(e, labels), emb.to(dtype), clock, 2 if b > 20_000 else reps)
-            finally:
-                triton_backend.kernel, triton_backend.precision = saved
+            stats, loss, _ = run_one(lambda e: loss_fn(e, labels), emb.to(dtype), clock, 2 if b > 20_000 else reps)
             return {**stats, "loss": float(loss), "path": list(path)}
 
         row.update(guarded(report, work, clock.cuda))
@@ -367,7 +357,7 @@ def print_tables(report: Report, default_method: Callable[[int], str]) -> None:
     big = max((r["B"] for r in data["api"]), default=None)
     if big is not None:
         cells = [_cell(api.get((big, True, s))) for s in ("torch, recompute", "triton, matrix",
-                                                           "triton, recompute (fused kernel)")]  # fmt: skip
+                                                           "triton_fused, recompute")]  # fmt: skip
         cells.insert(3, "-")
         cells.append(_cell(api.get((big, True, "defaults"))))
         print(f"| {big:,} + SiMix, RecallAtKSurrogate | " + " | ".join(cells) + f" | {TARGETS['simix']} |")

@@ -2,7 +2,7 @@
 
 The public API is re-exported lazily so that ``import recallk`` stays cheap and the layers load only when used.
 ``recallk.load_model(path, device="cpu") -> (model, transform)`` gives a trained model and its test transform from
-a checkpoint file alone (:func:`recallk.retrieval.checkpoint.load_model`).
+a checkpoint file alone (:func:`recallk.retrieval.load_model`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _EXPORTS = {
     "Retriever": "recallk.retrieval",
     "GalleryIndex": "recallk.retrieval",
     "load_trained_model": "recallk.retrieval",
-    "load_model": "recallk.retrieval.checkpoint",  # (model, test transform) from a checkpoint file alone
+    "load_model": "recallk.retrieval",  # (model, test transform) from a checkpoint file alone
     "embed_images": "recallk.retrieval",
     "export_model": "recallk.retrieval",
     "load_config": "recallk.config",

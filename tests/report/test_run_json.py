@@ -51,7 +51,12 @@ def test_train_writes_run_json_and_resume_adds_a_segment(tmp_path, monkeypatch):
     text = (run / "report.html").read_text(encoding="utf-8")  # written by the resumed run
     assert "<th>resumed</th><td>1 time(s)</td>" in text and "<td>2 (resume)</td>" in text
     assert "<td>epoch 1, step 2</td>" in text  # where the resume continued from
-    assert "<td>finished</td>" in text and "running when this report was written" in text
+    assert text.count("<td>finished</td>") == 2  # the report is written after the segment's end
+    assert "running when this report was written" not in text
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["kind"] == "train" and r["scope"] == "epoch"]
+    assert len(epochs) == 2 and all(r["images_per_s"] > 0 for r in epochs)  # the speed the report shows
+    assert " images/s <small>" in text and "not logged" not in text
     assert f"<code>{escape(segments[1]['command'])}</code>" in text
 
 

@@ -61,8 +61,10 @@ def train(args: argparse.Namespace) -> int:
             provenance.end_segment(run_dir, outcome(stop))
         raise
     if main_process:
+        from recallk.report import write_report
+
         provenance.end_segment(run_dir, "finished")
-    if main_process:
+        write_report(run_dir)  # after the segment's end, so the record shows it finished
         print(summary["table"])
         print(json.dumps({"run_dir": str(run_dir), **summary["final"]}))
     return 0

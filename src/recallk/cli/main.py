@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "protocol: leave-one-out, query vs gallery (inshop) or revisited mAP/mP@k (roxford5k, rparis6k); or search "
         "a --gallery folder with a --query folder.",
     )
-    ev.add_argument("--checkpoint", help="checkpoint file (runs/<name>/checkpoints/best.pt); required unless "
-                    "--query-embeddings and --gallery-embeddings are given")
+    ev.add_argument("--checkpoint", help="checkpoint file (runs/<name>/checkpoints/best.pt, or a copy of it anywhere: "
+                    "it carries its config); required unless --query-embeddings and --gallery-embeddings are given")
     ev.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
     ev.add_argument("--root", help="dataset folder (default: the training run's data.root)")
     ev.add_argument("--split", action="append", help="split(s) to evaluate (default: the dataset's protocol)")

@@ -30,7 +30,7 @@ from recallk.evaluation import (
 )
 from recallk.losses import build_loss
 from recallk.models import build_model
-from recallk.report import read_metrics, write_report
+from recallk.report import read_metrics
 from recallk.retrieval import load_trained_model
 from recallk.utils import resolve_device, seed_everything
 
@@ -223,8 +223,8 @@ def train_from_config(
     """Train as ``config`` says, in ``run_dir``; returns ``{"table": str, "final": metrics}``.
 
     Writes ``embeddings/<test split>.npz`` of the final evaluation, ``embeddings/raw_pixels/<test split>.npz``
-    (with ``eval.pixel_baseline``) and ``report.html`` (rank 0 only). The table leads with the trained model,
-    then raw pixels and the trained model's gain over them, then the model before training.
+    (with ``eval.pixel_baseline``), rank 0 only (``recallk train`` then writes ``report.html``). The table leads
+    with the trained model, then raw pixels and the trained model's gain over them, then the model before training.
     """
     seed_everything(config["seed"])
     main_process = os.environ.get("RANK", "0") == "0"
@@ -249,8 +249,7 @@ def train_from_config(
     if last:
         _save_embeddings(run_dir / "embeddings" / f"{config['data']['test_split']}.npz", last["embeddings"],
                          last["labels"])
-    table = format_metrics_table(_comparison_rows(config, run_dir))  # before the report: it reads the pixels
-    write_report(run_dir)
+    table = format_metrics_table(_comparison_rows(config, run_dir))  # also writes the raw pixels the report reads
     return {"table": table,
             "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}}
 

@@ -455,17 +455,17 @@ class Trainer:
         return bool(torch.isfinite(norms).all()), bool((norms == 0).all())
 
     def _finish_epoch(self, epoch: int) -> None:
+        train_s = time.perf_counter() - self._epoch_start
+        images_per_s = (self.step - self._epoch_first_step) * self.settings.batch_size / max(train_s, 1e-9)
         if self.epoch_steps:
             self.last_train_loss = self.epoch_loss_sum / self.epoch_steps
-            self._log_train(epoch, self.last_train_loss, "epoch")
+            self._log_train(epoch, self.last_train_loss, "epoch", images_per_s=images_per_s)
         with warnings.catch_warnings():
             # After resuming exactly at an epoch's end this process has made no optimiser step yet: harmless.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self.scheduler.step()
         self.epoch = epoch
         self.position = 0
-        train_s = time.perf_counter() - self._epoch_start
-        images_per_s = (self.step - self._epoch_first_step) * self.settings.batch_size / max(train_s, 1e-9)
         evaluated = epoch % self.settings.eval_every == 0 or epoch == self.settings.epochs
         if evaluated:
             self.pending_eval = epoch  # saved as such if a stop comes during the evaluation

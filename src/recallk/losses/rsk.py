@@ -42,9 +42,11 @@ class RecallAtKSurrogate(MetricLoss):
         simix: apply :func:`recallk.losses.simix` to the batch similarity in ``forward``/``from_similarity``
             (not with a separate reference set).
         max_pairs_per_class: SiMix cap on pairs per class (None: all pairs).
-        backend: "torch", "triton" or "auto": with ``memory``, the fastest measured path for the device and
-            batch size (:mod:`recallk.kernels.dispatch`: on CUDA the Triton matrix kernel from about 5,000 rows
-            while the matrix fits, the torch recompute path otherwise; torch on the CPU).
+        backend: "torch", "triton", "triton_fused" or "auto": with ``memory``, the fastest measured path for the
+            device and batch size (:mod:`recallk.kernels.dispatch`: on CUDA the Triton matrix kernel from about
+            5,000 rows while the matrix fits, the torch recompute path otherwise; torch on the CPU).
+            "triton_fused" (tensor-core kernels from embeddings, not yet measured on a GPU) is never chosen by
+            "auto"; name it to try it.
         generator: random source of SiMix; by default a CPU generator seeded with ``torch.initial_seed()``
             (so ``torch.manual_seed`` makes training reproducible). Replace the ``generator`` attribute to
             change it; its state is saved and restored with ``state_dict()`` (see :class:`MetricLoss`).

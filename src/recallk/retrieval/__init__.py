@@ -1,6 +1,7 @@
 """Using a trained model: embed images and collections, index a gallery with faiss, search it, export the model.
 
-- :func:`load_trained_model`: checkpoint + run config -> :class:`TrainedModel` (network, test transform, identity)
+- :func:`load_trained_model`: checkpoint (it carries its config) -> :class:`TrainedModel` (network, test transform,
+  identity); :func:`load_model`: the short form, ``(model, transform)``
 - :func:`embed_images`, :func:`write_embeddings`, :func:`read_embeddings`: embeddings and the ``.npz`` file
 - :class:`GalleryIndex`: faiss index (flat / ivf / hnsw) with a JSON sidecar
 - :class:`Retriever`: ``Retriever.from_checkpoint(ckpt, index=path).search(images, k=10)``
@@ -8,7 +9,13 @@
 - :func:`evaluate_embedding_files`: query file against gallery file, the evaluation's metrics
 """
 
-from recallk.retrieval.checkpoint import CheckpointError, TrainedModel, load_trained_model, preprocessing_spec
+from recallk.retrieval.checkpoint import (
+    CheckpointError,
+    TrainedModel,
+    load_model,
+    load_trained_model,
+    preprocessing_spec,
+)
 from recallk.retrieval.embed import EmbeddingFile, embed_images, image_files, read_embeddings, write_embeddings
 from recallk.retrieval.evaluate import evaluate_embedding_files
 from recallk.retrieval.export import export_model
@@ -27,6 +34,7 @@ __all__ = [
     "evaluate_embedding_files",
     "export_model",
     "image_files",
+    "load_model",
     "load_trained_model",
     "preprocessing_spec",
     "read_embeddings",

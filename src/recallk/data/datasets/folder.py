@@ -83,11 +83,14 @@ def _parse(base: Path, split: str | None) -> tuple[list[Path], list[str], None]:
         base = require(
             base / split,
             f"folder split {split!r}",
-            "Put class folders there, or pass split=None (or 'all') to use the class folders directly under root.",
+            "Put class folders there; or use split 'all' (CLI: data.train_split=all data.test_split=all) for the class "
+            "folders directly under root, or split a flat folder by class with the option test_classes (CLI: "
+            "data.options.test_classes=0.5).",
             folder=True,
         )
     elif (base / "train").is_dir() and (base / "test").is_dir():
-        raise ValueError(f"{base} holds train/ and test/ folders: pass split='train' or split='test'")
+        raise ValueError(f"{base} holds train/ and test/ folders: use split 'train' or 'test' (CLI: "
+                         "data.train_split=train data.test_split=test)")
     paths, keys = [], []
     for class_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in _images_below(class_dir):

@@ -99,6 +99,8 @@ class KanjiDataset(Dataset):
         classes: the characters (``classes[label]``).
         fonts: font names; ``font_ids`` is the ``(N,)`` int64 font index of each item.
         cache_file: the manifest used.
+        name: ``"kanji/<split>"``, as :func:`recallk.data.build_dataset` names its datasets (a Trainer API run
+            records the dataset from it).
 
     Raises:
         KanjiFontsMissingError: rendering is needed and font files are missing (lists the Debian packages).
@@ -139,6 +141,7 @@ class KanjiDataset(Dataset):
         row_of = {c: i for i, c in enumerate(manifest["chars"])}
         col_of = {f: i for i, f in enumerate(manifest["fonts"])}
         self.split = split
+        self.name = f"kanji/{split}"
         self.classes: list[str] = classes
         self.fonts: list[str] = names
         self.dropped: list[str] = [c for c in candidates if c in bad_chars]

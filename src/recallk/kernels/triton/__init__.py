@@ -55,8 +55,11 @@ class TritonBackend:
             measured on an H200, 4-8x slower than the torch recompute path) or "fused" (``rsk_fused``: each
             similarity tile computed once per pass on tensor cores and reused for every positive; not yet
             measured on a GPU, so nothing picks it by default). Pass such an instance as ``backend=``, e.g.
-            ``backend=TritonBackend(kernel="fused")``.
+            ``backend=TritonBackend(kernel="fused")``, or the registered name ``backend="triton_fused"``.
         fused_config: tiles of the fused kernels, a ``rsk_fused.FusedConfig`` (None: its defaults).
+
+    Registered: ``"triton"`` (kernel "tiles", precision "ieee") and ``"triton_fused"`` (kernel "fused", "tf32x3");
+    ``backend="auto"`` picks neither's from-embeddings kernels (``kernels/dispatch.py``: unmeasured or slower).
 
     Raises:
         ValueError: an unknown precision or kernel, or ``fused_config`` without ``kernel="fused"``.
@@ -80,6 +83,7 @@ class TritonBackend:
         if fused_config is not None and kernel != "fused":
             raise ValueError("fused_config applies to kernel='fused' only")
         self.precision, self.kernel, self.fused_config = precision, kernel, fused_config
+        self.name = "triton" if kernel == "tiles" else "triton_fused"
 
     def available(self, device: torch.device, auto: bool = False) -> bool:
         if not triton_available():
@@ -117,6 +121,7 @@ class TritonBackend:
 
 
 register_backend(TritonBackend())
+register_backend(TritonBackend(kernel="fused"))
 
 
 def _rsk_loss_triton(sim, q_labels, db_labels, self_index, ks, tau_rank, tau_k, include_query):  # type: ignore[no-untyped-def]
