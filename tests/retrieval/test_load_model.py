@@ -95,6 +95,25 @@ def test_load_model_gives_the_trainers_embeddings_from_a_copy_alone(api_run, tmp
     assert got.shape == (6, 8) and torch.equal(got, want)
 
 
+def test_load_models_transform_takes_greyscale_and_transparent_images_as_the_loaders_do(api_run, tmp_path):
+    from recallk.data.datasets.base import load_rgb
+
+    _, run, _ = api_run
+    model, transform = recallk.load_model(run / "checkpoints" / "best.pt")
+    rng = np.random.default_rng(3)
+    grey = Image.fromarray(rng.integers(0, 256, (30, 22), dtype=np.uint8), mode="L")
+    rgba = Image.fromarray(rng.integers(0, 256, (30, 22, 4), dtype=np.uint8), mode="RGBA")
+    for name, image in (("grey.png", grey), ("rgba.png", rgba)):
+        image.save(tmp_path / name)
+        reopened = Image.open(tmp_path / name)
+        x = transform(reopened)  # a user's own image, not converted first
+        assert x.shape == (3, 40, 40)
+        # the same tensor as the file decoded by the dataset loaders (transparency on white, grey to 3 channels)
+        assert torch.equal(x, transform(load_rgb(tmp_path / name)))
+        assert torch.equal(x, transforms_for_model(model, "test", dataset="folder", image_size=40)(
+            load_rgb(tmp_path / name)))
+
+
 def test_best_pt_of_an_api_run_is_weights_only_and_loads(api_run):
     _, run, _ = api_run
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)

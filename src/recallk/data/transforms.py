@@ -8,8 +8,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from torchvision import transforms as T
 
+from recallk.data.datasets.base import to_rgb8
 from recallk.data.registry import DATASET_SPECS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -97,6 +99,18 @@ def transforms_for_model(
         dataset=dataset,
         interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
     )
+
+
+class ToRGB8:
+    """PIL image of any mode -> its 8-bit RGB picture (:func:`recallk.data.datasets.base.to_rgb8`: EXIF
+    orientation, transparency on white, 16-bit and float scaled), as the datasets' loaders decode files; anything
+    else passes through. Put first in a transform that users call on their own images (``recallk.load_model``)."""
+
+    def __call__(self, image: Any) -> Any:
+        return to_rgb8(image) if isinstance(image, Image.Image) else image
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 class DeviceNormalize:

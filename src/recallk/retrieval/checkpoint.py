@@ -23,7 +23,7 @@ import yaml
 from torchvision import transforms as T
 
 from recallk import __version__
-from recallk.data.transforms import transforms_for_model
+from recallk.data.transforms import ToRGB8, transforms_for_model
 from recallk.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from recallk.models import build_model
 from recallk.retrieval.files import file_sha256
@@ -286,7 +286,8 @@ def load_model(
     Returns:
         ``(model, transform)``: ``model`` in eval mode on ``device`` maps float32 images ``(N, 3, H, W)``
         (normalised, as ``transform`` makes them) to float32 embeddings ``(N, d)`` of unit L2 norm;
-        ``transform`` is the run's test transform: a PIL image (any mode; convert to RGB first) -> float32
+        ``transform`` is the run's test transform: a PIL image of any mode (greyscale, RGBA, 16-bit... are turned
+        into 8-bit RGB first as the dataset loaders do: :class:`recallk.data.transforms.ToRGB8`) -> float32
         tensor ``(3, H, W)`` (resize, centre crop, ``ToTensor`` to 0..1, ImageNet-style normalisation).
 
     Raises:
@@ -298,4 +299,4 @@ def load_model(
     except RuntimeError as e:
         raise ValueError(f"device={device!r} is not a device name ('cpu', 'cuda', 'cuda:1', 'auto'): {e}") from e
     trained = load_trained_model(path)
-    return trained.model.to(target), trained.transform
+    return trained.model.to(target), T.Compose([ToRGB8(), *trained.transform.transforms])
