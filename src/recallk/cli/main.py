@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s), e.g. runs/demo")
     rep.add_argument("--out", help="output file (default: RUN_DIR/report.html for one run, report-compare.html "
                      "in the current directory for several)")
+    rep.add_argument("--root", metavar="DIR", help="one run: the data root to build the evaluated split from for "
+                     "the retrieval examples (default: the run's data.root; a relative one is taken from the "
+                     "directory the run was started in)")
 
     bench = sub.add_parser(
         "bench",

@@ -8,7 +8,9 @@ versions, git commit, command line, resumes), config, training curves, final met
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,17 @@ from .examples import (
 from .plots import figure_png, history_figure, plot_history, read_metrics
 from .record import RunRecord, read_npz, read_run, resume_marks, write_text_atomic
 
-__all__ = ["RunRecord", "plot_history", "read_metrics", "read_run", "write_comparison", "write_report"]
+__all__ = ["ReportWarning", "RunRecord", "plot_history", "read_metrics", "read_run", "write_comparison",
+           "write_report"]
 
 THUMB_SIZE = 96
 BASELINE_NAME = "raw pixels"
+
+
+class ReportWarning(UserWarning):
+    """Part of the report was left out (e.g. the retrieval examples: no embeddings file, or the dataset could not
+    be built); the page says why in a visible note and the rest of it is written. ``recallk report`` prints it on
+    stderr."""
 
 
 def write_report(
@@ -45,6 +54,7 @@ def write_report(
     *,
     split: str | None = None,
     seed: int = 0,
+    root: str | Path | None = None,
 ) -> Path:
     """Write ``report.html`` for the run folder ``run_dir`` and return its path.
 
@@ -54,10 +64,18 @@ def write_report(
         dataset: the evaluated split, items ``(image, label)`` with PIL images (``transform=None``), row i of
             the embeddings file being item i. None builds it from ``config.yaml``'s ``data`` section with
             ``recallk.data.build_dataset``; if that fails the report says why and leaves the examples out.
+        root: the data root to build that dataset from (``recallk report --root``), instead of the config's
+            ``data.root``; ignored when ``dataset`` is given. Default: ``data.root``, a relative one resolved
+            against the directory the run was started in (``run.json``'s ``cwd``) when it exists there, else
+            against the current directory.
         out_path: where to write; default ``run_dir / "report.html"``.
         num_queries: example queries shown; half are the hardest failures, half random (seeded by ``seed``).
         top: neighbours shown per query (exact inner-product kNN, leave-one-out).
         split: the split whose embeddings are shown; default ``data.test_split`` of the config, else "test".
+
+    Warns:
+        ReportWarning: once per cause, when examples are left out (no embeddings file, or the dataset could not
+            be built or does not match the embeddings); the page then holds a note saying why.
 
     The report opens with the run's record (:func:`read_run`: which epoch best.pt is and which split chose it,
     wall time, images/s, device, versions, git commit, command line, resumed segments), then the comparison a
@@ -76,7 +94,7 @@ def write_report(
     if num_queries < 1 or top < 1:
         raise ValueError(f"num_queries and top must be >= 1, got {num_queries} and {top}")
     record = read_run(run_dir, split=split)
-    run, records, cfg, split = record.path, record.records, record.config, record.split
+    run, records, split = record.path, record.records, record.split
 
     epochs = [int(r["epoch"]) for r in records]
     subtitle = (
@@ -84,13 +102,14 @@ def write_report(
         f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
     )
     best_epoch = record.best.epoch if record.best is not None else None
+    source = _DatasetSource(record, dataset, root)
     sections = [
         html.record_section(record),
-        _comparison_section(record, dataset, num_queries, top, seed),
+        _comparison_section(record, source, num_queries, top, seed),
         html.config_section(record.config_text),
         html.plots_section(figure_png(history_figure(records, resume_marks(record), best_epoch))),
         html.metrics_section(records, best_epoch, split),
-        html.examples_section(_examples_body(run, cfg, split, dataset, num_queries, top, seed), split, top),
+        html.examples_section(_examples_body(run, split, source, num_queries, top, seed), split, top),
     ]
     document = html.page(f"recallk run: {record.name}", subtitle, sections)
     out = Path(out_path) if out_path is not None else run / "report.html"
@@ -98,42 +117,88 @@ def write_report(
     return out
 
 
-def _dataset_from_config(cfg: dict[str, Any], split: str) -> Any:
-    data = cfg.get("data") or {}
-    if not data.get("dataset"):
-        raise ValueError("config.yaml has no data.dataset; pass dataset= to write_report")
-    from recallk.data import build_dataset  # imported here: report must not need data at import time
+def data_root(record: RunRecord, root: str | Path | None = None) -> str | None:
+    """The data root the report builds the evaluated split from: ``root`` when given (``recallk report --root``),
+    else the config's ``data.root``; a relative ``data.root`` is taken from the directory the run was started in
+    (``run.json``'s ``cwd``) when it exists there, else left relative to the current directory. None when neither
+    is set (a dataset with a default location, e.g. kanji)."""
+    if root is not None:
+        return str(root)
+    data = record.config.get("data") or {}
+    configured = data.get("root")
+    if configured is None or os.path.isabs(str(configured)):
+        return None if configured is None else str(configured)
+    started_in = record.environment.get("cwd")
+    if isinstance(started_in, str) and os.path.exists(os.path.join(started_in, str(configured))):
+        return os.path.join(started_in, str(configured))
+    return str(configured)
 
-    options = {**(data.get("options") or {}), **(data.get("test_options") or {})}
-    return build_dataset(data["dataset"], data.get("root"), split, transform=None, **options)
+
+class _DatasetSource:
+    """The evaluated split for the examples, built at most once: the ``dataset`` given, else from config.yaml's
+    ``data`` section (and ``root``). ``get`` returns ``(dataset, None)`` or ``(None, why it could not be built)``;
+    a given dataset that does not match the embeddings raises ValueError (a caller's mistake)."""
+
+    def __init__(self, record: RunRecord, dataset: Any, root: str | Path | None) -> None:
+        self.record, self.dataset, self.root = record, dataset, root
+        self.given = dataset is not None
+        self.failure: str | None = None
+        self.checked: set[Path] = set()
+
+    def get(self, labels: np.ndarray, emb_path: Path) -> tuple[Any, str | None]:
+        if self.given:
+            if emb_path not in self.checked:
+                _check_dataset(self.dataset, labels, emb_path)
+                self.checked.add(emb_path)
+            return self.dataset, None
+        if self.dataset is None and self.failure is None:
+            try:
+                dataset = self._build()
+                _check_dataset(dataset, labels, emb_path)
+                self.dataset = dataset
+            except Exception as e:  # shown in the report: the rest of it is still worth writing
+                self.failure = self._explain(e)
+                warnings.warn(f"{self.failure}; the examples are left out of the report", ReportWarning,
+                              stacklevel=4)  # get <- section <- write_report <- its caller
+        return self.dataset, self.failure
+
+    def _build(self) -> Any:
+        data = self.record.config.get("data") or {}
+        if not data.get("dataset"):
+            raise ValueError("config.yaml has no data.dataset")
+        from recallk.data import build_dataset  # imported here: report must not need data at import time
+
+        options = {**(data.get("options") or {}), **(data.get("test_options") or {})}
+        return build_dataset(data["dataset"], data_root(self.record, self.root), self.record.split, transform=None,
+                             **options)
+
+    def _explain(self, error: Exception) -> str:
+        data = self.record.config.get("data") or {}
+        where = data_root(self.record, self.root)
+        given = "--root" if self.root is not None else "data.root"
+        root_text = f", {given} {where!r}" if where is not None else ""
+        return (f"could not build the {self.record.split!r} dataset (data.dataset {data.get('dataset')!r}"
+                f"{root_text}: {type(error).__name__}: {error}). If the data is elsewhere, give its folder with "
+                f"`recallk report {self.record.path} --root DIR`")
 
 
-def _examples_body(
-    run: Path, cfg: dict[str, Any], split: str, dataset: Any, num_queries: int, top: int, seed: int
-) -> str:
+def _examples_body(run: Path, split: str, source: _DatasetSource, num_queries: int, top: int, seed: int) -> str:
     emb_path = run / "embeddings" / f"{split}.npz"
     if not emb_path.is_file():
         others = sorted(p.name for p in (run / "embeddings").glob("*.npz")) if (run / "embeddings").is_dir() else []
         found = f" (found: {', '.join(others)}; choose one with split=)" if others else ""
-        return html.note(
-            f"Retrieval examples omitted: {emb_path.relative_to(run)} does not exist{found}. "
-            "It is written by the final evaluation of a run."
-        )
+        why = f"{emb_path.relative_to(run)} does not exist{found}"
+        warnings.warn(f"retrieval examples left out of the report: {why}", ReportWarning, stacklevel=3)
+        return html.note(f"Retrieval examples omitted: {why}. It is written by the final evaluation of a run.")
     embeddings, labels = read_npz(emb_path)
     if embeddings.shape[0] < 2:
+        warnings.warn(f"retrieval examples left out of the report: {emb_path} holds fewer than 2 items",
+                      ReportWarning, stacklevel=3)
         return html.note(f"Retrieval examples omitted: {emb_path.name} holds fewer than 2 items.")
 
-    if dataset is None:
-        try:
-            dataset = _dataset_from_config(cfg, split)
-            _check_dataset(dataset, labels, emb_path)
-        except Exception as e:  # shown in the report: the rest of it is still worth writing
-            return html.note(
-                f"Retrieval examples omitted: could not build the {split!r} dataset from config.yaml "
-                f"({type(e).__name__}: {e}). Pass dataset= to write_report."
-            )
-    else:
-        _check_dataset(dataset, labels, emb_path)
+    dataset, failure = source.get(labels, emb_path)
+    if failure is not None:
+        return html.note(f"Retrieval examples omitted: {failure}.")
 
     examples = select_queries(embeddings, labels, num_queries, top, seed=seed)
     thumbnail, label_name = _thumbnailer(dataset, labels)
@@ -182,10 +247,10 @@ def _check_dataset(dataset: Any, labels: np.ndarray, emb_path: Path) -> None:
         raise ValueError(f"dataset.labels differ from the labels in {emb_path}; pass the evaluated split, in order")
 
 
-def _comparison_section(record: RunRecord, dataset: Any, num_queries: int, top: int, seed: int) -> str:
+def _comparison_section(record: RunRecord, source: _DatasetSource, num_queries: int, top: int, seed: int) -> str:
     """Trained (last epoch, and best.pt's epoch when it differs) vs raw pixels vs untrained (table, percent), then
     what changed against raw pixels (counts, examples)."""
-    run, cfg, split = record.path, record.config, record.split
+    run, split = record.path, record.split
     heading = f"<h2>Trained model vs raw pixels vs untrained ({escape(split)} split)</h2>"
     after, before = record.last_eval, record.before_eval
     if after is None:
@@ -220,16 +285,10 @@ def _comparison_section(record: RunRecord, dataset: Any, num_queries: int, top: 
         f"<p>First neighbour (leave-one-out) of {c['queries']} queries{escape(sample)}: right for both in "
         f"{c['both right']}, <b>raw pixels wrong and the model right in {c['fixed']}</b>, raw pixels right and the "
         f"model wrong in {c['broken']}, wrong for both in {c['both wrong']}.</p>")
-    if dataset is None:
-        try:
-            dataset = _dataset_from_config(cfg, split)
-            _check_dataset(dataset, labels, emb_path)
-        except Exception as e:  # shown in the report: the rest of it is still worth writing
-            parts.append(html.note(f"Examples omitted: could not build the {split!r} dataset from config.yaml "
-                                   f"({type(e).__name__}: {e}). Pass dataset= to write_report."))
-            return "\n".join(parts)
-    else:
-        _check_dataset(dataset, labels, emb_path)
+    dataset, failure = source.get(labels, emb_path)
+    if failure is not None:
+        parts.append(html.note(f"Examples omitted: {failure}."))
+        return "\n".join(parts)
     thumbnail, label_name = _thumbnailer(dataset, labels)
     per_group = max(1, num_queries // 4)
     for queries, title in ((comparison.fixed, "Raw pixels wrong, the model right"),

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 Record = dict[str, Any]
 
 _RECALL_KEY = re.compile(r"^recall@(\d+)$")
+PERCENT_LABEL = "% (mean over queries)"  # the eval panels: 100 * the value of metrics.jsonl
 
 
 def read_metrics(metrics_path: str | Path) -> list[Record]:
@@ -45,25 +46,41 @@ def read_metrics(metrics_path: str | Path) -> list[Record]:
     return records
 
 
+def plotted_train_lines(records: Sequence[Record], key: str) -> list[Record]:
+    """The train records the curves draw for ``key``, grouped by epoch in file order: the per-interval lines
+    (``"scope": "interval"``) when the run logged any carrying ``key``, else the per-epoch summary lines
+    (``"scope": "epoch"``, or no ``scope``: runs made before it was recorded). Never both: an epoch line repeats
+    the mean of its epoch's interval lines, and drawing both made a staircase of duplicated values."""
+    lines = [r for r in records if r["kind"] == "train" and r.get(key) is not None]
+    intervals = [r for r in lines if r.get("scope") == "interval"]
+    chosen = intervals or [r for r in lines if r.get("scope", "epoch") != "interval"]
+    per_epoch: dict[int, list[Record]] = {}
+    for r in chosen:
+        per_epoch.setdefault(int(r["epoch"]), []).append(r)
+    return [r for epoch in sorted(per_epoch) for r in per_epoch[epoch]]
+
+
 def train_points(records: Sequence[Record], key: str) -> tuple[list[float], list[float]]:
-    """Values of ``key`` from the train records, placed on a fractional-epoch axis.
+    """Values of ``key`` from the train records (:func:`plotted_train_lines`: interval lines when logged, else
+    epoch lines), placed on a fractional-epoch axis.
 
     A train record of epoch e (1-based; epoch 0 is before training) is logged during that epoch. With one
     record per epoch it sits at x = e; with n records in epoch e, record j (0-based) sits at
     x = e - 1 + (j + 1) / n. Records without ``key`` are skipped. Returns (x, y) lists of equal length.
     """
-    per_epoch: dict[int, list[float]] = {}
-    for r in records:
-        if r["kind"] == "train" and r.get(key) is not None:
-            per_epoch.setdefault(int(r["epoch"]), []).append(float(r[key]))
+    lines = plotted_train_lines(records, key)
+    counts: dict[int, int] = {}
+    for r in lines:
+        counts[int(r["epoch"])] = counts.get(int(r["epoch"]), 0) + 1
     xs: list[float] = []
     ys: list[float] = []
-    for epoch in sorted(per_epoch):
-        values = per_epoch[epoch]
-        n = len(values)
-        for j, v in enumerate(values):
-            xs.append(epoch - 1 + (j + 1) / n)
-            ys.append(v)
+    seen: dict[int, int] = {}
+    for r in lines:
+        epoch = int(r["epoch"])
+        j = seen.get(epoch, 0)
+        seen[epoch] = j + 1
+        xs.append(epoch - 1 + (j + 1) / counts[epoch])
+        ys.append(float(r[key]))
     return xs, ys
 
 
@@ -96,26 +113,18 @@ def step_position(records: Sequence[Record], step: int, epoch: int = 0) -> float
     that of the last train line at or before it, at least ``epoch`` (a resume from the end of an epoch sits
     at that epoch)."""
     xs, _ = train_points(records, "loss")
-    steps = [int(r["step"]) for r in _train_lines(records, "loss")]
+    steps = [int(r["step"]) for r in plotted_train_lines(records, "loss")]
     before = [x for x, s in zip(xs, steps) if s <= step]
     return max([float(epoch), *before])
 
 
-def _train_lines(records: Sequence[Record], key: str) -> list[Record]:
-    """The train records carrying ``key``, in the order :func:`train_points` returns their points."""
-    per_epoch: dict[int, list[Record]] = {}
-    for r in records:
-        if r["kind"] == "train" and r.get(key) is not None:
-            per_epoch.setdefault(int(r["epoch"]), []).append(r)
-    return [r for epoch in sorted(per_epoch) for r in per_epoch[epoch]]
-
-
 def _eval_series(records: Sequence[Record], key: str) -> tuple[list[int], list[float]]:
+    """(epochs, values in percent) of ``key``: ``100 * value`` of metrics.jsonl, as the CLI prints metrics."""
     xs, ys = [], []
     for r in records:
         if r.get(key) is not None:
             xs.append(int(r["epoch"]))
-            ys.append(float(r[key]))
+            ys.append(100.0 * float(r[key]))
     return xs, ys
 
 
@@ -131,7 +140,9 @@ def history_figure(
     """A 2x2 figure: train loss, learning rate, recall@k per k, and map@r (+ r_precision) against epoch.
 
     Each eval split gets its own line style, and so do the validation metrics (``val/...`` keys); epoch 0 is the
-    evaluation before training. ``resumes``: x positions (fractional epochs, :func:`step_position`) where a
+    evaluation before training. Evaluation metrics are drawn in percent (``100 * value``), as the CLI prints them;
+    loss and learning rate from the interval lines when the run logged them, else the epoch lines
+    (:func:`plotted_train_lines`). ``resumes``: x positions (fractional epochs, :func:`step_position`) where a
     resumed segment continued, drawn as grey dashed vertical lines on every panel; ``best_epoch``: the epoch of
     best.pt, a green dotted line on the evaluation panels.
     """
@@ -168,8 +179,8 @@ def history_figure(
             series.append((rows, "val/", " (validation)"))
     ks = sorted(set(recall_ks(records)) | set(recall_ks(records, "val/")))
     colours = [f"C{i % 10}" for i in range(len(ks))]
-    ax_recall.set_title("recall@k (hit rate)")
-    ax_map.set_title("map@r and r-precision")
+    ax_recall.set_title("recall@k (%)")
+    ax_map.set_title("map@r and r-precision (%)")
     for s, (rows, prefix, suffix) in enumerate(series):
         style = styles[s % len(styles)]
         for k, colour in zip(ks, colours):
@@ -194,7 +205,7 @@ def history_figure(
     for ax in (ax_recall, ax_map):
         if ax.lines:
             ax.legend(fontsize=8, loc="best")
-            ax.set_ylabel("fraction of queries")
+            ax.set_ylabel(PERCENT_LABEL)
         else:
             _empty(ax, "no evaluation records")
     for ax in (ax_loss, ax_lr, ax_recall, ax_map):
@@ -206,8 +217,10 @@ def history_figure(
 def comparison_figure(runs: Sequence[tuple[str, Sequence[Record], Sequence[float]]]) -> Figure:
     """Curves of several runs overlaid, one colour per run: training loss, recall@k (smallest k logged by any
     run), map@r and r-precision of each run's test split (solid) and validation metrics (``val/...``, dashed),
-    against epoch. ``runs``: (label, metrics records, resume x positions (:func:`step_position`)) per run;
-    resumes are drawn as dotted vertical lines in the run's colour."""
+    against epoch; metrics in percent (``100 * value``), as the CLI prints them; the loss from the interval lines
+    when the run logged them, else the epoch lines (:func:`plotted_train_lines`). ``runs``: (label, metrics
+    records, resume x positions (:func:`step_position`)) per run; resumes are drawn as dotted vertical lines in
+    the run's colour."""
     fig = Figure(figsize=(11, 7.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax_loss, ax_recall, ax_map, ax_rp = fig.subplots(2, 2).ravel()
@@ -235,6 +248,8 @@ def comparison_figure(runs: Sequence[tuple[str, Sequence[Record], Sequence[float
     for ax in (ax_loss, ax_recall, ax_map, ax_rp):
         if ax.lines:
             ax.legend(fontsize=8, loc="best")
+            if ax is not ax_loss:
+                ax.set_ylabel(PERCENT_LABEL)
         else:
             _empty(ax, "no records")
         ax.set_xlabel("epoch (0 = before training)")
