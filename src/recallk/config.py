@@ -97,9 +97,10 @@ DEFAULTS: dict[str, Any] = {
 _FREE_FORM = {("data", "options"), ("data", "test_options"), ("model", "options"), ("loss", "options")}
 
 
-def _suggest(key: str, valid: Iterable[str]) -> str:
+def _suggest(key: str, valid: Iterable[str], section: str = "") -> str:
+    """`` (did you mean 'train.lr'?)``: the closest valid key, spelt as an override (with its section), or ""."""
     close = difflib.get_close_matches(key, list(valid), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean '{section + '.' if section else ''}{close[0]}'?)" if close else ""
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any], section: str = "") -> None:
@@ -112,7 +113,7 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], section: str = "") -
             warnings.warn(_DEPRECATED[section, key], DeprecationWarning, stacklevel=4)
         elif key not in base:
             valid = ", ".join(sorted(base))
-            raise ConfigError(f"unknown config key '{path}'{_suggest(key, base)}; valid keys here: {valid}")
+            raise ConfigError(f"unknown config key '{path}'{_suggest(key, base, section)}; valid keys here: {valid}")
         if (section, key) in _FREE_FORM:
             if not isinstance(value, Mapping | None):
                 raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
@@ -266,6 +267,17 @@ def dump_config(config: Mapping[str, Any], path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False))
     os.replace(tmp, path)
+
+
+def with_absolute_root(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with ``data.root`` made absolute (``~`` expanded, relative to the current directory;
+    symbolic links kept as named; None stays None), so that ``config.yaml`` and the checkpoints name the data
+    wherever they are read (``recallk eval --checkpoint`` from another directory)."""
+    out = copy.deepcopy(dict(config))
+    root = out["data"]["root"]
+    if root is not None:
+        out["data"]["root"] = os.path.abspath(os.path.expanduser(str(root)))
+    return out
 
 
 def produced_metrics(config: Mapping[str, Any]) -> list[str]:

@@ -48,6 +48,8 @@ def test_file_then_overrides(tmp_path):
     [
         ("train.batchsize=4", "valid keys here: amp, batch_size"),
         ("trian.lr=1", "did you mean 'train'"),
+        ("train.lrr=1", "did you mean 'train.lr'"),  # spelt as an override, with its section
+        ("data.val_clases=2", "did you mean 'data.val_classes'"),
         ("train.batch_size=abc", "'train.batch_size' must be int"),
         ("train.batch_size=10", "divisible by train.per_class"),
         ("train.amp=fp8", "train.amp must be"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def _keys(run: Path) -> list[tuple]:
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "recallk.cli.main", "train", *TINY, f"runs_dir={tmp_path}",
+    proc = subprocess.Popen([sys.executable, "-m", "recallk.cli", "train", *TINY, f"runs_dir={tmp_path}",
                              "--name", "cut", "--no-progress"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -76,7 +77,10 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, capsys):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert "Traceback" not in err, err
+    # one stop message (stdout and train.log), naming the run and the command that continues it
+    said = [line for line in (out + err).splitlines() if "SIGTERM" in line]
+    assert len(said) == 1 and f"continue with: recallk train --name cut --resume runs_dir={tmp_path}" in said[0], said
     assert "run folder" in out and "evaluation after epoch 0" in out  # progress lines without bars
     step = torch.load(cut / "checkpoints" / "last.pt", weights_only=False)["step"]
     assert 1 <= step < 6
@@ -102,4 +106,6 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, capsys):
     assert all(torch.equal(resumed[k], full[k]) for k in full)
     assert _keys(cut) == _keys(tmp_path / "full")  # no line missing or duplicated
     log = (cut / "train.log").read_text()
-    assert "stopped by SIGTERM" in log and "resumed at epoch" in log and "epoch 2/2" in log
+    assert "stopped by SIGTERM" in log and "epoch 2/2" in log
+    assert re.search(r"\(resumed (after epoch 1 \(step 3\): continuing with epoch 2|in epoch 1 after batch "
+                     r"[12] of 3 \(step [12]\): continuing with batch [23])\)", log), log

@@ -65,7 +65,10 @@ def test_stop_during_an_evaluation_runs_it_again_on_resume(tmp_path, signum):
     cut_lines, full_lines = lines(tmp_path / "cut"), lines(tmp_path / "full")
     assert [key(r) for r in cut_lines] == [key(r) for r in full_lines]  # nothing missing, nothing twice
     log = (tmp_path / "cut" / "train.log").read_text()
-    assert "stopped by" in log and "resumed at epoch 2" in log and "epoch 3/3" in log
+    assert "stopped by" in log and "epoch 3/3" in log
+    said = f"continue with: Trainer(...).fit(resume=True) with run_dir {tmp_path / 'cut'}"  # the API's words
+    assert "(after epoch 2 (step " in log and said in log
+    assert "resumed after epoch 2 (step " in log and "continuing with epoch 3" in log
 
 
 def test_metrics_after_the_checkpoint_are_cut_on_resume(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from recallk import provenance
-from recallk.config import check_startable, dump_config, load_config, resume_changes
+from recallk.config import check_startable, dump_config, load_config, resume_changes, with_absolute_root
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def train(args: argparse.Namespace) -> int:
     configuration (overrides of other keys than ``config.RESUME_SAFE_KEYS`` are refused with a diff)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 touches the run folder
-    config = load_config(args.config, args.overrides)
+    config = with_absolute_root(load_config(args.config, args.overrides))  # data.root as typed -> absolute
     if args.name:
         config["name"] = args.name
     run_dir = Path(config["runs_dir"]) / config["name"]
@@ -42,6 +42,10 @@ def train(args: argparse.Namespace) -> int:
     check_startable(config, world_size)
     from recallk.cli import wiring
 
+    if args.resume and (done := wiring.finished_run_message(config, run_dir)):
+        if main_process:  # nothing to train: no segment in run.json, no resumes.jsonl line, nothing rewritten
+            print(f"recallk train: {done}")
+        return 0
     fresh = False
     if main_process:
         prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
@@ -59,6 +63,8 @@ def train(args: argparse.Namespace) -> int:
             remove_unstarted_run(run_dir)
         if main_process:
             provenance.end_segment(run_dir, outcome(stop))
+        if isinstance(stop, KeyboardInterrupt) and getattr(stop, "saved_to", None):
+            return 128 + getattr(stop, "signum", 2)  # the trainer said (once) what it saved and how to continue
         raise
     if main_process:
         from recallk.report import write_report
@@ -121,9 +127,9 @@ def resumed_config(run_dir: Path, args: argparse.Namespace,
         raise ValueError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}; start without --resume")
     if not saved_path.is_file():
         raise ValueError(f"--resume: {saved_path} is missing: it is the configuration of the run to continue")
-    saved = load_config(saved_path)
+    saved = with_absolute_root(load_config(saved_path))  # a relative root of an older run: from here
     if args.config is None:
-        requested = load_config(saved_path, args.overrides)
+        requested = with_absolute_root(load_config(saved_path, args.overrides))
     requested["name"], requested["runs_dir"] = saved["name"], saved["runs_dir"]
     return requested, resume_changes(saved, requested)
 
@@ -186,10 +192,24 @@ def evaluate(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     """``recallk report RUN_DIR`` writes the run's report.html; ``recallk report RUN_A RUN_B ...`` one page
     comparing the runs (``--out``, default ``report-compare.html`` in the current directory)."""
-    from recallk.report import write_comparison, write_report
+    import warnings
 
+    from recallk.report import ReportWarning, write_comparison, write_report
+
+    root = getattr(args, "root", None)
     if len(args.run_dirs) == 1:
-        path = write_report(Path(args.run_dirs[0]), out_path=Path(args.out) if args.out else None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ReportWarning)
+            path = write_report(Path(args.run_dirs[0]), out_path=Path(args.out) if args.out else None,
+                                root=Path(root) if root is not None else None)
+        for w in caught:  # the report is written (exit 0), but say on stderr what it left out
+            if issubclass(w.category, ReportWarning):
+                print(f"recallk report: warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    elif root is not None:
+        raise ValueError("--root applies to one run folder (the retrieval examples of its report.html); the "
+                         "comparison of several runs has no examples: drop --root")
     else:
         path = write_comparison([Path(d) for d in args.run_dirs], Path(args.out or "report-compare.html"))
     print(f"wrote {path}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recallk.config import section_arguments, train_settings
+from recallk.config import DEFAULTS, section_arguments, train_settings
 from recallk.data import ClassSubset, build_dataset, class_disjoint_split, dataset_spec
 from recallk.data.splits import check_batchable
 from recallk.data.transforms import transforms_for_model
@@ -69,7 +70,9 @@ def split_datasets_from_config(
     Raises:
         ValueError: what :func:`recallk.data.build_dataset` raises, a bad ``data.val_classes``, or too few
             training classes left for one batch (``train.batch_size / train.per_class`` classes of ``per_class``
-            images), or no validation class with two images (leave-one-out needs a positive).
+            images), or fewer than two validation classes with two or more images (with one, every neighbour of
+            a query is a positive: recall@k and MAP@R are 100 whatever the model, and best.pt would stay the
+            untrained model).
     """
     d = config["data"]
     train_tf, test_tf = (transforms_for_model(model, kind, dataset=d["dataset"], image_size=d["image_size"])
@@ -87,10 +90,16 @@ def split_datasets_from_config(
     check_batchable(train.labels, t["batch_size"], t["per_class"],
                     f"data.val_classes={d['val_classes']} holds out {len(val.classes)} of the {len(base.classes)} "
                     f"classes of {d['dataset']}/{d['train_split']} and leaves")
-    if int((np.bincount(val.labels) >= 2).sum()) == 0:
-        raise ValueError(f"data.val_classes={d['val_classes']}: none of the {len(val.classes)} validation classes "
-                         f"has two images, so leave-one-out validation has no query with a positive; hold out "
-                         f"more classes")
+    usable = int((np.bincount(val.labels) >= 2).sum())
+    if usable < 2:
+        n = len(base.classes)
+        raise ValueError(
+            f"data.val_classes={d['val_classes']} holds out {_count(len(val.classes), 'class')} of the "
+            f"{_count(n, 'class')} of {d['dataset']}/{d['train_split']}, {usable} of them with two or more images: "
+            f"validation needs at least 2 such classes (with one, every neighbour of a query is a positive, so "
+            f"val/recall@k and val/map@r are 100 whatever the model and best.pt stays the untrained model); set "
+            f"data.val_classes={max(2, len(val.classes) + 2 - usable)} (a number of classes) or a larger fraction, or "
+            f"data.val_classes=null to choose best.pt on the test split")
     test = build_dataset(d["dataset"], d["root"], d["test_split"], transform=test_tf, **test_options(config))
     return train, val, test
 
@@ -204,6 +213,48 @@ def _save_embeddings(path: Path, embeddings: np.ndarray, labels: np.ndarray) -> 
     os.replace(tmp, path)
 
 
+def _count(n: int, noun: str) -> str:
+    """``_count(1, "class")`` -> ``"1 class"``, ``_count(3, "class")`` -> ``"3 classes"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
+
+
+def resume_command(config: dict[str, Any]) -> str:
+    """The command that continues the run of ``config`` after a stop: ``recallk train --name <name> --resume``,
+    plus ``runs_dir=<runs_dir>`` when it is not the default (shell-quoted)."""
+    words = ["recallk", "train", "--name", str(config["name"]), "--resume"]
+    if config["runs_dir"] != DEFAULTS["runs_dir"]:
+        words.append(f"runs_dir={config['runs_dir']}")
+    return shlex.join(words)
+
+
+def finished_run_message(config: dict[str, Any], run_dir: Path) -> str | None:
+    """For ``--resume``: what to say when ``run_dir/checkpoints/last.pt`` has already done all the run asks
+    (``train.epochs`` completed, or ``train.max_steps`` steps made, and no interrupted evaluation to run again),
+    naming the key to raise; None when there is training left."""
+    from recallk.engine import load_checkpoint
+
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location="cpu")
+    if state.get("pending_eval") is not None:
+        return None
+    epoch, step, t = int(state.get("epoch", 0)), int(state.get("step", 0)), config["train"]
+    if epoch >= t["epochs"]:
+        done = (f"{epoch}/{t['epochs']} epochs" if epoch == t["epochs"]
+                else f"{epoch} epochs (train.epochs={t['epochs']})")
+        return (f"run {config['name']} already finished {done}: nothing to train; raise "
+                f"train.epochs to continue (e.g. {resume_command(config)} train.epochs={t['epochs'] + epoch})")
+    if t["max_steps"] is not None and step >= t["max_steps"]:
+        return (f"run {config['name']} already made {step}/{t['max_steps']} steps (train.max_steps): nothing to "
+                f"train; raise train.max_steps to continue (or train.max_steps=null)")
+    return None
+
+
+def _append_to_log(run_dir: Path, text: str) -> None:
+    """Append ``text`` (several lines) to ``run_dir/train.log``, each line with a timestamp."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(run_dir / "train.log", "a", encoding="utf-8") as handle:
+        handle.write("".join(f"{stamp} {line}\n" for line in text.splitlines()))
+
+
 def _log_at_start(message: str, run_dir: Path, warning: bool = False) -> None:
     """A line of the start (rank 0): appended to ``run_dir/train.log`` with a timestamp, and printed: a
     ``warning`` on stderr (always, whatever the warning filters), anything else through the ``recallk.train``
@@ -235,14 +286,15 @@ def train_from_config(
     train_set, val_set, test_set = split_datasets_from_config(config, model)
     if val_set is not None and main_process:
         d = config["data"]
-        _log_at_start(f"validation   {len(val_set)} images, {len(val_set.classes)} classes held out of "
+        _log_at_start(f"validation   {len(val_set)} images, {_count(len(val_set.classes), 'class')} held out of "
                       f"{d['train_split']} (data.val_classes={d['val_classes']}, data.val_seed={d['val_seed']}); "
                       f"they choose best.pt by val/{config['train']['best_metric']}", run_dir)
     criterion = criterion_from_config(config, train_set.labels)
     settings = train_settings(config, progress=progress, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)
     last: dict[str, np.ndarray] = {}
     eval_fn = _eval_callback(config, test_set, resolve_device(settings.device), progress, last, val_set=val_set)
-    trainer = Trainer(model, criterion, train_set, run_dir, settings, eval_fn=eval_fn, config=config)
+    trainer = Trainer(model, criterion, train_set, run_dir, settings, eval_fn=eval_fn, config=config,
+                      resume_command=resume_command(config))
     final = trainer.fit(resume=resume)
     if trainer.rank != 0:
         return {"table": "", "final": final}
@@ -250,6 +302,7 @@ def train_from_config(
         _save_embeddings(run_dir / "embeddings" / f"{config['data']['test_split']}.npz", last["embeddings"],
                          last["labels"])
     table = format_metrics_table(_comparison_rows(config, run_dir))  # also writes the raw pixels the report reads
+    _append_to_log(run_dir, table)  # the final table, as stdout shows it
     return {"table": table,
             "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}}
 
@@ -309,8 +362,8 @@ def evaluate_checkpoint(
         if not Path(root).exists():
             raise ValueError(
                 f"the data root {root} recorded in {checkpoint} (data.root of its run) does not exist here: the "
-                f"checkpoint was trained elsewhere or the data moved; pass --root with the {name} folder on this "
-                "machine")
+                f"checkpoint was trained elsewhere or the data moved; pass --root with the data folder of dataset "
+                f"'{name}' on this machine")
     transform = transforms_for_model(model, "test", dataset=name, image_size=image_size)
     options = {**(d.get("options") or {}), **(d.get("test_options") or {})} if same else {}
     if (name == "folder" and splits is None and root is not None and not (Path(root) / "test").is_dir()
@@ -326,7 +379,9 @@ __all__ = [
     "criterion_from_config",
     "datasets_from_config",
     "evaluate_checkpoint",
+    "finished_run_message",
     "model_from_config",
+    "resume_command",
     "same_images_warning",
     "split_datasets_from_config",
     "train_from_config",

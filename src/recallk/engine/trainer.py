@@ -29,6 +29,7 @@ from recallk.data.transforms import with_device_normalize
 from recallk.engine.cached import Prepare, cached_backward_stream
 from recallk.engine.checkpoint import (
     CHECKPOINT_FORMAT,
+    describe_loss,
     is_weights_only,
     load_checkpoint,
     plain_config,
@@ -163,6 +164,8 @@ class Trainer:
             ``build_model``, the settings, the loss when it can describe itself, the train transform's size).
             Checkpoints also carry ``model_spec`` and ``recallk_version``, so ``recallk.load_model`` and
             ``recallk eval --checkpoint`` use one alone; ``best.pt`` is weights-only.
+        resume_command: how to continue the run after a stop, as the stop message says it (the CLI passes
+            ``recallk train --name <run> --resume``); default: ``Trainer(...).fit(resume=True)`` on the run folder.
 
     Raises:
         ValueError: bad settings, before any training and before the epoch-0 evaluation: a batch the sampler
@@ -180,6 +183,7 @@ class Trainer:
         *,
         eval_fn: EvalFn | None = None,
         config: Mapping[str, Any] | None = None,
+        resume_command: str | None = None,
         **settings_kwargs: Any,
     ) -> None:
         s = TrainSettings(**settings_kwargs) if settings is None else dataclasses.replace(settings, **settings_kwargs)
@@ -189,6 +193,7 @@ class Trainer:
                              "class-balanced sampler")
         check_per_class(s.per_class, int(getattr(criterion, "min_per_class", 1)), type(criterion).__name__)
         self.settings, self.eval_fn = s, eval_fn
+        self.resume_command = resume_command
         # What the checkpoints and config.yaml say the run is (docs/run-folder.md): the caller's resolved config, or
         # what this trainer knows (model spec, settings, the loss when it can describe itself).
         self.model_spec = getattr(model, "model_spec", None)
@@ -292,7 +297,11 @@ class Trainer:
                     self.pending_eval = None
                     self._mark_completed()
                     self._save("last.pt")
-                while self.epoch < self.settings.epochs:
+                if resumed and self._finished():
+                    self._log(f"nothing to train: {self._position_text()}, and the run asks for "
+                              f"{self.settings.epochs} epochs" + (f", {self.settings.max_steps} steps"
+                                                                   if self.settings.max_steps is not None else ""))
+                while self.epoch < self.settings.epochs and not self._finished():
                     self._train_epoch(self.epoch + 1)
                     self._finish_epoch(self.epoch + 1)
             except _StopRequested:
@@ -302,10 +311,13 @@ class Trainer:
                     self._save("last.pt", gather_rng=False)  # other ranks may be stopped anywhere: no collective
                     self._save_rank_rng()
                     what = stop.args[0] if isinstance(stop, Preempted) else "Ctrl-C"
-                    message = (f"stopped by {what}: saved {self.checkpoint_dir / 'last.pt'} (epoch {self.epoch}, "
-                               f"step {self.step}); continue with resume (recallk train --name <run> --resume)")
+                    how = self.resume_command or f"Trainer(...).fit(resume=True) with run_dir {self.run_dir}"
+                    message = (f"stopped by {what}: saved {self.checkpoint_dir / 'last.pt'} ({self._position_text()}); "
+                               f"continue with: {how}")
                     self._log(message)
-                    warnings.warn(message, stacklevel=2)
+                    if self.is_main and not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
+                        warnings.warn(message, stacklevel=2)  # nobody shows the log: say it once this way
+                    stop.saved_to = self.checkpoint_dir / "last.pt"  # type: ignore[attr-defined]  # said: the CLI adds nothing
                 raise
             finally:
                 if self._batches is not None:
@@ -316,6 +328,19 @@ class Trainer:
                     self._writer = None
         extra = {"train_loss": self.last_train_loss, f"best_{self.best_metric}": self.best_value}
         return {**self.last_eval, **{key: value for key, value in extra.items() if value is not None}}
+
+    def _finished(self) -> bool:
+        """All the run asks is done: ``epochs`` completed, or ``max_steps`` steps made."""
+        s = self.settings
+        return self.epoch >= s.epochs or (s.max_steps is not None and self.step >= s.max_steps)
+
+    def _position_text(self) -> str:
+        """Where the run stands, unambiguously: ``after epoch 5 (step 50)`` at an epoch's end, ``in epoch 6 after
+        batch 3 of 10 (step 53)`` inside one."""
+        if self.position == 0:
+            return f"after epoch {self.epoch} (step {self.step})"
+        total = self._steps_in_epoch(self.epoch + 1)
+        return f"in epoch {self.epoch + 1} after batch {self.position} of {total} (step {self.step})"
 
     def _mark_completed(self) -> None:
         """Record the state a step changes before its optimiser update (RNG streams, model buffers, the
@@ -552,8 +577,21 @@ class Trainer:
         precision = {None: "float32", torch.bfloat16: "bfloat16 autocast",
                      torch.float16: "float16 autocast + GradScaler"}[self.autocast_dtype]
         classes = len(set(int(c) for c in labels))
-        where = (f"resumed at epoch {self.epoch}, step {self.step} (batch {self.position} of the epoch)" if resumed
-                 else "new run")
+        if not resumed:
+            where = "new run"
+        elif self.position == 0:
+            where = f"resumed {self._position_text()}: " + (
+                f"continuing with epoch {self.epoch + 1}" if self.epoch < s.epochs else "all epochs done")
+        else:
+            where = f"resumed {self._position_text()}: continuing with batch {self.position + 1}"
+        spec = describe_loss(self.criterion)
+        if spec is None:
+            loss = type(self.criterion).__name__ if isinstance(self.criterion, nn.Module) else repr(self.criterion)
+        elif spec.get("name") == "rsk":
+            loss = f"rsk (ks {list(spec['ks'])}, SiMix {'on' if spec.get('simix') else 'off'})"
+        else:
+            options = {k: v for k, v in spec.items() if k != "name"}
+            loss = str(spec["name"]) + (f" {options}" if options else "")
         self._log("\n".join([
             f"run folder   {self.run_dir} ({where})",
             f"device       {self.device}, {self.world_size} process(es)",
@@ -561,6 +599,7 @@ class Trainer:
             f"per epoch, {s.epochs} epochs",
             f"batch        {s.batch_size} images ({s.per_class} per class) in chunks of {s.chunk_size}"
             + (f", {s.batch_size // self.world_size} per process" if self.world_size > 1 else ""),
+            f"loss         {loss}",
             f"precision    {precision}; optimizer {s.optimizer}, lr {s.lr:g}",
         ]))
 
