@@ -110,3 +110,24 @@ def test_python_m_recallk_cli_runs():
     done = subprocess.run([sys.executable, "-m", "recallk.cli", "--version"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("recallk "), done.stderr
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_stop_before_any_checkpoint_says_nothing_was_saved(monkeypatch, capsys, resume):
+    import signal
+
+    from recallk.cli import commands
+    from recallk.cli.main import main
+    from recallk.engine.trainer import Preempted
+
+    def stopped(args):
+        raise Preempted(signal.SIGTERM)  # what the trainer raises when the signal comes before its first save
+
+    monkeypatch.setattr(commands, "run", stopped)
+    code = main(["train", "--name", "x", "--no-progress", *(["--resume"] if resume else [])])
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM
+    if resume:
+        assert "no new checkpoint was saved" in err and "(with --resume)" in err
+    else:
+        assert "nothing was saved; run the same command again" in err and "--resume" not in err

@@ -135,9 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NonFiniteLossError, TrainingStalledError) as err:
         print(f"recallk {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except Preempted as stop:
-        print(f"recallk {args.command}: stopped by {stop.args[0]}; continue with the same command and --resume",
-              file=sys.stderr)
+    except Preempted as stop:  # before the trainer saved anything (it reports its own saves)
+        if getattr(args, "resume", False):
+            hint = "no new checkpoint was saved; the last one stays: run the same command again (with --resume)"
+        else:
+            hint = "before the first checkpoint: nothing was saved; run the same command again"
+        print(f"recallk {args.command}: stopped by {stop.args[0]} {hint}", file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"recallk {args.command}: interrupted", file=sys.stderr)
