@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from tests.image_folders import write_image_folder
 
 from recallk.cli.wiring import GAIN_COLUMN, _comparison_rows
 from recallk.config import load_config
@@ -14,15 +15,8 @@ from recallk.config import load_config
 
 @pytest.fixture
 def tiny_run(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
-    for c in range(3):
-        base = rng.random((4, 4))
-        for i in range(3):
-            folder = root / "test" / f"class{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            image = np.kron(base, np.ones((4, 4))) + 0.3 * rng.standard_normal((16, 16))
-            Image.fromarray((image.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    root = write_image_folder(tmp_path / "images", {"test": range(3)}, per_class=3, grid=4, cell=(4, 4),
+                              channels=None, noise=0.3, class_name="class{}")
     run = tmp_path / "run"
     run.mkdir()
     evals = [{"kind": "eval", "epoch": e, "step": e, "time": 0.0, "split": "test", "recall@1": r1, "recall@2": 0.9,

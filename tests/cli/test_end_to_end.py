@@ -5,24 +5,15 @@ import json
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
+from tests.image_folders import write_image_folder
 
 from recallk.cli.main import main
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for split, classes in (("train", range(8)), ("test", range(8, 12))):
-        for c in classes:
-            base = rng.random((3, 3, 3))  # each class: a coarse colour pattern, items: noisy copies
-            folder = root / split / f"class{c:02d}"
-            folder.mkdir(parents=True)
-            for i in range(4):
-                image = np.kron(base, np.ones((11, 11, 1))) + 0.1 * rng.standard_normal((33, 33, 3))
-                Image.fromarray((image.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+    # each class: a coarse colour pattern, items: noisy copies
+    return write_image_folder(tmp_path_factory.mktemp("images"), {"train": range(8), "test": range(8, 12)})
 
 
 def test_train_eval_report(image_folder, tmp_path, capsys):

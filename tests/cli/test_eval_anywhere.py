@@ -10,11 +10,10 @@ import os
 import shutil
 import stat
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from tests.image_folders import write_image_folder
 
 import recallk
 from recallk.cli.main import main
@@ -24,34 +23,16 @@ TINY = ["--no-progress", "data.dataset=folder", "data.image_size=32", "model.nam
         "train.tensorboard=false", "eval.pixel_baseline=false", "eval.ks=[1, 2]"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: faster on the shared 2-core machine, and the same arithmetic in every evaluation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_folder(root):
-    """train/ (8 classes) and test/ (4 classes) of 4 noisy copies of a coarse colour pattern per class."""
-    rng = np.random.default_rng(0)
-    for split, classes in (("train", range(8)), ("test", range(8, 12))):
-        for c in classes:
-            base = rng.random((3, 3, 3))
-            folder = root / split / f"class{c:02d}"
-            folder.mkdir(parents=True)
-            for i in range(4):
-                image = np.kron(base, np.ones((11, 11, 1))) + 0.1 * rng.standard_normal((33, 33, 3))
-                Image.fromarray((image.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+# one torch thread: faster on the shared 2-core machine, and the same arithmetic in every evaluation
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(run folder, data folder) of a one-epoch CLI run."""
     top = tmp_path_factory.mktemp("anywhere")
-    data = write_folder(top / "data")
+    # train/ (8 classes) and test/ (4 classes) of 4 noisy copies of a coarse colour pattern per class
+    data = write_image_folder(top / "data", {"train": range(8), "test": range(8, 12)})
     torch.set_num_threads(1)
     assert main(["train", "--name", "tiny", f"runs_dir={top / 'runs'}", f"data.root={data}", *TINY]) == 0
     return top / "runs" / "tiny", data

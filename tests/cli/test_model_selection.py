@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from tests.image_folders import write_image_folder
 from torch import nn
 
 from recallk.cli.main import main
@@ -24,15 +24,7 @@ TINY = ["data.image_size=32", "model.name=resnet10t", "model.embed_dim=16", "mod
 @pytest.fixture(scope="module")
 def flat_folder(tmp_path_factory):
     """12 class folders of 4 noisy copies of a coarse colour pattern, directly under the root (no train/test)."""
-    root = tmp_path_factory.mktemp("flat")
-    rng = np.random.default_rng(1)
-    for c in range(12):
-        base = rng.random((3, 3, 3))
-        (root / f"class{c:02d}").mkdir()
-        for i in range(4):
-            image = np.kron(base, np.ones((11, 11, 1))) + 0.9 * rng.standard_normal((33, 33, 3))
-            Image.fromarray((image.clip(0, 1) * 255).astype(np.uint8)).save(root / f"class{c:02d}" / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("flat"), 12, noise=0.9, seed=1)
 
 
 def _records(run):

@@ -11,10 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tests.image_folders import write_image_folder
 
 from recallk.cli.main import main
 
@@ -24,26 +23,13 @@ TINY = ["data.image_size=32", "model.name=resnet10t", "model.embed_dim=16", "mod
         "train.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def flat_folder(tmp_path_factory):
     """12 class folders of 4 noisy copies of a coarse colour pattern, directly under the root (no train/test)."""
-    root = tmp_path_factory.mktemp("flat") / "photos"
-    rng = np.random.default_rng(1)
-    for c in range(12):
-        base = rng.random((3, 3, 3))
-        (root / f"class{c:02d}").mkdir(parents=True)
-        for i in range(4):
-            image = np.kron(base, np.ones((11, 11, 1))) + 0.9 * rng.standard_normal((33, 33, 3))
-            Image.fromarray((image.clip(0, 1) * 255).astype(np.uint8)).save(root / f"class{c:02d}" / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("flat") / "photos", 12, noise=0.9, seed=1)
 
 
 def test_a_one_class_validation_split_is_refused(flat_folder, tmp_path, capsys):

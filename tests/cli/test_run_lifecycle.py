@@ -24,14 +24,9 @@ TINY = ["-c", str(REPO / "configs" / "kanji.yaml"), "model.name=resnet10t", "dat
         "train.chunk_size=8", "train.max_steps_per_epoch=3", "eval.pixel_baseline=false", "train.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread (the subprocess: OMP_NUM_THREADS=1): 6x faster on a shared 2-core machine, and the same
-    arithmetic in both processes, so that their weights can be compared bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread (the subprocess: OMP_NUM_THREADS=1): 6x faster on a shared 2-core machine, and the same
+# arithmetic in both processes, so that their weights can be compared bit for bit
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_overrides_are_accepted_anywhere():

@@ -10,7 +10,6 @@ from html import escape
 from pathlib import Path
 
 import pytest
-import torch
 
 from recallk.cli.main import main
 
@@ -20,12 +19,7 @@ TINY = ["-c", str(REPO / "configs" / "kanji.yaml"), "model.name=resnet10t", "dat
         "train.chunk_size=8", "train.max_steps_per_epoch=2", "eval.pixel_baseline=false", "train.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_writes_run_json_and_resume_adds_a_segment(tmp_path, monkeypatch):

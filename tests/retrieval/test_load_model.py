@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tests.image_folders import write_image_folder
 
 import recallk
 from recallk.data.transforms import transforms_for_model
@@ -20,32 +21,14 @@ from recallk.losses import RecallAtKSurrogate, build_loss
 from recallk.models import build_model
 from recallk.retrieval import CheckpointError, load_trained_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_folder(root, classes: int = 6, per_class: int = 4, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        base = rng.random((3, 3, 3))
-        folder = root / f"class{c:02d}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            image = np.kron(base, np.ones((13, 9, 1))) + 0.1 * rng.standard_normal((39, 27, 3))
-            Image.fromarray((image.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def api_run(tmp_path_factory):
     """A run of the Trainer API alone: build_model + build_dataset + RS@k + Trainer, no config passed."""
     top = tmp_path_factory.mktemp("api")
-    data = write_folder(top / "data")
+    data = write_image_folder(top / "data", 6, cell=(13, 9))
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = build_model("resnet10t", embed_dim=8, freeze_bn=True)
