@@ -27,6 +27,7 @@ import yaml
 
 from recallk.data import DATASET_SPECS, dataset_spec
 from recallk.engine import TrainSettings
+from recallk.engine.checkpoint import LOSS_NOT_CONFIG, TRAIN_FROM_ELSEWHERE
 from recallk.engine.settings import check_amp_device, check_per_class
 from recallk.evaluation import retrieval_metrics
 from recallk.losses import RecallAtKSurrogate, loss_min_per_class, loss_names
@@ -47,10 +48,10 @@ def _signature_defaults(fn: Callable[..., Any], skip: Iterable[str]) -> dict[str
     return {p.name: _plain(p.default) for p in params if p.default is not p.empty and p.name not in set(skip)}
 
 
-#: train settings the CLI sets from elsewhere: ``seed`` (top level), ``data.num_workers``, ``--no-progress``, torchrun.
-_TRAIN_FROM_ELSEWHERE = ("seed", "num_workers", "progress", "distributed")
-#: loss arguments that are not configuration: a generator object, a test knob, a deprecated spelling.
-_LOSS_NOT_CONFIG = ("generator", "block_size", "similarity")
+#: train settings the CLI sets from elsewhere (``seed`` top level, ``data.num_workers``, ``--no-progress``, torchrun)
+#: and loss arguments that are not configuration: one list each, shared with the Trainer's own config.yaml.
+_TRAIN_FROM_ELSEWHERE = TRAIN_FROM_ELSEWHERE
+_LOSS_NOT_CONFIG = LOSS_NOT_CONFIG
 #: keys accepted for one release although no longer in DEFAULTS: (section, key) -> what to say.
 _DEPRECATED = {("loss", "similarity"): "loss.similarity is deprecated: use loss.memory (same values)"}
 _REMOVED = {

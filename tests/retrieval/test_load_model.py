@@ -50,13 +50,14 @@ def api_run(tmp_path_factory):
 
 
 def test_the_api_run_writes_what_it_knows_to_config_yaml(api_run):
-    _, run, _ = api_run
+    _, run, data = api_run
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"] == {"name": "resnet10t", "embed_dim": 8, "pretrained": False, "pooling": "gem",
                                "freeze_bn": True, "in_chans": 3, "options": {}}
     assert config["loss"]["name"] == "rsk" and config["loss"]["ks"] == [1, 2]
     assert config["loss"]["tau_rank"] == 0.02 and config["loss"]["simix"] is True
-    assert config["data"] == {"dataset": "folder", "image_size": 40, "num_workers": 0}
+    assert config["data"] == {"dataset": "folder", "root": str(data), "train_split": None, "image_size": 40,
+                              "num_workers": 0, "options": {}}
     assert config["train"]["batch_size"] == 8 and config["train"]["milestones"] == [] and config["seed"] == 1
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"] == config
 

@@ -326,7 +326,9 @@ def evaluate_checkpoint(
     With ``query`` and ``gallery`` (two ``<class>/<image>`` folders, instead of ``dataset``/``root``/``splits``)
     the query images search the gallery images (``recallk.evaluation.query_gallery_metrics``: classes matched
     by folder name); the result is ``{"query": metrics}``. ``ks`` default to ``eval.ks`` of the run, else the
-    folder dataset's.
+    folder dataset's. A folder without ``train/``/``test/`` folders whose run split none off
+    (``data.options.test_classes``) is evaluated whole, leave-one-out (split ``all``), with a note on stderr that
+    its trained classes inflate the numbers.
 
     Raises:
         ValueError: missing checkpoint or config, only one of query/gallery, query/gallery mixed with
@@ -369,6 +371,11 @@ def evaluate_checkpoint(
     if (name == "folder" and splits is None and root is not None and not (Path(root) / "test").is_dir()
             and options.get("test_classes") is None):  # a folder split by test_classes: its test classes
         splits = ["all"]  # a plain folder of class folders: evaluate all of it, leave-one-out
+        print(f"note: evaluating every class folder of {root} leave-one-out (split 'all'): classes the model "
+              "trained on would inflate the numbers. To evaluate held-out classes, train on one side of a "
+              "class split (data.options.test_classes=0.5, or build_dataset('folder', root, 'train', "
+              "test_classes=0.5) with the Trainer), or give a root with train/ and test/ folders, or --query and "
+              "--gallery folders of unseen classes", file=sys.stderr, flush=True)
     return evaluate_protocol(
         model, name, root, transform, ks=ks or (run_ks if same else None), splits=splits,
         dataset_options=options, num_workers=num_workers, **embed_options,

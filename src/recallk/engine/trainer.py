@@ -32,7 +32,7 @@ from recallk.engine.checkpoint import (
     describe_loss,
     is_weights_only,
     load_checkpoint,
-    plain_config,
+    merge_run_config,
     save_checkpoint,
     trainer_run_config,
     weights_only_state,
@@ -158,10 +158,12 @@ class Trainer:
             last; ``best_metric`` (higher is better) picks ``checkpoints/best.pt``: ``val/<best_metric>`` when the
             metrics hold it (a validation split carved from the training classes), else ``best_metric`` (the test
             split). Each new best also writes ``run_dir/best.json`` (metric, split, value, epoch, step).
-        config: the run's resolved config (plain values), written to ``run_dir/config.yaml`` when ``fit`` starts
-            and stored in every checkpoint (the CLI passes its own). Default: what the trainer knows
+        config: more of the run's config (plain values), merged section by section over what the trainer knows
             (:func:`recallk.engine.checkpoint.trainer_run_config`: the model's ``model_spec`` from
-            ``build_model``, the settings, the loss when it can describe itself, the train transform's size).
+            ``build_model``, the settings, the loss when it can describe itself, the training set's dataset,
+            root, split, options and transform size), the given values winning
+            (:func:`recallk.engine.checkpoint.merge_run_config`; the CLI passes its whole resolved config). The
+            result is written to ``run_dir/config.yaml`` when ``fit`` starts and stored in every checkpoint.
             Checkpoints also carry ``model_spec`` and ``recallk_version``, so ``recallk.load_model`` and
             ``recallk eval --checkpoint`` use one alone; ``best.pt`` is weights-only.
         resume_command: how to continue the run after a stop, as the stop message says it (the CLI passes
@@ -197,8 +199,7 @@ class Trainer:
         # What the checkpoints and config.yaml say the run is (docs/run-folder.md): the caller's resolved config, or
         # what this trainer knows (model spec, settings, the loss when it can describe itself).
         self.model_spec = getattr(model, "model_spec", None)
-        self.run_config = (plain_config(config) if config is not None
-                           else trainer_run_config(model, criterion, s, train_dataset))
+        self.run_config = merge_run_config(trainer_run_config(model, criterion, s, train_dataset), config)
         context = init_distributed() if s.distributed else DistributedContext(0, 1, 0, resolve_device(s.device))
         self.rank, self.world_size, self.device = context.rank, context.world_size, context.device
         self.is_main = self.rank == 0

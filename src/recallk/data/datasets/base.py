@@ -46,6 +46,12 @@ def resolve_root(root: str | os.PathLike | None, name: str) -> Path:
     return require(Path(root).expanduser(), f"{name} root folder", folder=True)
 
 
+def absolute_root(root: str | os.PathLike) -> str:
+    """``root`` as an absolute path string (``~`` expanded, relative to the current directory, symbolic links kept
+    as named), as ``recallk.config.with_absolute_root`` records ``data.root``."""
+    return os.path.abspath(os.path.expanduser(str(root)))
+
+
 def read_lines(path: Path) -> list[str]:
     """Non-empty, stripped lines of a text list file."""
     with open(path, encoding="utf-8") as f:
@@ -186,8 +192,14 @@ class ImageListDataset(Dataset):
             unreadable or missing ones, warn, and record them in ``.skipped``; when False, a bad image raises
             :class:`BadImageError` (naming the file) when it is read.
         name: dataset name used in messages.
+        root: the folder the dataset was read from (the ``root`` of ``build_dataset``, made absolute by the
+            builders), or None; recorded by a :class:`recallk.engine.Trainer` run as ``data.root``.
+        split: the split it is (the ``split`` of ``build_dataset``), or None; recorded as ``data.train_split``.
+        options: the ``build_dataset`` options it was built with that change which items it holds (e.g. a
+            folder's ``test_classes`` and ``test_seed``), or ``{}``; recorded as ``data.options``.
 
     Attributes:
+        root, split, options: as given (``options`` a new dict).
         paths: list of ``str`` paths, one per item.
         labels: ``numpy.int64`` array of shape ``(N,)``, class ids in ``0..C-1`` (keys in sorted order).
         classes: list of ``C`` class names, ``classes[labels[i]]`` is item i's class.
@@ -202,6 +214,10 @@ class ImageListDataset(Dataset):
         class_names: dict[Hashable, str] | None = None,
         skip_bad_images: bool = False,
         name: str = "dataset",
+        *,
+        root: str | None = None,
+        split: str | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         if len(paths) != len(class_keys):
             raise ValueError(f"{name}: {len(paths)} paths but {len(class_keys)} class keys")
@@ -231,6 +247,7 @@ class ImageListDataset(Dataset):
         index = {k: i for i, k in enumerate(sorted_keys)}
         names = class_names or {}
         self.name = name
+        self.root, self.split, self.options = root, split, dict(options or {})
         self.paths: list[str] = paths
         self.labels: np.ndarray = np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
         self.classes: list[str] = [names.get(k, str(k)) for k in sorted_keys]
@@ -259,8 +276,11 @@ def image_list_builder(name: str, parse: Callable, default_split: str | None = "
         transform: Callable | None = None,
         skip_bad_images: bool = False,
     ) -> ImageListDataset:
-        paths, keys, names = parse(resolve_root(root, name), split)
-        return ImageListDataset(paths, keys, transform, names, skip_bad_images, name=f"{name}/{split or 'all'}")
+        base = resolve_root(root, name)
+        paths, keys, names = parse(base, split)
+        return ImageListDataset(paths, keys, transform, names, skip_bad_images, name=f"{name}/{split or 'all'}",
+                                root=absolute_root(base), split=split,
+                                options={"skip_bad_images": True} if skip_bad_images else {})
 
     build.__name__ = build.__qualname__ = f"build_{name}"
     build.__module__, build.__doc__ = parse.__module__, parse.__doc__

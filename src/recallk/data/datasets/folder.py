@@ -20,6 +20,7 @@ import numpy as np
 from recallk.data.datasets.base import (
     DatasetFileNotFoundError,
     ImageListDataset,
+    absolute_root,
     image_list_builder,
     require,
     resolve_root,
@@ -131,6 +132,10 @@ def build_folder(
             the split depends on the names and ``test_seed`` only). None: the folder's own layout.
         test_seed: the seed of that split (any int).
 
+    The dataset's ``root`` (absolute), ``split`` and ``options`` (``test_classes``, ``test_seed`` when given) say
+    how to build it again (a Trainer run records them in its config.yaml, so that ``recallk eval`` evaluates the
+    held-out test classes).
+
     Raises:
         ValueError: ambiguous split (root has ``train/`` and ``test/`` but no split was given), ``test_classes``
             on a root that already has ``train/`` and ``test/`` folders or with a split other than train/test, a
@@ -152,8 +157,10 @@ def build_folder(
                                       what="test_classes")
     chosen = held if split == "test" else kept
     name = f"folder/{split} (test_classes={test_classes}, test_seed={test_seed})"
+    options = {"test_classes": test_classes, "test_seed": test_seed, **({"skip_bad_images": True} if skip_bad_images
+                                                                        else {})}
     return ImageListDataset([paths[i] for i in chosen], [keys[i] for i in chosen], transform, None,
-                            skip_bad_images, name=name)
+                            skip_bad_images, name=name, root=absolute_root(base), split=split, options=options)
 
 
 register_dataset(DatasetSpec("folder", build_folder, splits=None, eval_ks=(1, 2, 4, 8)))
