@@ -74,11 +74,24 @@ def device_name(device: Any = None) -> str | None:
     return None
 
 
+def command_program(argv0: str) -> list[str]:
+    """How to type the program of this process again: ``["python", "-m", "recallk"]`` when it was started as
+    ``python -m recallk`` (``argv0`` is then the file of the ``__main__`` module's spec, e.g. ``.../__main__.py``),
+    else the file name of ``argv0`` (``["recallk"]`` for the console script)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    origin = getattr(spec, "origin", None)
+    if spec is not None and origin and argv0 and os.path.abspath(argv0) == os.path.abspath(origin):
+        name = spec.name.removesuffix(".__main__")
+        return ["python", "-m", name]
+    return [Path(argv0).name]
+
+
 def environment_record(device: Any = None) -> dict[str, Any]:
     """What made this process's run: a JSON-serialisable dict.
 
     Keys: ``time`` (unix seconds, float) and ``started`` (local time, ISO 8601 with offset); ``argv`` (a copy of
-    ``sys.argv``) and ``command`` (it as one shell-quoted line, the program as its file name); ``versions``
+    ``sys.argv``) and ``command`` (it as one shell-quoted line, the program as typed: ``recallk`` or
+    ``python -m recallk``, see :func:`command_program`); ``versions``
     (``{"recallk", "torch", "timm", "numpy", "python"}``: installed versions, None when absent);
     ``git_commit`` / ``git_dirty`` (the working directory's git checkout, None when it is not one, see
     :func:`git_state`); ``recallk_git_commit`` / ``recallk_git_dirty``: the same for the folder of the recallk
@@ -89,7 +102,7 @@ def environment_record(device: Any = None) -> dict[str, Any]:
     commit, dirty = git_state()
     source_commit, source_dirty = git_state(Path(__file__).resolve().parent)  # an editable install's checkout
     argv = list(sys.argv)
-    program = [Path(argv[0]).name] if argv else []
+    program = command_program(argv[0]) if argv else []
     now = time.time()
     return {
         "time": now,

@@ -55,3 +55,25 @@ def test_segments_append_and_errors(tmp_path):
     (tmp_path / "run.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         provenance.read_run_file(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["package", "module"])
+def test_command_of_python_dash_m_is_runnable_as_typed(tmp_path, layout):
+    """``python -m PKG train ...`` is recorded as typed (argv[0] is then PKG's ``__main__.py``, not runnable)."""
+    code = "import sys\nfrom recallk import provenance\nprint(provenance.environment_record()['command'])\n"
+    if layout == "package":
+        (tmp_path / "fakecli").mkdir()
+        (tmp_path / "fakecli" / "__init__.py").write_text("")
+        (tmp_path / "fakecli" / "__main__.py").write_text(code)
+        name = "fakecli"
+    else:
+        (tmp_path / "fakecli_main.py").write_text(code)
+        name = "fakecli_main"
+    out = subprocess.run([sys.executable, "-m", name, "train", "a.b=two words"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"python -m {name} train 'a.b=two words'"
+    script = subprocess.run([sys.executable, str(tmp_path / "fakecli_main.py" if layout == "module" else
+                                                 tmp_path / "fakecli" / "__main__.py"), "eval"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert script.stdout.strip() == ("fakecli_main.py eval" if layout == "module" else "__main__.py eval")

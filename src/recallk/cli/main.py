@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "it carries its config); required unless --query-embeddings and --gallery-embeddings are given")
     ev.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
     ev.add_argument("--root", help="dataset folder (default: the training run's data.root)")
-    ev.add_argument("--split", action="append", help="split(s) to evaluate (default: the dataset's protocol)")
+    ev.add_argument("--split", action="extend", nargs="+", metavar="SPLIT",
+                    help="one or more splits to evaluate, e.g. --split test validation (default: the dataset's "
+                    "protocol)")
     ev.add_argument("--ks", type=int, nargs="+", help="k values for recall@k (default: the dataset's)")
     ev.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
@@ -114,9 +116,18 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         if not flags:
             args.overrides = [*args.overrides, *extra]
             extra = []
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # said by the sub-command's parser ("recallk eval: error: ..."), as its own errors are
+        parser_of(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def parser_of(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The sub-parser of ``command`` in ``parser`` (``recallk eval``'s for ``"eval"``), ``parser`` itself when
+    ``command`` is None or not one of its sub-commands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

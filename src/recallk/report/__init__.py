@@ -9,6 +9,7 @@ versions, git commit, command line, resumes), config, training curves, final met
 from __future__ import annotations
 
 import os
+import shlex
 import time
 import warnings
 from html import escape
@@ -134,6 +135,21 @@ def data_root(record: RunRecord, root: str | Path | None = None) -> str | None:
     return str(configured)
 
 
+def _missing_embeddings_hint(run: Path, split: str, record: RunRecord) -> str:
+    """Where ``embeddings/<split>.npz`` comes from: ``recallk train``'s final evaluation writes it; a run of the
+    Python ``Trainer`` (which writes none) gets it from ``recallk.retrieval.write_embeddings``, or from
+    ``recallk embed`` when its config names a dataset."""
+    dataset = (record.config.get("data") or {}).get("dataset")
+    hint = "`recallk train` writes it at its final evaluation; for a run of the Python Trainer, write it with "
+    if not dataset:
+        return hint + "recallk.retrieval.write_embeddings (the split's items in dataset order)"
+    command = shlex.join(["recallk", "embed", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--dataset",
+                          str(dataset), "--split", split, "--out", str(run / "embeddings" / f"{split}.npz")])
+    if not (record.config.get("data") or {}).get("root"):
+        command += " --root DIR"  # the run records no data folder: the user names it
+    return hint + f"`{command}` or recallk.retrieval.write_embeddings"
+
+
 class _DatasetSource:
     """The evaluated split for the examples, built at most once: the ``dataset`` given, else from config.yaml's
     ``data`` section (and ``root``). ``get`` returns ``(dataset, None)`` or ``(None, why it could not be built)``;
@@ -188,8 +204,9 @@ def _examples_body(run: Path, split: str, source: _DatasetSource, num_queries: i
         others = sorted(p.name for p in (run / "embeddings").glob("*.npz")) if (run / "embeddings").is_dir() else []
         found = f" (found: {', '.join(others)}; choose one with split=)" if others else ""
         why = f"{emb_path.relative_to(run)} does not exist{found}"
+        why = f"{why}. {_missing_embeddings_hint(run, split, source.record)}"
         warnings.warn(f"retrieval examples left out of the report: {why}", ReportWarning, stacklevel=3)
-        return html.note(f"Retrieval examples omitted: {why}. It is written by the final evaluation of a run.")
+        return html.note(f"Retrieval examples omitted: {why}.")
     embeddings, labels = read_npz(emb_path)
     if embeddings.shape[0] < 2:
         warnings.warn(f"retrieval examples left out of the report: {emb_path} holds fewer than 2 items",

@@ -376,8 +376,8 @@ def record_section(run: RunRecord) -> str:
             ("resumed", f"{resumes} time(s)" if resumes else "no")]
     parts = ["<h2>Run record</h2>", key_value_table(rows)]
     if run.run_file is None:
-        parts.append(note("run.json not found (a run made before recallk recorded it): versions, git commit and "
-                          "command line are not recorded."))
+        parts.append(note("run.json not found: it is written by `recallk train` (runs of the Python Trainer and "
+                          "older runs have none): versions, git commit and command line are not recorded."))
     if len(run.segments) > 1 or resumes:
         parts.append("<h3>Segments <small>(resumes are the dashed lines on the curves)</small></h3>")
         parts.append(segments_table(run))
