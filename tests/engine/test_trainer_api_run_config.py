@@ -13,7 +13,7 @@ import yaml
 from tests.image_folders import write_image_folder
 
 import recallk
-from recallk.cli.wiring import evaluate_checkpoint
+from recallk.cli.evaluate import evaluate_checkpoint
 from recallk.config import DEFAULTS, check_startable, load_config
 from recallk.data.transforms import transforms_for_model
 from recallk.engine import Trainer, TrainSettings

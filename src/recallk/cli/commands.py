@@ -7,7 +7,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -169,27 +168,20 @@ def evaluate(args: argparse.Namespace) -> int:
         return retrieval.evaluate_files(args)
     if not args.checkpoint:
         raise ValueError("give --checkpoint (or --query-embeddings Q.npz --gallery-embeddings G.npz)")
-    from recallk.cli import wiring
+    from recallk.cli.evaluate import evaluate_checkpoint
 
-    try:
-        results = wiring.evaluate_checkpoint(
-            Path(args.checkpoint),
-            dataset=args.dataset,
-            root=args.root,
-            splits=args.split,
-            ks=args.ks,
-            query=args.query,
-            gallery=args.gallery,
-            batch_size=args.batch_size,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-    except ValueError as err:  # the data layer's words for a missing root (data.datasets.base.resolve_root)
-        needs_root = re.match(r"dataset ('[^']*') needs root=", str(err))
-        if needs_root is None or args.root is not None:
-            raise
-        raise ValueError(f"dataset {needs_root.group(1)} needs its data folder and {args.checkpoint} records none "
-                         "for it: pass --root DIR (the folder the dataset unpacks to; see docs/datasets.md)") from err
+    results = evaluate_checkpoint(
+        Path(args.checkpoint),
+        dataset=args.dataset,
+        root=args.root,
+        splits=args.split,
+        ks=args.ks,
+        query=args.query,
+        gallery=args.gallery,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     from recallk.evaluation import format_metrics_table
 
     print(format_metrics_table(results))

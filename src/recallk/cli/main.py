@@ -139,10 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from recallk.cli import commands  # imported late: keeps --help fast
+    from recallk.data.datasets.base import MissingRootError
     from recallk.engine.trainer import NonFiniteLossError, Preempted, TrainingStalledError
 
     try:
         return commands.run(args)
+    except MissingRootError as err:  # the data layer's words (root=) in the command line's
+        where = "set data.root=DIR" if args.command == "train" else "pass --root DIR"
+        print(f"recallk {args.command}: error: dataset {err.dataset!r} needs its data folder and none was given or "
+              f"recorded: {where} (the folder the dataset unpacks to; see docs/datasets.md)", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, NonFiniteLossError, TrainingStalledError) as err:
         print(f"recallk {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -39,10 +39,19 @@ def require(path: Path, what: str, hint: str = "", folder: bool = False) -> Path
     return path
 
 
+class MissingRootError(ValueError):
+    """A dataset that reads files was given no root; ``dataset`` names it (the CLI says ``--root``)."""
+
+    def __init__(self, dataset: str) -> None:
+        super().__init__(f"dataset {dataset!r} needs root= (the folder the dataset unpacks to); see docs/datasets.md")
+        self.dataset = dataset
+
+
 def resolve_root(root: str | os.PathLike | None, name: str) -> Path:
-    """The dataset root as a Path; ValueError when it is None, DatasetFileNotFoundError when absent."""
+    """The dataset root as a Path; MissingRootError (a ValueError) when it is None, DatasetFileNotFoundError when
+    absent."""
     if root is None:
-        raise ValueError(f"dataset {name!r} needs root= (the folder the dataset unpacks to); see docs/datasets.md")
+        raise MissingRootError(name)
     return require(Path(root).expanduser(), f"{name} root folder", folder=True)
 
 
