@@ -89,6 +89,25 @@ def test_steps_that_change_no_weight_stop_the_run(tmp_path):
         fit(make_trainer(tmp_path / "run", criterion=zero_loss, epochs=10))
 
 
+def test_steps_the_grad_scaler_skips_stop_the_run(tmp_path):
+    """fp16's GradScaler skips a step whose scaled gradients overflow; a run whose every step is skipped must stop.
+    fp16 is refused on the CPU, so a real GradScaler with a huge scale makes the gradients overflow here: the test
+    network is float64, and 2**127 x a gradient of about 1e298 is inf on every step (each skip halves the scale)."""
+
+    def steep_loss(embeddings, labels):  # finite (|loss| <= 1e300), gradients 1e300 / numel
+        return 1e300 * embeddings.mean()
+
+    trainer = make_trainer(tmp_path / "run", criterion=steep_loss, epochs=10)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(TrainingStalledError, match="GradScaler skipped every one"):
+        fit(trainer)
+    assert trainer.step == 20 and trainer.scaler.get_scale() == 2.0 ** (127 - 20)
+    for name, value in trainer.model.state_dict().items():
+        if value.is_floating_point() and "running" not in name:  # BatchNorm statistics move in the forward
+            assert torch.equal(value, before[name]), name  # no step was taken
+
+
 def test_fp16_on_the_cpu_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"fp16.*CPU"):
         make_trainer(tmp_path / "run", amp="fp16")
