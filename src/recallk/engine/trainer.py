@@ -103,6 +103,23 @@ def _stop_signals_raise() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
+    """Ignore further stop signals (Ctrl-C, SIGTERM, SIGUSR1) inside the block: the run is already stopping and
+    saving. A second signal comes within milliseconds when both the launcher and the ranks are signalled (Slurm
+    signals the whole job step, then torchrun forwards the signal to its ranks); raised inside ``torch.save`` it
+    aborted the write, leaving no ``last.pt``. Only in the main thread (elsewhere: no effect)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 class _StopRequested(Exception):
     """Internal: the step budget ``max_steps`` is spent."""
 
@@ -309,8 +326,9 @@ class Trainer:
                 self._save("last.pt")
             except KeyboardInterrupt as stop:
                 if self._rng_snapshot is not None:
-                    self._save("last.pt", gather_rng=False)  # other ranks may be stopped anywhere: no collective
-                    self._save_rank_rng()
+                    with _stop_signals_ignored():  # a second signal must not abort the save
+                        self._save("last.pt", gather_rng=False)  # other ranks may be stopped anywhere: no collective
+                        self._save_rank_rng()
                     what = stop.args[0] if isinstance(stop, Preempted) else "Ctrl-C"
                     how = self.resume_command or f"Trainer(...).fit(resume=True) with run_dir {self.run_dir}"
                     message = (f"stopped by {what}: saved {self.checkpoint_dir / 'last.pt'} ({self._position_text()}); "
