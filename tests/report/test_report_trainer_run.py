@@ -8,15 +8,9 @@ import shlex
 from html import unescape
 
 import pytest
-import torch
-from tests.image_folders import write_image_folder
+from tests.trainer_runs import trainer_api_run
 
-import recallk
 from recallk.cli.main import main
-from recallk.data.transforms import transforms_for_model
-from recallk.engine import Trainer, TrainSettings
-from recallk.losses import RecallAtKSurrogate
-from recallk.models import build_model
 from recallk.report import ReportWarning, write_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,25 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def api_run(tmp_path_factory):
     """(run folder, data folder) of a Trainer API run: build_model + build_dataset + RS@k + Trainer."""
-    top = tmp_path_factory.mktemp("trainer-report")
-    data = write_image_folder(top / "data", 6, cell=(13, 9))
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = build_model("resnet10t", embed_dim=8, freeze_bn=True)
-    train_set = recallk.build_dataset("folder", data, None,
-                                      transform=transforms_for_model(model, "train", image_size=40))
-    eval_set = recallk.build_dataset("folder", data, None,
-                                     transform=transforms_for_model(model, "test", image_size=40))
-
-    def eval_fn(net, epoch):
-        embeddings, labels = recallk.embed_dataset(net, eval_set, batch_size=32, device="cpu", progress=False)
-        return recallk.retrieval_metrics(embeddings, labels, (1, 2))
-
-    settings = TrainSettings(batch_size=8, chunk_size=8, per_class=2, epochs=1, lr=1e-3, device="cpu",
-                             progress=False, tensorboard=False, max_steps_per_epoch=2)
-    Trainer(model, RecallAtKSurrogate(ks=(1, 2), tau_rank=0.02, simix=True), train_set, top / "run", settings,
-            eval_fn=eval_fn).fit()
-    return top / "run", data
+    _, run, data = trainer_api_run(tmp_path_factory.mktemp("trainer-report"))
+    return run, data
 
 
 def notes(text: str) -> list[str]:

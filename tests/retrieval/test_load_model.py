@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tests.image_folders import write_image_folder
+from tests.trainer_runs import trainer_api_run
 
 import recallk
 from recallk.data.transforms import transforms_for_model
-from recallk.engine import Trainer, TrainSettings, save_checkpoint
+from recallk.engine import save_checkpoint
 from recallk.engine.checkpoint import describe_loss, plain_config, weights_only_state
 from recallk.losses import RecallAtKSurrogate, build_loss
 from recallk.models import build_model
@@ -27,26 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def api_run(tmp_path_factory):
     """A run of the Trainer API alone: build_model + build_dataset + RS@k + Trainer, no config passed."""
-    top = tmp_path_factory.mktemp("api")
-    data = write_image_folder(top / "data", 6, cell=(13, 9))
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = build_model("resnet10t", embed_dim=8, freeze_bn=True)
-    train_set = recallk.build_dataset("folder", data, None,
-                                      transform=transforms_for_model(model, "train", image_size=40))
-    criterion = RecallAtKSurrogate(ks=(1, 2), tau_rank=0.02, simix=True)
-    eval_set = recallk.build_dataset("folder", data, None,
-                                     transform=transforms_for_model(model, "test", image_size=40))
-
-    def eval_fn(net, epoch):
-        embeddings, labels = recallk.embed_dataset(net, eval_set, batch_size=32, device="cpu", progress=False)
-        return recallk.retrieval_metrics(embeddings, labels, (1, 2))
-
-    settings = TrainSettings(batch_size=8, chunk_size=8, per_class=2, epochs=1, lr=1e-3, device="cpu",
-                             progress=False, tensorboard=False, max_steps_per_epoch=2)
-    trainer = Trainer(model, criterion, train_set, top / "run", settings, eval_fn=eval_fn)
-    trainer.fit()
-    return trainer, top / "run", data
+    return trainer_api_run(tmp_path_factory.mktemp("api"))
 
 
 def test_the_api_run_writes_what_it_knows_to_config_yaml(api_run):
