@@ -6,7 +6,6 @@ Figures are drawn with matplotlib's Agg canvas directly (no pyplot), so nothing 
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -15,6 +14,8 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .jsonl import read_json_lines
 
 Record = dict[str, Any]
 
@@ -31,19 +32,8 @@ def read_metrics(metrics_path: str | Path) -> list[Record]:
     path = Path(metrics_path)
     if not path.is_file():
         raise ValueError(f"metrics file not found: expected {path} (written by training, see docs/run-folder.md)")
-    records: list[Record] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number} is not valid JSON ({e.msg}); fix or delete that line") from e
-            if not isinstance(record, dict) or "kind" not in record or "epoch" not in record:
-                raise ValueError(f"{path}:{number} must be a JSON object with 'kind' and 'epoch' keys")
-            records.append(record)
-    return records
+    return read_json_lines(path, lambda r: isinstance(r, dict) and "kind" in r and "epoch" in r,
+                           "a JSON object with 'kind' and 'epoch' keys")
 
 
 def plotted_train_lines(records: Sequence[Record], key: str) -> list[Record]:

@@ -20,6 +20,7 @@ import yaml
 
 from recallk.provenance import read_run_file
 
+from .jsonl import read_json_lines
 from .plots import Record, read_metrics
 
 NOT_RECORDED = "not recorded"
@@ -290,18 +291,8 @@ def read_resumes(run: Path) -> list[dict[str, Any]]:
     path = run / "resumes.jsonl"
     if not path.is_file():
         return []
-    lines = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number} is not valid JSON ({e.msg})") from e
-        if not isinstance(entry, dict) or not isinstance(entry.get("time"), int | float):
-            raise ValueError(f"{path}:{number} must be a JSON object with a 'time'")
-        lines.append(entry)
-    return lines
+    return read_json_lines(path, lambda e: isinstance(e, dict) and isinstance(e.get("time"), int | float),
+                           "a JSON object with a 'time'")
 
 
 def read_segments(run: Path, run_file: dict[str, Any] | None, records: list[Record]) -> list[Segment]:
