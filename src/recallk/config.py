@@ -14,7 +14,6 @@ import dataclasses
 import difflib
 import inspect
 import math
-import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -26,8 +25,9 @@ import torch
 import yaml
 
 from recallk.data import DATASET_SPECS, dataset_spec
+from recallk.data.datasets.base import absolute_root
 from recallk.engine import TrainSettings
-from recallk.engine.checkpoint import LOSS_NOT_CONFIG, TRAIN_FROM_ELSEWHERE
+from recallk.engine.checkpoint import LOSS_NOT_CONFIG, TRAIN_FROM_ELSEWHERE, write_config_yaml
 from recallk.engine.settings import check_amp_device, check_per_class
 from recallk.evaluation import retrieval_metrics
 from recallk.losses import RecallAtKSurrogate, loss_min_per_class, loss_names
@@ -263,11 +263,9 @@ def section_arguments(config: Mapping[str, Any], section: str) -> dict[str, Any]
 
 
 def dump_config(config: Mapping[str, Any], path: str | Path) -> None:
-    """Write the resolved configuration as YAML (keys in definition order), atomically (temp file + os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-    os.replace(tmp, path)
+    """Write the resolved configuration as YAML (keys in definition order), atomically (temp file + os.replace):
+    :func:`recallk.engine.checkpoint.write_config_yaml`, the writer the Trainer uses too."""
+    write_config_yaml(config, path)
 
 
 def with_absolute_root(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -277,7 +275,7 @@ def with_absolute_root(config: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(dict(config))
     root = out["data"]["root"]
     if root is not None:
-        out["data"]["root"] = os.path.abspath(os.path.expanduser(str(root)))
+        out["data"]["root"] = absolute_root(root)
     return out
 
 

@@ -23,6 +23,7 @@ import yaml
 from torch import nn
 from torchvision import transforms as T
 
+from recallk.data.datasets.base import absolute_root
 from recallk.data.registry import DATASET_SPECS
 from recallk.losses import RecallAtKSurrogate
 from recallk.models import build_model
@@ -149,8 +150,8 @@ def _plain(value: Any) -> Any:
 
 
 def write_config_yaml(config: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``config`` as YAML (keys in their order) to ``path`` atomically (temp file + ``os.replace``), as
-    ``recallk.config.dump_config`` does; returns the path."""
+    """Write ``config`` as YAML (keys in their order) to ``path`` atomically (temp file + ``os.replace``); returns
+    the path. ``recallk.config.dump_config`` (the CLI's ``config.yaml``) writes through it too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -221,7 +222,7 @@ def _data_section(train_dataset: Any, num_workers: int) -> dict[str, Any]:
     section: dict[str, Any] = {"dataset": name if known else None}
     root = getattr(train_dataset, "root", None)
     if known and root is not None:
-        section["root"] = os.path.abspath(os.path.expanduser(str(root)))
+        section["root"] = absolute_root(root)
     if known and hasattr(train_dataset, "split"):
         section["train_split"] = train_dataset.split
     section["image_size"] = _image_size(getattr(train_dataset, "transform", None))

@@ -259,8 +259,8 @@ def rsk_loss_from_similarity(
         params: the hyper-parameters (:class:`RSkParams`).
         self_index: (Q,) integer column of query q in the reference set, or -1 when absent; None = all -1.
             The self column is never a positive; it is left out of the ranking unless ``params.include_query``.
-        backend: a registered name (see :func:`backend_names`; "auto": Triton for CUDA tensors when it imports,
-            else torch) or a :class:`Backend` object.
+        backend: a registered name (see :func:`backend_names`; "auto": the fastest measured backend for the
+            device, :mod:`recallk.kernels.dispatch`) or a :class:`Backend` object.
         block_size: query rows per block of the torch backend (None: automatic; ignored by Triton).
 
     Returns:
@@ -292,8 +292,9 @@ def rsk_loss_from_embeddings(
 ) -> torch.Tensor:
     """RS@k loss of ``query_emb @ ref_emb^T`` without storing that (Q, N) matrix or its gradient.
 
-    The torch backend computes the similarity rows of one block of queries at a time; the Triton backend
-    recomputes similarity tiles inside its kernels (exact float32 ``tl.dot``). Use it when the batch similarity
+    The torch backend computes the similarity rows of one block of queries at a time; the Triton backends
+    recompute similarity tiles inside their kernels (``"triton"``: exact float32 ``tl.dot``; ``"triton_fused"``:
+    three-pass TF32 on tensor cores, float32-level accuracy). Use it when the batch similarity
     does not fit (B = 65,536 is 16 GiB in float32); below that, :func:`rsk_loss_from_similarity` on
     ``query_emb @ ref_emb^T`` gives the same loss.
 
