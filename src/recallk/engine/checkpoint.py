@@ -27,6 +27,7 @@ from recallk.data.datasets.base import absolute_root
 from recallk.data.registry import DATASET_SPECS
 from recallk.losses import RecallAtKSurrogate
 from recallk.models import build_model
+from recallk.utils import write_text_atomic
 
 #: TrainSettings fields that are no ``train.*`` key of a config: ``seed`` is the top-level key, ``num_workers`` is
 #: ``data.num_workers``, ``progress`` (``--no-progress``) and ``distributed`` (torchrun) come from the command line.
@@ -152,12 +153,7 @@ def _plain(value: Any) -> Any:
 def write_config_yaml(config: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``config`` as YAML (keys in their order) to ``path`` atomically (temp file + ``os.replace``); returns
     the path. ``recallk.config.dump_config`` (the CLI's ``config.yaml``) writes through it too."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(plain_config(config), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(plain_config(config), sort_keys=False))
 
 
 def _rsk_config_keys() -> list[str]:

@@ -42,7 +42,7 @@ from recallk.engine.distributed import DistributedContext, DistributedGather, in
 from recallk.engine.optim import build_optimizer, build_scheduler
 from recallk.engine.rng import capture_all_rng, restore_all_rng
 from recallk.engine.settings import TrainSettings, check_amp_device, check_per_class
-from recallk.utils import autocast_dtype, resolve_device, seed_everything
+from recallk.utils import autocast_dtype, resolve_device, seed_everything, write_text_atomic
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
 __all__ = ["NonFiniteLossError", "Preempted", "Trainer", "TrainingStalledError"]
@@ -564,10 +564,7 @@ class Trainer:
             return
         record = {"metric": self.best_metric, "split": self.best_split, "value": self.best_value,
                   "epoch": self.best_epoch, "step": self.step}
-        path = self.run_dir / "best.json"
-        tmp = path.with_name(".best.json.tmp")
-        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(self.run_dir / "best.json", json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------------------------- logs, checkpoints
     def _log(self, text: str) -> None:

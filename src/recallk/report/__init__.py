@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from recallk.utils import write_text_atomic
+
 from . import examples as _examples
 from . import html
 from .compare import write_comparison
@@ -31,7 +33,7 @@ from .examples import (
     thumbnail_png,
 )
 from .plots import figure_png, history_figure, plot_history, read_metrics
-from .record import RunRecord, read_npz, read_run, resume_marks, write_text_atomic
+from .record import RunRecord, read_npz, read_run, resume_marks
 
 __all__ = ["ReportWarning", "RunRecord", "plot_history", "read_metrics", "read_run", "write_comparison",
            "write_report"]

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from recallk.evaluation.metrics import metric_order
+from recallk.utils import write_text_atomic
 
 from . import html
 from .plots import comparison_figure, figure_png
-from .record import RunRecord, read_run, resume_marks, write_text_atomic
+from .record import RunRecord, read_run, resume_marks
 
 SUMMARY_PREFIXES = ("recall@", "map@r", "r_precision")
 _MISSING = object()

@@ -9,7 +9,6 @@ get what their ``metrics.jsonl``, ``resumes.jsonl`` and checkpoints tell, and "n
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,17 +95,6 @@ class RunRecord:
         """Training wall time: the sum over segments (pauses between a stop and its resume not counted)."""
         times = [s.wall_s for s in self.segments if s.wall_s is not None]
         return sum(times) if times else None
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace`` (never half-written); the
-    parent folder is created. Returns the path."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
 
 
 def read_config(path: Path) -> tuple[str | None, dict[str, Any]]:
