@@ -33,6 +33,14 @@ if [[ -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]] \
   echo "setup: $VENV up to date"
 else
   echo "setup: building $VENV (torch from constraints.txt; first time takes a few minutes)"
+  # torch's CUDA build needs about 6 GB in the venv plus room to unpack: say so before pip fails half-way.
+  need_kb=$((8 * 1024 * 1024))
+  free_kb=$(df -Pk "$(dirname "$(realpath -m "$VENV")")" | awk 'NR==2 {print $4}')
+  if [[ -n "$free_kb" && "$free_kb" -lt "$need_kb" && ! -x "$VENV/bin/python" ]]; then
+    echo "setup: only $((free_kb / 1024)) MB free where $VENV goes; building it needs about 8 GB." >&2
+    echo "setup: free some disk (old clones' .venv folders, /tmp/pytest-of-$(id -un)) or set VENV=/path/with/room." >&2
+    exit 1
+  fi
   [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -c constraints.txt torch torchvision
