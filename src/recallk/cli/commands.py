@@ -52,9 +52,7 @@ def train(args: argparse.Namespace) -> int:
         fresh = not args.resume
         provenance.start_segment(run_dir, resume=args.resume, device=record_device(config))  # run.json
         if args.resume:
-            record_resume(run_dir, config, changes)
-        else:
-            dump_config(config, run_dir / "config.yaml")
+            record_resume(run_dir, config, changes)  # a new run's config.yaml is written by the Trainer
     log_to_stdout(main_process)
     try:
         summary = wiring.train_from_config(config, run_dir, resume=args.resume, progress=not args.no_progress)
@@ -201,15 +199,17 @@ def report(args: argparse.Namespace) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ReportWarning)
             path = write_report(Path(args.run_dirs[0]), out_path=Path(args.out) if args.out else None,
-                                root=Path(root) if root is not None else None)
+                                root=Path(root) if root is not None else None, split=args.split,
+                                num_queries=args.num_queries, top=args.top)
         for w in caught:  # the report is written (exit 0), but say on stderr what it left out
             if issubclass(w.category, ReportWarning):
                 print(f"recallk report: warning: {w.message}", file=sys.stderr)
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    elif root is not None:
-        raise ValueError("--root applies to one run folder (the retrieval examples of its report.html); the "
-                         "comparison of several runs has no examples: drop --root")
+    elif given := [flag for flag, value in (("--root", root), ("--split", args.split)) if value is not None]:
+        flags, verb = " and ".join(given), "apply" if len(given) > 1 else "applies"
+        raise ValueError(f"{flags} {verb} to one run folder (the retrieval examples of its report.html); the "
+                         f"comparison of several runs has no examples: drop {flags}")
     else:
         path = write_comparison([Path(d) for d in args.run_dirs], Path(args.out or "report-compare.html"))
     print(f"wrote {path}")

@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--root", metavar="DIR", help="one run: the data root to build the evaluated split from for "
                      "the retrieval examples (default: the run's data.root; a relative one is taken from the "
                      "directory the run was started in)")
+    rep.add_argument("--split", help="one run: the split whose embeddings/<split>.npz the retrieval examples show "
+                     "(default: the run's data.test_split)")
+    rep.add_argument("--num-queries", type=int, default=16, metavar="N", help="one run: example queries shown, "
+                     "half the most confident mistakes, half random (default: 16)")
+    rep.add_argument("--top", type=int, default=8, metavar="K", help="one run: neighbours shown per example query "
+                     "(default: 8)")
 
     bench = sub.add_parser(
         "bench",

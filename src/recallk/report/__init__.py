@@ -204,7 +204,7 @@ def _examples_body(run: Path, split: str, source: _DatasetSource, num_queries: i
     emb_path = run / "embeddings" / f"{split}.npz"
     if not emb_path.is_file():
         others = sorted(p.name for p in (run / "embeddings").glob("*.npz")) if (run / "embeddings").is_dir() else []
-        found = f" (found: {', '.join(others)}; choose one with split=)" if others else ""
+        found = f" (found: {', '.join(others)}; choose one with split= or `recallk report --split`)" if others else ""
         why = f"{emb_path.relative_to(run)} does not exist{found}"
         why = f"{why}. {_missing_embeddings_hint(run, split, source.record)}"
         warnings.warn(f"retrieval examples left out of the report: {why}", ReportWarning, stacklevel=3)
