@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 
 import numpy as np
 import pytest
@@ -69,3 +70,25 @@ def test_transforms_make_square_tensors_of_the_default_size(name, kind):
     size = dataset_spec(name).image_size or 224
     out = build_transforms(kind, dataset=name)(Image.new("RGB", (90, 70), (255, 255, 255)))
     assert out.shape == (3, size, size) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_what_a_trainer_run_records_rebuilds_the_same_split(name, tmp_path, monkeypatch):
+    """A Trainer API run records ``data.dataset/root/train_split/options`` from its training set's ``name``,
+    ``root``, ``split`` and ``options`` (engine.checkpoint): rebuilding from the record gives the same items."""
+    from recallk.engine.checkpoint import _data_section
+
+    spec, tree = dataset_spec(name), _tree(name)
+    (tmp_path / "data").mkdir()
+    tree.write(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # a relative root is recorded absolute
+    split = (spec.splits or ("train",))[0]
+    built = build_dataset(name, "data", split, **tree.options)
+    record = _data_section(built, num_workers=0)
+    files = [os.path.abspath(p) for p in getattr(built, "paths", [])]
+    assert record["dataset"] == name and record["train_split"] == split
+    assert record["root"] == str(tmp_path / "data")
+    monkeypatch.chdir(tmp_path.parent)
+    again = build_dataset(name, record["root"], record["train_split"], **record["options"])
+    assert np.array_equal(again.labels, built.labels) and again.classes == built.classes
+    assert getattr(again, "paths", []) == files

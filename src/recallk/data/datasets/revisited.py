@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from recallk.data.datasets.base import ImageListDataset, load_rgb, read_lines, require, resolve_root
+from recallk.data.datasets.base import (
+    ImageListDataset,
+    absolute_root,
+    load_rgb,
+    read_lines,
+    require,
+    resolve_root,
+)
 from recallk.data.registry import DatasetSpec, register_dataset
 
 SPLITS = ("query", "database")
@@ -133,8 +140,10 @@ def revisited_builder(name: str) -> Callable[..., RevisitedDataset]:
             extra = _distractor_paths(distractors)
             paths, keys = paths + extra, keys + [DISTRACTOR_CLASS] * len(extra)
         boxes = np.stack([g["bbx"] for g in gnd]) if split == "query" else None
+        options = {"distractors": absolute_root(distractors)} if split == "database" and distractors else {}
         return RevisitedDataset(paths, keys, transform, name=f"{name}/{split}", ground_truth=gnd, boxes=boxes,
-                                num_ground_truth_images=len(imlist))
+                                num_ground_truth_images=len(imlist), root=absolute_root(base), split=split,
+                                options=options)
 
     build.__name__ = build.__qualname__ = f"build_{name}"
     return build

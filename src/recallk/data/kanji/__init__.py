@@ -101,6 +101,9 @@ class KanjiDataset(Dataset):
         cache_file: the manifest used.
         name: ``"kanji/<split>"``, as :func:`recallk.data.build_dataset` names its datasets (a Trainer API run
             records the dataset from it).
+        root: the cache folder as given (``~`` expanded), None for the default one.
+        options: the arguments given that change the items (``max_classes``, ``fonts``, and ``size`` and
+            ``mode`` when not the defaults), as ``build_dataset`` options: recorded as ``data.options``.
 
     Raises:
         KanjiFontsMissingError: rendering is needed and font files are missing (lists the Debian packages).
@@ -142,6 +145,11 @@ class KanjiDataset(Dataset):
         col_of = {f: i for i, f in enumerate(manifest["fonts"])}
         self.split = split
         self.name = f"kanji/{split}"
+        self.root = None if root is None else str(cache_dir)
+        # the options that change which items it holds, as given (a Trainer API run records them as data.options)
+        given = {"max_classes": max_classes, "fonts": None if fonts is None else list(fonts),
+                 "size": None if size == DEFAULT_SIZE else size, "mode": None if mode == "RGB" else mode}
+        self.options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         self.classes: list[str] = classes
         self.fonts: list[str] = names
         self.dropped: list[str] = [c for c in candidates if c in bad_chars]
