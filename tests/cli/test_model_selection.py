@@ -62,6 +62,14 @@ def test_validation_split_chooses_best(flat_folder, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test"]
     assert result["num_queries"] == 16
     assert result["map@r"] == pytest.approx(chosen["map@r"]) and result["recall@1"] == pytest.approx(chosen["recall@1"])
+    # --split validation: the held-out training classes, rebuilt from the checkpoint's config, give the val/ numbers
+    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--split", "validation", "test",
+                 "--no-progress"]) == 0
+    both = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(both) == ["validation", "test"] and both["test"] == result
+    assert both["validation"]["num_queries"] == 12
+    for key in ("recall@1", "recall@2", "map@r"):
+        assert both["validation"][key] == pytest.approx(chosen[f"val/{key}"])
 
     # the three splits are class-disjoint, and the validation split depends on data.val_seed only
     config = load_config(run / "config.yaml")

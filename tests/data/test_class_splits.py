@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from dataset_trees import write_jpeg
 
-from recallk.data import ClassSubset, build_dataset, class_disjoint_split
+from recallk.data import ClassSubset, build_dataset, class_disjoint_split, validation_split
 from recallk.data.splits import check_batchable, held_out_count
 
 
@@ -151,3 +151,23 @@ def test_folder_test_classes_errors(tmp_path):
     write_jpeg(tree / "test" / "b" / "0.jpg", 2)
     with pytest.raises(ValueError, match="already holds train/ and test/"):
         build_dataset("folder", tree, "train", test_classes=1)
+
+
+def test_validation_split_is_the_class_disjoint_split_with_what_a_run_records():
+    class Base:  # a registered dataset's attributes, items (name, label)
+        name, root, split, options = "folder/train", "/data/photos", "train", {"test_classes": 0.5}
+        classes = tuple(f"c{i}" for i in range(7))
+        labels = np.repeat(np.arange(7), 3)
+
+        def __getitem__(self, i):
+            return f"img{i}", int(self.labels[i])
+
+    base = Base()
+    train, val = validation_split(base, 0.3, seed=5, train_transform=str.upper, val_transform=str.title)
+    kept, held = class_disjoint_split(base.labels, 0.3, 5, class_names=base.classes)
+    assert np.array_equal(train.indices, kept) and np.array_equal(val.indices, held)
+    assert (train.val_classes, train.val_seed) == (0.3, 5) and not hasattr(val, "val_classes")
+    assert train.name == "folder/train (training classes)" and val.name == "folder/train (validation classes)"
+    for subset in (train, val):
+        assert (subset.root, subset.split, subset.options) == (base.root, base.split, base.options)
+    assert train[0][0] == f"IMG{kept[0]}" and val[0][0] == f"Img{held[0]}"

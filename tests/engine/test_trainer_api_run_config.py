@@ -118,3 +118,39 @@ def test_config_given_to_the_trainer_is_merged_over_what_it_knows(tmp_path):
     # the CLI's whole config comes back as given, in its order
     cli = load_config(None, [f"data.root={data}", "data.dataset=folder", "data.train_split=all"])
     assert merge_run_config(config, cli) == cli and list(merge_run_config(config, cli)) == list(cli)
+
+
+def test_a_validation_split_made_in_python_is_recorded_and_reproduced_by_the_cli(tmp_path, capsys):
+    """``recallk.data.validation_split`` (the CLI's ``data.val_classes``) in a Trainer API run: config.yaml names
+    the dataset, split, options and ``val_classes``/``val_seed``; ``recallk eval --checkpoint`` evaluates the
+    folder's test classes; the CLI's wiring rebuilds the same training items from the file."""
+    from recallk.cli.wiring import split_datasets_from_config
+
+    data = write_image_folder(tmp_path / "data", 12, cell=(13, 9))
+    base = recallk.build_dataset("folder", data, "train", transform=None, test_classes=0.5)
+    train_set, val_set = recallk.data.validation_split(base, 2, seed=3)
+    assert not set(train_set.classes) & set(val_set.classes) and len(val_set.classes) == 2
+    _trainer(train_set, tmp_path / "run").fit()
+
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["data"] == {"dataset": "folder", "root": str(data), "train_split": "train", "image_size": 40,
+                              "num_workers": 0, "options": {"test_classes": 0.5, "test_seed": 0},
+                              "val_classes": 2, "val_seed": 3}
+    resolved = load_config(tmp_path / "run" / "config.yaml")
+    check_startable(resolved)
+    model = build_model("resnet10t", embed_dim=8)
+    cli_train, cli_val, cli_test = split_datasets_from_config(resolved, model)
+    assert cli_train.paths == train_set.paths and cli_val.paths == val_set.paths
+    assert len(cli_test.classes) == 6 and not set(cli_test.classes) & set(base.classes)
+
+    got = evaluate_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", device="cpu", progress=False)
+    assert list(got) == ["test"] and got["test"]["num_queries"] == 24  # the 6 test classes x 4 images
+    got = evaluate_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", splits=["validation"], device="cpu",
+                              progress=False)
+    assert list(got) == ["validation"] and got["validation"]["num_queries"] == 8  # 2 held-out classes x 4
+
+
+def test_validation_split_of_a_run_without_one_is_refused(split_run):
+    run, _ = split_run
+    with pytest.raises(ValueError, match=r"held out no validation classes \(data.val_classes\)"):
+        evaluate_checkpoint(run / "checkpoints" / "last.pt", splits=["validation"], device="cpu", progress=False)

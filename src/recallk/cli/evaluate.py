@@ -7,13 +7,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from recallk.data import build_dataset, dataset_spec
+from recallk.data import build_dataset, dataset_spec, validation_split
 from recallk.data.transforms import transforms_for_model
-from recallk.evaluation import embed_dataset, evaluate_protocol, query_gallery_metrics
+from recallk.evaluation import embed_dataset, evaluate_protocol, query_gallery_metrics, retrieval_metrics
 from recallk.retrieval import load_trained_model
 from recallk.utils import resolve_device
 
-__all__ = ["evaluate_checkpoint"]
+__all__ = ["VALIDATION_SPLIT", "evaluate_checkpoint"]
+#: ``--split validation``: the validation classes a run held out of its training split (``data.val_classes``)
+VALIDATION_SPLIT = "validation"
 
 
 def evaluate_checkpoint(
@@ -37,7 +39,9 @@ def evaluate_checkpoint(
     by folder name); the result is ``{"query": metrics}``. ``ks`` default to ``eval.ks`` of the run, else the
     folder dataset's. A folder without ``train/``/``test/`` folders whose run split none off
     (``data.options.test_classes``) is evaluated whole, leave-one-out (split ``all``), with a note on stderr that
-    its trained classes inflate the numbers.
+    its trained classes inflate the numbers. The split ``"validation"`` is the classes the run held out of its
+    training split (``data.val_classes``/``val_seed``, rebuilt by :func:`recallk.data.validation_split`), evaluated
+    leave-one-out as the run's ``val/`` metrics were.
 
     Raises:
         ValueError: missing checkpoint or config, only one of query/gallery, query/gallery mixed with
@@ -85,7 +89,24 @@ def evaluate_checkpoint(
               "class split (data.options.test_classes=0.5, or build_dataset('folder', root, 'train', "
               "test_classes=0.5) with the Trainer), or give a root with train/ and test/ folders, or --query and "
               "--gallery folders of unseen classes", file=sys.stderr, flush=True)
-    return evaluate_protocol(
-        model, name, root, transform, ks=ks or (run_ks if same else None), splits=splits,
-        dataset_options=options, num_workers=num_workers, **embed_options,
-    )
+    results: dict[str, dict[str, Any]] = {}
+    for split in splits or ():
+        if split == VALIDATION_SPLIT:
+            if not same or d.get("val_classes") is None:
+                raise ValueError(f"--split {VALIDATION_SPLIT}: the run of {checkpoint} held out no validation classes "
+                                 "(data.val_classes); evaluate the dataset's own splits instead")
+            base = build_dataset(name, root, d["train_split"], None, **(d.get("options") or {}))
+            _, val_set = validation_split(base, d["val_classes"], d.get("val_seed", 0), val_transform=transform,
+                                          what="data.val_classes")
+            embeddings, labels = embed_dataset(model, val_set, num_workers=num_workers, **embed_options)
+            results[split] = retrieval_metrics(embeddings, labels, ks or run_ks or dataset_spec(name).eval_ks,
+                                               device=embed_options["device"])
+        else:
+            results[split] = {}
+    others = [s for s in results if s != VALIDATION_SPLIT] if splits else None
+    if others != []:
+        results.update(evaluate_protocol(
+            model, name, root, transform, ks=ks or (run_ks if same else None), splits=others,
+            dataset_options=options, num_workers=num_workers, **embed_options,
+        ))
+    return results

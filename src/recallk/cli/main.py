@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
     ev.add_argument("--root", help="dataset folder (default: the training run's data.root)")
     ev.add_argument("--split", action="extend", nargs="+", metavar="SPLIT",
-                    help="one or more splits to evaluate, e.g. --split test validation (default: the dataset's "
-                    "protocol)")
+                    help="one or more splits to evaluate, e.g. --split train test; 'validation' is the classes the "
+                    "run held out with data.val_classes (default: the dataset's protocol)")
     ev.add_argument("--ks", type=int, nargs="+", help="k values for recall@k (default: the dataset's)")
     ev.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from recallk.config import DEFAULTS, section_arguments, train_settings
-from recallk.data import ClassSubset, build_dataset, class_disjoint_split, dataset_spec
+from recallk.data import build_dataset, dataset_spec, validation_split
 from recallk.data.splits import check_batchable
 from recallk.data.transforms import transforms_for_model
 from recallk.engine import Trainer
@@ -60,7 +60,7 @@ def split_datasets_from_config(
     """(train, validation or None, test) datasets of a resolved config.
 
     With ``data.val_classes`` (a number of classes, or a fraction in (0, 1)) the training split is divided by
-    :func:`recallk.data.class_disjoint_split` (seed ``data.val_seed``) into the training classes (training
+    :func:`recallk.data.validation_split` (seed ``data.val_seed``) into the training classes (training
     augmentation) and the validation classes (the test transform, evaluated leave-one-out); both are
     :class:`recallk.data.ClassSubset` of one decoded training split. Without it the validation set is None.
 
@@ -79,10 +79,7 @@ def split_datasets_from_config(
         return train, None, build_dataset(d["dataset"], d["root"], d["test_split"], transform=test_tf,
                                           **test_options(config))
     base = build_dataset(d["dataset"], d["root"], d["train_split"], transform=None, **d["options"])
-    kept, held = class_disjoint_split(base.labels, d["val_classes"], d["val_seed"], class_names=base.classes,
-                                      what="data.val_classes")
-    train = ClassSubset(base, kept, train_tf, name=f"{d['dataset']}/{d['train_split']} (training classes)")
-    val = ClassSubset(base, held, test_tf, name=f"{d['dataset']}/{d['train_split']} (validation classes)")
+    train, val = validation_split(base, d["val_classes"], d["val_seed"], train_tf, test_tf, what="data.val_classes")
     t = config["train"]
     check_batchable(train.labels, t["batch_size"], t["per_class"],
                     f"data.val_classes={d['val_classes']} holds out {len(val.classes)} of the {len(base.classes)} "

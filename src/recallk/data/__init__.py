@@ -9,7 +9,7 @@ from recallk.data.datasets import BadImageError, DatasetFileNotFoundError, Image
 from recallk.data.kanji import KanjiDataset, KanjiFontsMissingError
 from recallk.data.registry import DATASET_SPECS, DatasetSpec, build_dataset, dataset_spec, register_dataset
 from recallk.data.samplers import ClassBalancedBatchSampler
-from recallk.data.splits import ClassSubset, class_disjoint_split
+from recallk.data.splits import ClassSubset, class_disjoint_split, validation_split
 from recallk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, transforms_for_model
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "dataset_spec",
     "register_dataset",
     "transforms_for_model",
+    "validation_split",
 ]
 
 _DEPRECATED = {"DATASETS": "build", "SPLITS": "splits", "DEFAULT_EVAL_KS": "eval_ks"}  # {dataset: spec.<attr>}

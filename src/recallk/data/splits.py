@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-__all__ = ["ClassSubset", "check_batchable", "class_disjoint_split", "held_out_count"]
+__all__ = ["ClassSubset", "check_batchable", "class_disjoint_split", "held_out_count", "validation_split"]
 
 
 def held_out_count(held_out: int | float, num_classes: int, what: str = "held_out") -> int:
@@ -147,6 +147,7 @@ class ClassSubset(Dataset):
         name: used in messages and ``repr``.
 
     Attributes:
+        root, split, options: ``base``'s, when it has them.
         labels: (n,) numpy int64 in ``0..C'-1``, following the order of the original class ids.
         classes: the ``C'`` class names (``classes[labels[i]]`` is item i's class, as in ``base``).
         indices: (n,) int64, item i is ``base[indices[i]]``; ``class_ids``: (C',) the original class ids.
@@ -165,6 +166,9 @@ class ClassSubset(Dataset):
         if indices.ndim != 1 or (indices.size and (indices.min() < 0 or indices.max() >= len(base_labels))):
             raise ValueError(f"{name}: indices must be a 1-D array in [0, {len(base_labels)})")
         self.base, self.indices, self.transform, self.name = base, indices, transform, name
+        for attribute in ("root", "split", "options"):  # what a run records of its data (engine.checkpoint)
+            if hasattr(base, attribute):
+                setattr(self, attribute, getattr(base, attribute))
         self.class_ids, labels = np.unique(base_labels[indices], return_inverse=True)
         self.labels = labels.astype(np.int64).reshape(-1)
         self.classes = [base.classes[c] for c in self.class_ids]
@@ -182,3 +186,41 @@ class ClassSubset(Dataset):
 
     def __repr__(self) -> str:
         return f"ClassSubset({self.name}: {len(self)} items, {len(self.classes)} classes)"
+
+
+def validation_split(
+    base: Any,
+    val_classes: int | float,
+    seed: int = 0,
+    train_transform: Callable[[Any], Any] | None = None,
+    val_transform: Callable[[Any], Any] | None = None,
+    what: str = "val_classes",
+) -> tuple[ClassSubset, ClassSubset]:
+    """(training classes, validation classes) of a training split, as ``recallk train`` makes them from
+    ``data.val_classes`` and ``data.val_seed``: :func:`class_disjoint_split` by ``base.classes`` and ``seed``.
+
+    Build ``base`` with ``transform=None`` (e.g. ``build_dataset("folder", root, "train", transform=None)``) and give
+    the training augmentation and the test transform here. The training subset is named ``"<base.name> (training
+    classes)"`` and carries ``val_classes`` and ``val_seed``, so that a :class:`recallk.engine.Trainer` run on it
+    records ``data.dataset``, ``root``, ``train_split``, ``options``, ``val_classes`` and ``val_seed`` in its
+    ``config.yaml``: ``recallk eval --checkpoint`` then evaluates the dataset's test split, and ``recallk train -c``
+    holds out the same classes.
+
+    Args:
+        base: a dataset with ``.labels``, ``.classes`` and usually ``.name`` (``"<dataset>/<split>"``).
+        val_classes: classes held out for validation: an int >= 1, or a fraction in (0, 1) of the classes.
+        seed: the split's seed (``data.val_seed``).
+        train_transform, val_transform: applied to the images of each subset.
+        what: the option's name in messages.
+
+    Returns:
+        ``(train, val)``: :class:`ClassSubset` of ``base``, no class in both.
+
+    Raises:
+        ValueError: see :func:`class_disjoint_split`.
+    """
+    kept, held = class_disjoint_split(base.labels, val_classes, seed, class_names=base.classes, what=what)
+    name = getattr(base, "name", None) or "dataset"
+    train = ClassSubset(base, kept, train_transform, name=f"{name} (training classes)")
+    train.val_classes, train.val_seed = val_classes, int(seed)
+    return train, ClassSubset(base, held, val_transform, name=f"{name} (validation classes)")

@@ -212,7 +212,8 @@ def _data_section(train_dataset: Any, num_workers: int) -> dict[str, Any]:
     """The config ``data`` keys a training set knows: ``dataset`` (the registered dataset its ``name`` starts
     with, as ``build_dataset`` names sets ``"<dataset>/<split>"``, else None), ``root`` (its ``root`` made
     absolute) and ``train_split`` (its ``split``) when it has them, ``image_size`` (from its transform),
-    ``num_workers`` and ``options`` (its ``options``, e.g. a folder's ``test_classes`` and ``test_seed``)."""
+    ``num_workers``, ``options`` (its ``options``, e.g. a folder's ``test_classes`` and ``test_seed``), and
+    ``val_classes``/``val_seed`` for the training classes of :func:`recallk.data.validation_split`."""
     name = str(getattr(train_dataset, "name", None) or "").split("/")[0]
     known = name in DATASET_SPECS
     section: dict[str, Any] = {"dataset": name if known else None}
@@ -226,6 +227,9 @@ def _data_section(train_dataset: Any, num_workers: int) -> dict[str, Any]:
     options = getattr(train_dataset, "options", None)
     if known and isinstance(options, Mapping):
         section["options"] = dict(options)
+    for key in ("val_classes", "val_seed"):  # the training classes of recallk.data.validation_split
+        if known and getattr(train_dataset, key, None) is not None:
+            section[key] = getattr(train_dataset, key)
     return section
 
 
