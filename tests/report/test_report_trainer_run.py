@@ -48,3 +48,21 @@ def test_report_of_a_trainer_run_says_what_writes_run_json_and_embeddings(api_ru
     capsys.readouterr()
     text = write_report(run, out_path=tmp_path / "report.html", split="all", root=data).read_text(encoding="utf-8")
     assert "data-query" in text and not any(n.startswith("Retrieval examples omitted") for n in notes(text))
+
+
+def test_hint_names_last_pt_when_the_run_has_no_best_pt(api_run, tmp_path, capsys):
+    """A Trainer run without ``eval_fn`` keeps no best.pt: the hint's command must name last.pt, and run."""
+    import shutil
+
+    run, data = api_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "best.pt").unlink()
+    shutil.rmtree(copy / "embeddings", ignore_errors=True)  # written by the test above
+    with pytest.warns(ReportWarning, match="retrieval examples left out"):
+        text = write_report(copy, split="all").read_text(encoding="utf-8")
+    [omitted] = [n for n in notes(text) if n.startswith("Retrieval examples omitted")]
+    command = re.search(r"`(recallk embed [^`]+)`", omitted).group(1).replace(" --root DIR", f" --root {data}")
+    assert f"--checkpoint {copy / 'checkpoints' / 'last.pt'}" in command
+    assert main([*shlex.split(command)[1:], "--no-progress", "--device", "cpu"]) == 0
+    capsys.readouterr()

@@ -145,7 +145,9 @@ def _missing_embeddings_hint(run: Path, split: str, record: RunRecord) -> str:
     hint = "`recallk train` writes it at its final evaluation; for a run of the Python Trainer, write it with "
     if not dataset:
         return hint + "recallk.retrieval.write_embeddings (the split's items in dataset order)"
-    command = shlex.join(["recallk", "embed", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--dataset",
+    checkpoint = next((p for p in (run / "checkpoints" / n for n in ("best.pt", "last.pt")) if p.is_file()),
+                      run / "checkpoints" / "best.pt")  # a run without an evaluation has no best.pt
+    command = shlex.join(["recallk", "embed", "--checkpoint", str(checkpoint), "--dataset",
                           str(dataset), "--split", split, "--out", str(run / "embeddings" / f"{split}.npz")])
     if not (record.config.get("data") or {}).get("root"):
         command += " --root DIR"  # the run records no data folder: the user names it
