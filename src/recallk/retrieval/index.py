@@ -216,10 +216,17 @@ class GalleryIndex:
             answer; an index that finds fewer than k items (IVF with a small nprobe) pads with index -1, score -inf.
 
         Raises:
-            IndexMismatchError: the queries' dimension differs from the index's. ValueError: k out of range.
+            ValueError: ``queries`` is not a 2-D (Q, d) array (one query ``e`` of shape (d,): pass ``e[None]``),
+                or k out of range. IndexMismatchError (a ValueError): the queries' width d differs from the
+                index's (embeddings of another model).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
+        if queries.ndim != 2:
+            raise ValueError(
+                f"queries must be a 2-D (Q, d) array of Q query embeddings, got shape {queries.shape}; for a single "
+                "query e of shape (d,) pass e[None] or e.reshape(1, -1)"
+            )
+        if queries.shape[1] != self.dim:
             raise IndexMismatchError(
                 f"query embeddings have shape {queries.shape} but the index holds {self.dim}-d vectors: they come "
                 "from another model; search with the checkpoint the gallery was embedded with"
