@@ -58,6 +58,9 @@ def test_load_model_gives_the_trainers_embeddings_from_a_copy_alone(api_run, tmp
     with torch.no_grad():
         got, want = model(x), trainer.model(x)
     assert got.shape == (6, 8) and torch.equal(got, want)
+    # embed_images on the loaded module alone uses the run's 40-px transform, not the default 224-px one
+    paths = sorted(data.glob("class0*/*.png"))[:6]
+    assert np.array_equal(recallk.embed_images(model, paths), want.numpy())
 
 
 def test_load_models_transform_takes_greyscale_and_transparent_images_as_the_loaders_do(api_run, tmp_path):

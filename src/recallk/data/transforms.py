@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from torchvision import transforms as T
 
 from recallk.data.datasets.base import to_rgb8
@@ -41,11 +41,17 @@ def build_transforms(
     dataset: str | None = None,
     interpolation: str = "bilinear",
 ) -> T.Compose:
-    """Transforms for ``kind`` ``"train"`` or ``"test"``: float32 tensors ``(3, image_size, image_size)``.
+    """Transforms for ``kind`` ``"train"`` or ``"test"``: PIL image of any mode -> float32 tensor
+    ``(3, image_size, image_size)``.
+
+    The first step is :class:`ToRGB8`: greyscale, palette, RGBA, CMYK, 16-bit... images become the 8-bit RGB
+    picture the dataset loaders decode files to (``recallk.data.datasets.base.to_rgb8``), so a user's own PIL
+    image gives what the same file gives through a loader.
 
     ``dataset``'s spec may bring its own transforms and default ``image_size`` (kanji: 64), else photo transforms
     and 224; ``mean`` and ``std`` (per channel, for 0-1 pixel values) normalise. Raises ValueError for an
-    unknown kind, interpolation or a non-positive size.
+    unknown kind, interpolation or a non-positive size; the transform raises
+    ``recallk.data.datasets.base.UnsupportedImageModeError`` (a ValueError) for a mode without an 8-bit RGB form.
     """
     if kind not in KINDS:
         raise ValueError(f"transform kind must be one of {KINDS}, got {kind!r}")
@@ -57,7 +63,7 @@ def build_transforms(
         raise ValueError(f"image_size must be positive, got {size}")
     head = (spec and spec.transforms) or photo_transforms
     tail = [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
-    return T.Compose([*head(kind, size, _interpolation(interpolation)), *tail])
+    return T.Compose([ToRGB8(), *head(kind, size, _interpolation(interpolation)), *tail])
 
 
 def model_data_config(model: Any) -> dict[str, Any]:
@@ -79,7 +85,8 @@ def transforms_for_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> T.Compose:
-    """:func:`build_transforms` with mean, std and interpolation from the model's weights config.
+    """:func:`build_transforms` with mean, std and interpolation from the model's weights config: PIL image of
+    any mode (turned into 8-bit RGB first by :class:`ToRGB8`) -> float32 tensor ``(3, H, W)``.
 
     Explicit ``mean``/``std``/``image_size`` override the config. The size defaults to the config's input size,
     or on models that take any input size (``fixed_input_size`` False) to the dataset spec's ``image_size``
@@ -104,10 +111,21 @@ def transforms_for_model(
 class ToRGB8:
     """PIL image of any mode -> its 8-bit RGB picture (:func:`recallk.data.datasets.base.to_rgb8`: EXIF
     orientation, transparency on white, 16-bit and float scaled), as the datasets' loaders decode files; anything
-    else passes through. Put first in a transform that users call on their own images (``recallk.load_model``)."""
+    else passes through. The first step of every :func:`build_transforms` / :func:`transforms_for_model`
+    pipeline. An image that is already that picture (RGB, no transparency key, no EXIF rotation: what the loaders
+    hand over) is returned as is, without a copy; the image passed in is never changed.
+
+    Raises:
+        UnsupportedImageModeError (a ValueError): a mode without a defined 8-bit RGB form.
+    """
 
     def __call__(self, image: Any) -> Any:
-        return to_rgb8(image) if isinstance(image, Image.Image) else image
+        if not isinstance(image, Image.Image):
+            return image
+        if (image.mode == "RGB" and "transparency" not in image.info
+                and image.getexif().get(ExifTags.Base.Orientation, 1) == 1):
+            return image
+        return to_rgb8(image)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

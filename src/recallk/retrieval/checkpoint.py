@@ -39,7 +39,8 @@ class TrainedModel:
     """An embedding model ready for retrieval (eval mode, on the CPU until moved).
 
     Attributes:
-        model: ``images (N, 3, H, W) float32 -> (N, d)`` L2-normalised embeddings.
+        model: ``images (N, 3, H, W) float32 -> (N, d)`` L2-normalised embeddings; its ``test_transform``
+            attribute is ``transform``.
         transform: the run's test-time transform, PIL image -> float32 tensor (3, H, W).
         preprocessing: that transform as data (:func:`preprocessing_spec`).
         config: the run's resolved config (``config.yaml``) as a dict.
@@ -99,7 +100,8 @@ def preprocessing_spec(transform: T.Compose) -> dict[str, Any]:
         "dtype": "float32", "resampler": "PIL"}``. A network input is ``((pixels / 255) - mean) / std``.
 
     Raises:
-        ValueError: a step other than Resize, CenterCrop, ToTensor and Normalize (it cannot be stated as data).
+        ValueError: a step other than ToRGB8, Resize, CenterCrop, ToTensor and Normalize (it cannot be stated as
+            data).
     """
     spec: dict[str, Any] = {"color": "RGB", "resize": None, "resize_mode": None, "interpolation": None,
                             "antialias": None, "crop": None, "scale": 1 / 255, "mean": None, "std": None}
@@ -114,7 +116,7 @@ def preprocessing_spec(transform: T.Compose) -> dict[str, Any]:
             spec["crop"] = [int(s) for s in step.size]
         elif isinstance(step, T.Normalize):
             spec["mean"], spec["std"] = [float(v) for v in step.mean], [float(v) for v in step.std]
-        elif not isinstance(step, T.ToTensor):
+        elif not isinstance(step, (T.ToTensor, ToRGB8)):  # ToRGB8: any PIL mode -> 8-bit RGB, the "color"
             raise ValueError(
                 f"the test transform has a step {step!r} that cannot be stated as data; exported models support "
                 "Resize, CenterCrop, ToTensor and Normalize"
@@ -260,6 +262,7 @@ def load_trained_model(
     data = cfg.get("data") or {}
     transform = transforms_for_model(model, "test", dataset=data.get("dataset"), image_size=data.get("image_size"))
     preprocessing = preprocessing_spec(transform)
+    model.test_transform = transform  # so that embed_images(model, ...) uses the run's transform, not a default
     section = cfg.get("model") if isinstance(cfg.get("model"), dict) else spec
     return TrainedModel(model=model, transform=transform, preprocessing=preprocessing, config=cfg,
                         model_id=model_identity(model, section, preprocessing), checkpoint=str(path.resolve()),
@@ -299,4 +302,4 @@ def load_model(
     except RuntimeError as e:
         raise ValueError(f"device={device!r} is not a device name ('cpu', 'cuda', 'cuda:1', 'auto'): {e}") from e
     trained = load_trained_model(path)
-    return trained.model.to(target), T.Compose([ToRGB8(), *trained.transform.transforms])
+    return trained.model.to(target), T.Compose(list(trained.transform.transforms))  # ToRGB8 is its first step

@@ -145,7 +145,8 @@ def embed_images(
 
     Args:
         model: a :class:`TrainedModel` (its own transform is used) or an embedding ``nn.Module`` (then
-            ``transform``, or ``recallk.data.transforms_for_model(model, "test")``).
+            ``transform``; else the run's test transform for a model of :func:`recallk.load_model` (its
+            ``test_transform``); else ``recallk.data.transforms_for_model(model, "test")``, the default size).
         images: image paths, folders (all their images, sorted), PIL images or uint8 arrays, or one of these.
         transform: PIL image -> (3, H, W) float tensor; overrides the model's.
         batch_size, device, progress: as ``recallk.evaluation.embed_dataset`` (full precision on the CPU).
@@ -158,7 +159,8 @@ def embed_images(
     """
     network = model.model if isinstance(model, TrainedModel) else model
     if transform is None:
-        transform = model.transform if isinstance(model, TrainedModel) else transforms_for_model(model, "test")
+        transform = (model.transform if isinstance(model, TrainedModel)
+                     else getattr(model, "test_transform", None) or transforms_for_model(model, "test"))
     items, _ = expand_images(images)
     embeddings, _ = embed_dataset(network, ImageItems(items, transform), batch_size=batch_size, device=device,
                                   progress=progress)
