@@ -19,6 +19,7 @@ __all__ = [
     "check_self_index",
     "check_similarity",
     "max_similarity",
+    "no_reference_positive_message",
     "overflow_message",
 ]
 
@@ -203,10 +204,39 @@ def check_ks_and_taus(
     return ks_t, float(tau_rank), taus
 
 
-def check_has_positive(counts: torch.Tensor) -> None:
-    """Raise when no query has a positive (``counts`` = number of positives per query)."""
-    if counts.numel() == 0 or not bool((counts > 0).any()):
-        raise ValueError(NO_POSITIVE_MESSAGE)
+def _label_list(labels: torch.Tensor, limit: int = 8) -> str:
+    values = torch.unique(labels.detach().cpu()).tolist()
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (f", ... ({len(values)} distinct)" if len(values) > limit else "")
+
+
+def no_reference_positive_message(query_labels: torch.Tensor, ref_labels: torch.Tensor) -> str:
+    """The message for queries ranked against a separate reference set that holds none of their labels."""
+    return (
+        f"no reference item shares a query's label: none of the {query_labels.numel()} queries (labels "
+        f"{_label_list(query_labels)}) has a positive among the {ref_labels.numel()} reference items (ref_labels "
+        f"{_label_list(ref_labels)}); pass a reference set (ref_emb, ref_labels) holding items of the queries' "
+        "classes, with the classes numbered as in labels"
+    )
+
+
+def check_has_positive(
+    counts: torch.Tensor, query_labels: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None,
+    self_index: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    """Raise ValueError when no query has a positive (``counts``: (Q,) number of positives per query).
+
+    With the (Q,) ``query_labels``, (N,) ``ref_labels`` and (Q,) ``self_index`` (-1: the query is not in the
+    reference set) of a separate reference set (every ``self_index`` -1), the message says that no reference item
+    shares a query's label (:func:`no_reference_positive_message`); otherwise, a batch ranked against itself, it
+    is :data:`NO_POSITIVE_MESSAGE` (classes of one item: the sampler's ``per_class``).
+    """
+    if counts.numel() > 0 and bool((counts > 0).any()):
+        return
+    separate = query_labels is not None and ref_labels is not None and self_index is not None
+    if separate and counts.numel() > 0 and bool((self_index < 0).all()):
+        raise ValueError(no_reference_positive_message(query_labels, ref_labels))
+    raise ValueError(NO_POSITIVE_MESSAGE)
 
 
 def check_optional_positive_int(value: object, name: str, what: str) -> int | None:

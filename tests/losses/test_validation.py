@@ -83,8 +83,20 @@ def test_no_query_with_a_positive():
 
 
 def test_no_positive_in_separate_database():
-    with pytest.raises(ValueError, match="at least 2 items"):
-        loss(ref_emb=EMB, ref_labels=LABELS + 100)
+    # a reference set without the queries' labels: say so, with the labels on both sides, not the sampler advice
+    for call in (lambda: loss(ref_emb=EMB, ref_labels=LABELS + 100),
+                 lambda: RecallAtKSurrogate().from_similarity(EMB @ EMB.T, LABELS, LABELS + 100),
+                 lambda: rsk_loss_from_similarity(EMB[:3] @ EMB.T, LABELS[:3], LABELS + 100, K1)):
+        with pytest.raises(ValueError, match="no reference item shares a query's label") as err:
+            call()
+        message = str(err.value)
+        assert "ref_labels 100, 101, 102, 103" in message and "labels 0, 1" in message
+        assert "queries" in message and "ClassBalancedBatchSampler" not in message and "per_class" not in message
+    with pytest.raises(ValueError, match=r"none of the 8 queries .* among the 12 reference items"):
+        loss(ref_emb=torch.cat([EMB, EMB[:4]]), ref_labels=torch.arange(12) + 100)
+    # the batch against itself keeps the sampler advice
+    with pytest.raises(ValueError, match="per_class >= 2"):
+        rsk_loss_from_similarity(EMB @ EMB.T, torch.arange(8), torch.arange(8), K1, self_index=torch.arange(8))
 
 
 def test_non_square_similarity_without_ref_labels():

@@ -234,7 +234,7 @@ def _positives(
     checks.check_optional_positive_int(block_size, "block_size", "query rows")
     self_index = torch.full((q,), -1, dtype=torch.long, device=device) if self_index is None else self_index.to(device)
     columns, counts = positive_layout(query_labels, ref_labels, self_index)
-    checks.check_has_positive(counts)
+    checks.check_has_positive(counts, query_labels, ref_labels, self_index)
     return Positives(columns, counts, self_index)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from recallk.losses.base import MetricLoss, register_loss
 
-__all__ = ["BASELINES", "MetricLearningBaseline", "build_baseline"]
+__all__ = ["BASELINES", "NO_REFERENCE_SET", "MetricLearningBaseline", "build_baseline"]
 
 #: name -> pytorch-metric-learning class name
 BASELINES = {
@@ -25,13 +25,18 @@ BASELINES = {
     "proxy_anchor": "ProxyAnchorLoss",
 }
 
+#: baselines that take no ``ref_emb``/``ref_labels`` (ValueError): Smooth-AP ranks the batch against itself,
+#: Proxy-Anchor compares items with its class proxies.
+NO_REFERENCE_SET = ("smooth_ap", "proxy_anchor")
+
 
 class MetricLearningBaseline(MetricLoss):
     """Wraps a pytorch-metric-learning loss as ``criterion(embeddings, labels, ref_emb=None, ref_labels=None)``.
 
     The wrapped loss is the submodule ``loss``, so its parameters (Proxy-Anchor's proxies) appear in
-    ``parameters()`` and the trainer's optimiser updates them. ``ref_emb``/``ref_labels`` go to it unchanged
-    (Smooth-AP and Proxy-Anchor raise ValueError: pytorch-metric-learning does not support them there).
+    ``parameters()`` and the trainer's optimiser updates them. ``ref_emb``/``ref_labels`` go to it unchanged;
+    Smooth-AP and Proxy-Anchor (``NO_REFERENCE_SET``) take no reference set and raise ValueError for any
+    ``ref_emb``, before any other check of the batch (pytorch-metric-learning does not support it there).
     """
 
     # No random state of its own: its state dict stays that of the wrapped loss.
@@ -48,6 +53,12 @@ class MetricLearningBaseline(MetricLoss):
         self, embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
+        if ref_emb is not None and self.name in NO_REFERENCE_SET:
+            raise ValueError(
+                f"loss {self.name!r} does not take a reference set (ref_emb, ref_labels): pytorch-metric-learning's "
+                f"{BASELINES[self.name]} supports none; call it as loss(embeddings, labels), or use a loss that "
+                f"does ({', '.join(n for n in BASELINES if n not in NO_REFERENCE_SET)} or rsk)"
+            )
         if self.group_by_class:
             embeddings, labels = _smooth_ap_layout(embeddings, labels)
         return self.loss(embeddings, labels, ref_emb=ref_emb, ref_labels=ref_labels)
