@@ -124,20 +124,27 @@ class _StopRequested(Exception):
     """Internal: the step budget ``max_steps`` is spent."""
 
 
+_deferring = threading.local()
+
+
 @contextlib.contextmanager
 def _interrupt_deferred() -> Iterator[None]:
     """Hold back the stop signals (Ctrl-C, SIGTERM, SIGUSR1) until the block ends, then raise KeyboardInterrupt
-    (:class:`Preempted` for SIGTERM/SIGUSR1): the optimiser update and the step counters are applied together or
-    not at all. Only in the main thread (elsewhere: no effect)."""
-    if threading.current_thread() is not threading.main_thread():
+    (:class:`Preempted` for SIGTERM/SIGUSR1): what the block does (the optimiser update with the step counters and
+    the step's metrics line; a routine checkpoint write, which a signal inside ``torch.save`` would abort with a
+    RuntimeError and no file; the new best value with ``best.pt`` and ``best.json``) is done whole or not at all.
+    A block inside another is part of the outer one. Only in the main thread (elsewhere: no effect)."""
+    if threading.current_thread() is not threading.main_thread() or getattr(_deferring, "active", False):
         yield
         return
     received: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
                 for signum in STOP_SIGNALS}
+    _deferring.active = True
     try:
         yield
     finally:
+        _deferring.active = False
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if received:
@@ -312,9 +319,10 @@ class Trainer:
                 elif self.pending_eval is not None:  # the stop came during this evaluation: run it again
                     self._evaluate(self.pending_eval)
                     self._log(self._eval_text(self.pending_eval))
-                    self.pending_eval = None
-                    self._mark_completed()
-                    self._save("last.pt")
+                    with _interrupt_deferred():
+                        self.pending_eval = None
+                        self._mark_completed()
+                        self._save("last.pt")
                 if resumed and self._finished():
                     self._log(f"nothing to train: {self._position_text()}, and the run asks for "
                               f"{self.settings.epochs} epochs" + (f", {self.settings.max_steps} steps"
@@ -323,7 +331,8 @@ class Trainer:
                     self._train_epoch(self.epoch + 1)
                     self._finish_epoch(self.epoch + 1)
             except _StopRequested:
-                self._save("last.pt")
+                with _interrupt_deferred():
+                    self._save("last.pt")
             except KeyboardInterrupt as stop:
                 if self._rng_snapshot is not None:
                     with _stop_signals_ignored():  # a second signal must not abort the save
@@ -431,20 +440,24 @@ class Trainer:
         interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
         batches = self._loader()
         wait_start = batches.wait_s
+
+        def after_update(loss: float) -> None:  # with the update: a stop cannot drop the step's metrics line
+            nonlocal interval_loss, interval_steps, interval_start, wait_start
+            interval_loss += loss
+            interval_steps += 1
+            if interval_steps == s.log_every:
+                elapsed = time.perf_counter() - interval_start
+                self._log_train(epoch, interval_loss / interval_steps, "interval",
+                                images_per_s=interval_steps * s.batch_size / max(elapsed, 1e-9),
+                                data_wait_s=batches.wait_s - wait_start)
+                interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
+                wait_start = batches.wait_s
+
         try:
             for chunks in batches.epoch(epoch, self.position, total):
-                loss = self._train_step(chunks, epoch)
-                interval_loss += loss
-                interval_steps += 1
+                loss = self._train_step(chunks, epoch, after_update)
                 bar.update(s.batch_size)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if interval_steps == s.log_every:
-                    elapsed = time.perf_counter() - interval_start
-                    self._log_train(epoch, interval_loss / interval_steps, "interval",
-                                    images_per_s=interval_steps * s.batch_size / max(elapsed, 1e-9),
-                                    data_wait_s=batches.wait_s - wait_start)
-                    interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
-                    wait_start = batches.wait_s
                 if s.max_steps is not None and self.step >= s.max_steps:
                     raise _StopRequested
                 if self.position >= total:
@@ -452,9 +465,11 @@ class Trainer:
         finally:
             bar.close()
 
-    def _train_step(self, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> float:
+    def _train_step(self, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int,
+                    after_update: Callable[[float], None] | None = None) -> float:
         """One optimiser step on a batch arriving as chunks (streaming pass 1: each chunk is embedded as it
-        arrives, while the workers load the next ones)."""
+        arrives, while the workers load the next ones); ``after_update(loss)`` runs with the update, before a
+        stop signal held back during it is raised."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = cached_backward_stream(self.model, chunks, self.criterion, prepare=self.prepare, scaler=self.scaler,
                                       autocast_dtype=self.autocast_dtype, device=self.device, gather=self.gather)
@@ -480,6 +495,8 @@ class Trainer:
             self.epoch_loss_sum += value
             self.epoch_steps += 1
             self._mark_completed()
+            if after_update is not None:
+                after_update(value)
         self._idle_steps = 0 if updated else self._idle_steps + 1
         if self._idle_steps >= MAX_IDLE_STEPS:
             why = ("the fp16 GradScaler skipped every one (overflowing gradients: use amp=bf16 or amp=None)"
@@ -500,33 +517,40 @@ class Trainer:
 
     def _finish_epoch(self, epoch: int) -> None:
         train_s = time.perf_counter() - self._epoch_start
-        images_per_s = (self.step - self._epoch_first_step) * self.settings.batch_size / max(train_s, 1e-9)
-        if self.epoch_steps:
-            self.last_train_loss = self.epoch_loss_sum / self.epoch_steps
-            self._log_train(epoch, self.last_train_loss, "epoch", images_per_s=images_per_s)
-        with warnings.catch_warnings():
-            # After resuming exactly at an epoch's end this process has made no optimiser step yet: harmless.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-            self.scheduler.step()
-        self.epoch = epoch
-        self.position = 0
+        steps_here = self.step - self._epoch_first_step  # 0 when resumed at the epoch's last batch
+        images_per_s = steps_here * self.settings.batch_size / max(train_s, 1e-9) if steps_here else None
         evaluated = epoch % self.settings.eval_every == 0 or epoch == self.settings.epochs
+        with _interrupt_deferred():  # the epoch's line, the scheduler and the counters go together
+            loss = "-"
+            if self.epoch_steps:
+                self.last_train_loss = self.epoch_loss_sum / self.epoch_steps
+                loss = f"{self.last_train_loss:.4f}"
+                rate = {} if images_per_s is None else {"images_per_s": images_per_s}
+                self._log_train(epoch, self.last_train_loss, "epoch", **rate)
+            self.epoch_loss_sum, self.epoch_steps = 0.0, 0  # the next epoch's, as every checkpoint from here holds
+            with warnings.catch_warnings():
+                # After resuming exactly at an epoch's end this process has made no optimiser step yet: harmless.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                self.scheduler.step()
+            self.epoch = epoch
+            self.position = 0
+            if evaluated:
+                self.pending_eval = epoch  # saved as such if a stop comes during the evaluation
         if evaluated:
-            self.pending_eval = epoch  # saved as such if a stop comes during the evaluation
             self._evaluate(epoch)
-            self.pending_eval = None
-        self._mark_completed()
-        self._save("last.pt")
         self._epoch_times.append(time.perf_counter() - self._epoch_start)
         left = sum(self._epoch_times) / len(self._epoch_times) * (self.settings.epochs - epoch)
-        loss = f"{self.epoch_loss_sum / self.epoch_steps:.4f}" if self.epoch_steps else "-"
+        rate = "-" if images_per_s is None else f"{images_per_s:.1f}"
         text = (f"epoch {epoch}/{self.settings.epochs}  step {self.step}  loss {loss}  "
-                f"lr {self.optimizer.param_groups[0]['lr']:.3g}  {images_per_s:.1f} img/s")
+                f"lr {self.optimizer.param_groups[0]['lr']:.3g}  {rate} img/s")
         if evaluated:
             text += "  |  " + self._eval_text(epoch, prefix=False)
-        self._log(f"{text}  |  {_duration(time.perf_counter() - self._epoch_start)} this epoch, "
-                  f"about {_duration(left)} left")
-        self.epoch_loss_sum, self.epoch_steps = 0.0, 0
+        with _interrupt_deferred():  # a stop during the write: after it (and the epoch's line), the epoch done
+            self.pending_eval = None
+            self._mark_completed()
+            self._save("last.pt")
+            self._log(f"{text}  |  {_duration(time.perf_counter() - self._epoch_start)} this epoch, "
+                      f"about {_duration(left)} left")
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _evaluate(self, epoch: int) -> None:
@@ -543,11 +567,12 @@ class Trainer:
             metric, split = self._selection_metric(metrics)
             value = float(self.last_eval[metric])
             if self.best_value is None or metric != self.best_metric or value > self.best_value:
-                self.best_value, self.best_epoch, self.best_metric, self.best_split = value, epoch, metric, split
-                self._mark_completed()
-                self._save("best.pt", gather_rng=False)  # rank 0 alone here: no collective
-                self._write_best_json()
-                self._log(f"best.pt = epoch {epoch} ({metric} {100 * value:.2f} on the {split} split)")
+                with _interrupt_deferred():  # the best value, best.pt and best.json change together
+                    self.best_value, self.best_epoch, self.best_metric, self.best_split = value, epoch, metric, split
+                    self._mark_completed()
+                    self._save("best.pt", gather_rng=False)  # rank 0 alone here: no collective
+                    self._write_best_json()
+                    self._log(f"best.pt = epoch {epoch} ({metric} {100 * value:.2f} on the {split} split)")
         if self.settings.distributed:
             dist.barrier()
 

@@ -1,0 +1,167 @@
+"""A stop signal (SIGTERM, as Slurm sends it) at the worst moments of a run: inside the routine write of last.pt
+at an epoch's end, inside the write of best.pt, and during the optimiser update. Found by a new-user trial: a
+signal inside ``torch.save`` came out as a RuntimeError ("unexpected pos"), no last.pt, a run that could not be
+resumed; a stop in the best.pt window left a last.pt claiming a best.pt that was never written; a stop during
+the update dropped that step's metrics line. Each is checked against the same run left alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from tests.image_folders import write_image_folder
+
+import recallk
+from recallk.data.transforms import transforms_for_model
+from recallk.engine import Trainer, TrainSettings, load_checkpoint
+from recallk.engine import checkpoint as checkpoint_module
+from recallk.engine.trainer import Preempted
+from recallk.losses import RecallAtKSurrogate
+from recallk.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class SignalOnFirstWrite:
+    """A file whose first ``write`` sends SIGTERM to this process: the handler then runs inside torch.save's
+    C++ writer, as a real signal arriving during a checkpoint write does."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.sent = handle, False
+
+    def write(self, data) -> int:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+def signal_inside_save_of(monkeypatch, name: str, nth: int = 1) -> list[str]:
+    """Make the ``nth`` torch.save of checkpoint ``name`` receive SIGTERM during its first write; returns the
+    list of names saved (for the test to see that the signalled save happened)."""
+    real_save, saved, calls = torch.save, [], {"n": 0}
+
+    def save(state, handle, *args, **kwargs):
+        is_it = isinstance(state, dict) and _kind(state) == name
+        saved.append(_kind(state))
+        if is_it:
+            calls["n"] += 1
+            if calls["n"] == nth:
+                handle = SignalOnFirstWrite(handle)
+        return real_save(state, handle, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    return saved
+
+
+def _kind(state: dict) -> str:
+    return "best.pt" if "optimizer" not in state else "last.pt"
+
+
+def run(top, name: str, resume: bool = False, epochs: int = 2) -> Trainer:
+    data = top / "data"
+    if not data.exists():
+        write_image_folder(data, 6, cell=(13, 9))
+    torch.manual_seed(0)
+    model = build_model("resnet10t", embed_dim=8, freeze_bn=True)
+    train_set = recallk.build_dataset("folder", data, None, transform=transforms_for_model(model, "train",
+                                                                                          image_size=32))
+    eval_set = recallk.build_dataset("folder", data, None, transform=transforms_for_model(model, "test",
+                                                                                         image_size=32))
+
+    def eval_fn(net, epoch):
+        embeddings, labels = recallk.embed_dataset(net, eval_set, batch_size=32, device="cpu", progress=False)
+        return recallk.retrieval_metrics(embeddings, labels, (1, 2))
+
+    settings = TrainSettings(batch_size=8, chunk_size=8, per_class=2, epochs=epochs, lr=1e-2, device="cpu",
+                             progress=False, tensorboard=False, max_steps_per_epoch=2, log_every=1)
+    trainer = Trainer(model, RecallAtKSurrogate(ks=(1, 2), tau_rank=0.02), train_set, top / name, settings,
+                      eval_fn=eval_fn)
+    trainer.fit(resume=resume)
+    return trainer
+
+
+def lines(folder):
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "images_per_s", "data_wait_s")}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    top = tmp_path_factory.mktemp("alone")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests (one_thread): the same sums in the same order
+    try:
+        run(top, "alone")
+    finally:
+        torch.set_num_threads(threads)
+    return top
+
+
+def assert_same_as_alone(alone, folder):
+    want = load_checkpoint(alone / "alone" / "checkpoints" / "last.pt")
+    got = load_checkpoint(folder / "checkpoints" / "last.pt")
+    assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+    assert lines(folder) == lines(alone / "alone")
+
+
+def test_sigterm_inside_the_epoch_end_write_of_last_pt(alone, monkeypatch):
+    top = alone.parent / "cut-last"
+    top.mkdir()
+    (top / "data").symlink_to(alone / "data")
+    saved = signal_inside_save_of(monkeypatch, "last.pt")
+    with pytest.raises(Preempted):  # before the fix: RuntimeError from torch's zip writer, and no last.pt
+        run(top, "r")
+    state = load_checkpoint(top / "r" / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["position"], state["pending_eval"]) == (1, 0, None)  # epoch 1 done
+    assert saved.count("last.pt") == 2  # the epoch-end write completed, then the stop's own
+    monkeypatch.undo()
+    run(top, "r", resume=True)
+    assert_same_as_alone(alone, top / "r")
+
+
+def test_sigterm_inside_the_write_of_best_pt(alone, monkeypatch):
+    top = alone.parent / "cut-best"
+    top.mkdir()
+    (top / "data").symlink_to(alone / "data")
+    signal_inside_save_of(monkeypatch, "best.pt")  # the first: after the evaluation before training
+    with pytest.raises(Preempted):
+        run(top, "r")
+    folder = top / "r"
+    best = json.loads((folder / "best.json").read_text())
+    assert best["epoch"] == 0 and load_checkpoint(folder / "checkpoints" / "best.pt")["epoch"] == 0
+    assert load_checkpoint(folder / "checkpoints" / "last.pt")["best"]["epoch"] == 0
+    monkeypatch.undo()
+    run(top, "r", resume=True)
+    assert_same_as_alone(alone, folder)
+    assert (folder / "checkpoints" / "best.pt").is_file()
+
+
+def test_sigterm_during_the_update_keeps_the_steps_metrics_line(alone, monkeypatch):
+    top = alone.parent / "cut-step"
+    top.mkdir()
+    (top / "data").symlink_to(alone / "data")
+    real_step = torch.optim.Adam.step
+    count = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] == 3:  # the first update of epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with pytest.raises(Preempted):
+        run(top, "r")
+    steps = [r["step"] for r in lines(top / "r") if r["kind"] == "train" and r["scope"] == "interval"]
+    assert steps == [1, 2, 3]  # before the fix: [1, 2], step 3's line lost though its update was saved
+    assert load_checkpoint(top / "r" / "checkpoints" / "last.pt")["step"] == 3
+    monkeypatch.undo()
+    run(top, "r", resume=True)
+    assert_same_as_alone(alone, top / "r")
