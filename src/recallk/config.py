@@ -30,6 +30,7 @@ from recallk.engine import TrainSettings
 from recallk.engine.checkpoint import LOSS_NOT_CONFIG, TRAIN_FROM_ELSEWHERE, write_config_yaml
 from recallk.engine.settings import check_amp_device, check_per_class
 from recallk.evaluation import retrieval_metrics
+from recallk.evaluation.metrics import COUNT_KEYS, metric_order
 from recallk.losses import RecallAtKSurrogate, loss_min_per_class, loss_names
 from recallk.models import build_model
 from recallk.utils import resolve_device
@@ -281,13 +282,13 @@ def with_absolute_root(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def produced_metrics(config: Mapping[str, Any]) -> list[str]:
     """The names of the metrics a training run's evaluations produce (``recallk.evaluation.retrieval_metrics``
-    at ``eval.ks`` or the dataset's ks), found by running that function on a tiny made-up set."""
-
-
+    at ``eval.ks`` or the dataset's ks), found by running that function on a tiny made-up set; the query counts
+    (``evaluation.metrics.COUNT_KEYS``) are not metrics to choose ``best.pt`` by and are left out."""
     ks = tuple(config["eval"]["ks"] or dataset_spec(config["data"]["dataset"]).eval_ks)
     n = max(ks) + 2
     embeddings = np.random.default_rng(0).standard_normal((n, 2)).astype(np.float32)
-    return sorted(retrieval_metrics(embeddings, np.arange(n) % 2, ks))
+    return sorted((m for m in retrieval_metrics(embeddings, np.arange(n) % 2, ks) if m not in COUNT_KEYS),
+                  key=metric_order)
 
 
 def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
@@ -303,8 +304,6 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
     Raises:
         ConfigError: naming the key, what is wrong and how to fix it.
     """
-
-
     data, train = config["data"], config["train"]
     spec = dataset_spec(data["dataset"])
     for key in ("train_split", "test_split"):

@@ -40,6 +40,8 @@ def test_overrides_are_accepted_anywhere():
 @pytest.mark.parametrize(("override", "message"), [
     ("data.root=/no/such/folder", "data.root=/no/such/folder is not a folder"),
     ("train.best_metric=recall@3", "train.best_metric='recall@3' is not a metric this run produces"),
+    ("train.best_metric=num_queries", "choose one of ['recall@1', 'recall@2', 'recall@4', 'recall@8', "
+     "'positive_recall@1', 'positive_recall@2', 'positive_recall@4', 'positive_recall@8', 'map@r', 'r_precision']"),
     ("train.amp=fp16", "train.amp=fp16 cannot train on the CPU"),
     ("train.device=cuda:3", "train.device='cuda:3'"),
     ("train.device=gpu", "train.device='gpu' is not a device name"),
@@ -104,3 +106,17 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, capsys):
     assert "stopped by SIGTERM" in log and "epoch 2/2" in log
     assert re.search(r"\(resumed (after epoch 1 \(step 3\): continuing with epoch 2|in epoch 1 after batch "
                      r"[12] of 3 \(step [12]\): continuing with batch [23])\)", log), log
+
+
+def test_resume_of_a_run_that_saved_no_checkpoint_says_overwrite(tmp_path, capsys):
+    """A run that failed before its first last.pt (here: only metrics and config) cannot resume, and starting it
+    again without --resume is refused because the folder exists: the resume error names the way out."""
+    run = tmp_path / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"kind": "eval", "epoch": 0, "step": 0}\n')
+    assert main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "r", "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint at" in err and "--overwrite" in err and "Traceback" not in err
+    assert main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "new", "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "start without --resume" in err and "--overwrite" not in err

@@ -121,8 +121,7 @@ def resumed_config(run_dir: Path, args: argparse.Namespace,
             when the command would change the run.
     """
     saved_path = run_dir / "config.yaml"
-    if not (run_dir / "checkpoints" / "last.pt").is_file():
-        raise ValueError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}; start without --resume")
+    check_resumable(run_dir)
     if not saved_path.is_file():
         raise ValueError(f"--resume: {saved_path} is missing: it is the configuration of the run to continue")
     saved = with_absolute_root(load_config(saved_path))  # a relative root of an older run: from here
@@ -154,9 +153,20 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 f"run folder {run_dir} already exists: pass --resume to continue it, --overwrite to start "
                 f"again, or --name to pick another name"
             )
-    if resume and not (run_dir / "checkpoints" / "last.pt").is_file():
-        raise ValueError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}; start without --resume")
+    if resume:
+        check_resumable(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Raise ValueError, saying what to run instead, when ``run_dir`` has no ``checkpoints/last.pt``."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file():
+        return
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ValueError(f"--resume: no checkpoint at {last} (the run stopped or failed before it saved one); "
+                         f"start it again with --overwrite (this deletes {run_dir}) or under another --name")
+    raise ValueError(f"--resume: no checkpoint at {last}; start without --resume")
 
 
 def evaluate(args: argparse.Namespace) -> int:
