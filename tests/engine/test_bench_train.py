@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from recallk.bench import train as bench_train
 
 
@@ -21,3 +23,16 @@ def test_bench_train_tiny_run(capsys):
     floor = min(loader["images_per_s"], step["images_per_s"])
     assert abs(result["ratio_end_to_end_over_min"] - e2e["images_per_s"] / floor) < 1e-9
     assert any("end-to-end / min(loader, step)" in line for line in lines)
+
+
+def test_bench_train_refuses_one_epoch(capsys):
+    """--epochs 1 leaves nothing to time (epoch 1 is the warm-up): the parser refuses it with the reason."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.parse_args(["--epochs", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--epochs must be >= 2: the first epoch is the warm-up" in err
+    assert bench_train.parse_args(["--epochs", "2"]).epochs == 2
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--help"])
+    assert "at least 2" in " ".join(capsys.readouterr().out.split())

@@ -46,6 +46,16 @@ from recallk.engine import Trainer
 from recallk.losses import RecallAtKSurrogate
 
 
+def _epochs(text: str) -> int:
+    """``--epochs``: an int of at least 2 (epoch 1 is the untimed warm-up of both timed runs)."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"--epochs must be >= 2: the first epoch is the warm-up (worker start-up, allocator) and is not timed, "
+            f"so the loader-only and end-to-end figures come from epochs 2 and later (got {value})")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="recallk bench train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -61,7 +71,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--per-class", type=int, default=4, help="items per class in a batch")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the step (CPU); 0 = leave as is")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of the loader-only and end-to-end runs")
+    parser.add_argument("--epochs", type=_epochs, default=3,
+                        help="epochs of the loader-only and end-to-end runs, at least 2: the first epoch is the "
+                             "warm-up (worker start-up, allocator) and is not timed")
     parser.add_argument("--step-repeats", type=int, default=4, help="timed steps of the step-only run")
     parser.add_argument("--amp", default=None, help="train.amp: bf16, fp16 or none")
     parser.add_argument("--channels-last", action="store_true")
