@@ -38,7 +38,7 @@ def test_spec_protocol_and_options():
     assert {dataset_spec(n).eval_splits for n in ("sop", "cub", "cars196", "inaturalist", "folder", "kanji")} == {
         ("test",)
     }
-    assert dataset_spec("sop").options == {"skip_bad_images"}
+    assert dataset_spec("sop").options == {"skip_bad_images", "progress"}
     assert dataset_spec("kanji").options == {"max_classes", "fonts", "size", "mode", "num_workers", "progress"}
     assert dataset_spec("kanji").image_size == 64 and dataset_spec("sop").image_size is None
     with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; choose from \['cars196', 'cub'"):

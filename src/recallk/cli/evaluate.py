@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from recallk.cli.retrieval import progress_option, run_data_options
 from recallk.data import build_dataset, dataset_spec, validation_split
 from recallk.data.transforms import transforms_for_model
 from recallk.evaluation import embed_dataset, evaluate_protocol, query_gallery_metrics, retrieval_metrics
@@ -80,7 +81,8 @@ def evaluate_checkpoint(
                 f"checkpoint was trained elsewhere or the data moved; pass --root with the data folder of dataset "
                 f"'{name}' on this machine")
     transform = transforms_for_model(model, "test", dataset=name, image_size=image_size)
-    options = {**(d.get("options") or {}), **(d.get("test_options") or {})} if same else {}
+    options = run_data_options(d, name, root)  # the run's options only on the run's own data (its root)
+    options.update(progress_option(name, embed_options.get("progress", True)))
     if (name == "folder" and splits is None and root is not None and not (Path(root) / "test").is_dir()
             and options.get("test_classes") is None):  # a folder split by test_classes: its test classes
         splits = ["all"]  # a plain folder of class folders: evaluate all of it, leave-one-out
@@ -95,7 +97,8 @@ def evaluate_checkpoint(
             if not same or d.get("val_classes") is None:
                 raise ValueError(f"--split {VALIDATION_SPLIT}: the run of {checkpoint} held out no validation classes "
                                  "(data.val_classes); evaluate the dataset's own splits instead")
-            base = build_dataset(name, root, d["train_split"], None, **(d.get("options") or {}))
+            base = build_dataset(name, root, d["train_split"], None, **(d.get("options") or {}),
+                                 **progress_option(name, embed_options.get("progress", True)))
             _, val_set = validation_split(base, d["val_classes"], d.get("val_seed", 0), val_transform=transform,
                                           what="data.val_classes")
             embeddings, labels = embed_dataset(model, val_set, num_workers=num_workers, **embed_options)

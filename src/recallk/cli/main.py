@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from recallk import __version__
 from recallk.cli.retrieval_parsers import add_parsers as add_retrieval_parsers
@@ -136,6 +137,17 @@ def parser_of(parser: argparse.ArgumentParser, command: str | None) -> argparse.
     return parser
 
 
+def bad_image_message(err: Any, command: str) -> str:
+    """The message of a :class:`recallk.data.BadImageError` (``err``, with ``.problem`` and ``.fix``) for
+    ``recallk <command>``: ``recallk train`` skips unreadable images with ``data.options.skip_bad_images=true``;
+    the other commands have no such option, so the file itself is to be fixed."""
+    if command == "train":
+        return (f"{err.problem}. {err.fix}, or set data.options.skip_bad_images=true to skip unreadable images "
+                "(they are then named in a warning).")
+    return (f"{err.problem}. {err.fix}, then run the command again (recallk {command} has no option to skip "
+            "unreadable images).")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recallk`` console script; returns the process exit code (2: a user error, told in one
     line on every rank; 130: Ctrl-C; 128 + signal number: SIGTERM/SIGUSR1, after saving a checkpoint)."""
@@ -145,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from recallk.cli import commands  # imported late: keeps --help fast
-    from recallk.data.datasets.base import MissingRootError
+    from recallk.data.datasets.base import BadImageError, MissingRootError
     from recallk.engine.trainer import NonFiniteLossError, Preempted, TrainingStalledError
 
     try:
@@ -154,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = "set data.root=DIR" if args.command == "train" else "pass --root DIR"
         print(f"recallk {args.command}: error: dataset {err.dataset!r} needs its data folder and none was given or "
               f"recorded: {where} (the folder the dataset unpacks to; see docs/datasets.md)", file=sys.stderr)
+        return 2
+    except BadImageError as err:  # the Python advice (skip_bad_images=True) in the command line's words
+        print(f"recallk {args.command}: error: {bad_image_message(err, args.command)}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, NonFiniteLossError, TrainingStalledError) as err:
         print(f"recallk {args.command}: error: {err}", file=sys.stderr)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from recallk.data import build_dataset
+from recallk.data import build_dataset, dataset_spec
 from recallk.evaluation import format_metrics_table
 from recallk.retrieval import (
     GalleryIndex,
@@ -24,6 +24,32 @@ from recallk.retrieval.files import atomic_write
 from recallk.utils import resolve_device
 
 
+def progress_option(name: str, progress: bool) -> dict[str, Any]:
+    """``{"progress": False}`` when ``progress`` is False and dataset ``name``'s builder takes a ``progress``
+    option (the image datasets: the bar of the ``skip_bad_images`` check; kanji: the rendering bar), else ``{}``:
+    the build_dataset option by which the CLI's ``--no-progress`` silences dataset building. ValueError for an
+    unknown dataset name."""
+    return {"progress": False} if not progress and "progress" in dataset_spec(name).options else {}
+
+
+def run_data_options(data: dict[str, Any], name: str, root: str | Path | None) -> dict[str, Any]:
+    """The dataset options of a run (``data.options`` with ``data.test_options`` over them) when dataset ``name``
+    at ``root`` is the run's own data, else ``{}``.
+
+    ``data`` is the run config's ``data`` section. The data are the run's own when ``name`` is its
+    ``data.dataset`` and ``root`` is None (the run's recorded ``data.root`` is used) or names the same folder as
+    ``data.root`` (both made absolute). Another root holds other data, perhaps in another layout (a folder with
+    ``train/`` and ``test/`` folders where the run split one by ``test_classes``), so the run's options do not
+    apply to it. Raises nothing.
+    """
+    if name != data.get("dataset"):
+        return {}
+    recorded = data.get("root")
+    if root is not None and (recorded is None or Path(root).resolve() != Path(recorded).resolve()):
+        return {}
+    return {**(data.get("options") or {}), **(data.get("test_options") or {})}
+
+
 def _dataset_source(args: argparse.Namespace, config: dict[str, Any], transform: Any) -> tuple[Any, dict]:
     data = config.get("data") or {}
     if args.dataset is None:
@@ -34,8 +60,9 @@ def _dataset_source(args: argparse.Namespace, config: dict[str, Any], transform:
     same = args.dataset == data.get("dataset")
     split = args.split or (data.get("test_split") if same else None)
     root = args.root if args.root is not None else (data.get("root") if same else None)
-    options = {**(data.get("options") or {}), **(data.get("test_options") or {})} if same else {}
-    dataset = build_dataset(args.dataset, root, split, transform=transform, **options)
+    options = run_data_options(data, args.dataset, args.root)  # the run's options only on the run's own data
+    dataset = build_dataset(args.dataset, root, split, transform=transform, **options,
+                            **progress_option(args.dataset, not args.no_progress))
     source = {"dataset": args.dataset, "root": str(Path(root).resolve()) if root else None, "split": split,
               "options": options}
     return dataset, source

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recallk.cli.retrieval import progress_option
 from recallk.config import DEFAULTS, section_arguments, train_settings
 from recallk.data import build_dataset, dataset_spec, validation_split
 from recallk.data.splits import check_batchable
@@ -55,7 +56,7 @@ def datasets_from_config(
 
 
 def split_datasets_from_config(
-    config: dict[str, Any], model: torch.nn.Module
+    config: dict[str, Any], model: torch.nn.Module, progress: bool = True
 ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None, torch.utils.data.Dataset]:
     """(train, validation or None, test) datasets of a resolved config.
 
@@ -63,6 +64,7 @@ def split_datasets_from_config(
     :func:`recallk.data.validation_split` (seed ``data.val_seed``) into the training classes (training
     augmentation) and the validation classes (the test transform, evaluated leave-one-out); both are
     :class:`recallk.data.ClassSubset` of one decoded training split. Without it the validation set is None.
+    ``progress=False`` silences the bars of dataset building (the ``skip_bad_images`` check, kanji rendering).
 
     Raises:
         ValueError: what :func:`recallk.data.build_dataset` raises, a bad ``data.val_classes``, or too few
@@ -72,13 +74,15 @@ def split_datasets_from_config(
             untrained model).
     """
     d = config["data"]
+    quiet = progress_option(d["dataset"], progress)
     train_tf, test_tf = (transforms_for_model(model, kind, dataset=d["dataset"], image_size=d["image_size"])
                          for kind in ("train", "test"))
     if d["val_classes"] is None:
-        train = build_dataset(d["dataset"], d["root"], d["train_split"], transform=train_tf, **d["options"])
+        train = build_dataset(d["dataset"], d["root"], d["train_split"], transform=train_tf,
+                              **{**d["options"], **quiet})
         return train, None, build_dataset(d["dataset"], d["root"], d["test_split"], transform=test_tf,
-                                          **test_options(config))
-    base = build_dataset(d["dataset"], d["root"], d["train_split"], transform=None, **d["options"])
+                                          **{**test_options(config), **quiet})
+    base = build_dataset(d["dataset"], d["root"], d["train_split"], transform=None, **{**d["options"], **quiet})
     train, val = validation_split(base, d["val_classes"], d["val_seed"], train_tf, test_tf, what="data.val_classes")
     t = config["train"]
     check_batchable(train.labels, t["batch_size"], t["per_class"],
@@ -94,7 +98,8 @@ def split_datasets_from_config(
             f"val/recall@k and val/map@r are 100 whatever the model and best.pt stays the untrained model); set "
             f"data.val_classes={max(2, len(val.classes) + 2 - usable)} (a number of classes) or a larger fraction, or "
             f"data.val_classes=null to choose best.pt on the test split")
-    test = build_dataset(d["dataset"], d["root"], d["test_split"], transform=test_tf, **test_options(config))
+    test = build_dataset(d["dataset"], d["root"], d["test_split"], transform=test_tf,
+                         **{**test_options(config), **quiet})
     return train, val, test
 
 
@@ -158,7 +163,7 @@ def _eval_callback(
 GAIN_COLUMN = "after - raw pixels"
 
 
-def _comparison_rows(config: dict[str, Any], run_dir: Path) -> dict[str, dict[str, Any]]:
+def _comparison_rows(config: dict[str, Any], run_dir: Path, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Columns of the final table, in reading order: the last evaluation (``after training (epoch N)``), the
     epoch a validation split chose for ``best.pt`` when it is another one (its test metrics; ``best.json``), raw
     pixels and the gain over them in points (when ``eval.pixel_baseline``), the evaluation
@@ -179,7 +184,8 @@ def _comparison_rows(config: dict[str, Any], run_dir: Path) -> dict[str, dict[st
         if at_best:
             rows[f"best.pt (epoch {chosen['epoch']}, chosen on {chosen['split']})"] = at_best[-1]
     if config["eval"]["pixel_baseline"]:
-        raw = build_dataset(d["dataset"], d["root"], d["test_split"], transform=None, **test_options(config))
+        raw = build_dataset(d["dataset"], d["root"], d["test_split"], transform=None,
+                            **{**test_options(config), **progress_option(d["dataset"], progress)})
         size = d["image_size"] or dataset_spec(d["dataset"]).image_size or 64
         pixels, labels = pixel_embeddings(raw, size)
         _save_embeddings(run_dir / "embeddings" / "raw_pixels" / f"{d['test_split']}.npz", pixels, labels)
@@ -277,7 +283,7 @@ def train_from_config(
     if warning and main_process:
         _log_at_start(warning, run_dir, warning=True)
     model = model_from_config(config)
-    train_set, val_set, test_set = split_datasets_from_config(config, model)
+    train_set, val_set, test_set = split_datasets_from_config(config, model, progress=progress)
     if val_set is not None and main_process:
         d = config["data"]
         _log_at_start(f"validation   {len(val_set)} images, {_count(len(val_set.classes), 'class')} held out of "
@@ -295,7 +301,8 @@ def train_from_config(
     if last:
         _save_embeddings(run_dir / "embeddings" / f"{config['data']['test_split']}.npz", last["embeddings"],
                          last["labels"])
-    table = format_metrics_table(_comparison_rows(config, run_dir))  # also writes the raw pixels the report reads
+    # _comparison_rows also writes the raw pixels the report reads
+    table = format_metrics_table(_comparison_rows(config, run_dir, progress))
     _append_to_log(run_dir, table)  # the final table, as stdout shows it
     return {"table": table,
             "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}}

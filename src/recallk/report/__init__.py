@@ -186,9 +186,11 @@ class _DatasetSource:
         data = self.record.config.get("data") or {}
         if not data.get("dataset"):
             raise ValueError("config.yaml has no data.dataset")
-        from recallk.data import build_dataset  # imported here: report must not need data at import time
+        from recallk.data import build_dataset, dataset_spec  # here: report must not need data at import time
 
         options = {**(data.get("options") or {}), **(data.get("test_options") or {})}
+        if "progress" in dataset_spec(data["dataset"]).options:
+            options["progress"] = False  # the report shows no progress bars
         return build_dataset(data["dataset"], data_root(self.record, self.root), self.record.split, transform=None,
                              **options)
 

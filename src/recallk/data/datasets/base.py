@@ -19,16 +19,37 @@ class DatasetFileNotFoundError(FileNotFoundError, ValueError):
     """A list file, folder or image that a loader expects is missing (a ValueError and FileNotFoundError)."""
 
 
+#: The Python spelling of the way out of a bad image, which ends the message of a :class:`BadImageError`; a caller
+#: with other words for it (the CLI: ``data.options.skip_bad_images=true``) builds its own from ``.problem`` and
+#: ``.fix``.
+SKIP_BAD_IMAGES_HINT = ("or pass skip_bad_images=True to skip unreadable images (they are then listed in "
+                        "dataset.skipped)")
+
+
 class BadImageError(ValueError):
-    """An image file exists but cannot be decoded; ``.path`` is the file."""
+    """An image file exists but cannot be decoded; ``.path`` is the file.
+
+    ``str(err)`` is ``"<problem>. <fix>, <SKIP_BAD_IMAGES_HINT>."``: ``.problem`` says what is wrong with the file,
+    ``.fix`` how to repair the file itself (without the ``skip_bad_images`` option, which callers name in their
+    own words).
+    """
 
     def __init__(self, path: str | os.PathLike, cause: BaseException | None = None) -> None:
         self.path = str(path)
         reason = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
-        super().__init__(
-            f"cannot decode image {self.path}{reason}. Replace or delete the file, or pass "
-            "skip_bad_images=True to skip unreadable images (they are then listed in dataset.skipped)."
-        )
+        self.problem = f"cannot decode image {self.path}{reason}"
+        self.fix = "Replace or delete the file"
+        super().__init__(f"{self.problem}. {self.fix}, {SKIP_BAD_IMAGES_HINT}.")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # rebuilt as raised (e.g. across a loader worker's pipe)
+        return _rebuild_bad_image_error, (type(self), self.__dict__, self.args)
+
+
+def _rebuild_bad_image_error(cls: type, state: dict[str, Any], args: tuple[Any, ...]) -> BadImageError:
+    err = cls.__new__(cls)
+    ValueError.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
 
 
 def require(path: Path, what: str, hint: str = "", folder: bool = False) -> Path:
@@ -98,12 +119,11 @@ class UnsupportedImageModeError(BadImageError):
 
     def __init__(self, path: str | os.PathLike, mode: str, why: str) -> None:
         self.mode = mode
-        ValueError.__init__(
-            self, f"cannot convert image {path} (Pillow mode {mode!r}) to 8-bit RGB: {why}. Convert the file to "
-            "8-bit RGB (e.g. PIL.Image.open(path).convert('RGB') after scaling its values to 0..255), or pass "
-            "skip_bad_images=True to skip it"
-        )
         self.path = str(path)
+        self.problem = f"cannot convert image {path} (Pillow mode {mode!r}) to 8-bit RGB: {why}"
+        self.fix = ("Convert the file to 8-bit RGB (e.g. PIL.Image.open(path).convert('RGB') after scaling its values "
+                    "to 0..255)")
+        ValueError.__init__(self, f"{self.problem}. {self.fix}, {SKIP_BAD_IMAGES_HINT}.")
 
 
 def _scaled_to_l(img: Image.Image, path: str | os.PathLike) -> Image.Image:
@@ -213,6 +233,9 @@ class ImageListDataset(Dataset):
         labels: ``numpy.int64`` array of shape ``(N,)``, class ids in ``0..C-1`` (keys in sorted order).
         classes: list of ``C`` class names, ``classes[labels[i]]`` is item i's class.
         skipped: list of ``str`` paths dropped by ``skip_bad_images``.
+
+    ``progress`` (keyword): show the tqdm bar of the ``skip_bad_images`` check (False: no bar, as the CLI's
+    ``--no-progress`` passes it).
     """
 
     def __init__(
@@ -227,6 +250,7 @@ class ImageListDataset(Dataset):
         root: str | None = None,
         split: str | None = None,
         options: dict[str, Any] | None = None,
+        progress: bool = True,
     ) -> None:
         if len(paths) != len(class_keys):
             raise ValueError(f"{name}: {len(paths)} paths but {len(class_keys)} class keys")
@@ -236,7 +260,8 @@ class ImageListDataset(Dataset):
         keys = list(class_keys)
         self.skipped: list[str] = []
         if skip_bad_images:
-            ok = [image_is_readable(p) for p in tqdm(paths, desc=f"checking {name} images", leave=False)]
+            ok = [image_is_readable(p) for p in tqdm(paths, desc=f"checking {name} images", leave=False,
+                                                      disable=not progress)]
             self.skipped = [p for p, good in zip(paths, ok) if not good]
             if self.skipped:
                 shown = ", ".join(self.skipped[:5]) + (" ..." if len(self.skipped) > 5 else "")
@@ -276,20 +301,22 @@ class ImageListDataset(Dataset):
 
 
 def image_list_builder(name: str, parse: Callable, default_split: str | None = "train") -> Callable[..., Dataset]:
-    """The builder ``build(root, split, transform=None, skip_bad_images=False)`` of dataset ``name``, documented
-    by ``parse(root folder, split) -> (paths, class_keys, class_names or None)``, which reads the lists."""
+    """The builder ``build(root, split, transform=None, skip_bad_images=False, progress=True)`` of dataset ``name``
+    (``progress``: the bar of the ``skip_bad_images`` check), documented by ``parse(root folder, split) -> (paths,
+    class_keys, class_names or None)``, which reads the lists."""
 
     def build(
         root: str | os.PathLike | None,
         split: str | None = default_split,
         transform: Callable | None = None,
         skip_bad_images: bool = False,
+        progress: bool = True,
     ) -> ImageListDataset:
         base = resolve_root(root, name)
         paths, keys, names = parse(base, split)
         return ImageListDataset(paths, keys, transform, names, skip_bad_images, name=f"{name}/{split or 'all'}",
                                 root=absolute_root(base), split=split,
-                                options={"skip_bad_images": True} if skip_bad_images else {})
+                                options={"skip_bad_images": True} if skip_bad_images else {}, progress=progress)
 
     build.__name__ = build.__qualname__ = f"build_{name}"
     build.__module__, build.__doc__ = parse.__module__, parse.__doc__

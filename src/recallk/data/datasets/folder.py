@@ -117,6 +117,7 @@ def build_folder(
     skip_bad_images: bool = False,
     test_classes: int | float | None = None,
     test_seed: int = 0,
+    progress: bool = True,
 ) -> ImageListDataset:
     """The images of ``root/<class>/`` (``split=None`` or ``"all"``) or ``root/<split>/<class>/``; with
     ``test_classes``, one side of a seeded class-disjoint split of the flat ``root/<class>/`` folder.
@@ -131,6 +132,7 @@ def build_folder(
             folder as the test split (:func:`recallk.data.splits.class_disjoint_split` on the class folder names:
             the split depends on the names and ``test_seed`` only). None: the folder's own layout.
         test_seed: the seed of that split (any int).
+        progress: show the tqdm bar of the ``skip_bad_images`` check (False: none).
 
     The dataset's ``root`` (absolute), ``split`` and ``options`` (``test_classes``, ``test_seed`` when given) say
     how to build it again (a Trainer run records them in its config.yaml, so that ``recallk eval`` evaluates the
@@ -143,7 +145,7 @@ def build_folder(
             SymlinkLoopError: a link loop.
     """
     if test_classes is None:
-        return _build_folder_tree(root, split, transform, skip_bad_images)
+        return _build_folder_tree(root, split, transform, skip_bad_images, progress)
     base = resolve_root(root, "folder")
     if split not in SPLIT_NAMES:
         raise ValueError(f"with test_classes (a class-disjoint split of the flat folder {base}) the split must be "
@@ -160,7 +162,8 @@ def build_folder(
     options = {"test_classes": test_classes, "test_seed": test_seed, **({"skip_bad_images": True} if skip_bad_images
                                                                         else {})}
     return ImageListDataset([paths[i] for i in chosen], [keys[i] for i in chosen], transform, None,
-                            skip_bad_images, name=name, root=absolute_root(base), split=split, options=options)
+                            skip_bad_images, name=name, root=absolute_root(base), split=split, options=options,
+                            progress=progress)
 
 
 register_dataset(DatasetSpec("folder", build_folder, splits=None, eval_ks=(1, 2, 4, 8)))
