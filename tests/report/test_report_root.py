@@ -23,15 +23,20 @@ COLOURS = [(200, 30, 30), (30, 160, 30), (30, 30, 200), (200, 200, 30)]
 OMITTED = "Retrieval examples omitted"
 
 
+def write_split(folder: Path, per_class: int) -> None:
+    """``folder/class<c>/<i>.png``: ``per_class`` solid images of each colour of ``COLOURS``, of slightly
+    different sizes."""
+    for c, colour in enumerate(COLOURS):
+        (folder / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (20 + i, 16), colour).save(folder / f"class{c}" / f"{i}.png")
+
+
 def make_project(tmp_path: Path) -> tuple[Path, Path]:
     """``proj/data/photos/test/<class>/<i>.png`` (4 classes x 3 solid images) and ``proj/runs/c`` whose config has
     the relative ``data.root: data/photos``, with embeddings of the test split (one cluster per class)."""
     proj = tmp_path / "proj"
-    for c, colour in enumerate(COLOURS):
-        folder = proj / "data" / "photos" / "test" / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (20 + i, 16), colour).save(folder / f"{i}.png")
+    write_split(proj / "data" / "photos" / "test", 3)
     labels = np.asarray(build_dataset("folder", proj / "data" / "photos", "test", transform=None).labels)
     rng = np.random.default_rng(0)
     emb = np.eye(8)[labels] + 0.3 * rng.normal(size=(labels.size, 8))

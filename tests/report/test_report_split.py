@@ -6,8 +6,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from PIL import Image
-from test_report_root import COLOURS, OMITTED, make_project
+from test_report_root import OMITTED, make_project, write_split
 
 from recallk.cli.main import main
 from recallk.data import build_dataset
@@ -15,11 +14,7 @@ from recallk.data import build_dataset
 
 def add_train_split(proj, run) -> None:
     """``train/<class>/<i>.png`` beside the test split, and ``embeddings/train.npz`` of it."""
-    for c, colour in enumerate(COLOURS):
-        folder = proj / "data" / "photos" / "train" / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(4):
-            Image.new("RGB", (18 + i, 18), colour).save(folder / f"{i}.png")
+    write_split(proj / "data" / "photos" / "train", 4)
     labels = np.asarray(build_dataset("folder", proj / "data" / "photos", "train", transform=None).labels)
     emb = np.eye(8)[labels] + 0.1 * np.random.default_rng(1).normal(size=(labels.size, 8))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
