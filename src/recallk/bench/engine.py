@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recallk.bench.arguments import HelpFormatter, positive_int, timm_model
 from recallk.engine import cached_backward, freeze_batchnorm
 
 
@@ -188,22 +189,33 @@ def memory_table(args: argparse.Namespace) -> list[dict[str, float]]:
     return rows
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet18", help="timm model name (random weights)")
-    parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--chunk", type=int, default=16, help="chunk size of the cached step")
-    parser.add_argument("--dim", type=int, default=128, help="embedding dimension")
-    parser.add_argument("--multiples", type=int, nargs="+", default=[1, 4, 16],
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``recallk bench engine``: every number positive, ``--model`` a timm name (checked here, so a
+    bad value is a one-line usage error, exit 2); ``--help`` shows each default."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--model", type=timm_model, default="resnet18",
+                        help="timm model name, random weights (timm.list_models() lists them)")
+    parser.add_argument("--resolution", type=positive_int, default=64, help="image side in pixels")
+    parser.add_argument("--chunk", type=positive_int, default=16, help="chunk size of the cached step")
+    parser.add_argument("--dim", type=positive_int, default=128, help="embedding dimension")
+    parser.add_argument("--multiples", type=positive_int, nargs="+", default=[1, 4, 16],
                         help="batch sizes for the memory table, as multiples of the chunk")
-    parser.add_argument("--time-batch", type=int, default=None, help="batch of the timing (default 4 x chunk)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
-    parser.add_argument("--loss", default="contrastive", choices=["contrastive", "rsk", "rsk-simix"])
+    parser.add_argument("--time-batch", type=positive_int, default=None,
+                        help="batch of the timing (default: 4 x chunk)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed repeats after one warm-up")
+    parser.add_argument("--loss", default="contrastive", choices=["contrastive", "rsk", "rsk-simix"],
+                        help="the loss of both steps")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--skip-memory", action="store_true", help="only the timing")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--measure-memory", nargs=2, metavar=("MODE", "BATCH"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``recallk bench engine`` arguments (:func:`build_parser`); bad values exit 2 with a usage line."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

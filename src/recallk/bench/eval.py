@@ -28,9 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from recallk.bench.arguments import HelpFormatter, int_at_least, non_negative_int, positive_float, positive_int
+
 INAT_TEST_SIZE = 136_093
 INAT_MEAN_CLASS_SIZE = 136_093 / 2_452
 MAX_CLASS_SIZE = 1000
+MIN_SIZE = 4
 COMPARED = (("recall@1", "precision_at_1"), ("map@r", "mean_average_precision_at_r"), ("r_precision", "r_precision"))
 
 
@@ -144,17 +147,30 @@ HEADER = (
 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, INAT_TEST_SIZE])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-pml-above", type=int, default=None, help="run pml only for N at most this")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per child run")
+def _size(text: str) -> int:
+    """``--sizes``: an int >= MIN_SIZE (two classes of two items: every query has a positive)."""
+    return int_at_least(text, MIN_SIZE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``recallk bench eval``: sizes, dimension and timeout checked (a bad value is a one-line
+    usage error, exit 2); ``--help`` shows each default."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--sizes", type=_size, nargs="+", default=[10_000, 50_000, INAT_TEST_SIZE],
+                        help=f"numbers of embeddings N (at least {MIN_SIZE}), one run of each library per N")
+    parser.add_argument("--dim", type=positive_int, default=512, help="embedding dimension")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the synthetic embeddings")
+    parser.add_argument("--skip-pml-above", type=non_negative_int, default=None,
+                        help="run pml only for N at most this (default: pml runs at every N)")
+    parser.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds per child run")
     parser.add_argument("--json-out", type=Path, default=None, help="also write every run's JSON here")
     parser.add_argument("--worker", choices=["ours", "pml"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.worker:
         worker(args.worker, args.data)
         return 0

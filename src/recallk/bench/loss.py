@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from recallk.bench.arguments import HelpFormatter, positive_float, positive_int
 from recallk.kernels.triton import triton_available
 from recallk.losses import RecallAtKSurrogate, simix
 
@@ -205,7 +206,17 @@ def run_loss_benchmark(
         ``e2e_ms`` / ``e2e_min_ms`` / ``e2e_peak_mib`` (from the embeddings), ``memory`` (how peaks were
         measured), ``threads``, ``device``, ``note``. Times are medians (``*_min_ms``: minima) in ms; the
         ``loss_*`` fields of the recompute methods are None.
+
+    Raises:
+        ValueError: unknown methods; ``repeats`` or ``dim`` < 1, ``per_class`` < 2, a size below ``per_class``,
+            a SiMix size below ``per_class`` + its pairs (no whole class fits).
     """
+    pairs_per_class = per_class * (per_class - 1) // 2
+    if repeats < 1 or dim < 1 or per_class < 2:
+        raise ValueError(f"repeats and dim must be >= 1 and per_class >= 2, got {repeats}, {dim}, {per_class}")
+    if any(b < per_class for b in sizes) or any(s < per_class + pairs_per_class for s in simix_sizes):
+        raise ValueError(f"every size must be >= per_class ({per_class}) and every SiMix size >= "
+                         f"{per_class + pairs_per_class}, got sizes {list(sizes)}, SiMix sizes {list(simix_sizes)}")
     dev = torch.device(device)
     methods = list(default_methods(dev) if methods is None else methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -216,7 +227,6 @@ def run_loss_benchmark(
     if dev.type == "cpu":
         _set_mmap_threshold(_TIMING_MMAP_THRESHOLD)
     gen = torch.Generator().manual_seed(seed)
-    pairs_per_class = per_class * (per_class - 1) // 2
     cases = [("rsk", b, b) for b in sizes]
     for s in simix_sizes:
         real = (s // (per_class + pairs_per_class)) * per_class
@@ -324,28 +334,52 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``recallk bench loss`` / ``python benchmarks/bench_loss.py``. Prints a markdown table."""
-    parser = argparse.ArgumentParser(prog="recallk bench loss", description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 2000, 4000], help="batch sizes B")
-    parser.add_argument("--simix-size", type=int, nargs="*", default=[], help="augmented sizes of SiMix cases")
-    parser.add_argument("--per-class", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``recallk bench loss`` (numbers checked: a bad value is a one-line usage error, exit 2;
+    ``--help`` shows each default). Sizes are checked against ``--per-class`` by :func:`parse_args`."""
+    parser = argparse.ArgumentParser(prog="recallk bench loss", description=__doc__.split("\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--sizes", type=positive_int, nargs="*", default=[1000, 2000, 4000],
+                        help="batch sizes B, each at least --per-class")
+    parser.add_argument("--simix-size", type=positive_int, nargs="*", default=[],
+                        help="augmented sizes of SiMix cases, each at least P + P(P-1)/2 for P = --per-class")
+    parser.add_argument("--per-class", type=positive_int, default=4, help="items per class, at least 2")
+    parser.add_argument("--dim", type=positive_int, default=512, help="embedding dimension")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available, else cpu)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed repeats after one warm-up")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS),
                         help="what to run (default: all that can run on the device; triton ones need CUDA)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive (B, |P|, B) version")
-    parser.add_argument("--naive-max-gib", type=float, default=6.0, help="skip naive above this estimate")
+    parser.add_argument("--naive-max-gib", type=positive_float, default=6.0, help="skip naive above this estimate")
     parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check ``recallk bench loss`` arguments; a bad value exits 2 with one line saying what to pass."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
     if args.per_class < 2:
         parser.error("--per-class must be at least 2 (a query needs a positive)")
+    small = [b for b in args.sizes if b < args.per_class]
+    if small:
+        parser.error(f"--sizes {' '.join(map(str, small))}: each batch size must be at least --per-class "
+                     f"({args.per_class}), or the batch holds no whole class")
+    least = args.per_class + args.per_class * (args.per_class - 1) // 2
+    small = [s for s in args.simix_size if s < least]
+    if small:
+        parser.error(f"--simix-size {' '.join(map(str, small))}: each size must be at least {least} (one class of "
+                     f"{args.per_class} items and its {least - args.per_class} mixed pairs)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``recallk bench loss`` / ``python benchmarks/bench_loss.py``. Prints a markdown table."""
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rows = run_loss_benchmark(
         args.sizes, args.per_class, args.dim, args.device, include_naive=not args.no_naive,
         simix_sizes=args.simix_size, repeats=args.repeats, naive_max_gib=args.naive_max_gib, methods=args.methods,

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from recallk.bench.arguments import HelpFormatter, non_negative_int, positive_int, timm_model
 from recallk.bench.engine import build_benchmark_model
 from recallk.data import build_dataset, build_transforms
 from recallk.data.loading import ChunkedBatchLoader
@@ -56,30 +57,41 @@ def _epochs(text: str) -> int:
     return value
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="recallk bench train", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``recallk bench train``: numbers checked, ``--model`` a timm name (a bad value is a one-line
+    usage error, exit 2); ``--help`` shows each default."""
+    parser = argparse.ArgumentParser(prog="recallk bench train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--model", default="resnet18", help="timm model name (random weights, BatchNorm frozen)")
-    parser.add_argument("--embed-dim", type=int, default=128)
-    parser.add_argument("--image-size", type=int, default=64, help="training crop (RandomResizedCrop), px")
-    parser.add_argument("--jpeg-size", type=int, default=80, help="side of the JPEGs written, px")
+    parser.add_argument("--model", type=timm_model, default="resnet18",
+                        help="timm model name (random weights, BatchNorm frozen; timm.list_models() lists them)")
+    parser.add_argument("--embed-dim", type=positive_int, default=128, help="embedding dimension")
+    parser.add_argument("--image-size", type=positive_int, default=64, help="training crop (RandomResizedCrop), px")
+    parser.add_argument("--jpeg-size", type=positive_int, default=80, help="side of the JPEGs written, px")
     parser.add_argument("--root", help="an existing folder root/<class>/<image> (default: write JPEGs to a temp dir)")
-    parser.add_argument("--classes", type=int, default=40)
-    parser.add_argument("--per-class-images", type=int, default=16, help="images per class written")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--chunk", type=int, default=32)
-    parser.add_argument("--per-class", type=int, default=4, help="items per class in a batch")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the step (CPU); 0 = leave as is")
+    parser.add_argument("--classes", type=positive_int, default=40, help="classes of JPEGs written")
+    parser.add_argument("--per-class-images", type=positive_int, default=16, help="images per class written")
+    parser.add_argument("--batch", type=positive_int, default=128, help="batch size")
+    parser.add_argument("--chunk", type=positive_int, default=32, help="chunk size")
+    parser.add_argument("--per-class", type=positive_int, default=4, help="items per class in a batch")
+    parser.add_argument("--workers", type=non_negative_int, default=1, help="data loader worker processes")
+    parser.add_argument("--threads", type=non_negative_int, default=1,
+                        help="torch threads of the step (CPU); 0 = leave as is")
     parser.add_argument("--epochs", type=_epochs, default=3,
                         help="epochs of the loader-only and end-to-end runs, at least 2: the first epoch is the "
                              "warm-up (worker start-up, allocator) and is not timed")
-    parser.add_argument("--step-repeats", type=int, default=4, help="timed steps of the step-only run")
-    parser.add_argument("--amp", default=None, help="train.amp: bf16, fp16 or none")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--step-repeats", type=positive_int, default=4, help="timed steps of the step-only run")
+    parser.add_argument("--amp", default=None, help="train.amp: bf16, fp16 or none (default: none)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")
     parser.add_argument("--memory-only", action="store_true",
                         help="only measure the host memory of one batch's kept images (resident-set growth)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``recallk bench train`` arguments (:func:`build_parser`); bad values exit 2 with a usage line."""
+    parser = build_parser()
     return parser.parse_args(argv)
 
 

@@ -228,7 +228,11 @@ def report(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"recallk.bench.{args.which}")
+    program = sys.argv[0]
     sys.argv[0] = f"recallk bench {args.which}"  # the benchmark's own parser names itself after argv[0]
-    result: Any = module.main(list(args.args))
+    try:
+        result: Any = module.main(list(args.args))
+    finally:
+        sys.argv[0] = program  # this process's own command line stays as it was (run.json records it)
     sys.stdout.flush()
     return int(result or 0)
