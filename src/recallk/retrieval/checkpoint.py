@@ -97,7 +97,10 @@ def preprocessing_spec(transform: T.Compose) -> dict[str, Any]:
         ``{"color": "RGB", "resize": int (shorter side) or [h, w] (exact), "resize_mode": "shorter_side" |
         "exact", "interpolation": "bilinear" | ..., "antialias": bool, "crop": [h, w] (centre) or None,
         "scale": 1/255, "mean": [3 floats], "std": [3 floats], "input_size": [3, H, W] or None, "layout": "NCHW",
-        "dtype": "float32", "resampler": "PIL"}``. A network input is ``((pixels / 255) - mean) / std``.
+        "dtype": "float32", "resampler": "PIL"}``. A network input is ``((pixels / 255) - mean) / std``, the
+        pixels being the resized, centre-cropped 8-bit RGB picture ``ToRGB8`` makes (EXIF orientation, alpha on
+        white, 16-bit / 257: not stated here, as this dict is hashed into ``model_id``; the export sidecar adds
+        it, :func:`recallk.retrieval.export.export_preprocessing`).
 
     Raises:
         ValueError: a step other than ToRGB8, Resize, CenterCrop, ToTensor and Normalize (it cannot be stated as
