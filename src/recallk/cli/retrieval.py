@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from recallk.evaluation import format_metrics_table
 from recallk.retrieval import (
     GalleryIndex,
     Retriever,
+    SearchResults,
     evaluate_embedding_files,
     export_model,
     image_files,
@@ -87,9 +89,26 @@ def index(args: argparse.Namespace) -> int:
     return 0
 
 
+def short_results_message(results: SearchResults, gallery: GalleryIndex) -> str:
+    """What to tell a user whose approximate index found fewer than k neighbours for some queries."""
+    k, kind, params = results.indices.shape[1], gallery.kind, gallery.metadata.get("params") or {}
+    if kind == "ivf":
+        fix = (f"rebuild the index with a larger --nprobe (now {params.get('nprobe')} of {params.get('nlist')} "
+               "lists: recallk index EMB --kind ivf --nprobe N)")
+    elif kind == "hnsw":
+        fix = (f"rebuild the index with a larger --ef-search (now {params.get('ef_search')}; try at least --k: "
+               "recallk index EMB --kind hnsw --ef-search N)")
+    else:
+        fix = "rebuild the index"
+    return (f"{results.short_queries} of {len(results.queries)} queries got fewer than --k {k} neighbours from the "
+            f"approximate {kind} index (their lists are shorter); {fix}, or use the exact index (--kind flat)")
+
+
 def search(args: argparse.Namespace) -> int:
     retriever = Retriever.from_checkpoint(args.checkpoint, index=args.index, device=resolve_device(args.device))
     results = retriever.search(args.queries, k=args.k)
+    if results.short_queries:
+        print(f"recallk search: warning: {short_results_message(results, retriever.index)}", file=sys.stderr)
     text = json.dumps(results.to_json(), indent=1, ensure_ascii=False)
     if args.json_out:
         atomic_write(args.json_out, lambda f: f.write(text.encode()))

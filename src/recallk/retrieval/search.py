@@ -32,7 +32,10 @@ class SearchResults:
     Attributes:
         queries: (Q,) names (file paths, or ``"image #i"`` for in-memory images).
         scores: (Q, k) float32 inner products (cosine similarity), decreasing along a row.
-        indices: (Q, k) int64 gallery rows (-1: nothing found, approximate kinds only).
+        indices: (Q, k) int64 gallery rows. An approximate index (ivf with a small nprobe, hnsw with a small
+            ef_search) may find fewer than k items: the row is then padded at its end with index -1 and score
+            -inf. Index ``paths``/``labels`` only where :attr:`valid` (``paths[-1]`` is the last item, not a
+            match); ``to_json`` leaves padding out.
         paths, labels, classes: the gallery's items (from the index sidecar).
     """
 
@@ -42,6 +45,16 @@ class SearchResults:
     paths: np.ndarray
     labels: np.ndarray
     classes: list[str]
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(Q, k) bool: True where ``indices`` holds a gallery row, False at padding (-1, score -inf)."""
+        return self.indices >= 0
+
+    @property
+    def short_queries(self) -> int:
+        """How many queries got fewer than k neighbours (rows with padding)."""
+        return int((~self.valid).any(axis=1).sum())
 
     def class_name(self, label: int) -> str | None:
         if label < 0:
