@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from recallk.data.datasets.base import (
-    _ALPHA_MODES,
-    _PLAIN_MODES,
-    _SIXTEEN_BIT_MODES,
+    ALPHA_MODES,
+    PLAIN_MODES,
+    SIXTEEN_BIT_MODES,
     TRANSPARENCY_BACKGROUND,
 )
 from recallk.retrieval.checkpoint import TrainedModel
@@ -48,14 +48,14 @@ def decoding_rules() -> dict[str, Any]:
         "exif_transpose": True,
         "exif_transpose_note": "rotate/flip by the EXIF Orientation tag (PIL.ImageOps.exif_transpose) first",
         "alpha": {
-            "modes": sorted(_ALPHA_MODES),
+            "modes": sorted(ALPHA_MODES),
             "also": "P, L and RGB images with a 'transparency' entry in Image.info",
             "background": background,
             "rule": "convert('RGBA'), composite on an opaque background of this colour (Image.alpha_composite), "
                     "drop alpha: c_out = round((c * a + bg * (255 - a)) / 255), c, a, bg in 0..255",
         },
         "16-bit": {
-            "modes": sorted(_SIXTEEN_BIT_MODES),
+            "modes": sorted(SIXTEEN_BIT_MODES),
             "rule": "greyscale v in 0..65535 -> round(v / 257) as 8-bit grey (values outside 0..65535 are refused), "
                     "then R = G = B = that grey",
         },
@@ -64,7 +64,7 @@ def decoding_rules() -> dict[str, Any]:
             "rule": "greyscale v in [0, 1] -> round(255 * v) as 8-bit grey (other values are refused), then "
                     "R = G = B = that grey",
         },
-        "other": {"modes": sorted(_PLAIN_MODES), "rule": "Pillow's image.convert('RGB')"},
+        "other": {"modes": sorted(PLAIN_MODES), "rule": "Pillow's image.convert('RGB')"},
         "rounding": "round half to even (numpy.rint); halves do not occur in the 16-bit and alpha rules",
         "reference": "recallk.data.datasets.base.to_rgb8",
     }

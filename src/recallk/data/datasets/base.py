@@ -109,9 +109,11 @@ TRANSPARENCY_BACKGROUND = (255, 255, 255)
 #: Modes holding more than 8 bits per sample, as Pillow names them, and the divisor that maps their full range
 #: onto 0..255 (16-bit: 65535 / 255 = 257). Mode "I" (32-bit signed) is read as 16-bit data, the range of every
 #: format that produces it (16-bit PNG and TIFF); values outside 0..65535 are refused.
-_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
-_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
-_PLAIN_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"})
+SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+#: Modes with an alpha band (composited on ``TRANSPARENCY_BACKGROUND``), and modes Pillow's ``convert("RGB")``
+#: turns into the same picture; the export sidecar states these rules (``recallk.retrieval.export``).
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+PLAIN_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"})
 
 
 class UnsupportedImageModeError(BadImageError):
@@ -130,7 +132,7 @@ def _scaled_to_l(img: Image.Image, path: str | os.PathLike) -> Image.Image:
     """A 16-bit ("I;16*", "I") or float ("F") greyscale image as mode "L", by the fixed rule of its mode:
     16-bit v -> round(v / 257); float in [0, 1] -> round(255 v). Anything else raises UnsupportedImageModeError."""
     a = np.asarray(img)
-    if img.mode in _SIXTEEN_BIT_MODES:
+    if img.mode in SIXTEEN_BIT_MODES:
         lo, hi = int(a.min()), int(a.max())
         if lo < 0 or hi > 65535:
             raise UnsupportedImageModeError(path, img.mode, f"values span {lo}..{hi}, outside the 16-bit 0..65535")
@@ -164,13 +166,13 @@ def to_rgb8(img: Image.Image, path: str | os.PathLike = "<image>", *, in_place: 
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info and in_place:
         return img
-    if mode in _SIXTEEN_BIT_MODES or mode == "F":
+    if mode in SIXTEEN_BIT_MODES or mode == "F":
         return _scaled_to_l(img, path).convert("RGB")
-    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in img.info):
+    if mode in ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*TRANSPARENCY_BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode in _PLAIN_MODES:
+    if mode in PLAIN_MODES:
         return img.convert("RGB")
     raise UnsupportedImageModeError(path, mode, "recallk has no rule for this mode")
 
