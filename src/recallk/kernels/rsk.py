@@ -182,11 +182,11 @@ def backend_names() -> tuple[str, ...]:
 
 def auto_path(
     device: torch.device, rows: int, cols: int, backend: str = "auto", memory: str = "auto",
-    budget_bytes: int = MATRIX_BUDGET_BYTES,
+    budget_bytes: int = MATRIX_BUDGET_BYTES, dim: int | None = None,
 ) -> tuple[str, str]:  # fmt: skip
     """:func:`recallk.kernels.dispatch.choose_path` with what is usable on ``device``: ``(backend, memory)``."""
     triton = "triton" in _BACKENDS and _BACKENDS["triton"].available(device, auto=True)
-    return choose_path(device, rows, cols, backend, memory, triton, budget_bytes)
+    return choose_path(device, rows, cols, backend, memory, triton, budget_bytes, dim)
 
 
 def resolve_backend(backend: str, device: torch.device, memory: str = "matrix") -> str:

@@ -56,7 +56,8 @@ class RecallAtKSurrogate(MetricLoss):
             block of queries at a time, the Triton path recomputes tiles inside its kernels, and
             SiMix mixes the embeddings instead of the matrix (same pairs and alphas); "auto" (default) never
             stores a float32 matrix above ``RECOMPUTE_ABOVE_BYTES`` (1 GiB) and below it takes the measured
-            fastest path (the matrix on the CPU). Both give the same loss up to float rounding.
+            fastest path (on the CPU the matrix, or recompute from 4,000^2 pairs at d <= 256:
+            :mod:`recallk.kernels.dispatch`). Both give the same loss up to float rounding.
             ``from_similarity`` always takes a matrix.
         similarity: deprecated spelling of ``memory`` (DeprecationWarning).
 
@@ -129,7 +130,7 @@ class RecallAtKSurrogate(MetricLoss):
         """The loss of checked inputs (see :meth:`MetricLoss.forward`): float32, or float64 for float64 input."""
         emb = embeddings
         if ref_emb is None:
-            backend, memory = self._path(emb.device, self._augmented_size(labels))
+            backend, memory = self._path(emb.device, emb.shape[1], self._augmented_size(labels))
             if memory == "matrix":
                 return self.from_similarity(gram(emb), labels, backend=backend)
             if self.simix:
@@ -141,7 +142,7 @@ class RecallAtKSurrogate(MetricLoss):
                                                     backend=backend, block_size=self.block_size)  # fmt: skip
         if self.simix:
             raise ValueError(_SIMIX_WITH_REF)
-        backend, memory = self._path(emb.device, emb.shape[0], ref_emb.shape[0])
+        backend, memory = self._path(emb.device, emb.shape[1], emb.shape[0], ref_emb.shape[0])
         if memory == "matrix":
             return self.from_similarity(emb @ ref_emb.T, labels, ref_labels, backend=backend)
         return kernels.rsk_loss_from_embeddings(emb, ref_emb, labels, ref_labels, self.params, backend=backend,
@@ -157,10 +158,11 @@ class RecallAtKSurrogate(MetricLoss):
             pairs = pairs.clamp(max=self.max_pairs_per_class)
         return labels.numel() + int(pairs.sum())
 
-    def _path(self, device: torch.device, rows: int, cols: int | None = None) -> tuple[str, str]:
-        """``(backend, memory)`` for ``rows`` queries against ``cols`` references (default: ``rows``)."""
+    def _path(self, device: torch.device, dim: int, rows: int, cols: int | None = None) -> tuple[str, str]:
+        """``(backend, memory)`` for ``rows`` queries against ``cols`` references (default: ``rows``) of
+        dimension ``dim``."""
         return kernels.auto_path(device, rows, rows if cols is None else cols, self.backend, self.memory,
-                                 RECOMPUTE_ABOVE_BYTES)  # fmt: skip
+                                 RECOMPUTE_ABOVE_BYTES, dim=dim)  # fmt: skip
 
     def from_similarity(
         self, sim: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None = None,
