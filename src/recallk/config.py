@@ -14,7 +14,9 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -31,7 +33,8 @@ from recallk.engine.checkpoint import LOSS_NOT_CONFIG, TRAIN_FROM_ELSEWHERE, wri
 from recallk.engine.settings import check_amp_device, check_per_class
 from recallk.evaluation import retrieval_metrics
 from recallk.evaluation.metrics import COUNT_KEYS, metric_order
-from recallk.losses import RecallAtKSurrogate, loss_min_per_class, loss_names
+from recallk.losses import RecallAtKSurrogate, build_loss, loss_min_per_class, loss_names
+from recallk.losses.base import accepted_options
 from recallk.models import build_model
 from recallk.utils import resolve_device
 
@@ -157,6 +160,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             keys), or a value has the wrong type.
     """
     config = copy.deepcopy(DEFAULTS)
+    loaded: Any = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -168,11 +172,46 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         _merge(config, loaded)
+    typed: set[str] = set()  # the loss keys the command line sets
     for text in overrides:
         parts, value = parse_override(text)
         _merge(config, _nest(parts, value))
+        if parts[0] == "loss":
+            typed.update(parts[1:2] if len(parts) > 1 else (value if isinstance(value, Mapping) else ()))
+    if path is not None:
+        _reset_unused_rsk_keys(config, typed, path)
     validate_config(config)
     return config
+
+
+def _rsk_only_keys() -> list[str]:
+    """The keys of the ``loss`` section that are RS@k's arguments (all but ``name`` and ``options``)."""
+    return [k for k in DEFAULTS["loss"] if k not in ("name", "options")]
+
+
+def _yaml_value(value: Any) -> str:
+    """``value`` as YAML writes it on one line (``true``, ``[1, 2]``, ``auto``)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _reset_unused_rsk_keys(config: dict[str, Any], typed: set[str], path: Path) -> None:
+    """When ``loss.name`` is not rsk: RS@k keys that the config file at ``path`` sets (every preset sets
+    ``simix: true``) and the command line does not are set back to their defaults, so that the config (and the
+    run's ``config.yaml``) is a valid one for the loss it names; one note on stderr (rank 0) says which. RS@k keys
+    the command line gives with another loss stay for :func:`validate_config` to refuse."""
+    loss = config["loss"]
+    if loss["name"] == "rsk":
+        return
+    unused = [k for k in _rsk_only_keys() if k not in typed and loss[k] != DEFAULTS["loss"][k]]
+    if not unused:
+        return
+    said = ", ".join(f"loss.{k}: {_yaml_value(loss[k])}" for k in unused)
+    for key in unused:
+        loss[key] = copy.deepcopy(DEFAULTS["loss"][key])
+    if os.environ.get("RANK", "0") == "0":
+        verb = "is an argument" if len(unused) == 1 else "are arguments"
+        print(f"note: {said} of {path} {verb} of RS@k, not used by loss {loss['name']!r} (set back to the "
+              f"default)", file=sys.stderr, flush=True)
 
 
 def _check_type(config: dict[str, Any], section: str | None, key: str, default: Any) -> None:
@@ -230,8 +269,12 @@ def validate_config(config: dict[str, Any]) -> None:
     if loss["name"] != "rsk":
         changed = [k for k, v in loss.items() if k not in ("name", "options") and v != DEFAULTS["loss"].get(k)]
         if changed:
-            raise ConfigError(f"loss.{changed[0]} is an argument of loss 'rsk' and unused by loss {loss['name']!r}: "
-                              f"give its arguments in loss.options")
+            key = changed[0]
+            raise ConfigError(
+                f"loss.{key}={_yaml_value(loss[key])} is an argument of RS@k (loss.name=rsk), not used by loss "
+                f"{loss['name']!r}: drop loss.{key} (or set it back to its default, loss.{key}="
+                f"{_yaml_value(DEFAULTS['loss'][key])}), or use loss.name=rsk; the arguments of {loss['name']!r} go "
+                f"in loss.options")
     for key in ("batch_size", "per_class", "epochs"):
         if train[key] is None or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
@@ -296,7 +339,8 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
     them, so that a mistake costs no weight download and leaves nothing behind.
 
     Checks: the data splits and options are the dataset's, ``data.root`` (when given) is an existing folder,
-    ``train.best_metric`` is a metric the run's evaluation produces, ``train.batch_size`` splits evenly
+    the loss builds from its section (:func:`check_loss`: its values and options), ``train.best_metric`` is a
+    metric the run's evaluation produces, ``train.batch_size`` splits evenly
     between ``world_size`` processes, ``train.lr`` is positive, the class-split keys (:func:`check_class_splits`),
     ``train.device`` names a device this machine has, and ``train.amp=fp16`` is not asked of the CPU (the
     GradScaler would skip every step there).
@@ -319,6 +363,7 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
         raise ConfigError(f"data.root={data['root']} is not a folder: set data.root=/path/to/{spec.name} (the "
                           f"folder the dataset unpacks to; see docs/datasets.md)")
     check_class_splits(config)
+    check_loss(config)
     metrics = produced_metrics(config)
     if train["best_metric"] not in metrics:
         raise ConfigError(f"train.best_metric={train['best_metric']!r} is not a metric this run produces; "
@@ -348,6 +393,40 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
             check_amp_device(train["amp"], device)
         except ValueError as err:
             raise ConfigError(_in_config_words(str(err), "train", train)) from None
+
+
+def check_loss(config: Mapping[str, Any]) -> None:
+    """Build the loss of the ``loss`` section once (cheap: no model, no data), so that a bad value or option
+    fails before anything else: RS@k from its keys (errors name ``loss.<key>``; an unknown ``loss.options`` key
+    is refused with the accepted ones), a baseline from ``loss.options`` (its values checked by
+    :func:`recallk.losses.baselines.check_baseline_options`, naming ``loss.options.<key>``; Proxy-Anchor's
+    ``num_classes`` is checked against the training classes later, where the training split is known).
+
+    Raises:
+        ConfigError: naming the key, what is wrong and how to fix it.
+    """
+    loss = config["loss"]
+    name, options = loss["name"], dict(loss["options"])
+    if name == "rsk":
+        keys = _rsk_only_keys()
+        accepted = [k for k in accepted_options("rsk") if k not in ("generator", "similarity")]
+        unknown = sorted(set(options) - set(accepted) - {"similarity"})
+        if unknown:
+            raise ConfigError(
+                f"loss.options has {unknown}, not arguments of loss 'rsk'{_suggest(unknown[0], accepted, 'loss')}: "
+                f"RS@k accepts {accepted} (its arguments are loss.<key> keys, e.g. loss.max_pairs_per_class=2; "
+                f"loss.options is for the other losses)")
+        build = lambda: build_loss("rsk", **section_arguments(config, "loss"))  # noqa: E731
+    else:
+        if name == "proxy_anchor":  # filled in from the training split and the model where the run builds it
+            options.setdefault("num_classes", 1)
+            options.setdefault("embedding_size", config["model"]["embed_dim"])
+        keys = []
+        build = lambda: build_loss(name, **options)  # noqa: E731
+    try:
+        build()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(_in_config_words(str(err), "loss", keys) if keys else str(err)) from None
 
 
 def check_class_splits(config: Mapping[str, Any]) -> None:

@@ -89,7 +89,8 @@ def _stop_resume_and_compare(runs: Path, args: list[str], started: list[subproce
     assert cut.returncode == 1, out + err
     assert "Traceback" not in out and "File \"" + str(REPO / "src") not in err, out + err
     said = [line for line in (out + err).splitlines() if "stopped by SIGTERM" in line]
-    assert len(said) == 1 and "continue with: recallk train --name cut --resume" in said[0], out + err
+    assert len(said) == 1 and (f"continue with: torchrun --nproc-per-node 2 -m recallk train --name cut --resume "
+                               f"runs_dir={runs} (with the same torchrun options as before)") in said[0], out + err
     last = torch.load(cut_dir / "checkpoints" / "last.pt", weights_only=False)
     assert 1 <= last["step"] < 6
     side = torch.load(cut_dir / "checkpoints" / "last.rng.rank1.pt", weights_only=False)

@@ -148,6 +148,24 @@ def bad_image_message(err: Any, command: str) -> str:
             "unreadable images).")
 
 
+#: the models layer's Python advice (``build_model(pretrained=...)``) -> the config key of ``recallk train``
+_PRETRAINED_WORDS = (
+    ("pass pretrained='path/to/weights.pth' or pretrained=False",
+     "set model.pretrained=/path/to/weights.pth or model.pretrained=false"),
+    ("(pretrained= takes True, False or a file path)",
+     "(model.pretrained takes true, false or a file path, e.g. model.pretrained=/path/to/weights.pth)"),
+)
+
+
+def in_command_words(message: str, command: str) -> str:
+    """An error message of the library in the words of ``recallk <command>``: for ``train``, the models layer's
+    ``pretrained=`` advice becomes the ``model.pretrained=`` config key (other messages unchanged)."""
+    if command == "train":
+        for python, config in _PRETRAINED_WORDS:
+            message = message.replace(python, config)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recallk`` console script; returns the process exit code (2: a user error, told in one
     line on every rank; 130: Ctrl-C; 128 + signal number: SIGTERM/SIGUSR1, after saving a checkpoint)."""
@@ -171,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"recallk {args.command}: error: {bad_image_message(err, args.command)}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, NonFiniteLossError, TrainingStalledError) as err:
-        print(f"recallk {args.command}: error: {err}", file=sys.stderr)
+        print(f"recallk {args.command}: error: {in_command_words(str(err), args.command)}", file=sys.stderr)
         return 2
     except Preempted as stop:  # before the trainer saved anything (it reports its own saves)
         if getattr(args, "resume", False):

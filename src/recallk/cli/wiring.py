@@ -126,9 +126,14 @@ def criterion_from_config(config: dict[str, Any], train_labels: np.ndarray) -> t
     if name == "rsk":
         return build_loss("rsk", **section_arguments(config, "loss"))
     options = dict(config["loss"]["options"])
-    if name == "proxy_anchor":
-        options.setdefault("num_classes", int(np.max(train_labels)) + 1)
-        options.setdefault("embedding_size", config["model"]["embed_dim"])
+    if name == "proxy_anchor":  # one proxy per training class, of the model's embedding size
+        classes, embed_dim = int(np.max(train_labels)) + 1, config["model"]["embed_dim"]
+        for key, need, what in (("num_classes", classes, f"the training split has {classes} classes"),
+                                ("embedding_size", embed_dim, f"the model's model.embed_dim is {embed_dim}")):
+            if key in options and options[key] != need:
+                raise ValueError(f"loss.options.{key}={options[key]!r} but {what}: set it to {need} or leave it "
+                                 f"out (recallk fills it in)")
+            options.setdefault(key, need)
     return build_loss(name, **options)
 
 
@@ -218,13 +223,25 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
 
 
-def resume_command(config: dict[str, Any]) -> str:
+def resume_command(config: dict[str, Any], *overrides: str) -> str:
     """The command that continues the run of ``config`` after a stop: ``recallk train --name <name> --resume``,
-    plus ``runs_dir=<runs_dir>`` when it is not the default (shell-quoted)."""
-    words = ["recallk", "train", "--name", str(config["name"]), "--resume"]
+    plus ``runs_dir=<runs_dir>`` when it is not the default, then ``overrides`` (shell-quoted).
+
+    Under torchrun (``WORLD_SIZE`` > 1 in the environment) the run continues on as many processes:
+    ``torchrun --nproc-per-node <LOCAL_WORLD_SIZE> -m recallk train ...`` (``--nnodes <N>`` too when the processes
+    span N > 1 nodes), followed by "(with the same torchrun options as before)": the rendezvous options are not
+    known here."""
+    words = ["train", "--name", str(config["name"]), "--resume"]
     if config["runs_dir"] != DEFAULTS["runs_dir"]:
         words.append(f"runs_dir={config['runs_dir']}")
-    return shlex.join(words)
+    words += overrides
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return shlex.join(["recallk", *words])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    nodes = max(world_size // max(per_node, 1), 1)
+    launcher = ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []), "--nproc-per-node", str(per_node)]
+    return shlex.join([*launcher, "-m", "recallk", *words]) + " (with the same torchrun options as before)"
 
 
 def finished_run_message(config: dict[str, Any], run_dir: Path) -> str | None:
@@ -240,8 +257,9 @@ def finished_run_message(config: dict[str, Any], run_dir: Path) -> str | None:
     if epoch >= t["epochs"]:
         done = (f"{epoch}/{t['epochs']} epochs" if epoch == t["epochs"]
                 else f"{epoch} epochs (train.epochs={t['epochs']})")
+        more = f"train.epochs={t['epochs'] + epoch}"
         return (f"run {config['name']} already finished {done}: nothing to train; raise "
-                f"train.epochs to continue (e.g. {resume_command(config)} train.epochs={t['epochs'] + epoch})")
+                f"train.epochs to continue (e.g. {resume_command(config, more)})")
     if t["max_steps"] is not None and step >= t["max_steps"]:
         return (f"run {config['name']} already made {step}/{t['max_steps']} steps (train.max_steps): nothing to "
                 f"train; raise train.max_steps to continue (or train.max_steps=null)")

@@ -7,6 +7,7 @@ and ``tests/losses/test_loss_contract.py`` tests it.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ from recallk.kernels import no_autocast
 
 _HALF = (torch.float16, torch.bfloat16)
 
-__all__ = ["MetricLoss", "build_loss", "loss_min_per_class", "loss_names", "register_loss"]
+__all__ = ["MetricLoss", "accepted_options", "build_loss", "loss_min_per_class", "loss_names", "register_loss"]
 
 
 class MetricLoss(nn.Module):
@@ -136,4 +137,22 @@ def build_loss(name: str, **cfg: Any) -> nn.Module:
     try:
         return _LOSSES[name](**cfg)
     except TypeError as err:
-        raise ValueError(f"bad options for loss {name!r}: {err}") from err
+        accepted = accepted_options(name)
+        also = f"; it accepts {accepted}" if accepted else ""
+        raise ValueError(f"bad options for loss {name!r}: {err}{also}") from err
+
+
+def accepted_options(name: str) -> list[str]:
+    """The keyword arguments loss ``name``'s factory names in its signature (RS@k: ``ks``, ``tau_rank``, ...;
+    [] for a factory that takes ``**options`` only, such as the baselines, whose constructor says what it takes).
+
+    Raises:
+        ValueError: unknown loss name.
+    """
+    if name not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}: choose one of {list(_LOSSES)}")
+    try:
+        params = inspect.signature(_LOSSES[name]).parameters.values()
+    except (TypeError, ValueError):  # a factory without a signature
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

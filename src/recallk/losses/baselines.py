@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ from torch import nn
 
 from recallk.losses.base import MetricLoss, register_loss
 
-__all__ = ["BASELINES", "NO_REFERENCE_SET", "MetricLearningBaseline", "build_baseline"]
+__all__ = ["BASELINES", "NO_REFERENCE_SET", "MetricLearningBaseline", "build_baseline", "check_baseline_options"]
 
 #: name -> pytorch-metric-learning class name
 BASELINES = {
@@ -92,8 +94,13 @@ def build_baseline(name: str, **cfg: Any) -> MetricLearningBaseline:
     ``cfg`` goes to the pytorch-metric-learning constructor (e.g. ``margin``, ``alpha``; Proxy-Anchor needs
     ``num_classes`` and ``embedding_size``, and its labels must lie in [0, num_classes)).
 
+    The options are checked first (:func:`check_baseline_options`). The built loss describes itself by its
+    ``loss_spec`` (``{"name": name, **cfg}``, when every option is a plain value a config can hold), which the
+    Trainer's start block, ``config.yaml`` and checkpoints read (:func:`recallk.engine.checkpoint.describe_loss`).
+
     Raises:
-        ValueError: unknown name, or options the loss does not accept / required options missing.
+        ValueError: unknown name, option values out of range, or options the loss does not accept / required
+            options missing.
     """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline loss {name!r}: choose one of {sorted(BASELINES)}")
@@ -101,6 +108,7 @@ def build_baseline(name: str, **cfg: Any) -> MetricLearningBaseline:
     # (e.g. a GPU machine running benchmarks/gpu_check.py).
     from pytorch_metric_learning import losses as pml_losses
 
+    check_baseline_options(name, cfg)
     cls = getattr(pml_losses, BASELINES[name], None)
     if cls is None:
         raise ValueError(
@@ -117,7 +125,74 @@ def build_baseline(name: str, **cfg: Any) -> MetricLearningBaseline:
         ) from err
     built = MetricLearningBaseline(name, loss, group_by_class=(name == "smooth_ap"))
     built.min_per_class = _MIN_PER_CLASS.get(name, 2)
+    if all(_is_plain(v) for v in cfg.values()):  # a config can hold it: the run's config.yaml and checkpoints
+        built.loss_spec = {"name": name, **cfg}
     return built
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether a config file (YAML) can hold ``value``: numbers, strings, booleans, None, lists of them."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+#: the numeric options of each baseline (pytorch-metric-learning's constructor arguments, default distances):
+#: name -> option -> (what it is, lower bound, whether the bound itself is allowed, integer only)
+_NUMERIC_OPTIONS: dict[str, dict[str, tuple[str, float | None, bool, bool]]] = {
+    # margins of the hinges on the (L2) distance of positive and negative pairs: distances are >= 0
+    "contrastive": {"pos_margin": ("the distance below which a positive pair costs nothing", 0.0, True, False),
+                    "neg_margin": ("the distance above which a negative pair costs nothing", 0.0, False, False)},
+    # alpha, beta: the scales of the positive and negative soft maxima (the loss divides by them); base: the
+    # similarity threshold lambda of the exponents (any real, 0.5 in the paper)
+    "multi_similarity": {"alpha": ("the scale of the positive pairs' soft maximum", 0.0, False, False),
+                         "beta": ("the scale of the negative pairs' soft maximum", 0.0, False, False),
+                         "base": ("the similarity threshold of the exponents", None, False, False)},
+    # margin: the cosine margin delta (>= 0, 0.1 in the paper); alpha: the scale of the soft maxima (32)
+    "proxy_anchor": {"num_classes": ("the number of class proxies", 1.0, True, True),
+                     "embedding_size": ("the embedding dimension of the proxies", 1.0, True, True),
+                     "margin": ("the cosine margin", 0.0, True, False),
+                     "alpha": ("the scale of the soft maxima", 0.0, False, False)},
+    # temperature of the sigmoid that smooths the rank indicator (0.01 in the paper)
+    "smooth_ap": {"temperature": ("the temperature of the rank sigmoid", 0.0, False, False)},
+}
+
+
+def check_baseline_options(name: str, options: Mapping[str, Any]) -> None:
+    """Check the values of a baseline's numeric options (``_NUMERIC_OPTIONS``) before pytorch-metric-learning
+    sees them: real numbers (integers where counts are meant), finite, and within the range their definition
+    allows (temperatures and scales positive, margins on distances non-negative). Other options (pml's common
+    ones: distance, reducer, ...) are left to the constructor.
+
+    Raises:
+        ValueError: naming ``loss.options.<key>``, the value, and the valid range.
+    """
+    for key, (meaning, low, inclusive, integer) in _NUMERIC_OPTIONS.get(name, {}).items():
+        if key not in options:
+            continue
+        value = options[key]
+        kind = "an integer" if integer else "a real number"
+        if low is not None:
+            bound = int(low) if integer else low
+            kind += f" {'>=' if inclusive else '>'} {bound}"
+        where = f"loss.options.{key}={value!r} of loss {name!r}"
+        if isinstance(value, bool) or not isinstance(value, (int, float) if not integer else int):
+            raise ValueError(f"{where}: {key} is {meaning} and must be {kind}, got a {type(value).__name__} "
+                             f"(write it unquoted, e.g. loss.options.{key}={_example(name, key)})")
+        if not math.isfinite(value) or (low is not None and (value < low or (value == low and not inclusive))):
+            raise ValueError(f"{where}: {key} is {meaning} and must be {kind} (finite), e.g. "
+                             f"loss.options.{key}={_example(name, key)}")
+
+
+def _example(name: str, key: str) -> Any:
+    """pytorch-metric-learning's default of option ``key`` of baseline ``name`` (a valid example value)."""
+    examples = {"num_classes": 100, "embedding_size": 512}
+    if key in examples:
+        return examples[key]
+    from pytorch_metric_learning import losses as pml_losses
+
+    default = inspect.signature(getattr(pml_losses, BASELINES[name]).__init__).parameters[key].default
+    return default
 
 
 #: Proxy-Anchor compares items with learnt class proxies: one item of a class in a batch is enough.

@@ -1,0 +1,115 @@
+"""New-user trial of switching the loss (a researcher reproducing the paper): a preset's RS@k keys do not block
+another loss, bad baseline options are refused before any work, baselines name themselves in the start block,
+a torchrun run says how to resume under torchrun, loss errors name their config keys."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import recallk
+from recallk.cli.main import main
+from recallk.cli.wiring import resume_command
+from recallk.config import DEFAULTS, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+KANJI = str(REPO / "configs" / "kanji.yaml")
+TINY = ["-c", KANJI, "model.name=resnet10t", "data.image_size=32", "data.options.max_classes=8",
+        "data.test_options.max_classes=4", "train.epochs=1", "train.batch_size=16", "train.chunk_size=8",
+        "train.max_steps_per_epoch=2", "eval.pixel_baseline=false", "train.tensorboard=false"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_preset_simix_is_reset_with_a_note_and_contrastive_trains(tmp_path, capsys):
+    code = main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "c", "--no-progress", "loss.name=contrastive",
+                 "loss.options={pos_margin: 0.0, neg_margin: 1.0}"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"loss.simix: true of {KANJI} is an argument of RS@k, not used by loss 'contrastive'" in err, err
+    saved = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())["loss"]
+    assert saved["name"] == "contrastive" and saved["options"] == {"pos_margin": 0.0, "neg_margin": 1.0}
+    assert {k: v for k, v in saved.items() if k not in ("name", "options")} == {
+        k: v for k, v in DEFAULTS["loss"].items() if k not in ("name", "options")}  # RS@k keys at their defaults
+    load_config(tmp_path / "c" / "config.yaml")  # the saved config is a valid one for the loss it names
+    start = [line for line in out.splitlines() if line.startswith("loss ")]
+    assert start and "contrastive" in start[0] and "'pos_margin': 0.0" in start[0], out
+    assert "MetricLearningBaseline" not in out
+
+
+def test_rsk_key_typed_with_another_loss_is_refused_with_the_way_out(tmp_path, capsys):
+    code = main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "r", "loss.name=contrastive", "loss.simix=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "loss.simix=true is an argument of RS@k" in err and "drop loss.simix" in err and "loss.name=rsk" in err, err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match=r"drop loss\.ks"):
+        load_config(KANJI, ["loss.name=smooth_ap", "loss={ks: [1, 2]}"])
+
+
+def test_file_keys_reset_only_for_another_loss(capsys):
+    assert load_config(KANJI)["loss"]["simix"] is True  # rsk keeps them, silently
+    assert "note" not in capsys.readouterr().err
+    assert load_config(KANJI, ["loss.name=smooth_ap"])["loss"]["simix"] is False
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["loss.name=contrastive", "loss.options={pos_margin: abc}"], "loss.options.pos_margin='abc'"),
+    (["loss.name=contrastive", "loss.options={neg_margin: -1}"], "loss.options.neg_margin=-1"),
+    (["loss.name=multi_similarity", 'loss.options={alpha: "2"}'], "loss.options.alpha='2'"),
+    (["loss.name=multi_similarity", "loss.options={beta: .inf}"], "loss.options.beta=inf"),
+    (["loss.name=smooth_ap", "loss.options={temperature: -1}"], "loss.options.temperature=-1"),
+    (["loss.name=proxy_anchor", "loss.options={alpha: 0}"], "loss.options.alpha=0"),
+    (["loss.name=contrastive", "loss.options={foo: 1}"], "it accepts ['pos_margin', 'neg_margin']"),
+    (["loss.memory=foo"], "loss.memory must be one of ('auto', 'matrix', 'recompute'), got 'foo'"),
+    (["loss.options={max_pairs: 2}"], "RS@k accepts ['ks', 'tau_rank', 'tau_k', 'include_query', 'simix', "
+     "'max_pairs_per_class'"),
+])
+def test_bad_loss_values_are_refused_before_any_work(tmp_path, capsys, overrides, message):
+    # loss.simix=false (its default, so allowed with any loss): only the value under test is wrong
+    code = main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "b", "--no-progress", "loss.simix=false",
+                 *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "b").exists()
+
+
+def test_proxy_anchor_num_classes_is_checked_against_the_training_split(tmp_path, capsys):
+    code = main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "p", "--no-progress", "loss.name=proxy_anchor",
+                 "loss.options={num_classes: 5}", "loss.simix=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert ("loss.options.num_classes=5 but the training split has 8 classes: set it to 8 or leave it out "
+            "(recallk fills it in)") in err, err
+
+
+def test_resume_command_under_torchrun(monkeypatch):
+    config = {"name": "x", "runs_dir": "runs"}
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert resume_command(config) == "recallk train --name x --resume"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command(config) == ("torchrun --nproc-per-node 2 -m recallk train --name x --resume (with the same "
+                                      "torchrun options as before)")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resume_command({"name": "x", "runs_dir": "/r"}, "train.epochs=9").startswith(
+        "torchrun --nnodes 2 --nproc-per-node 4 -m recallk train --name x --resume runs_dir=/r train.epochs=9")
+
+
+def test_pretrained_advice_is_in_config_words(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(recallk.__file__).parents[1]), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    for value, advice in (("true", "set model.pretrained=/path/to/weights.pth or model.pretrained=false"),
+                          (str(tmp_path / "none.pth"), "e.g. model.pretrained=/path/to/weights.pth")):
+        proc = subprocess.run([sys.executable, "-m", "recallk", "train", *TINY, f"runs_dir={tmp_path}", "--name",
+                               "w", "--no-progress", f"model.pretrained={value}"], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2 and advice in proc.stderr, proc.stderr
+        assert "pretrained='path/to/weights.pth'" not in proc.stderr and "pretrained= takes" not in proc.stderr
