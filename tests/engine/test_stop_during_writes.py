@@ -165,3 +165,20 @@ def test_sigterm_during_the_update_keeps_the_steps_metrics_line(alone, monkeypat
     monkeypatch.undo()
     run(top, "r", resume=True)
     assert_same_as_alone(alone, top / "r")
+
+
+def test_the_epoch_line_shows_the_epochs_learning_rate(tmp_path):
+    """The lr printed with an epoch is the one its steps used (the scheduler steps after the line): with
+    milestones [1] and gamma 0.1, epoch 1 ran at 0.01 and epoch 2 at 0.001, as metrics.jsonl records them."""
+    write_image_folder(tmp_path / "data", 6, cell=(13, 9))
+    torch.manual_seed(0)
+    model = build_model("resnet10t", embed_dim=8, freeze_bn=True)
+    train_set = recallk.build_dataset("folder", tmp_path / "data", None,
+                                      transform=transforms_for_model(model, "train", image_size=32))
+    settings = TrainSettings(batch_size=8, chunk_size=8, per_class=2, epochs=2, lr=1e-2, milestones=[1], gamma=0.1,
+                             device="cpu", progress=False, tensorboard=False, max_steps_per_epoch=1)
+    Trainer(model, RecallAtKSurrogate(ks=(1, 2), tau_rank=0.02), train_set, tmp_path / "run", settings).fit()
+    epochs = [r for r in lines(tmp_path / "run") if r["kind"] == "train" and r["scope"] == "epoch"]
+    assert [r["lr"] for r in epochs] == pytest.approx([1e-2, 1e-3])
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "epoch 1/2  step 1  " in log and "lr 0.01  " in log and "lr 0.001  " in log

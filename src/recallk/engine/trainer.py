@@ -475,7 +475,7 @@ class Trainer:
                                       autocast_dtype=self.autocast_dtype, device=self.device, gather=self.gather)
         value = float(loss)
         where = (f"at epoch {epoch}, step {self.step + 1} (batch {self.position + 1} of the epoch); the last "
-                 f"good checkpoint in {self.checkpoint_dir} was kept. Lower the learning rate or try amp=None")
+                 f"good checkpoint in {self.checkpoint_dir} was kept. Lower the learning rate or try amp=fp32")
         if not math.isfinite(value):
             raise NonFiniteLossError(f"the loss is {value} {where}")
         finite, zero = self._gradient_norms()
@@ -499,7 +499,7 @@ class Trainer:
                 after_update(value)
         self._idle_steps = 0 if updated else self._idle_steps + 1
         if self._idle_steps >= MAX_IDLE_STEPS:
-            why = ("the fp16 GradScaler skipped every one (overflowing gradients: use amp=bf16 or amp=None)"
+            why = ("the fp16 GradScaler skipped every one (overflowing gradients: use amp=bf16 or amp=fp32)"
                    if self.scaler is not None and not zero else "every gradient was exactly zero (check the loss "
                    "and the batch: per_class, labels)")
             raise TrainingStalledError(f"{self._idle_steps} steps in a row did not change the weights: {why}; "
@@ -520,6 +520,7 @@ class Trainer:
         steps_here = self.step - self._epoch_first_step  # 0 when resumed at the epoch's last batch
         images_per_s = steps_here * self.settings.batch_size / max(train_s, 1e-9) if steps_here else None
         evaluated = epoch % self.settings.eval_every == 0 or epoch == self.settings.epochs
+        lr = self.optimizer.param_groups[0]["lr"]  # the epoch's, before the scheduler steps to the next one's
         with _interrupt_deferred():  # the epoch's line, the scheduler and the counters go together
             loss = "-"
             if self.epoch_steps:
@@ -542,7 +543,7 @@ class Trainer:
         left = sum(self._epoch_times) / len(self._epoch_times) * (self.settings.epochs - epoch)
         rate = "-" if images_per_s is None else f"{images_per_s:.1f}"
         text = (f"epoch {epoch}/{self.settings.epochs}  step {self.step}  loss {loss}  "
-                f"lr {self.optimizer.param_groups[0]['lr']:.3g}  {rate} img/s")
+                f"lr {lr:.3g}  {rate} img/s")
         if evaluated:
             text += "  |  " + self._eval_text(epoch, prefix=False)
         with _interrupt_deferred():  # a stop during the write: after it (and the epoch's line), the epoch done
