@@ -33,6 +33,7 @@ from recallk.engine.checkpoint import LOSS_NOT_CONFIG, TRAIN_FROM_ELSEWHERE, wri
 from recallk.engine.settings import check_amp_device, check_per_class
 from recallk.evaluation import retrieval_metrics
 from recallk.evaluation.metrics import COUNT_KEYS, metric_order
+from recallk.kernels import get_backend
 from recallk.losses import RecallAtKSurrogate, build_loss, loss_min_per_class, loss_names
 from recallk.losses.base import accepted_options
 from recallk.models import build_model
@@ -393,6 +394,13 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
             check_amp_device(train["amp"], device)
         except ValueError as err:
             raise ConfigError(_in_config_words(str(err), "train", train)) from None
+    backend = config["loss"].get("backend", "auto") if config["loss"]["name"] == "rsk" else "auto"
+    if backend != "auto" and device.type == "cpu":  # a GPU-only kernel backend, found before the run folder
+        try:
+            get_backend(backend, torch.zeros(1, device=device))
+        except ValueError as err:
+            raise ConfigError(f"loss.backend={backend}: {err}".replace("use backend='torch'",
+                                                                          "use loss.backend=torch")) from None
 
 
 def check_loss(config: Mapping[str, Any]) -> None:

@@ -120,3 +120,14 @@ def test_resume_of_a_run_that_saved_no_checkpoint_says_overwrite(tmp_path, capsy
     assert main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "new", "--resume", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "start without --resume" in err and "--overwrite" not in err
+
+
+def test_a_gpu_only_loss_backend_on_the_cpu_is_refused_before_the_run_folder(tmp_path, capsys, monkeypatch):
+    """loss.backend=triton on a CPU (no interpreter: the tests' conftest turns it on) fails before anything is
+    built or written, not at the first step after the epoch-0 evaluation."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    code = main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "r", "--no-progress", "loss.backend=triton"])
+    err = capsys.readouterr().err
+    assert code == 2 and "loss.backend=triton: backend='triton' cannot run on cpu" in err, err
+    assert "use loss.backend=torch" in err and not (tmp_path / "r").exists()

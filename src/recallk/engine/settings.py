@@ -115,4 +115,4 @@ def check_amp_device(amp: str | bool | None, device: torch.device) -> None:
     """Refuse fp16 on the CPU: the GradScaler would skip every step there and the weights would never change."""
     if device.type == "cpu" and autocast_dtype(amp, device) == torch.float16:
         raise ValueError("amp=fp16 cannot train on the CPU (the GradScaler skips every step there, so the weights "
-                         "never change): use amp=bf16 or amp=None on the CPU, or a CUDA device")
+                         "never change): use amp=bf16 or amp=fp32 on the CPU, or a CUDA device")
