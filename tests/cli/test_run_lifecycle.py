@@ -131,3 +131,15 @@ def test_a_gpu_only_loss_backend_on_the_cpu_is_refused_before_the_run_folder(tmp
     err = capsys.readouterr().err
     assert code == 2 and "loss.backend=triton: backend='triton' cannot run on cpu" in err, err
     assert "use loss.backend=torch" in err and not (tmp_path / "r").exists()
+
+
+def test_a_run_stopped_by_max_steps_does_not_call_the_untrained_model_trained(tmp_path, capsys):
+    """train.max_steps stops inside an epoch, after the last evaluation (here: the one before training): the table
+    says which evaluation its columns show, and how to evaluate the final weights (a trial read "after training
+    (epoch 0)" with the untrained model's numbers)."""
+    assert main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "r", "--no-progress", "train.max_steps=1",
+                 "eval.pixel_baseline=true"]) == 0
+    out = capsys.readouterr().out
+    assert "after training" not in out and "last evaluation (epoch 0, step 0)" in out
+    assert f"recallk eval --checkpoint {tmp_path / 'r' / 'checkpoints' / 'last.pt'}" in out
+    assert "after - raw pixels" in out  # the gain column still follows the lead column

@@ -168,8 +168,11 @@ def _eval_callback(
 GAIN_COLUMN = "after - raw pixels"
 
 
-def _comparison_rows(config: dict[str, Any], run_dir: Path, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Columns of the final table, in reading order: the last evaluation (``after training (epoch N)``), the
+def _comparison_rows(config: dict[str, Any], run_dir: Path, progress: bool = True,
+                     final_step: int | None = None) -> dict[str, dict[str, Any]]:
+    """Columns of the final table, in reading order: the last evaluation (``after training (epoch N)``; ``last
+    evaluation (epoch N, step S)`` when training went on to ``final_step`` after it, as ``train.max_steps`` stops
+    a run inside an epoch), the
     epoch a validation split chose for ``best.pt`` when it is another one (its test metrics; ``best.json``), raw
     pixels and the gain over them in points (when ``eval.pixel_baseline``), the evaluation
     before training.
@@ -180,8 +183,13 @@ def _comparison_rows(config: dict[str, Any], run_dir: Path, progress: bool = Tru
     """
     d, rows = config["data"], {}
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    lead = None
     if evals:
-        rows[f"after training (epoch {evals[-1]['epoch']})"] = evals[-1]
+        last = evals[-1]
+        stale = final_step is not None and int(last.get("step", 0)) < final_step
+        lead = (f"last evaluation (epoch {last['epoch']}, step {last.get('step', 0)})" if stale
+                else f"after training (epoch {last['epoch']})")
+        rows[lead] = last
     chosen = _best_choice(run_dir)
     if chosen is not None and chosen.get("split") == "validation" and evals and chosen["epoch"] != evals[-1]["epoch"]:
         # the test numbers of the epoch the validation split chose for best.pt
@@ -195,8 +203,8 @@ def _comparison_rows(config: dict[str, Any], run_dir: Path, progress: bool = Tru
         pixels, labels = pixel_embeddings(raw, size)
         _save_embeddings(run_dir / "embeddings" / "raw_pixels" / f"{d['test_split']}.npz", pixels, labels)
         rows["raw pixels"] = retrieval_metrics(pixels, labels, eval_ks(config))
-        if evals:
-            after = rows[f"after training (epoch {evals[-1]['epoch']})"]
+        if lead is not None:
+            after = rows[lead]
             rows[GAIN_COLUMN] = {k: after[k] - v for k, v in rows["raw pixels"].items()
                                  if k in after and isinstance(v, float) and isinstance(after[k], float)}
     if evals:
@@ -320,7 +328,12 @@ def train_from_config(
         _save_embeddings(run_dir / "embeddings" / f"{config['data']['test_split']}.npz", last["embeddings"],
                          last["labels"])
     # _comparison_rows also writes the raw pixels the report reads
-    table = format_metrics_table(_comparison_rows(config, run_dir, progress))
+    rows = _comparison_rows(config, run_dir, progress, final_step=trainer.step)
+    table = format_metrics_table(rows)
+    if any(name.startswith("last evaluation") for name in rows):
+        table += (f"\nnote: training went on to step {trainer.step} after the last evaluation (train.max_steps "
+                  f"stopped it inside an epoch); the columns show that evaluation. Evaluate the final weights with: "
+                  f"recallk eval --checkpoint {run_dir / 'checkpoints' / 'last.pt'}")
     _append_to_log(run_dir, table)  # the final table, as stdout shows it
     return {"table": table,
             "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}}
