@@ -113,3 +113,16 @@ def test_pretrained_advice_is_in_config_words(tmp_path):
                               text=True, timeout=300)
         assert proc.returncode == 2 and advice in proc.stderr, proc.stderr
         assert "pretrained='path/to/weights.pth'" not in proc.stderr and "pretrained= takes" not in proc.stderr
+
+
+def test_contrastive_margins_with_another_distance_are_not_bounded_as_distances():
+    """With pml's default (L2) distance a margin is a distance (>= 0, neg_margin > 0); with cosine similarity the
+    paper-style margins pos_margin=1, neg_margin=0 are similarities and must be accepted."""
+    import torch
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    loss = recallk.build_loss("contrastive", pos_margin=1.0, neg_margin=0.0, distance=CosineSimilarity())
+    emb = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
+    assert torch.isfinite(loss(emb, torch.arange(8) // 2))
+    with pytest.raises(ValueError, match=r"loss.options.neg_margin=0.0"):
+        recallk.build_loss("contrastive", pos_margin=1.0, neg_margin=0.0)

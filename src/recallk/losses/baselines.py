@@ -158,11 +158,16 @@ _NUMERIC_OPTIONS: dict[str, dict[str, tuple[str, float | None, bool, bool]]] = {
 }
 
 
+#: options whose range above holds for pml's default distance only
+_DISTANCE_BOUNDED = frozenset({"pos_margin", "neg_margin"})
+
+
 def check_baseline_options(name: str, options: Mapping[str, Any]) -> None:
     """Check the values of a baseline's numeric options (``_NUMERIC_OPTIONS``) before pytorch-metric-learning
     sees them: real numbers (integers where counts are meant), finite, and within the range their definition
-    allows (temperatures and scales positive, margins on distances non-negative). Other options (pml's common
-    ones: distance, reducer, ...) are left to the constructor.
+    allows (temperatures and scales positive, margins on distances non-negative; with a ``distance`` given,
+    contrastive margins may be any real, as for cosine similarity). Other options (pml's common ones: distance,
+    reducer, ...) are left to the constructor.
 
     Raises:
         ValueError: naming ``loss.options.<key>``, the value, and the valid range.
@@ -170,6 +175,8 @@ def check_baseline_options(name: str, options: Mapping[str, Any]) -> None:
     for key, (meaning, low, inclusive, integer) in _NUMERIC_OPTIONS.get(name, {}).items():
         if key not in options:
             continue
+        if "distance" in options and key in _DISTANCE_BOUNDED:
+            low = None  # another distance (e.g. cosine similarity, where margins are similarities): any real
         value = options[key]
         kind = "an integer" if integer else "a real number"
         if low is not None:
