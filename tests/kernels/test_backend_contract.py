@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import assert_close_rel
 
 from recallk import kernels
 from recallk.kernels import RSkParams, rsk_loss_from_embeddings, rsk_loss_from_similarity
@@ -40,14 +41,6 @@ def setting(kind: str, seed: int):
     query_emb = torch.cat([emb[3:9], outside])
     query_labels = torch.cat([labels[3:9], labels[:6]])
     return query_emb, emb, query_labels, labels, torch.cat([torch.arange(3, 9), torch.full((6,), -1)])
-
-
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
-    """|a - e| <= rtol * max|e| element-wise (relative to the tensor's scale, as gradients have zeros)."""
-    expected = expected.to(torch.float64)
-    err = (actual.to(torch.float64) - expected).abs().max()
-    assert torch.isfinite(actual).all()
-    assert err <= rtol * expected.abs().max().clamp(min=1e-30), f"max error {err:.3g}"
 
 
 @pytest.mark.parametrize("include_query", [False, True])

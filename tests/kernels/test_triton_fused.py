@@ -13,11 +13,10 @@ process, the last test reruns this file in a fresh interpreter process.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from kernel_checks import assert_close_rel, rerun_under_interpreter
 
 os.environ["TRITON_INTERPRET"] = "1"  # before the first import of triton (see the module docstring)
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'recallk[triton]')")
@@ -71,14 +70,6 @@ def setting(kind: str, seed: int, d: int = 20):
     query = torch.cat([emb[5:13], outside[:8]])
     query_labels = torch.cat([labels[5:13], outside_labels[:8]])
     return query, emb, query_labels, labels, torch.cat([torch.arange(5, 13), torch.full((8,), -1)])
-
-
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
-    """|a - e| <= rtol * max|e| element-wise (relative to the tensor's scale, as gradients have zeros)."""
-    expected = expected.to(torch.float64)
-    err = (actual.to(torch.float64) - expected).abs().max()
-    assert torch.isfinite(actual).all()
-    assert err <= rtol * expected.abs().max().clamp(min=1e-30), f"max error {err:.3g}"
 
 
 def check_against_reference(kind: str, params: RSkParams, backend: TritonBackend, seed: int = 3) -> None:
@@ -188,9 +179,4 @@ def test_bad_options_raise_value_error() -> None:
 
 @pytest.mark.skipif(INTERPRETED, reason="the tests above ran in this process under the interpreter")
 def test_in_fresh_interpreter_process() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    rerun_under_interpreter(__file__)

@@ -11,11 +11,10 @@ tests below cannot run here, so ``test_in_fresh_interpreter_process`` reruns thi
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from kernel_checks import assert_close_rel, rerun_under_interpreter
 
 os.environ["TRITON_INTERPRET"] = "1"  # before the first import of triton (see the module docstring)
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'recallk[triton]')")
@@ -106,15 +105,6 @@ def setting(kind: str, n: int, seed: int):
     q_labels = torch.cat([labels[: q // 2], labels[torch.arange(q - q // 2) * 3 % n]])
     self_index = torch.cat([torch.arange(q // 2), torch.full((q - q // 2,), -1)])
     return q_emb, db_emb, q_labels, db_labels, self_index
-
-
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
-    """|a - e| <= rtol * max|e| element-wise (relative to the tensor's scale, as gradients have zeros)."""
-    expected = expected.to(torch.float64)
-    scale = expected.abs().max().clamp(min=1e-30)
-    err = (actual.to(torch.float64) - expected).abs().max()
-    assert torch.isfinite(actual).all()
-    assert err <= rtol * scale, f"max error {err:.3g} > {rtol} * {scale:.3g}"
 
 
 # ---------------------------------------------------------------- similarity kernel
@@ -277,9 +267,4 @@ def test_deprecated_triton_names_and_other_precisions() -> None:
 
 @pytest.mark.skipif(INTERPRETED, reason="the tests above ran in this process under the interpreter")
 def test_in_fresh_interpreter_process() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    rerun_under_interpreter(__file__)
