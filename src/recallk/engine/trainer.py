@@ -89,42 +89,39 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
-def _stop_signals_raise() -> Iterator[None]:
+def _signal_handlers(handler: Any, signums: Iterable[int] = STOP_SIGNALS) -> Iterator[bool]:
+    """``handler`` for ``signums`` inside the block, the previous handlers after it; yields whether it was
+    installed: only the main thread can (elsewhere the block runs with no effect and yields False)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield True
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _stop_signals_raise() -> contextlib.AbstractContextManager[bool]:
     """Inside the block SIGTERM and SIGUSR1 raise :class:`Preempted` (SIGINT raises KeyboardInterrupt as usual), so
     that all stop signals save a checkpoint the same way. Only in the main thread (elsewhere: no effect)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, _raise_stop) for signum in STOP_SIGNALS if signum != signal.SIGINT}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return _signal_handlers(_raise_stop, [s for s in STOP_SIGNALS if s != signal.SIGINT])
 
 
-@contextlib.contextmanager
-def _stop_signals_ignored() -> Iterator[None]:
+def _stop_signals_ignored() -> contextlib.AbstractContextManager[bool]:
     """Ignore further stop signals (Ctrl-C, SIGTERM, SIGUSR1) inside the block: the run is already stopping and
     saving. A second signal comes within milliseconds when both the launcher and the ranks are signalled (Slurm
     signals the whole job step, then torchrun forwards the signal to its ranks); raised inside ``torch.save`` it
     aborted the write, leaving no ``last.pt``. Only in the main thread (elsewhere: no effect)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return _signal_handlers(signal.SIG_IGN)
 
 
 class _StopRequested(Exception):
     """Internal: the step budget ``max_steps`` is spent."""
 
 
-_deferring = threading.local()
+_held_signals: list[int] | None = None  # while an _interrupt_deferred block runs: the stop signals it holds back
 
 
 @contextlib.contextmanager
@@ -134,19 +131,19 @@ def _interrupt_deferred() -> Iterator[None]:
     the step's metrics line; a routine checkpoint write, which a signal inside ``torch.save`` would abort with a
     RuntimeError and no file; the new best value with ``best.pt`` and ``best.json``) is done whole or not at all.
     A block inside another is part of the outer one. Only in the main thread (elsewhere: no effect)."""
-    if threading.current_thread() is not threading.main_thread() or getattr(_deferring, "active", False):
+    global _held_signals
+    if _held_signals is not None:  # inside another block: its handler holds the signals
         yield
         return
     received: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
-                for signum in STOP_SIGNALS}
-    _deferring.active = True
-    try:
-        yield
-    finally:
-        _deferring.active = False
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with _signal_handlers(lambda signum, frame: received.append(signum)) as installed:
+        if installed:
+            _held_signals = received
+        try:
+            yield
+        finally:
+            if installed:
+                _held_signals = None
     if received:
         raise _stop_exception(received[0])
 
