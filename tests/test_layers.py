@@ -16,7 +16,7 @@ PACKAGE = SRC / "recallk"
 
 #: Lowest first; a module may import from its own layer and the ones before it.
 LAYERS = [
-    {"recallk", "recallk.utils", "recallk.checks", "recallk.testing", "recallk.provenance"},
+    {"recallk", "recallk.utils", "recallk.checks", "recallk.testing", "recallk.provenance", "recallk.run_folder"},
     {"recallk.data"},
     {"recallk.models"},
     {"recallk.kernels"},
