@@ -29,7 +29,8 @@ import yaml
 from recallk.data import DATASET_SPECS, dataset_spec
 from recallk.data.datasets.base import absolute_root
 from recallk.engine import TrainSettings
-from recallk.engine.checkpoint import LOSS_NOT_CONFIG, TRAIN_FROM_ELSEWHERE, write_config_yaml
+from recallk.engine.run_config import LOSS_NOT_CONFIG, TRAIN_FROM_ELSEWHERE
+from recallk.run_folder import write_config
 from recallk.engine.settings import check_amp_device, check_per_class
 from recallk.evaluation import retrieval_metrics
 from recallk.evaluation.metrics import COUNT_KEYS, metric_order
@@ -309,8 +310,8 @@ def section_arguments(config: Mapping[str, Any], section: str) -> dict[str, Any]
 
 def dump_config(config: Mapping[str, Any], path: str | Path) -> None:
     """Write the resolved configuration as YAML (keys in definition order), atomically (temp file + os.replace):
-    :func:`recallk.engine.checkpoint.write_config_yaml`, the writer the Trainer uses too."""
-    write_config_yaml(config, path)
+    :func:`recallk.run_folder.write_config`, the writer the Trainer uses too."""
+    write_config(config, path)
 
 
 def with_absolute_root(config: Mapping[str, Any]) -> dict[str, Any]:

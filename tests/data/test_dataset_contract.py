@@ -76,7 +76,7 @@ def test_transforms_make_square_tensors_of_the_default_size(name, kind):
 def test_what_a_trainer_run_records_rebuilds_the_same_split(name, tmp_path, monkeypatch):
     """A Trainer API run records ``data.dataset/root/train_split/options`` from its training set's ``name``,
     ``root``, ``split`` and ``options`` (engine.checkpoint): rebuilding from the record gives the same items."""
-    from recallk.engine.checkpoint import _data_section
+    from recallk.engine.run_config import _data_section
 
     spec, tree = dataset_spec(name), _tree(name)
     (tmp_path / "data").mkdir()

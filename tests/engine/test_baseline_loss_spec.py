@@ -7,7 +7,7 @@ import yaml
 from engine_helpers import NoisyImages, make_net
 
 from recallk.engine import Trainer, freeze_batchnorm, load_checkpoint
-from recallk.engine.checkpoint import describe_loss
+from recallk.engine.run_config import describe_loss
 from recallk.losses import build_loss
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from recallk.engine import capture_all_rng, load_checkpoint, restore_all_rng, save_checkpoint
-from recallk.engine.checkpoint import WEIGHTS_ONLY_KEYS, is_weights_only, plain_config, weights_only_state
+from recallk.engine.checkpoint import WEIGHTS_ONLY_KEYS, is_weights_only, weights_only_state
+from recallk.run_folder import plain_config
 
 
 class Unpicklable:

@@ -17,7 +17,7 @@ from recallk.cli.evaluate import evaluate_checkpoint
 from recallk.config import DEFAULTS, check_startable, load_config
 from recallk.data.transforms import transforms_for_model
 from recallk.engine import Trainer, TrainSettings
-from recallk.engine.checkpoint import merge_run_config
+from recallk.engine.run_config import merge_run_config
 from recallk.losses import RecallAtKSurrogate
 from recallk.models import build_model
 

@@ -16,7 +16,9 @@ from tests.trainer_runs import trainer_api_run
 import recallk
 from recallk.data.transforms import transforms_for_model
 from recallk.engine import save_checkpoint
-from recallk.engine.checkpoint import describe_loss, plain_config, weights_only_state
+from recallk.engine.checkpoint import weights_only_state
+from recallk.engine.run_config import describe_loss
+from recallk.run_folder import plain_config
 from recallk.losses import RecallAtKSurrogate, build_loss
 from recallk.models import build_model
 from recallk.retrieval import CheckpointError, load_trained_model

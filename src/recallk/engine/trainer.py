@@ -27,21 +27,13 @@ from recallk.data.loading import ChunkedBatchLoader
 from recallk.data.samplers import ClassBalancedBatchSampler
 from recallk.data.transforms import with_device_normalize
 from recallk.engine.cached import Prepare, cached_backward_stream
-from recallk.engine.checkpoint import (
-    CHECKPOINT_FORMAT,
-    describe_loss,
-    is_weights_only,
-    load_checkpoint,
-    merge_run_config,
-    save_checkpoint,
-    trainer_run_config,
-    weights_only_state,
-    write_config_yaml,
-)
+from recallk.engine.checkpoint import CHECKPOINT_FORMAT, is_weights_only, load_checkpoint, save_checkpoint, weights_only_state
+from recallk.engine.run_config import describe_loss, merge_run_config, trainer_run_config
 from recallk.engine.distributed import DistributedContext, DistributedGather, init_distributed
 from recallk.engine.optim import build_optimizer, build_scheduler
 from recallk.engine.rng import capture_all_rng, restore_all_rng
 from recallk.engine.settings import TrainSettings, check_amp_device, check_per_class
+from recallk.run_folder import write_config
 from recallk.utils import autocast_dtype, resolve_device, seed_everything, write_text_atomic
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
@@ -180,10 +172,10 @@ class Trainer:
             metrics hold it (a validation split carved from the training classes), else ``best_metric`` (the test
             split). Each new best also writes ``run_dir/best.json`` (metric, split, value, epoch, step).
         config: more of the run's config (plain values), merged section by section over what the trainer knows
-            (:func:`recallk.engine.checkpoint.trainer_run_config`: the model's ``model_spec`` from
+            (:func:`recallk.engine.run_config.trainer_run_config`: the model's ``model_spec`` from
             ``build_model``, the settings, the loss when it can describe itself, the training set's dataset,
             root, split, options and transform size), the given values winning
-            (:func:`recallk.engine.checkpoint.merge_run_config`; the CLI passes its whole resolved config). The
+            (:func:`recallk.engine.run_config.merge_run_config`; the CLI passes its whole resolved config). The
             result is written to ``run_dir/config.yaml`` when ``fit`` starts and stored in every checkpoint.
             Checkpoints also carry ``model_spec`` and ``recallk_version``, so ``recallk.load_model`` and
             ``recallk eval --checkpoint`` use one alone; ``best.pt`` is weights-only.
@@ -737,7 +729,7 @@ class Trainer:
         has (never silently rewritten) and writes it only when it is missing."""
         path = self.run_dir / "config.yaml"
         if self.is_main and not (resumed and path.exists()):
-            write_config_yaml(self.run_config, path)
+            write_config(self.run_config, path)
 
     def _restore(self, state: dict[str, Any], path: Path | None = None) -> None:
         if is_weights_only(state):

@@ -96,7 +96,7 @@ def build_baseline(name: str, **cfg: Any) -> MetricLearningBaseline:
 
     The options are checked first (:func:`check_baseline_options`). The built loss describes itself by its
     ``loss_spec`` (``{"name": name, **cfg}``, when every option is a plain value a config can hold), which the
-    Trainer's start block, ``config.yaml`` and checkpoints read (:func:`recallk.engine.checkpoint.describe_loss`).
+    Trainer's start block, ``config.yaml`` and checkpoints read (:func:`recallk.engine.run_config.describe_loss`).
 
     Raises:
         ValueError: unknown name, option values out of range, or options the loss does not accept / required
