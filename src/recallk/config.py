@@ -30,7 +30,6 @@ from recallk.data import DATASET_SPECS, dataset_spec
 from recallk.data.datasets.base import absolute_root
 from recallk.engine import TrainSettings
 from recallk.engine.run_config import LOSS_NOT_CONFIG, TRAIN_FROM_ELSEWHERE
-from recallk.run_folder import write_config
 from recallk.engine.settings import check_amp_device, check_per_class
 from recallk.evaluation import retrieval_metrics
 from recallk.evaluation.metrics import COUNT_KEYS, metric_order
@@ -38,6 +37,7 @@ from recallk.kernels import get_backend
 from recallk.losses import RecallAtKSurrogate, build_loss, loss_min_per_class, loss_names
 from recallk.losses.base import accepted_options
 from recallk.models import build_model
+from recallk.run_folder import write_config
 from recallk.utils import resolve_device
 
 

@@ -18,10 +18,10 @@ from recallk.data.transforms import transforms_for_model
 from recallk.engine import save_checkpoint
 from recallk.engine.checkpoint import weights_only_state
 from recallk.engine.run_config import describe_loss
-from recallk.run_folder import plain_config
 from recallk.losses import RecallAtKSurrogate, build_loss
 from recallk.models import build_model
 from recallk.retrieval import CheckpointError, load_trained_model
+from recallk.run_folder import plain_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -27,11 +27,17 @@ from recallk.data.loading import ChunkedBatchLoader
 from recallk.data.samplers import ClassBalancedBatchSampler
 from recallk.data.transforms import with_device_normalize
 from recallk.engine.cached import Prepare, cached_backward_stream
-from recallk.engine.checkpoint import CHECKPOINT_FORMAT, is_weights_only, load_checkpoint, save_checkpoint, weights_only_state
-from recallk.engine.run_config import describe_loss, merge_run_config, trainer_run_config
+from recallk.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    is_weights_only,
+    load_checkpoint,
+    save_checkpoint,
+    weights_only_state,
+)
 from recallk.engine.distributed import DistributedContext, DistributedGather, init_distributed
 from recallk.engine.optim import build_optimizer, build_scheduler
 from recallk.engine.rng import capture_all_rng, restore_all_rng
+from recallk.engine.run_config import describe_loss, merge_run_config, trainer_run_config
 from recallk.engine.settings import TrainSettings, check_amp_device, check_per_class
 from recallk.run_folder import write_config
 from recallk.utils import autocast_dtype, resolve_device, seed_everything, write_text_atomic
