@@ -1,4 +1,4 @@
-"""build_dataset's checks of names, splits and options, the per-dataset evaluation k's, and the deprecated dicts."""
+"""build_dataset's checks of names, splits and options, and the per-dataset evaluation k's."""
 
 from __future__ import annotations
 
@@ -9,28 +9,16 @@ from recallk.data import build_dataset, dataset_spec
 
 
 def test_every_dataset_has_splits_and_eval_ks():
-    with pytest.deprecated_call():
-        DATASETS, DEFAULT_EVAL_KS, SPLITS = data.DATASETS, data.DEFAULT_EVAL_KS, data.SPLITS
-    assert set(DATASETS) == {"sop", "cub", "cars196", "inaturalist", "vehicleid", "folder", "kanji", "inshop",
-                             "roxford5k", "rparis6k"}
-    assert set(DEFAULT_EVAL_KS) == set(DATASETS) == set(SPLITS)
-    assert DEFAULT_EVAL_KS["inaturalist"] == (1, 4, 16, 32)
-    assert DEFAULT_EVAL_KS["sop"] == (1, 10, 100, 1000)
-    assert DEFAULT_EVAL_KS["vehicleid"] == (1, 5)
-    assert DEFAULT_EVAL_KS["cars196"] == DEFAULT_EVAL_KS["cub"] == (1, 2, 4, 8, 16)
-    assert DEFAULT_EVAL_KS["kanji"] == DEFAULT_EVAL_KS["folder"] == (1, 2, 4, 8)
-    assert SPLITS["vehicleid"] == ("train", "test_small", "test_medium", "test_large")
-
-
-def test_deprecated_dicts_warn_and_match_the_specs():
-    for old, attr in (("DATASETS", "build"), ("SPLITS", "splits"), ("DEFAULT_EVAL_KS", "eval_ks")):
-        with pytest.warns(DeprecationWarning, match=rf"recallk\.data\.{old} .*dataset_spec\(name\)\.{attr}"):
-            table = getattr(data, old)
-        assert table == {name: getattr(spec, attr) for name, spec in data.DATASET_SPECS.items()}
-    with pytest.deprecated_call():
-        assert data.DATASETS["kanji"] is data.kanji.build_kanji and data.SPLITS["folder"] is None
-    with pytest.raises(AttributeError):
-        data.NO_SUCH_NAME  # noqa: B018
+    assert set(data.DATASET_SPECS) == {"sop", "cub", "cars196", "inaturalist", "vehicleid", "folder", "kanji",
+                                       "inshop", "roxford5k", "rparis6k"}
+    eval_ks = {name: spec.eval_ks for name, spec in data.DATASET_SPECS.items()}
+    assert eval_ks["inaturalist"] == (1, 4, 16, 32)
+    assert eval_ks["sop"] == (1, 10, 100, 1000)
+    assert eval_ks["vehicleid"] == (1, 5)
+    assert eval_ks["cars196"] == eval_ks["cub"] == (1, 2, 4, 8, 16)
+    assert eval_ks["kanji"] == eval_ks["folder"] == (1, 2, 4, 8)
+    assert dataset_spec("vehicleid").splits == ("train", "test_small", "test_medium", "test_large")
+    assert dataset_spec("kanji").build is data.kanji.build_kanji and dataset_spec("folder").splits is None
 
 
 def test_spec_protocol_and_options():

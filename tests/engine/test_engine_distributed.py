@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import warnings
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from engine_helpers import (
 )
 
 from recallk.engine import DistributedGather, Trainer, cached_backward, freeze_batchnorm
-from recallk.engine.distributed import all_gather_rows, distributed_cached_backward, init_distributed
+from recallk.engine.distributed import all_gather_rows, init_distributed
 
 WORLD_SIZE = 2
 BATCH = 12
@@ -63,10 +62,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.manual_seed(100 + rank)  # ranks' own streams differ; the criterion must use rank 0's
         if rank == 0:
             torch.manual_seed(100)
-        with warnings.catch_warnings(record=True) as caught:  # the deprecated alias still works
-            warnings.simplefilter("always")
-            loss = distributed_cached_backward(model, images[rows], labels[rows], criterion, chunk_size=4)
-        assert any(issubclass(w.category, DeprecationWarning) and "gather=" in str(w.message) for w in caught)
+        loss = cached_backward(model, images[rows], labels[rows], criterion, chunk_size=4, gather=DistributedGather())
         torch.save({"loss": loss, "model": grads(model), "criterion": grads(criterion)},
                    Path(out_dir) / f"grads{rank}.pt")
 

@@ -1,4 +1,4 @@
-"""Protocols: the split table, evaluate_protocol on a tiny image folder, the text table."""
+"""Protocols: evaluate_protocol on a tiny image folder, the text table."""
 
 from __future__ import annotations
 
@@ -8,14 +8,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from recallk.evaluation import PROTOCOLS, evaluate_protocol, format_metrics_table
+from recallk.evaluation import evaluate_protocol, format_metrics_table
 from recallk.testing.retrieval import reference_retrieval_metrics
-
-
-def test_protocol_splits():
-    assert PROTOCOLS["vehicleid"] == ["test_small", "test_medium", "test_large"]
-    for name in ("sop", "cub", "cars196", "inaturalist", "kanji", "folder"):
-        assert PROTOCOLS[name] == ["test"]
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -106,16 +106,3 @@ def test_params_are_checked_once_and_normalised() -> None:
     with pytest.raises(ValueError, match="tau_rank"):
         RSkParams(tau_rank=0.0)
 
-
-def test_deprecated_kernel_names_warn_and_agree() -> None:
-    emb = torch.nn.functional.normalize(torch.randn(12, 4, dtype=torch.float64), dim=1)
-    labels, self_index = torch.arange(12) // 3, torch.arange(12)
-    new = rsk_loss_from_similarity(emb @ emb.T, labels, labels, RSkParams(), self_index=self_index)
-    with pytest.warns(DeprecationWarning, match="rsk_loss_from_similarity"):
-        old = kernels.rsk_loss_torch(emb @ emb.T, labels, labels, self_index, KS, 0.01, 1.0, False)
-    assert old.item() == new.item()
-    with pytest.warns(DeprecationWarning, match="rsk_loss_from_embeddings"):
-        old = kernels.rsk_loss_torch_from_embeddings(emb, emb, labels, labels, self_index, KS, 0.01, 1.0, False)
-    assert old.item() == pytest.approx(new.item(), rel=1e-12)
-    with pytest.warns(DeprecationWarning, match="backend_names"):
-        assert kernels.backend_names() == kernels.BACKENDS

@@ -246,7 +246,7 @@ def test_embeddings_bad_input_raises_value_error() -> None:
 
 
 @needs_interpreter
-def test_deprecated_triton_names_and_other_precisions() -> None:
+def test_other_precisions() -> None:
     emb, labels = batch(16, 8, seed=2)
     si = torch.arange(16)
     new = rsk_loss_from_embeddings(emb, emb, labels, labels, RSkParams(KS), self_index=si, backend="triton")
@@ -254,12 +254,6 @@ def test_deprecated_triton_names_and_other_precisions() -> None:
         other = rsk_loss_from_embeddings(emb, emb, labels, labels, RSkParams(KS), self_index=si,
                                          backend=TritonBackend(precision=precision))
         assert_close_rel(other, new, 1e-6)
-    with pytest.warns(DeprecationWarning, match="backend='triton'"):
-        from recallk.kernels.triton import rsk_loss_triton
-    assert_close_rel(rsk_loss_triton(emb @ emb.T, labels, labels, si, KS, 0.01, 1.0, False), new, 1e-6)
-    with pytest.warns(DeprecationWarning, match="TritonBackend"):
-        from recallk.kernels.triton import rsk_loss_triton_from_embeddings
-    assert_close_rel(rsk_loss_triton_from_embeddings(emb, emb, labels, labels, si, KS, 0.01, 1.0, False), new, 1e-6)
 
 
 # ---------------------------------------------------------------- when triton was already imported compiled

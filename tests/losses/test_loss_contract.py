@@ -3,9 +3,6 @@ ValueErrors. A new loss is tested here by registering it (add its required optio
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
 import torch
 
@@ -80,9 +77,3 @@ def test_deprecated_spellings_warn() -> None:
     with pytest.warns(DeprecationWarning, match="MEMORY_MODES"):
         from recallk.losses.rsk import SIMILARITY_MODES
     assert SIMILARITY_MODES == ("auto", "matrix", "recompute")
-    moved = (("recallk.losses.validation", "recallk.checks"), ("recallk.losses.reference", "recallk.testing.rsk"))
-    for old, new in moved:
-        sys.modules.pop(old, None)
-        with pytest.warns(DeprecationWarning, match=new):
-            module = importlib.import_module(old)
-        assert all(getattr(module, name) is getattr(importlib.import_module(new), name) for name in module.__all__)

@@ -1,4 +1,5 @@
-"""Retrieval examples: exact leave-one-out kNN and query selection, against brute-force Python loops."""
+"""Retrieval examples: exact leave-one-out kNN of chosen queries (``exact_knn(..., exclude_self=True, rows=...)``)
+and query selection, against brute-force Python loops."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import pytest
 from PIL import Image
 
 from conftest import clustered_embeddings
+from recallk.evaluation import exact_knn
 from recallk.report import examples
 from recallk.report.examples import (
     HIT_RGB,
     MISS_RGB,
-    leave_one_out_knn,
     select_queries,
     thumbnail_png,
     to_pil,
@@ -37,7 +38,7 @@ def test_knn_with_ties_matches_brute_force(k):
     rng = np.random.default_rng(1)
     emb = rng.integers(-1, 2, size=(30, 4)).astype(np.float32)
     queries = np.array([0, 5, 29, 5, 13])
-    idx, scores = leave_one_out_knn(emb, queries, k)
+    scores, idx = exact_knn(emb, emb, k, exclude_self=True, rows=queries)
     assert idx.shape == scores.shape == (queries.size, k)
     for row, q in enumerate(queries):
         expected = brute_knn(emb, int(q), k)
@@ -49,7 +50,7 @@ def test_knn_with_ties_matches_brute_force(k):
 def test_knn_random_floats_and_chunking():
     emb, _ = clustered_embeddings(seed=3)
     queries = np.arange(len(emb))
-    idx, scores = leave_one_out_knn(emb, queries, 5, chunk_size=7)  # several chunks, the last one partial
+    scores, idx = exact_knn(emb, emb, 5, exclude_self=True, rows=queries, chunk_size=7)  # last chunk partial
     for q in queries:
         expected = brute_knn(emb, int(q), 5)
         assert idx[q].tolist() == [j for j, _ in expected]
@@ -59,9 +60,9 @@ def test_knn_random_floats_and_chunking():
 def test_knn_rejects_bad_k():
     emb = np.eye(4, dtype=np.float32)
     with pytest.raises(ValueError, match="k must be"):
-        leave_one_out_knn(emb, np.array([0]), 4)
+        exact_knn(emb, emb, 4, exclude_self=True, rows=np.array([0]))
     with pytest.raises(ValueError, match="query indices"):
-        leave_one_out_knn(emb, np.array([4]), 1)
+        exact_knn(emb, emb, 1, exclude_self=True, rows=np.array([4]))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

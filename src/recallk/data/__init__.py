@@ -3,8 +3,6 @@
 
 Importing a dataset's module registers its :class:`DatasetSpec`: ``recallk.data.datasets`` (images), ``kanji``."""
 
-import warnings
-
 from recallk.data.datasets import BadImageError, DatasetFileNotFoundError, ImageListDataset
 from recallk.data.kanji import KanjiDataset, KanjiFontsMissingError
 from recallk.data.registry import DATASET_SPECS, DatasetSpec, build_dataset, dataset_spec, register_dataset
@@ -32,13 +30,3 @@ __all__ = [
     "transforms_for_model",
     "validation_split",
 ]
-
-_DEPRECATED = {"DATASETS": "build", "SPLITS": "splits", "DEFAULT_EVAL_KS": "eval_ks"}  # {dataset: spec.<attr>}
-
-
-def __getattr__(name: str):
-    if name not in _DEPRECATED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    new = f"recallk.data.dataset_spec(name).{_DEPRECATED[name]}"
-    warnings.warn(f"recallk.data.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
-    return {n: getattr(spec, _DEPRECATED[name]) for n, spec in DATASET_SPECS.items()}

@@ -17,7 +17,6 @@ from recallk.engine.distributed import (
     DistributedContext,
     DistributedGather,
     all_reduce_gradients,
-    distributed_cached_backward,
     init_distributed,
 )
 from recallk.engine.optim import OPTIMIZERS, build_optimizer, build_scheduler
@@ -44,7 +43,6 @@ __all__ = [
     "cached_backward",
     "cached_backward_stream",
     "capture_all_rng",
-    "distributed_cached_backward",
     "embed_without_grad",
     "freeze_batchnorm",
     "init_distributed",

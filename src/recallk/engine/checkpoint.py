@@ -38,8 +38,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain containers only).
 
-    Uses ``torch.load(weights_only=True)``, so a file cannot run code when loaded. A trainer checkpoint of an
-    older format comes back in the current one (``CHECKPOINT_FORMAT``).
+    Uses ``torch.load(weights_only=True)``, so a file cannot run code when loaded.
     Raises FileNotFoundError with the path when it does not exist.
     """
     path = Path(path)
@@ -47,13 +46,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"no checkpoint at {path}")
     # MultiStepLR keeps its milestones in a Counter.
     with torch.serialization.safe_globals([collections.Counter]):
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(state, dict) and "criterion_generator" in state:  # format 1
-        generator_state = state.pop("criterion_generator")
-        if generator_state is not None and state.get("criterion") is not None:
-            state["criterion"]["_extra_state"] = {"generator_state": generator_state}
-        state["format"] = CHECKPOINT_FORMAT
-    return state
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def weights_only_state(state: Mapping[str, Any]) -> dict[str, Any]:

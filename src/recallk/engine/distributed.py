@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from recallk.engine.cached import Criterion, cached_backward
+from recallk.engine.cached import Criterion
 from recallk.engine.rng import RngState
 
 
@@ -144,9 +143,3 @@ class DistributedGather:
         if isinstance(criterion, nn.Module):
             all_reduce_gradients(criterion.parameters(), average=True)
 
-
-def distributed_cached_backward(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """Deprecated: ``cached_backward(..., gather=DistributedGather())``."""
-    warnings.warn("distributed_cached_backward is deprecated; use recallk.engine.cached_backward(..., "
-                  "gather=recallk.engine.DistributedGather())", DeprecationWarning, stacklevel=2)
-    return cached_backward(*args, gather=DistributedGather(), **kwargs)

@@ -1,8 +1,5 @@
 """Evaluation: exact kNN, retrieval metrics, embedding a dataset and the benchmarks' protocols."""
 
-from typing import Any
-
-from recallk.evaluation import protocols
 from recallk.evaluation.baselines import pixel_embeddings
 from recallk.evaluation.embed import embed_dataset
 from recallk.evaluation.knn import exact_knn
@@ -21,9 +18,3 @@ __all__ = [
     "revisited_map",
     "revisited_metrics",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "PROTOCOLS":  # deprecated alias, see recallk.evaluation.protocols
-        return protocols.PROTOCOLS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,14 +14,6 @@ from recallk.data import DATASET_SPECS, build_dataset, dataset_spec
 from recallk.evaluation.embed import embed_dataset
 from recallk.evaluation.metrics import metric_order, retrieval_metrics
 from recallk.evaluation.revisited import revisited_metric_names, revisited_metrics
-
-
-def __getattr__(name: str) -> Any:
-    if name == "PROTOCOLS":  # deprecated: the protocol lives in each dataset's DatasetSpec
-        warnings.warn("PROTOCOLS is deprecated: use recallk.data.dataset_spec(name).eval_splits", DeprecationWarning,
-                      stacklevel=2)
-        return {name: list(spec.eval_splits) for name, spec in DATASET_SPECS.items()}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def evaluate_protocol(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,18 +29,6 @@ class Example:
     scores: tuple[float, ...]
     hits: tuple[bool, ...]
     kind: str  # "random" or "hard"
-
-
-def leave_one_out_knn(
-    embeddings: np.ndarray, queries: np.ndarray, k: int, chunk_size: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deprecated: ``exact_knn(embeddings, embeddings, k, exclude_self=True, rows=queries)``, which returns
-    ``(scores, indices)``; this alias returns ``(indices, scores)`` as it always did."""
-    warnings.warn("leave_one_out_knn is deprecated: use recallk.evaluation.exact_knn(emb, emb, k, "
-                  "exclude_self=True, rows=queries), which returns (scores, indices)", DeprecationWarning, stacklevel=2)
-    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-    scores, indices = exact_knn(emb, emb, k, exclude_self=True, chunk_size=chunk_size, rows=queries)
-    return indices, scores
 
 
 def select_queries(

@@ -175,7 +175,7 @@ def _model_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a recallk checkpoint (a dict)")
     if "model" in state:
-        fmt = state.get("format")  # older formats are converted by load_checkpoint; None: a hand-saved {"model": ...}
+        fmt = state.get("format")  # None: a hand-saved {"model": ...}
         if fmt is not None and fmt != CHECKPOINT_FORMAT:
             newer = isinstance(fmt, int) and fmt > CHECKPOINT_FORMAT
             raise CheckpointError(

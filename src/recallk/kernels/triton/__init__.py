@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import warnings
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from recallk.kernels.rsk import CLAMP, Positives, RSkParams, register_backend, rsk_loss_from_embeddings
-from recallk.kernels.rsk import rsk_loss_from_similarity as _from_similarity
+from recallk.kernels.rsk import CLAMP, Positives, RSkParams, register_backend
 
 __all__ = ["KERNELS", "TritonBackend", "loss_from_rank", "triton_available"]
 
@@ -123,31 +121,3 @@ class TritonBackend:
 register_backend(TritonBackend())
 register_backend(TritonBackend(kernel="fused"))
 
-
-def _rsk_loss_triton(sim, q_labels, db_labels, self_index, ks, tau_rank, tau_k, include_query):  # type: ignore[no-untyped-def]
-    params = RSkParams(ks, tau_rank, tau_k, include_query)
-    return _from_similarity(sim, q_labels, db_labels, params, self_index=self_index, backend="triton")
-
-
-def _rsk_loss_triton_from_embeddings(  # type: ignore[no-untyped-def]
-    q_emb, db_emb, q_labels, db_labels, self_index, ks, tau_rank, tau_k, include_query, precision="ieee"
-):
-    params, backend = RSkParams(ks, tau_rank, tau_k, include_query), TritonBackend(precision=precision)
-    return rsk_loss_from_embeddings(q_emb, db_emb, q_labels, db_labels, params, self_index=self_index, backend=backend)
-
-
-_DEPRECATED = {  # old name -> (function with the old signature, new spelling)
-    "rsk_loss_triton": (_rsk_loss_triton, "rsk_loss_from_similarity(..., backend='triton')"),
-    "rsk_loss_triton_from_embeddings": (
-        _rsk_loss_triton_from_embeddings, "rsk_loss_from_embeddings(..., backend=TritonBackend(precision=...))"
-    ),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _DEPRECATED:
-        fn, new = _DEPRECATED[name]
-        warnings.warn(f"recallk.kernels.triton.{name} is deprecated: use recallk.kernels.{new}", DeprecationWarning,
-                      stacklevel=2)  # fmt: skip
-        return fn
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
