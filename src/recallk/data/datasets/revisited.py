@@ -8,6 +8,10 @@ and the database indices ``easy``, ``hard`` and ``junk``. Splits: ``query`` (the
 box) and ``database``. R1M: ``distractors=<folder>`` holding ``revisitop1m.txt`` (one relative image name per line)
 and ``jpg/``; its images are appended to the database after the ground-truth images (never positive, never junk).
 
+The pickle is read by :class:`GroundTruthUnpickler`, which admits only what the benchmark's files hold (builtins
+containers, numbers and strings, numpy arrays, dtypes and scalars): the file comes over plain http, and a plain
+``pickle.load`` of a tampered file would run its code.
+
 Labels: the ground truth is per query (``dataset.ground_truth``), not per class; ``labels`` / ``classes`` are the
 landmark prefix of each file name (``all_souls_000013`` -> ``all_souls``; R1M images: ``revisitop1m``), a
 convenience for browsing, never used by the evaluation.
@@ -68,17 +72,79 @@ def _landmark(name: str) -> str:
     return stem if stem and number.isdigit() else Path(name).name
 
 
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The globals this numpy's own array, dtype and scalar pickles name (protocols 0 to 5), under both the
+    ``numpy.core`` (numpy 1.x) and ``numpy._core`` (numpy 2) module names; taken from the reductions themselves,
+    so that nothing is imported by name."""
+    reconstruct = np.zeros(0).__reduce__()[0]  # numpy.core.multiarray._reconstruct
+    scalar = np.float64(0).__reduce__()[0]  # numpy.core.multiarray.scalar
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # numpy.core.numeric._frombuffer (protocol 5)
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+_BUILTINS = {"set": set, "frozenset": frozenset, "bytes": bytes, "bytearray": bytearray, "complex": complex}
+_ALLOWED_GLOBALS = {
+    **_numpy_globals(),
+    **{(module, key): value for module in ("builtins", "__builtin__") for key, value in _BUILTINS.items()},
+}
+OFFICIAL_SITE = "http://cmp.felk.cvut.cz/revisitop/"
+
+
+class GroundTruthUnpickler(pickle.Unpickler):
+    """An unpickler of revisited ground-truth files that calls nothing but the constructors of builtins containers,
+    numbers and strings and of numpy arrays, dtypes and scalars (``_ALLOWED_GLOBALS``), plus ``_codecs.encode`` with
+    latin-1 (how protocols 0 to 2 store bytes). Any other global is refused before it is looked up, so before any
+    of the file's code could run.
+
+    Raises (from ``load``):
+        ValueError: naming the file and the refused global (or codec), saying the file is not a revisited
+            ground-truth file and to download it again from the benchmark's site.
+    """
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file)
+        self.path = path
+
+    def _refuse(self, what: str) -> ValueError:
+        return ValueError(
+            f"{self.path}: not a revisited ground-truth file: it asks for {what}, and those files hold only lists, "
+            f"dicts, strings, numbers and numpy arrays (it was not unpickled further; it may have been tampered "
+            f"with); re-download it from the benchmark's official site, {OFFICIAL_SITE}"
+        )
+
+    def _latin1_encode(self, text: str, encoding: str = "utf-8") -> bytes:
+        if str(encoding).lower().replace("_", "-") not in ("latin-1", "latin1"):
+            raise self._refuse(f"_codecs.encode with the codec {encoding!r} (only latin-1 is allowed)")
+        return text.encode("latin-1")
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return self._latin1_encode
+        allowed = _ALLOWED_GLOBALS.get((module, name))
+        if allowed is None:
+            raise self._refuse(f"the global {module}.{name}")
+        return allowed
+
+
 def load_ground_truth(path: Path, name: str) -> tuple[list[str], list[str], list[dict[str, np.ndarray]]]:
     """``(imlist, qimlist, gnd)`` of a revisited ground-truth pickle, checked.
 
+    Read with :class:`GroundTruthUnpickler`, never a plain ``pickle.load``.
+
     Raises:
-        ValueError: not a dict with ``imlist``/``qimlist``/``gnd``, one gnd entry per query missing, a gnd entry
-            without ``bbx``/``easy``/``hard``/``junk``, a box that is not 4 numbers with x1 < x2 and y1 < y2, or a
-            database index out of range.
+        ValueError: a global or codec other than those of containers, numbers, strings and numpy arrays (the file
+            is refused before any of it runs), not a dict with ``imlist``/``qimlist``/``gnd``, one gnd entry per
+            query missing, a gnd entry without ``bbx``/``easy``/``hard``/``junk``, a box that is not 4 numbers with
+            x1 < x2 and y1 < y2, or a database index out of range.
     """
     try:
         with open(path, "rb") as f:
-            cfg = pickle.load(f)
+            cfg = GroundTruthUnpickler(f, path).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
         raise ValueError(f"{path}: cannot read the {name} ground truth pickle ({type(e).__name__}: {e})") from e
     if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
