@@ -1,7 +1,8 @@
 """The run folder (docs/run-folder.md): its named paths, the one atomic writer, and one reader and one writer for
 each file a run writes. Every other module reaches a run's files through here.
 
-Layer 0: imports nothing of recallk, so the engine (writers), the report (readers) and the CLI share it.
+Layer 0: imports nothing of recallk, so the engine (writers), the report (readers) and the CLI share it; nor torch
+(a tensor or device given here is recognised when torch is loaded), so :mod:`recallk.provenance` can use it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -17,7 +19,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import torch
 import yaml
 
 #: the prefix of validation metrics in an evaluation (``val/map@r``): when ``val/<best_metric>`` is there, it (not
@@ -172,12 +173,18 @@ def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"the run config must hold plain values (numbers, strings, lists, mappings): {e}") from e
 
 
+def _torch_types(*names: str) -> tuple[type, ...]:
+    """The torch classes ``names`` when torch is loaded, else () (then no value can be one of them)."""
+    torch = sys.modules.get("torch")
+    return tuple(getattr(torch, name) for name in names) if torch is not None else ()
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, (os.PathLike, torch.device, torch.dtype)):
+    if isinstance(value, (os.PathLike, *_torch_types("device", "dtype"))):
         return str(value)
     return value
 
@@ -236,10 +243,9 @@ def read_best(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}); delete it (the report then recomputes the choice "
-                         f"from metrics.jsonl)") from e
+        raise ValueError(f"{path} is not valid JSON ({e.msg})") from e
     if not isinstance(record, dict) or "metric" not in record or "epoch" not in record:
-        raise ValueError(f"{path} must be a JSON object with 'metric' and 'epoch' (see docs/run-folder.md)")
+        raise ValueError(f"{path} must be a JSON object with 'metric', 'split', 'value', 'epoch' and 'step'")
     return record
 
 
@@ -250,7 +256,7 @@ def json_value(value: Any) -> Any:
         return {str(k): json_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_value(v) for v in value]
-    if isinstance(value, torch.Tensor) and value.numel() != 1:
+    if isinstance(value, _torch_types("Tensor")) and value.numel() != 1:
         return value.tolist()
     return value.item() if callable(getattr(value, "item", None)) else value  # one-element tensor, numpy scalar
 
@@ -323,6 +329,27 @@ def trim_metrics(path: str | os.PathLike, step: int, rerun_eval_epoch: int | Non
     write_atomic(path, "".join(line + "\n" for line in kept))
 
 
+# --------------------------------------------------------------------------------------------- resumes.jsonl
+def append_resume(path: str | os.PathLike, argv: list[str], changes: Mapping[str, tuple[Any, Any]]) -> None:
+    """One ``resumes.jsonl`` line for a ``--resume``: ``{"time" (unix seconds), "argv", "changes": {key: [old,
+    new]}}`` (values JSON cannot hold are written as their ``str``)."""
+    record = {"time": time.time(), "argv": list(argv), "changes": {k: list(v) for k, v in changes.items()}}
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+
+
+def read_resumes(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The lines of ``resumes.jsonl`` (see :func:`append_resume`) in file order, [] when it does not exist.
+
+    Raises:
+        ValueError: a line is not a JSON object with a numeric ``time`` (naming the file and line).
+    """
+    if not Path(path).is_file():
+        return []
+    return read_json_lines(path, lambda e: isinstance(e, dict) and isinstance(e.get("time"), int | float),
+                           "a JSON object with a 'time'")
+
+
 # ------------------------------------------------------------------------------------------------- train.log
 def append_log(path: str | os.PathLike, text: str) -> None:
     """Append ``text`` to ``train.log``, each of its lines prefixed with a timestamp (``YYYY-mm-dd HH:MM:SS``)."""
@@ -361,6 +388,7 @@ __all__ = [
     "append_json_line",
     "append_log",
     "append_metrics",
+    "append_resume",
     "atomic_path",
     "json_value",
     "plain_config",
@@ -369,6 +397,7 @@ __all__ = [
     "read_embeddings_npz",
     "read_json_lines",
     "read_metrics",
+    "read_resumes",
     "selection_metric",
     "trim_metrics",
     "write_atomic",

@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from recallk.utils import write_text_atomic
+from recallk.run_folder import RunFolder, read_embeddings_npz, read_metrics, write_atomic
 
 from . import examples as _examples
 from . import html
 from .compare import write_comparison
+from .comparison import comparison_columns
 from .examples import (
     Example,
     answerable,
@@ -32,8 +33,8 @@ from .examples import (
     select_queries,
     thumbnail_png,
 )
-from .plots import figure_png, history_figure, plot_history, read_metrics
-from .record import RunRecord, read_npz, read_run, resume_marks
+from .plots import figure_png, history_figure, plot_history
+from .record import RunRecord, read_run, resume_marks
 
 __all__ = ["ReportWarning", "RunRecord", "plot_history", "read_metrics", "read_run", "write_comparison",
            "write_report"]
@@ -115,9 +116,7 @@ def write_report(
         html.examples_section(_examples_body(run, split, source, num_queries, top, seed), split, top),
     ]
     document = html.page(f"recallk run: {record.name}", subtitle, sections)
-    out = Path(out_path) if out_path is not None else run / "report.html"
-    write_text_atomic(out, document)
-    return out
+    return write_atomic(out_path if out_path is not None else RunFolder(run).report_html, document)
 
 
 def data_root(record: RunRecord, root: str | Path | None = None) -> str | None:
@@ -145,10 +144,11 @@ def _missing_embeddings_hint(run: Path, split: str, record: RunRecord) -> str:
     hint = "`recallk train` writes it at its final evaluation; for a run of the Python Trainer, write it with "
     if not dataset:
         return hint + "recallk.retrieval.write_embeddings (the split's items in dataset order)"
-    checkpoint = next((p for p in (run / "checkpoints" / n for n in ("best.pt", "last.pt")) if p.is_file()),
-                      run / "checkpoints" / "best.pt")  # a run without an evaluation has no best.pt
+    folder = RunFolder(run)
+    checkpoint = next((p for p in (folder.best_pt, folder.last_pt) if p.is_file()),
+                      folder.best_pt)  # a run without an evaluation has no best.pt
     command = shlex.join(["recallk", "embed", "--checkpoint", str(checkpoint), "--dataset",
-                          str(dataset), "--split", split, "--out", str(run / "embeddings" / f"{split}.npz")])
+                          str(dataset), "--split", split, "--out", str(folder.embeddings(split))])
     if not (record.config.get("data") or {}).get("root"):
         command += " --root DIR"  # the run records no data folder: the user names it
     return hint + f"`{command}` or recallk.retrieval.write_embeddings"
@@ -205,15 +205,15 @@ class _DatasetSource:
 
 
 def _examples_body(run: Path, split: str, source: _DatasetSource, num_queries: int, top: int, seed: int) -> str:
-    emb_path = run / "embeddings" / f"{split}.npz"
+    emb_path = RunFolder(run).embeddings(split)
     if not emb_path.is_file():
-        others = sorted(p.name for p in (run / "embeddings").glob("*.npz")) if (run / "embeddings").is_dir() else []
+        others = sorted(p.name for p in emb_path.parent.glob("*.npz")) if emb_path.parent.is_dir() else []
         found = f" (found: {', '.join(others)}; choose one with split= or `recallk report --split`)" if others else ""
         why = f"{emb_path.relative_to(run)} does not exist{found}"
         why = f"{why}. {_missing_embeddings_hint(run, split, source.record)}"
         warnings.warn(f"retrieval examples left out of the report: {why}", ReportWarning, stacklevel=3)
         return html.note(f"Retrieval examples omitted: {why}.")
-    embeddings, labels = read_npz(emb_path)
+    embeddings, labels = read_embeddings_npz(emb_path)
     if embeddings.shape[0] < 2:
         warnings.warn(f"retrieval examples left out of the report: {emb_path} holds fewer than 2 items",
                       ReportWarning, stacklevel=3)
@@ -278,24 +278,22 @@ def _comparison_section(record: RunRecord, source: _DatasetSource, num_queries: 
     after, before = record.last_eval, record.before_eval
     if after is None:
         return heading + "\n" + html.note(f"metrics.jsonl holds no evaluation of the {split!r} split.")
-    model_name = f"trained (epoch {after['epoch']})"
-    columns: dict[str, dict[str, Any]] = {model_name: after}
-    best = record.best_eval
-    if best is not None and best is not after and record.best is not None:
-        columns[f"best.pt (epoch {best['epoch']}, chosen on {record.best.split})"] = best
-    emb_path = run / "embeddings" / f"{split}.npz"
-    pix_path = run / "embeddings" / "raw_pixels" / f"{split}.npz"
+    best = record.best_eval if record.best is not None else None
+    names = {"last": f"trained (epoch {after['epoch']})", "baseline": BASELINE_NAME, "before": "untrained (epoch 0)",
+             "best": f"best.pt (epoch {best['epoch']}, chosen on {record.best.split})" if best is not None else ""}
+    names["gain"] = f"{names['last']} − {BASELINE_NAME} (points)"
+    folder = RunFolder(run)
+    emb_path, pix_path = folder.embeddings(split), folder.raw_pixels(split)
     pixels = None
     if record.baseline is not None and emb_path.is_file():
-        model_emb, labels = read_npz(emb_path)
-        pixels, pix_labels = read_npz(pix_path)
+        model_emb, labels = read_embeddings_npz(emb_path)
+        pixels, pix_labels = read_embeddings_npz(pix_path)
         if pixels.shape[0] != labels.shape[0] or not np.array_equal(pix_labels, labels):
             raise ValueError(f"{pix_path} does not match {emb_path} (rows or labels): both must embed the "
                              f"{split!r} split in dataset order")
-        columns[BASELINE_NAME] = record.baseline
-    if before is not None and before is not after:
-        columns["untrained (epoch 0)"] = before
-    parts = [heading, html.comparison_table(columns, model_name, BASELINE_NAME if pixels is not None else None)]
+    columns = comparison_columns(names, after, best=best, baseline=record.baseline if pixels is not None else None,
+                                 before=before if before is not after else None)
+    parts = [heading, html.comparison_table(columns, names["gain"])]
     if pixels is None:
         parts.append(html.note(f"No raw-pixel baseline: {pix_path.relative_to(run)} does not exist (recallk train "
                                "writes it with eval.pixel_baseline: true)."))

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from recallk.evaluation.metrics import metric_order
-from recallk.utils import write_text_atomic
+from recallk.run_folder import SUMMARY_METRICS, RunFolder, write_atomic
 
 from . import html
 from .plots import comparison_figure, figure_png
 from .record import RunRecord, read_run, resume_marks
 
-SUMMARY_PREFIXES = ("recall@", "map@r", "r_precision")
 _MISSING = object()
 
 
@@ -62,7 +61,7 @@ def write_comparison(run_dirs: Sequence[str | Path], out_path: str | Path) -> Pa
     subtitle = (" · ".join(f"{label}: {run.path.resolve()}" for label, run in zip(labels, runs))
                 + f" · generated {time.strftime('%Y-%m-%d %H:%M:%S')}")
     document = html.page(f"recallk: {len(runs)} run(s) compared", subtitle, sections)
-    return write_text_atomic(out_path, document)
+    return write_atomic(out_path, document)
 
 
 def run_labels(runs: Sequence[RunRecord]) -> list[str]:
@@ -73,7 +72,7 @@ def run_labels(runs: Sequence[RunRecord]) -> list[str]:
 
 def _summary_keys(runs: Sequence[RunRecord]) -> list[str]:
     keys = {k for run in runs for r in (run.last_eval, run.best_eval, run.baseline) if r
-            for k, v in r.items() if k.startswith(SUMMARY_PREFIXES) and html._is_number(v)}
+            for k, v in r.items() if k.startswith(SUMMARY_METRICS) and html._is_number(v)}
     return sorted(keys, key=metric_order)
 
 
@@ -176,7 +175,7 @@ def records_table(runs: Sequence[RunRecord], labels: Sequence[str]) -> str:
         speed = f"{run.images_per_s:.1f} images/s" if run.images_per_s is not None else "not logged"
         resumes = sum(seg.resume for seg in run.segments)
         epochs = max((int(r["epoch"]) for r in run.records), default=0)
-        rows = [("best.pt", html.best_text(run.best, (run.path / "checkpoints" / "best.pt").is_file())),
+        rows = [("best.pt", html.best_text(run.best, RunFolder(run.path).best_pt.is_file())),
                 ("epochs logged", str(epochs)),
                 ("wall time", escape(html.duration(run.wall_s))),
                 ("training speed", escape(speed)),

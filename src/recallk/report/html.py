@@ -10,6 +10,7 @@ from html import escape
 from typing import Any
 
 from recallk.evaluation.metrics import COUNT_KEYS, metric_order
+from recallk.run_folder import SUMMARY_METRICS
 
 from .examples import HIT_RGB, MISS_RGB, QUERY_RGB, Example
 from .plots import Record, eval_records, eval_splits
@@ -242,32 +243,26 @@ def examples_section(body: str, split: str, top: int) -> str:
     return f"{heading}\n{legend}\n{body}"
 
 
-SUMMARY_PREFIXES = ("recall@", "map@r", "r_precision")
-
-
-def comparison_table(columns: dict[str, Record], model: str, baseline: str | None) -> str:
-    """The lead table: one column per evaluated embedding (``columns``: name -> metrics, in reading order),
-    recall@k, MAP@R and R-precision in percent, and right after ``baseline``'s column the gain of ``model`` over
-    it in points (as in the table ``recallk train`` prints)."""
-    names = list(columns)
-    keys = sorted({k for m in columns.values() for k, v in m.items() if k.startswith(SUMMARY_PREFIXES)
+def comparison_table(columns: dict[str, Record], gain: str | None) -> str:
+    """The lead table: one column per evaluated embedding (``columns``: name -> metrics, in reading order, as
+    :func:`recallk.report.comparison.comparison_columns` builds them), recall@k, MAP@R and R-precision in percent;
+    the column named ``gain`` holds differences, shown in points with a sign (as in the table ``recallk train``
+    prints)."""
+    keys = sorted({k for m in columns.values() for k, v in m.items() if k.startswith(SUMMARY_METRICS)
                    and _is_number(v)}, key=metric_order)
-    gain_head = f"{model} − {baseline} (points)" if baseline else None
-    head = "".join(f"<th>{escape(n)}</th>" + (f"<th>{escape(gain_head)}</th>" if gain_head and n == baseline else "")
-                   for n in names)
+    head = "".join(f"<th>{escape(n)}</th>" for n in columns)
     lines = ['<table class="metrics">', f"<thead><tr><th>metric (%)</th>{head}</tr></thead>", "<tbody>"]
     for key in keys:
         cells = ""
-        for name in names:
-            value = columns[name].get(key)
-            cells += f"<td>{100 * value:.2f}</td>" if _is_number(value) else "<td>—</td>"
-            if gain_head and name == baseline:
-                a, b = columns[model].get(key), value
-                if _is_number(a) and _is_number(b) and math.isfinite(a - b):
-                    css = ' class="up"' if a > b else ' class="down"' if a < b else ""
-                    cells += f"<td{css}>{100 * (a - b):+.2f}</td>"
-                else:
-                    cells += "<td>—</td>"
+        for name, metrics in columns.items():
+            value = metrics.get(key)
+            if name != gain:
+                cells += f"<td>{100 * value:.2f}</td>" if _is_number(value) else "<td>—</td>"
+            elif _is_number(value) and math.isfinite(value):
+                css = ' class="up"' if value > 0 else ' class="down"' if value < 0 else ""
+                cells += f"<td{css}>{100 * value:+.2f}</td>"
+            else:
+                cells += "<td>—</td>"
         lines.append(f'<tr class="lead"><td>{escape(key)}</td>{cells}</tr>')
     lines.append("</tbody></table>")
     return "\n".join(lines)

@@ -15,25 +15,12 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .jsonl import read_json_lines
+from recallk.run_folder import read_metrics, write_atomic
 
 Record = dict[str, Any]
 
 _RECALL_KEY = re.compile(r"^recall@(\d+)$")
 PERCENT_LABEL = "% (mean over queries)"  # the eval panels: 100 * the value of metrics.jsonl
-
-
-def read_metrics(metrics_path: str | Path) -> list[Record]:
-    """Read ``metrics.jsonl`` (one JSON object per line, blank lines skipped) in file order.
-
-    Raises:
-        ValueError: the file is missing, a line is not a JSON object, or a line lacks ``kind`` / ``epoch``.
-    """
-    path = Path(metrics_path)
-    if not path.is_file():
-        raise ValueError(f"metrics file not found: expected {path} (written by training, see docs/run-folder.md)")
-    return read_json_lines(path, lambda r: isinstance(r, dict) and "kind" in r and "epoch" in r,
-                           "a JSON object with 'kind' and 'epoch' keys")
 
 
 def plotted_train_lines(records: Sequence[Record], key: str) -> list[Record]:
@@ -259,7 +246,4 @@ def plot_history(metrics_path: str | Path, out_png: str | Path) -> Path:
 
     Returns the path written. Raises ValueError when the metrics file is missing or malformed.
     """
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(figure_png(history_figure(read_metrics(metrics_path))))
-    return out
+    return write_atomic(out_png, figure_png(history_figure(read_metrics(metrics_path))))

@@ -8,19 +8,23 @@ get what their ``metrics.jsonl``, ``resumes.jsonl`` and checkpoints tell, and "n
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import yaml
-
 from recallk.provenance import read_run_file
+from recallk.run_folder import (
+    RunFolder,
+    read_best,
+    read_config,
+    read_embeddings_npz,
+    read_metrics,
+    read_resumes,
+    selection_metric,
+)
 
-from .jsonl import read_json_lines
-from .plots import Record, read_metrics
+from .plots import Record
 
 NOT_RECORDED = "not recorded"
 _DEVICE_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d device\s+(.+)$")
@@ -97,41 +101,6 @@ class RunRecord:
         return sum(times) if times else None
 
 
-def read_config(path: Path) -> tuple[str | None, dict[str, Any]]:
-    """(text, mapping) of a ``config.yaml``; (None, {}) when it does not exist.
-
-    Raises:
-        ValueError: the file is not valid YAML or not a mapping.
-    """
-    if not path.is_file():
-        return None, {}
-    text = path.read_text(encoding="utf-8")
-    try:
-        cfg = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from e
-    if cfg is None:
-        return text, {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a YAML mapping (the resolved config), got {type(cfg).__name__}")
-    return text, cfg
-
-
-def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(embeddings (N, d), labels (N,))`` of an embeddings file.
-
-    Raises:
-        ValueError: the file lacks either array or their lengths differ.
-    """
-    with np.load(path) as npz:
-        if "embeddings" not in npz or "labels" not in npz:
-            raise ValueError(f"{path} must hold arrays 'embeddings' (N, d) and 'labels' (N,)")
-        embeddings, labels = npz["embeddings"], npz["labels"].reshape(-1)
-    if embeddings.ndim != 2 or embeddings.shape[0] != labels.shape[0]:
-        raise ValueError(f"{path}: embeddings {embeddings.shape} and labels {labels.shape} do not match")
-    return embeddings, labels
-
-
 def check_run_folder(run_dir: str | Path) -> Path:
     """``run_dir`` as a Path after checking that it is a run folder (a directory holding ``metrics.jsonl``).
 
@@ -141,7 +110,7 @@ def check_run_folder(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
         raise ValueError(f"run folder not found: expected a directory {run} holding metrics.jsonl and config.yaml")
-    if not (run / "metrics.jsonl").is_file():
+    if not RunFolder(run).metrics.is_file():
         raise ValueError(f"{run} is not a run folder: it has no metrics.jsonl (give a folder that recallk train "
                          "wrote, e.g. runs/<name>)")
     return run
@@ -153,10 +122,10 @@ def baseline_metrics(run: Path, split: str, ks: list[int]) -> dict[str, Any] | N
     when the file does not exist."""
     from recallk.evaluation import retrieval_metrics  # only when a baseline is shown
 
-    path = run / "embeddings" / "raw_pixels" / f"{split}.npz"
+    path = RunFolder(run).raw_pixels(split)
     if not path.is_file():
         return None
-    pixels, labels = read_npz(path)
+    pixels, labels = read_embeddings_npz(path)
     return retrieval_metrics(pixels, labels, ks or (1,))
 
 
@@ -180,8 +149,9 @@ def read_run(run_dir: str | Path, split: str | None = None, baseline: bool = Tru
             ``best.json`` / ``resumes.jsonl``.
     """
     run = check_run_folder(run_dir)
-    records = read_metrics(run / "metrics.jsonl")
-    config_text, cfg = read_config(run / "config.yaml")
+    folder = RunFolder(run)
+    records = read_metrics(folder.metrics)
+    config_text, cfg = read_config(folder.config)
     if split is None:
         split = str((cfg.get("data") or {}).get("test_split") or "test")
     evals = [r for r in records if r.get("kind") == "eval" and str(r.get("split") or split) == split]
@@ -200,7 +170,7 @@ def read_run(run_dir: str | Path, split: str | None = None, baseline: bool = Tru
         records=records, split=split, best=best, last_eval=last_eval, best_eval=best_eval, before_eval=before_eval,
         baseline=baseline_metrics(run, split, recall_ks_of(last_eval)) if baseline else None,
         run_file=run_file, segments=segments, wall_source=wall_source, images_per_s=training_images_per_s(records),
-        log_device=log_device(run / "train.log") if run_file is None else None,
+        log_device=log_device(folder.train_log) if run_file is None else None,
     )
 
 
@@ -225,32 +195,25 @@ def best_choice(run: Path, cfg: dict[str, Any], evals: list[Record]) -> BestChoi
     Raises:
         ValueError: ``best.json`` is not a JSON object with ``metric`` and ``epoch``.
     """
-    path = run / "best.json"
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e.msg})") from e
-        if not isinstance(data, dict) or "metric" not in data or "epoch" not in data:
-            raise ValueError(f"{path} must be a JSON object with 'metric', 'split', 'value', 'epoch' and 'step'")
+    folder = RunFolder(run)
+    data = read_best(folder.best_json)
+    if data is not None:
         return BestChoice(str(data["metric"]), _float(data.get("value")), str(data.get("split") or "test"),
                           int(data["epoch"]), _int(data.get("step")), "best.json")
-    checkpoint = run / "checkpoints" / "best.pt"
-    if checkpoint.is_file():
+    if folder.best_pt.is_file():
         try:
             from recallk.engine import load_checkpoint
 
-            state = load_checkpoint(checkpoint)
+            state = load_checkpoint(folder.best_pt)
         except Exception:  # an unreadable checkpoint: the eval lines still tell
             state = {}
         entry = state.get("best") if isinstance(state, dict) else None
         if isinstance(entry, dict) and entry.get("epoch") is not None and entry.get("metric"):
             return BestChoice(str(entry["metric"]), _float(entry.get("value")), str(entry.get("split") or "test"),
                               int(entry["epoch"]), _int(state.get("step")), "checkpoints/best.pt")
-    metric = str(((cfg.get("train") or {}).get("best_metric")) or "map@r")
-    split = "test"
-    if any(f"val/{metric}" in r for r in evals):  # the trainer chooses on the validation split when it is logged
-        metric, split = f"val/{metric}", "validation"
+    # the trainer's rule: on the validation split when the lines hold it
+    metric, split = selection_metric({k for r in evals for k in r},
+                                     str(((cfg.get("train") or {}).get("best_metric")) or "map@r"))
     best: Record | None = None
     for r in evals:
         value = r.get(metric)
@@ -270,19 +233,6 @@ def _int(value: Any) -> int | None:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def read_resumes(run: Path) -> list[dict[str, Any]]:
-    """The lines of ``resumes.jsonl`` (``time``, ``argv``, ``changes``), [] when it does not exist.
-
-    Raises:
-        ValueError: a line is not a JSON object with a ``time``.
-    """
-    path = run / "resumes.jsonl"
-    if not path.is_file():
-        return []
-    return read_json_lines(path, lambda e: isinstance(e, dict) and isinstance(e.get("time"), int | float),
-                           "a JSON object with a 'time'")
-
-
 def read_segments(run: Path, run_file: dict[str, Any] | None, records: list[Record]) -> list[Segment]:
     """The training segments of a run, in order: from ``run.json`` when it exists, else the first metrics line and
     the lines of ``resumes.jsonl``. Each segment ends at its recorded ``end_time``, else at the last metrics line
@@ -293,7 +243,7 @@ def read_segments(run: Path, run_file: dict[str, Any] | None, records: list[Reco
                for s in run_file["segments"] if isinstance(s, dict)]
     else:
         raw = [(times[0] if times else None, None, False, None, None, {})]
-        for entry in read_resumes(run):
+        for entry in read_resumes(RunFolder(run).resumes):
             argv = entry.get("argv")
             command = "recallk " + " ".join(map(str, argv)) if isinstance(argv, list) else None
             raw.append((entry["time"], None, True, command, None, {}))
