@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,26 +11,29 @@ import torch
 from engine_helpers import GeneratorMixLoss, NoisyImages, RandomMixLoss, make_net, nearest_neighbour_eval
 from torch import nn
 
-from recallk.engine import NonFiniteLossError, Trainer, freeze_batchnorm, load_checkpoint
+from recallk.engine import NonFiniteLossError, Stopped, Trainer, freeze_batchnorm, load_checkpoint
 
 EPOCHS = 2  # 6 classes x 6 items, batches of 4 classes x 2 items -> 3 steps per epoch
 # (the authors' epoch drains the first 4 classes of the shuffled list: 3 batches, 2 classes left over)
 
 
 class FaultyLoss(nn.Module):
-    """RandomMixLoss that raises ``error`` (or returns NaN) on its ``at``-th call (1-based)."""
+    """RandomMixLoss that returns NaN on its ``at``-th call (1-based), or instead sends this process the signal
+    ``signum`` there, ``times`` times (as Ctrl-C pressed once or twice)."""
 
-    def __init__(self, at: int | None = None, error: type[BaseException] | None = None) -> None:
+    def __init__(self, at: int | None = None, signum: int | None = None, times: int = 1) -> None:
         super().__init__()
         self.inner = RandomMixLoss()
-        self.at, self.error, self.calls = at, error, 0
+        self.at, self.signum, self.times, self.calls = at, signum, times, 0
 
     def forward(self, embeddings, labels):
         self.calls += 1
         loss = self.inner(embeddings, labels)
         if self.calls == self.at:
-            if self.error is not None:
-                raise self.error()
+            if self.signum is not None:
+                for _ in range(self.times):
+                    signal.raise_signal(self.signum)
+                return loss
             return loss * float("nan")
         return loss
 
@@ -113,16 +117,36 @@ def test_resume_after_max_steps_is_bit_identical(uninterrupted, tmp_path, stop_a
     assert [r["epoch"] for r in evals] == [0, 1, 2]
 
 
-def test_ctrl_c_saves_and_resume_is_bit_identical(uninterrupted, tmp_path):
-    _, reference, _ = uninterrupted
-    trainer = make_trainer(tmp_path, criterion=FaultyLoss(at=6, error=KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="interrupted"):
+def test_ctrl_c_inside_a_step_stops_after_it_and_resume_is_bit_identical(uninterrupted, tmp_path):
+    run_dir, reference, _ = uninterrupted
+    handler = signal.getsignal(signal.SIGINT)
+    trainer = make_trainer(tmp_path, criterion=FaultyLoss(at=5, signum=signal.SIGINT))  # inside step 5's loss
+    with pytest.raises(Stopped) as info, pytest.warns(UserWarning, match="stopped by Ctrl-C"):
         trainer.fit()
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler before fit is back
+    stop = info.value
+    assert isinstance(stop, KeyboardInterrupt) and (stop.signal_name, stop.signum) == ("SIGINT", signal.SIGINT)
+    assert (stop.epoch, stop.step, stop.saved_to) == (1, 5, tmp_path / "checkpoints" / "last.pt")
+    assert stop.position_text == "in epoch 2 after batch 2 of 3 (step 5)"
+    assert str(stop) == (f"stopped by Ctrl-C: saved {tmp_path / 'checkpoints' / 'last.pt'} (in epoch 2 after batch 2 "
+                         f"of 3 (step 5)); continue with: Trainer(...).fit(resume=True) with run_dir {tmp_path}")
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["position"], state["step"]) == (1, 2, 5)
+    assert (state["epoch"], state["position"], state["step"]) == (1, 2, 5)  # the step the signal came in: done
     resumed = make_trainer(tmp_path)
     resumed.fit(resume=str(tmp_path / "checkpoints" / "last.pt"))
     assert_same_weights(resumed.model, reference.model)
+    drop = ("time", "images_per_s", "data_wait_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path)] == [
+        {k: v for k, v in r.items() if k not in drop} for r in read_metrics(run_dir)]
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    trainer = make_trainer(tmp_path, criterion=FaultyLoss(at=5, signum=signal.SIGINT, times=2))
+    with pytest.raises(KeyboardInterrupt) as info:
+        trainer.fit()
+    assert type(info.value) is KeyboardInterrupt  # not Stopped: nothing saved after the second Ctrl-C
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3  # epoch 1's, as it was
+    assert "stopped by" not in (tmp_path / "train.log").read_text()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

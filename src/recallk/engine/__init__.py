@@ -22,6 +22,7 @@ from recallk.engine.distributed import (
 from recallk.engine.optim import OPTIMIZERS, build_optimizer, build_scheduler
 from recallk.engine.rng import RngState, capture_all_rng, restore_all_rng
 from recallk.engine.settings import TrainSettings
+from recallk.engine.stop import Stopped
 from recallk.engine.trainer import NonFiniteLossError, Trainer
 from recallk.models import freeze_batchnorm
 from recallk.utils import AMP_CHOICES
@@ -34,6 +35,7 @@ __all__ = [
     "Gather",
     "NonFiniteLossError",
     "RngState",
+    "Stopped",
     "TrainSettings",
     "Trainer",
     "all_reduce_gradients",
