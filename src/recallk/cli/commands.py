@@ -61,8 +61,8 @@ def train(args: argparse.Namespace) -> int:
             remove_unstarted_run(run_dir)
         if main_process:
             provenance.end_segment(run_dir, outcome(stop))
-        if isinstance(stop, KeyboardInterrupt) and getattr(stop, "saved_to", None):
-            return 128 + getattr(stop, "signum", 2)  # the trainer said (once) what it saved and how to continue
+        if isinstance(stop, KeyboardInterrupt) and hasattr(stop, "saved_to"):  # engine.Stopped, after its save
+            return 128 + stop.signum  # the trainer said (once) what it saved and how to continue
         raise
     if main_process:
         from recallk.report import write_report
@@ -86,8 +86,9 @@ def record_device(config: dict[str, Any]) -> str:
 
 def outcome(stop: BaseException) -> str:
     """How a training segment ended, in words, for ``run.json``."""
-    if isinstance(stop, KeyboardInterrupt):  # Preempted (SIGTERM, SIGUSR1) is one, named by its signal
-        return f"stopped by {stop.args[0]}" if hasattr(stop, "signum") and stop.args else "interrupted (Ctrl-C)"
+    if isinstance(stop, KeyboardInterrupt):  # engine.Stopped is one, naming its signal
+        name = getattr(stop, "signal_name", "SIGINT")
+        return "interrupted (Ctrl-C)" if name == "SIGINT" else f"stopped by {name}"
     return f"error: {type(stop).__name__}: {stop}"
 
 

@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from recallk.cli import commands  # imported late: keeps --help fast
     from recallk.data.datasets.base import BadImageError, MissingRootError
-    from recallk.engine.trainer import NonFiniteLossError, Preempted, TrainingStalledError
+    from recallk.engine.trainer import NonFiniteLossError, TrainingStalledError
 
     try:
         return commands.run(args)
@@ -191,14 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NonFiniteLossError, TrainingStalledError) as err:
         print(f"recallk {args.command}: error: {in_command_words(str(err), args.command)}", file=sys.stderr)
         return 2
-    except Preempted as stop:  # before the trainer saved anything (it reports its own saves)
-        if getattr(args, "resume", False):
-            hint = "no new checkpoint was saved; the last one stays: run the same command again (with --resume)"
-        else:
-            hint = "before the first checkpoint: nothing was saved; run the same command again"
-        print(f"recallk {args.command}: stopped by {stop.args[0]} {hint}", file=sys.stderr)
-        return 128 + stop.signum
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C (a stop signal saves and returns its code in commands.train)
         print(f"recallk {args.command}: interrupted", file=sys.stderr)
         return 130
 
