@@ -62,9 +62,13 @@ def test_a_failed_start_leaves_no_run_json(tmp_path, capsys):
 
 def test_outcome_words():
     from recallk.cli.commands import outcome
-    from recallk.engine.trainer import Preempted
+    from recallk.engine import Stopped
 
-    assert outcome(Preempted(signal.SIGTERM)) == "stopped by SIGTERM"
-    assert outcome(Preempted(signal.SIGUSR1)) == "stopped by SIGUSR1"
-    assert outcome(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
+    def stopped(signum):
+        return Stopped(signum, Path("runs/r/checkpoints/last.pt"), 1, 3, "after epoch 1 (step 3)", "recallk train")
+
+    assert outcome(stopped(signal.SIGTERM)) == "stopped by SIGTERM"
+    assert outcome(stopped(signal.SIGUSR1)) == "stopped by SIGUSR1"
+    assert outcome(stopped(signal.SIGINT)) == "interrupted (Ctrl-C)"
+    assert outcome(KeyboardInterrupt()) == "interrupted (Ctrl-C)"  # a second Ctrl-C: nothing saved
     assert outcome(ValueError("bad")) == "error: ValueError: bad"
