@@ -1,8 +1,9 @@
 """A stop signal (SIGTERM, as Slurm sends it) at the worst moments of a run: inside the routine write of last.pt
-at an epoch's end, inside the write of best.pt, and during the optimiser update. Found by a new-user trial: a
-signal inside ``torch.save`` came out as a RuntimeError ("unexpected pos"), no last.pt, a run that could not be
-resumed; a stop in the best.pt window left a last.pt claiming a best.pt that was never written; a stop during
-the update dropped that step's metrics line. Each is checked against the same run left alone."""
+at an epoch's end, inside the write of best.pt, and during the optimiser update. The signal is only recorded
+(``recallk.engine.stop``): the write or the update finishes, the run stops at the next safe point (the end of
+the step, or of the epoch) with a complete last.pt, and the resumed run ends as the same run left alone (weights
+bit for bit, the same metrics.jsonl lines). Found by a new-user trial when the signal raised: a signal inside
+``torch.save`` came out as a RuntimeError ("unexpected pos"), no last.pt, a run that could not be resumed."""
 
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from tests.image_folders import write_image_folder
 
 import recallk
 from recallk.data.transforms import transforms_for_model
-from recallk.engine import Trainer, TrainSettings, load_checkpoint
+from recallk.engine import Stopped, Trainer, TrainSettings, load_checkpoint
 from recallk.engine import checkpoint as checkpoint_module
-from recallk.engine.trainer import Preempted
 from recallk.losses import RecallAtKSurrogate
 from recallk.models import build_model
 
@@ -116,11 +116,12 @@ def test_sigterm_inside_the_epoch_end_write_of_last_pt(alone, monkeypatch):
     top.mkdir()
     (top / "data").symlink_to(alone / "data")
     saved = signal_inside_save_of(monkeypatch, "last.pt")
-    with pytest.raises(Preempted):  # before the fix: RuntimeError from torch's zip writer, and no last.pt
+    with pytest.raises(Stopped) as info:  # when the signal raised: RuntimeError from torch's zip writer, no last.pt
         run(top, "r")
+    assert (info.value.signal_name, info.value.step) == ("SIGTERM", 2)
     state = load_checkpoint(top / "r" / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["position"], state["pending_eval"]) == (1, 0, None)  # epoch 1 done
-    assert saved.count("last.pt") == 2  # the epoch-end write completed, then the stop's own
+    assert (state["epoch"], state["position"], state["step"]) == (1, 0, 2)  # epoch 1 done
+    assert saved.count("last.pt") == 1  # the epoch-end write completed and is the stop's checkpoint
     monkeypatch.undo()
     run(top, "r", resume=True)
     assert_same_as_alone(alone, top / "r")
@@ -131,19 +132,21 @@ def test_sigterm_inside_the_write_of_best_pt(alone, monkeypatch):
     top.mkdir()
     (top / "data").symlink_to(alone / "data")
     signal_inside_save_of(monkeypatch, "best.pt")  # the first: after the evaluation before training
-    with pytest.raises(Preempted):
+    with pytest.raises(Stopped) as info:
         run(top, "r")
+    assert info.value.step == 0  # stopped right after that evaluation, before any step
     folder = top / "r"
     best = json.loads((folder / "best.json").read_text())
     assert best["epoch"] == 0 and load_checkpoint(folder / "checkpoints" / "best.pt")["epoch"] == 0
-    assert load_checkpoint(folder / "checkpoints" / "last.pt")["best"]["epoch"] == 0
+    last = load_checkpoint(folder / "checkpoints" / "last.pt")
+    assert (last["step"], last["best"]["epoch"]) == (0, 0)
     monkeypatch.undo()
     run(top, "r", resume=True)
     assert_same_as_alone(alone, folder)
     assert (folder / "checkpoints" / "best.pt").is_file()
 
 
-def test_sigterm_during_the_update_keeps_the_steps_metrics_line(alone, monkeypatch):
+def test_sigterm_during_the_update_stops_after_it(alone, monkeypatch):
     top = alone.parent / "cut-step"
     top.mkdir()
     (top / "data").symlink_to(alone / "data")
@@ -157,10 +160,10 @@ def test_sigterm_during_the_update_keeps_the_steps_metrics_line(alone, monkeypat
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    with pytest.raises(Preempted):
+    with pytest.raises(Stopped):
         run(top, "r")
     steps = [r["step"] for r in lines(top / "r") if r["kind"] == "train" and r["scope"] == "interval"]
-    assert steps == [1, 2, 3]  # before the fix: [1, 2], step 3's line lost though its update was saved
+    assert steps == [1, 2, 3]  # step 3 finished, its metrics line with it
     assert load_checkpoint(top / "r" / "checkpoints" / "last.pt")["step"] == 3
     monkeypatch.undo()
     run(top, "r", resume=True)

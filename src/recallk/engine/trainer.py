@@ -210,6 +210,10 @@ class Trainer:
                         break
                     self._finish_epoch(self.epoch + 1)
                 self._stop_if_requested()  # a signal after the last check
+            except Stopped as stop:
+                if self.log.said_nowhere():
+                    warnings.warn(str(stop), stacklevel=2)  # nobody shows the log: say it once this way
+                raise
             finally:
                 if self._batches is not None:
                     self._batches.close()
@@ -242,8 +246,6 @@ class Trainer:
         how = self.resume_command or f"Trainer(...).fit(resume=True) with run_dir {self.run_dir}"
         stop = Stopped(signum, path, self.epoch, self.step, self._position_text(), how)
         self.log.line(str(stop))
-        if self.log.said_nowhere():
-            warnings.warn(str(stop), stacklevel=3)  # nobody shows the log: say it once this way
         raise stop
 
     # ----------------------------------------------------------------------------------------------- epochs
