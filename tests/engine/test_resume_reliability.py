@@ -1,10 +1,13 @@
-"""Exact resume (issue 13, section 5): a Ctrl-C inside pass 1, inside the loss or inside pass 2 of a SiMix run
-with BatchNorm in train mode resumes to the weights of the uninterrupted run (every piece of checkpoint state is
-that of the last completed step); augmentation randomness is a function of (seed, epoch, item), so the run is
-the same with any number of DataLoader workers and resumes exactly with workers too."""
+"""Exact resume (issue 13, section 5): a stop signal inside pass 1, inside the loss or inside pass 2 of a SiMix
+run with BatchNorm in train mode stops the run at the end of that step (the signal is only recorded), and the
+resumed run ends with the weights, the loss's random state and the metrics.jsonl lines of the uninterrupted run;
+augmentation randomness is a function of (seed, epoch, item), so the run is the same with any number of
+DataLoader workers and resumes exactly with workers too."""
 
 from __future__ import annotations
 
+import json
+import signal
 import warnings
 
 import pytest
@@ -13,7 +16,7 @@ from engine_helpers import NoisyImages, make_net, nearest_neighbour_eval
 from torch import nn
 
 from recallk.data.loading import item_seed
-from recallk.engine import Trainer
+from recallk.engine import Stopped, Trainer, load_checkpoint
 from recallk.losses import RecallAtKSurrogate
 
 STOP_STEP = 4  # the first step of epoch 2 (3 steps per epoch)
@@ -64,9 +67,16 @@ def uninterrupted(tmp_path_factory):
     return fit(make_trainer(tmp_path_factory.mktemp("full")))
 
 
-def _stop_at(trainer: Trainer, where: str) -> None:
-    """Raise KeyboardInterrupt during step STOP_STEP: in pass 1 (second chunk), right after the loss (its SiMix
-    draw done), or in pass 2 (second chunk)."""
+def lines(run_dir) -> list[dict]:
+    """metrics.jsonl without what differs between runs (times, speeds)."""
+    drop = ("time", "images_per_s", "data_wait_s")
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _stop_at(trainer: Trainer, where: str, signum: int) -> None:
+    """Send this process ``signum`` during step STOP_STEP: in pass 1 (second chunk), right after the loss (its
+    SiMix draw done), or in pass 2 (second chunk)."""
     calls = {"pass1": 0, "pass2": 0, "loss": 0}
 
     def model_hook(module, inputs, output):
@@ -75,27 +85,30 @@ def _stop_at(trainer: Trainer, where: str) -> None:
         kind = "pass2" if torch.is_grad_enabled() else "pass1"
         calls[kind] += 1
         if kind == where and calls[kind] == (STOP_STEP - 1) * CHUNKS + 2:
-            raise KeyboardInterrupt
+            signal.raise_signal(signum)
 
     def loss_hook(module, inputs, output):
         calls["loss"] += 1
         if where == "loss" and calls["loss"] == STOP_STEP:
-            raise KeyboardInterrupt
+            signal.raise_signal(signum)
 
     trainer.model.register_forward_hook(model_hook)
     trainer.criterion.rsk.register_forward_hook(loss_hook)
 
 
-@pytest.mark.parametrize("where", ["pass1", "loss", "pass2"])
-def test_ctrl_c_inside_a_step_resumes_exactly(uninterrupted, tmp_path, where):
+@pytest.mark.parametrize(("where", "signum"), [("pass1", signal.SIGINT), ("loss", signal.SIGTERM),
+                                               ("pass2", signal.SIGUSR1)])
+def test_a_signal_inside_a_step_stops_after_it_and_resumes_exactly(uninterrupted, tmp_path, where, signum):
     cut = make_trainer(tmp_path)
-    _stop_at(cut, where)
-    with pytest.raises(KeyboardInterrupt):
+    _stop_at(cut, where, signum)
+    with pytest.raises(Stopped) as info:
         fit(cut)
-    assert cut.step == STOP_STEP - 1
+    assert info.value.signum == signum and info.value.step == STOP_STEP  # the step the signal came in: done
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == STOP_STEP
     resumed = fit(make_trainer(tmp_path), resume=True)
     assert_same_state(resumed.model, uninterrupted.model)
     assert_same_state(resumed.criterion, uninterrupted.criterion)  # SiMix's generator included
+    assert lines(tmp_path) == lines(uninterrupted.run_dir)
 
 
 def test_workers_do_not_change_the_run_and_resume_exactly(uninterrupted, tmp_path):

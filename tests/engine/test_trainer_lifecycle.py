@@ -1,6 +1,6 @@
-"""Run lifecycle in the trainer (issue 19): a stop during an evaluation runs it again on resume (weights and
-metrics.jsonl as in the uninterrupted run), steps that change no weight stop the run, fp16 on the CPU is refused,
-each rank resumes its own random stream, progress lines go to train.log."""
+"""Run lifecycle in the trainer (issue 19): a stop during an evaluation lets it finish and stops at the epoch's end
+(weights and metrics.jsonl as in the uninterrupted run after resuming), steps that change no weight stop the run,
+fp16 on the CPU is refused, each rank resumes its own random stream, progress lines go to train.log."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 from engine_helpers import NoisyImages, contrastive_loss, make_net, nearest_neighbour_eval
 
-from recallk.engine import Trainer, load_checkpoint, save_checkpoint
+from recallk.engine import Stopped, Trainer, load_checkpoint
 from recallk.engine.rng import capture_all_rng
-from recallk.engine.trainer import Preempted, TrainingStalledError
+from recallk.engine.trainer import TrainingStalledError
+from recallk.engine.trainer_state import rank_rng
 
 
 def make_trainer(run_dir, eval_fn=None, criterion=contrastive_loss, **overrides) -> Trainer:
@@ -43,7 +44,7 @@ def key(record):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_stop_during_an_evaluation_runs_it_again_on_resume(tmp_path, signum):
+def test_stop_during_an_evaluation_stops_after_it(tmp_path, signum):
     full = fit(make_trainer(tmp_path / "full"))
     base = nearest_neighbour_eval(NoisyImages())
     calls = []
@@ -54,21 +55,24 @@ def test_stop_during_an_evaluation_runs_it_again_on_resume(tmp_path, signum):
             signal.raise_signal(signum)
         return base(model, epoch)
 
-    with pytest.raises(KeyboardInterrupt) as info:
+    with pytest.raises(Stopped) as info:
         fit(make_trainer(tmp_path / "cut", eval_fn=stopping_eval))
-    assert isinstance(info.value, Preempted) == (signum == signal.SIGTERM)
-    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["pending_eval"] == 2
+    assert info.value.signum == signum and (info.value.epoch, info.value.step) == (2, 6)
+    state = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["position"], state["step"]) == (2, 0, 6) and "pending_eval" not in state
     resumed = fit(make_trainer(tmp_path / "cut", eval_fn=stopping_eval), resume=True)
-    assert calls == [0, 1, 2, 2, 3]  # epoch 2's evaluation ran again, then training went on
+    assert calls == [0, 1, 2, 3]  # epoch 2's evaluation finished before the stop: not run again
     for name, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
     cut_lines, full_lines = lines(tmp_path / "cut"), lines(tmp_path / "full")
     assert [key(r) for r in cut_lines] == [key(r) for r in full_lines]  # nothing missing, nothing twice
+    assert [r.get("map@r") for r in cut_lines] == [r.get("map@r") for r in full_lines]
     log = (tmp_path / "cut" / "train.log").read_text()
     assert "stopped by" in log and "epoch 3/3" in log
     said = f"continue with: Trainer(...).fit(resume=True) with run_dir {tmp_path / 'cut'}"  # the API's words
-    assert "(after epoch 2 (step " in log and said in log
-    assert "resumed after epoch 2 (step " in log and "continuing with epoch 3" in log
+    assert "(after epoch 2 (step 6)); " + said in log
+    assert log.index("epoch 2/3  step 6") < log.index("stopped by")  # the epoch's line, then the stop
+    assert "resumed after epoch 2 (step 6): continuing with epoch 3" in log
 
 
 def test_metrics_after_the_checkpoint_are_cut_on_resume(tmp_path):
@@ -113,21 +117,18 @@ def test_fp16_on_the_cpu_is_refused(tmp_path):
         make_trainer(tmp_path / "run", amp="fp16")
 
 
-def test_each_rank_resumes_its_own_random_stream(tmp_path):
-    trainer = make_trainer(tmp_path / "run")
+def test_each_rank_resumes_its_own_random_stream():
     rank0 = capture_all_rng()
     torch.rand(3)
     rank1 = capture_all_rng()
-    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
-    state = {"step": 5, "rng": rank0}  # written by rank 0 after a stop: no collective, so no rng_per_rank
-    trainer.rank = 1
+    state = {"step": 5, "rng": rank0, "rng_per_rank": [rank0, rank1]}  # a checkpoint of two processes
+    assert torch.equal(rank_rng(state, 1, seed=3)["torch_cpu"], rank1["torch_cpu"])
+    assert torch.equal(rank_rng(state, 0, seed=3)["torch_cpu"], rank0["torch_cpu"])
+    alone = {"step": 5, "rng": rank0}  # a checkpoint of one process, resumed by two
+    assert torch.equal(rank_rng(alone, 0, seed=3)["torch_cpu"], rank0["torch_cpu"])
     with pytest.warns(UserWarning, match="no random state of step 5"):
-        fresh = trainer._rank_rng(state, checkpoint)
+        fresh = rank_rng(alone, 1, seed=3)
     assert not torch.equal(fresh["torch_cpu"], rank0["torch_cpu"])  # not rank 0's stream replayed
-    save_checkpoint({"step": 5, "rng": rank1}, checkpoint.with_name("last.rng.rank1.pt"))
-    assert torch.equal(trainer._rank_rng(state, checkpoint)["torch_cpu"], rank1["torch_cpu"])
-    save_checkpoint({"step": 4, "rng": rank1}, checkpoint.with_name("last.rng.rank1.pt"))  # of another step
     with pytest.warns(UserWarning):
-        assert not torch.equal(trainer._rank_rng(state, checkpoint)["torch_cpu"], rank1["torch_cpu"])
-    state["rng_per_rank"] = [rank0, rank1]
-    assert torch.equal(trainer._rank_rng(state, checkpoint)["torch_cpu"], rank1["torch_cpu"])
+        again = rank_rng(alone, 1, seed=3)
+    assert torch.equal(again["torch_cpu"], fresh["torch_cpu"])  # seeded from (seed, rank, step) alone
