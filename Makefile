@@ -20,9 +20,9 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: setup
-	$(VENV)/bin/recallk bench loss
-	$(VENV)/bin/recallk bench engine
-	$(VENV)/bin/recallk bench eval
+	$(PY) benchmarks/bench.py loss
+	$(PY) benchmarks/bench.py engine
+	$(PY) benchmarks/bench.py eval
 
 study: setup
 	$(PY) benchmarks/study.py

@@ -26,7 +26,7 @@ LAYERS = [
     {"recallk.report"},
     {"recallk.retrieval"},
     {"recallk.config"},
-    {"recallk.bench", "recallk.cli", "recallk.__main__"},
+    {"recallk.cli", "recallk.__main__"},
 ]
 
 

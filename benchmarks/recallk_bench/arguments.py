@@ -5,6 +5,15 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
+
+#: the one entry point of the benchmarks (``python benchmarks/bench.py NAME ...``); children run through it too
+BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
+
+
+def prog(name: str) -> str:
+    """The program name of benchmark ``name`` in its usage lines: ``bench.py name``."""
+    return f"bench.py {name}"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -9,7 +9,7 @@ CPU the growth of the peak resident memory (VmHWM, reset through /proc/self/clea
 over the resident memory after building the model and the batch; on CUDA ``torch.cuda.max_memory_allocated``
 over the memory allocated before the step.
 
-    python benchmarks/bench_engine.py --model resnet18 --resolution 64 --chunk 16
+    python benchmarks/bench.py engine --model resnet18 --resolution 64 --chunk 16
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recallk.bench.arguments import HelpFormatter, positive_int, timm_model
 from recallk.engine import cached_backward, freeze_batchnorm
+from recallk_bench.arguments import BENCH_SCRIPT, HelpFormatter, positive_int, prog, timm_model
 
 
 class _Embedder(nn.Module):
@@ -181,7 +181,7 @@ def memory_table(args: argparse.Namespace) -> list[dict[str, float]]:
         batch = multiple * args.chunk
         row: dict[str, float] = {"batch": batch}
         for mode in ("cached", "plain"):
-            command = [sys.executable, "-m", "recallk.bench.engine", *_common_argv(args),
+            command = [sys.executable, BENCH_SCRIPT, "engine", *_common_argv(args),
                        "--measure-memory", mode, str(batch)]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             row[f"{mode}_mib"] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
@@ -190,9 +190,9 @@ def memory_table(args: argparse.Namespace) -> list[dict[str, float]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``recallk bench engine``: every number positive, ``--model`` a timm name (checked here, so a
+    """The parser of ``bench.py engine``: every number positive, ``--model`` a timm name (checked here, so a
     bad value is a one-line usage error, exit 2); ``--help`` shows each default."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=prog("engine"), description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model", type=timm_model, default="resnet18",
                         help="timm model name, random weights (timm.list_models() lists them)")
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse ``recallk bench engine`` arguments (:func:`build_parser`); bad values exit 2 with a usage line."""
+    """Parse ``bench.py engine`` arguments (:func:`build_parser`); bad values exit 2 with a usage line."""
     return build_parser().parse_args(argv)
 
 
@@ -243,6 +243,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(result, handle, indent=2)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,7 +10,7 @@ pml is configured as its docs advise for MAP@R: ``k="max_bin_count"``, leave-one
 ``ref_includes_query=True``), a faiss flat inner-product index (``FaissKNN(index_init_fn=faiss.IndexFlatIP)``;
 on L2-normalised data the same ranking as its default L2 index), on the CPU.
 
-Usage: ``python benchmarks/bench_eval.py --sizes 10000 50000 136093`` (see ``--help``).
+Usage: ``python benchmarks/bench.py eval --sizes 10000 50000 136093`` (see ``--help``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from recallk.bench.arguments import HelpFormatter, int_at_least, non_negative_int, positive_float, positive_int
+from recallk_bench.arguments import (
+    BENCH_SCRIPT,
+    HelpFormatter,
+    int_at_least,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    prog,
+)
 
 INAT_TEST_SIZE = 136_093
 INAT_MEAN_CLASS_SIZE = 136_093 / 2_452
@@ -115,7 +123,7 @@ def worker(tool: str, data: str) -> None:
 
 def run_child(tool: str, data: Path, timeout: float) -> dict:
     """Run ``worker`` in a fresh interpreter; returns its JSON, or ``{"error": ...}``."""
-    cmd = [sys.executable, "-m", "recallk.bench.eval", "--worker", tool, "--data", str(data)]
+    cmd = [sys.executable, BENCH_SCRIPT, "eval", "--worker", tool, "--data", str(data)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -153,9 +161,10 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``recallk bench eval``: sizes, dimension and timeout checked (a bad value is a one-line
+    """The parser of ``bench.py eval``: sizes, dimension and timeout checked (a bad value is a one-line
     usage error, exit 2); ``--help`` shows each default."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog("eval"), description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--sizes", type=_size, nargs="+", default=[10_000, 50_000, INAT_TEST_SIZE],
                         help=f"numbers of embeddings N (at least {MIN_SIZE}), one run of each library per N")
     parser.add_argument("--dim", type=positive_int, default=512, help="embedding dimension")
@@ -196,6 +205,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json_out.write_text(json.dumps(records, indent=1))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,7 +16,7 @@ one) and end to end (similarity, loss, gradient back to the embeddings). Peak me
   Where the kernel does not allow the reset, the figure is left out (``None``).
 The naive version is skipped, with a note, when its estimated memory exceeds ``naive_max_gib``.
 
-Run ``python benchmarks/bench_loss.py --sizes 1000 2000 4000 --simix-size 10000`` (or ``recallk bench loss``).
+Run ``python benchmarks/bench.py loss --sizes 1000 2000 4000 --simix-size 10000``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from recallk.bench.arguments import HelpFormatter, positive_float, positive_int
 from recallk.kernels.triton import triton_available
 from recallk.losses import RecallAtKSurrogate, simix
+from recallk.testing.rsk import naive_rsk_loss
+from recallk_bench.arguments import HelpFormatter, positive_float, positive_int, prog
 
 __all__ = ["METHODS", "default_methods", "main", "naive_rsk_loss", "run_loss_benchmark"]
 
@@ -54,36 +55,6 @@ def default_methods(device: str | torch.device) -> list[str]:
     if torch.device(device).type == "cuda" and triton_available():
         names += ["triton", "triton-recompute"]
     return names
-
-
-def naive_rsk_loss(
-    sim: torch.Tensor,
-    labels: torch.Tensor,
-    ks: Sequence[int] = KS,
-    tau_rank: float = 0.01,
-    tau_k: float = 1.0,
-    include_query: bool = False,
-) -> torch.Tensor:
-    """RS@k of a (B, B) batch similarity by plain autograd on the full (B, |P|, B) tensor (the baseline)."""
-    b = sim.shape[0]
-    eye = torch.eye(b, dtype=torch.bool, device=sim.device)
-    pos = (labels[:, None] == labels[None, :]) & ~eye
-    counts = pos.sum(1)
-    pmax = int(counts.max())
-    pos_idx = torch.topk(pos.to(torch.int8), pmax, dim=1).indices  # (B, P): the positives first
-    pmask = torch.arange(pmax, device=sim.device) < counts[:, None]
-    s_pos = sim.gather(1, pos_idx)
-    terms = torch.sigmoid(((sim[:, None, :] - s_pos[:, :, None]) / tau_rank).clamp(-50, 50))  # (B, P, B)
-    cols = torch.arange(b, device=sim.device)
-    keep = cols[None, None, :] != pos_idx[:, :, None]
-    if not include_query:
-        keep = keep & ~eye[:, None, :]
-    rank = 1.0 + (terms * keep).sum(-1)
-    kk = torch.tensor([float(k) for k in ks], dtype=sim.dtype, device=sim.device)
-    a = torch.sigmoid(((kk - rank[..., None]) / tau_k).clamp(-50, 50)) * pmask[..., None]
-    recall = torch.minimum(a.sum(1), kk) / torch.minimum(kk, counts[:, None].to(sim.dtype))
-    valid = counts > 0
-    return (1.0 - recall.mean(1))[valid].mean()
 
 
 class _PeakMemory:
@@ -335,9 +306,9 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``recallk bench loss`` (numbers checked: a bad value is a one-line usage error, exit 2;
+    """The parser of ``bench.py loss`` (numbers checked: a bad value is a one-line usage error, exit 2;
     ``--help`` shows each default). Sizes are checked against ``--per-class`` by :func:`parse_args`."""
-    parser = argparse.ArgumentParser(prog="recallk bench loss", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog=prog("loss"), description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--sizes", type=positive_int, nargs="*", default=[1000, 2000, 4000],
                         help="batch sizes B, each at least --per-class")
@@ -358,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and check ``recallk bench loss`` arguments; a bad value exits 2 with one line saying what to pass."""
+    """Parse and check ``bench.py loss`` arguments; a bad value exits 2 with one line saying what to pass."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.per_class < 2:
@@ -376,7 +347,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``recallk bench loss`` / ``python benchmarks/bench_loss.py``. Prints a markdown table."""
+    """Command line: ``python benchmarks/bench.py loss``. Prints a markdown table."""
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -394,6 +365,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(rows, f, indent=1)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

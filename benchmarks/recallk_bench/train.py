@@ -15,8 +15,8 @@ and one whole batch's loading time by one worker, and the bytes of the kept imag
 against float32. On a 2-core CPU the defaults keep the step on one thread and the loading on one worker, the
 analogue of a GPU step fed by CPU workers. ``--device cuda`` with the GPU command in docs/benchmarks.md.
 
-    recallk bench train                      # CPU defaults: resnet18, 64 px, batch 128, chunk 32, 1 worker
-    recallk bench train --device cuda --model resnet50 --image-size 224 --jpeg-size 256 --batch 960 \\
+    python benchmarks/bench.py train         # CPU defaults: resnet18, 64 px, batch 128, chunk 32, 1 worker
+    python benchmarks/bench.py train --device cuda --model resnet50 --image-size 224 --jpeg-size 256 --batch 960 \\
         --chunk 240 --workers 14 --amp bf16 --channels-last --classes 240 --per-class-images 16 --epochs 3
 """
 
@@ -37,14 +37,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from recallk.bench.arguments import HelpFormatter, non_negative_int, positive_int, timm_model
-from recallk.bench.engine import build_benchmark_model
 from recallk.data import build_dataset, build_transforms
 from recallk.data.loading import ChunkedBatchLoader
 from recallk.data.samplers import ClassBalancedBatchSampler
 from recallk.data.transforms import with_device_normalize
 from recallk.engine import Trainer
 from recallk.losses import RecallAtKSurrogate
+from recallk_bench.arguments import HelpFormatter, non_negative_int, positive_int, prog, timm_model
+from recallk_bench.engine import build_benchmark_model
 
 
 def _epochs(text: str) -> int:
@@ -58,9 +58,9 @@ def _epochs(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``recallk bench train``: numbers checked, ``--model`` a timm name (a bad value is a one-line
+    """The parser of ``bench.py train``: numbers checked, ``--model`` a timm name (a bad value is a one-line
     usage error, exit 2); ``--help`` shows each default."""
-    parser = argparse.ArgumentParser(prog="recallk bench train", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=prog("train"), description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--model", type=timm_model, default="resnet18",
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``recallk bench train`` arguments (:func:`build_parser`); bad values exit 2 with a usage line."""
+    """Parse ``bench.py train`` arguments (:func:`build_parser`); bad values exit 2 with a usage line."""
     parser = build_parser()
     return parser.parse_args(argv)
 
@@ -270,6 +270,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, default=str))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

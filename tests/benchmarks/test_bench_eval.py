@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from recallk.bench import eval as bench_eval
+from recallk_bench import eval as bench_eval
 
 
 @pytest.mark.parametrize("n", [500, 10_000, 136_093])

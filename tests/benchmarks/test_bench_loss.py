@@ -1,28 +1,13 @@
-"""The loss benchmark: its naive baseline is right, and it runs and reports at tiny sizes."""
+"""The loss benchmark (``bench.py loss``) runs and reports at tiny sizes (its naive baseline,
+``recallk.testing.rsk.naive_rsk_loss``, is checked in tests/kernels/test_torch_rsk.py)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
-from rsk_batches import random_batch
 
-from recallk.bench.loss import METHODS, default_methods, format_table, main, naive_rsk_loss, run_loss_benchmark
-from recallk.testing.rsk import rsk_loss_reference
-
-
-@pytest.mark.parametrize("include_query", [False, True])
-def test_naive_version_matches_reference(include_query):
-    emb, labels = random_batch(14, 4, 5, seed=21)
-    s1 = (emb @ emb.T).requires_grad_()
-    s2 = (emb @ emb.T).requires_grad_()
-    naive = naive_rsk_loss(s1, labels, tau_rank=0.05, include_query=include_query)
-    ref = rsk_loss_reference(s2, labels, labels, torch.arange(14), (1, 2, 4, 8, 16), 0.05, 1.0, include_query)
-    naive.backward()
-    ref.backward()
-    torch.testing.assert_close(naive, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-9, atol=1e-12)
+from recallk_bench.loss import METHODS, default_methods, format_table, main, run_loss_benchmark
 
 
 def test_benchmark_rows_and_naive_skip():

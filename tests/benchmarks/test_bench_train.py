@@ -1,4 +1,4 @@
-"""`recallk bench train` runs end to end on the CPU at a tiny size and reports consistent figures."""
+"""`python benchmarks/bench.py train` runs end to end on the CPU at a tiny size and reports consistent figures."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from recallk.bench import train as bench_train
+from recallk_bench import train as bench_train
 
 
 def test_bench_train_tiny_run(capsys):

@@ -14,7 +14,7 @@ def run_cli(*args):
                           timeout=120)
 
 
-@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["report"], ["bench"]])
+@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["report"]])
 def test_help_explains_itself(cmd):
     out = run_cli(*cmd, "--help")
     assert out.returncode == 0
@@ -35,12 +35,6 @@ def test_unknown_key_is_one_line(tmp_path):
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0
     assert "unknown config key 'train.bogus'" in out.stderr and "batch_size" in out.stderr
-
-
-def test_unknown_bench_is_rejected():
-    with pytest.raises(SystemExit) as info:
-        build_parser().parse_args(["bench", "nothing"])
-    assert info.value.code == 2
 
 
 def test_existing_run_folder_needs_resume_or_overwrite(tmp_path, capsys):

@@ -9,9 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recallk.bench.loss import naive_rsk_loss
 from recallk.kernels import RSkParams, positive_layout, resolve_backend, rsk_loss_from_similarity
-from recallk.testing.rsk import rsk_loss_reference
+from recallk.testing.rsk import naive_rsk_loss, rsk_loss_reference
 
 KS = (1, 2, 4, 8, 16)
 
@@ -69,6 +68,19 @@ def test_larger_batch_float32_against_float64_blocked(include_query):
     l32, g32 = loss_grad(sim.float(), labels, include_query=include_query)
     assert abs(l32.item() - l64.item()) <= 1e-5 * abs(l64.item())
     torch.testing.assert_close(g32.double(), g64, rtol=1e-3, atol=1e-5 * g64.abs().max().item())
+
+
+@pytest.mark.parametrize("include_query", [False, True])
+def test_naive_vectorised_version_matches_the_loop_reference(include_query):
+    sim, labels = batch(14, 4, 5, seed=21, dtype=torch.float64)
+    s1 = sim.clone().requires_grad_()
+    s2 = sim.clone().requires_grad_()
+    naive = naive_rsk_loss(s1, labels, tau_rank=0.05, include_query=include_query)
+    ref = rsk_loss_reference(s2, labels, labels, torch.arange(14), (1, 2, 4, 8, 16), 0.05, 1.0, include_query)
+    naive.backward()
+    ref.backward()
+    torch.testing.assert_close(naive, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-9, atol=1e-12)
 
 
 def test_blocked_equals_naive_vectorised_version_in_float64():

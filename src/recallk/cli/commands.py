@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from recallk import provenance
-from recallk.config import check_startable, dump_config, load_config, resume_changes, with_absolute_root
+from recallk.config import check_startable, load_config, resume_changes, with_absolute_root
+from recallk.run_folder import RunFolder, append_resume, write_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
         from recallk.cli import retrieval
 
         return getattr(retrieval, args.command)(args)
-    return {"train": train, "eval": evaluate, "report": report, "bench": bench}[args.command](args)
+    return {"train": train, "eval": evaluate, "report": report}[args.command](args)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -40,9 +39,9 @@ def train(args: argparse.Namespace) -> int:
     if args.resume:
         config, changes = resumed_config(run_dir, args, config)
     check_startable(config, world_size)
-    from recallk.cli import wiring
+    from recallk.cli.run import finished_run_message, train_from_config
 
-    if args.resume and (done := wiring.finished_run_message(config, run_dir)):
+    if args.resume and (done := finished_run_message(config, run_dir)):
         if main_process:  # nothing to train: no segment in run.json, no resumes.jsonl line, nothing rewritten
             print(f"recallk train: {done}")
         return 0
@@ -55,7 +54,7 @@ def train(args: argparse.Namespace) -> int:
             record_resume(run_dir, config, changes)  # a new run's config.yaml is written by the Trainer
     log_to_stdout(main_process)
     try:
-        summary = wiring.train_from_config(config, run_dir, resume=args.resume, progress=not args.no_progress)
+        summary = train_from_config(config, run_dir, resume=args.resume, progress=not args.no_progress)
     except BaseException as stop:
         if fresh:
             remove_unstarted_run(run_dir)
@@ -108,7 +107,8 @@ def log_to_stdout(main_process: bool) -> None:
 def remove_unstarted_run(run_dir: Path) -> None:
     """Remove a run folder this command created when the run stopped before it had anything to keep (no
     checkpoint, no metrics): a failed start must not block the corrected command."""
-    if run_dir.is_dir() and not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists():
+    folder = RunFolder(run_dir)
+    if run_dir.is_dir() and not folder.checkpoints.exists() and not folder.metrics.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -121,7 +121,7 @@ def resumed_config(run_dir: Path, args: argparse.Namespace,
         ValueError: no ``config.yaml`` or checkpoint in ``run_dir``; ConfigError (a ValueError) with the diff
             when the command would change the run.
     """
-    saved_path = run_dir / "config.yaml"
+    saved_path = RunFolder(run_dir).config
     check_resumable(run_dir)
     if not saved_path.is_file():
         raise ValueError(f"--resume: {saved_path} is missing: it is the configuration of the run to continue")
@@ -135,13 +135,12 @@ def resumed_config(run_dir: Path, args: argparse.Namespace,
 def record_resume(run_dir: Path, config: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> None:
     """Append the resume (time, command line, changed keys) to ``resumes.jsonl``; with changes, rewrite
     ``config.yaml`` (atomically) with the new values and say so."""
-    record = {"time": time.time(), "argv": sys.argv[1:], "changes": {k: list(v) for k, v in changes.items()}}
-    with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, default=str) + "\n")
+    folder = RunFolder(run_dir)
+    append_resume(folder.resumes, sys.argv[1:], changes)
     if changes:
-        dump_config(config, run_dir / "config.yaml")
+        write_config(config, folder.config)
         shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
-        print(f"resume: {shown} (recorded in {run_dir / 'config.yaml'} and resumes.jsonl)")
+        print(f"resume: {shown} (recorded in {folder.config} and resumes.jsonl)")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -161,7 +160,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def check_resumable(run_dir: Path) -> None:
     """Raise ValueError, saying what to run instead, when ``run_dir`` has no ``checkpoints/last.pt``."""
-    last = run_dir / "checkpoints" / "last.pt"
+    last = RunFolder(run_dir).last_pt
     if last.is_file():
         return
     if run_dir.is_dir() and any(run_dir.iterdir()):
@@ -226,14 +225,3 @@ def report(args: argparse.Namespace) -> int:
     print(f"wrote {path}")
     return 0
 
-
-def bench(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"recallk.bench.{args.which}")
-    program = sys.argv[0]
-    sys.argv[0] = f"recallk bench {args.which}"  # the benchmark's own parser names itself after argv[0]
-    try:
-        result: Any = module.main(list(args.args))
-    finally:
-        sys.argv[0] = program  # this process's own command line stays as it was (run.json records it)
-    sys.stdout.flush()
-    return int(result or 0)

@@ -10,8 +10,6 @@ from typing import Any
 from recallk import __version__
 from recallk.cli.retrieval_parsers import add_parsers as add_retrieval_parsers
 
-BENCHES = ("loss", "engine", "eval", "train")
-
 _EPILOG_TRAIN = """\
 examples:
   recallk train --config configs/kanji.yaml
@@ -103,14 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
                      "half the most confident mistakes, half random (default: 16)")
     rep.add_argument("--top", type=int, default=8, metavar="K", help="one run: neighbours shown per example query "
                      "(default: 8)")
-
-    bench = sub.add_parser(
-        "bench",
-        help="speed and memory benchmarks (loss, engine, eval, train)",
-        description="Run a benchmark; arguments after the name go to it (e.g. recallk bench loss --help).",
-    )
-    bench.add_argument("which", choices=BENCHES, help="which benchmark")
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of that benchmark")
     return parser
 
 

@@ -31,7 +31,8 @@ CPU_RECOMPUTE_FROM_ELEMENTS = 4_000 * 4_000
 CPU_RECOMPUTE_MAX_DIM = 256
 
 #: (device type, rows = cols, d) -> {(backend, memory): milliseconds}; a missing path was not run (out of memory).
-#: The CPU rows at d = 64-512 are the end-to-end medians of one ``recallk bench loss`` run each (1 thread).
+#: The CPU rows at d = 64-512 are the end-to-end medians of one ``recallk bench loss`` run each (1 thread; today
+#: ``python benchmarks/bench.py loss``).
 MEASURED: dict[tuple[str, int, int], dict[tuple[str, str], float]] = {
     ("cuda", 4_000, 512): {("torch", "matrix"): 5.37, ("torch", "recompute"): 3.83, ("triton", "matrix"): 4.95,
                            ("triton", "recompute"): 16.5},

@@ -2,6 +2,7 @@
 
 Every formula of method.md is followed literally with plain Python loops over queries q, positives p and
 reference items z, on scalar tensors so that autograd gives the exact gradient. Use sizes of a few dozen items.
+``naive_rsk_loss`` is the same loss vectorised over the full (B, |P|, B) tensor, for batches of thousands.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["rsk_loss_reference", "simix_embeddings_reference"]
+__all__ = ["naive_rsk_loss", "rsk_loss_reference", "simix_embeddings_reference"]
 
 
 def _sig(u: torch.Tensor) -> torch.Tensor:
@@ -86,3 +87,35 @@ def simix_embeddings_reference(
         rows.append(alpha * embeddings[a] + (1.0 - alpha) * embeddings[b])
         new_labels.append(lab[a])
     return torch.stack(rows), torch.tensor(new_labels, dtype=torch.long)
+
+
+def naive_rsk_loss(
+    sim: torch.Tensor,
+    labels: torch.Tensor,
+    ks: Sequence[int] = (1, 2, 4, 8, 16),
+    tau_rank: float = 0.01,
+    tau_k: float = 1.0,
+    include_query: bool = False,
+) -> torch.Tensor:
+    """RS@k of a (B, B) batch similarity (the batch against itself) by plain autograd on the full (B, |P|, B)
+    tensor: vectorised, so usable at a few thousand items, and written independently of ``recallk.kernels`` (the
+    naive baseline of ``benchmarks/bench.py loss``). Computed in ``sim``'s dtype; returns a scalar."""
+    b = sim.shape[0]
+    eye = torch.eye(b, dtype=torch.bool, device=sim.device)
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    counts = pos.sum(1)
+    pmax = int(counts.max())
+    pos_idx = torch.topk(pos.to(torch.int8), pmax, dim=1).indices  # (B, P): the positives first
+    pmask = torch.arange(pmax, device=sim.device) < counts[:, None]
+    s_pos = sim.gather(1, pos_idx)
+    terms = torch.sigmoid(((sim[:, None, :] - s_pos[:, :, None]) / tau_rank).clamp(-50, 50))  # (B, P, B)
+    cols = torch.arange(b, device=sim.device)
+    keep = cols[None, None, :] != pos_idx[:, :, None]
+    if not include_query:
+        keep = keep & ~eye[:, None, :]
+    rank = 1.0 + (terms * keep).sum(-1)
+    kk = torch.tensor([float(k) for k in ks], dtype=sim.dtype, device=sim.device)
+    a = torch.sigmoid(((kk - rank[..., None]) / tau_k).clamp(-50, 50)) * pmask[..., None]
+    recall = torch.minimum(a.sum(1), kk) / torch.minimum(kk, counts[:, None].to(sim.dtype))
+    valid = counts > 0
+    return (1.0 - recall.mean(1))[valid].mean()
