@@ -25,6 +25,7 @@ from tests.image_folders import write_image_folder
 
 from recallk.cli.main import main
 from recallk.engine import trainer as trainer_module
+from recallk.engine import trainer_state
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--no-progress", "data.dataset=folder", "data.image_size=32", "model.name=resnet10t", "model.embed_dim=16",
@@ -93,9 +94,10 @@ def _stop_resume_and_compare(runs: Path, args: list[str], started: list[subproce
                                f"runs_dir={runs} (with the same torchrun options as before)") in said[0], out + err
     last = torch.load(cut_dir / "checkpoints" / "last.pt", weights_only=False)
     assert 1 <= last["step"] < 6
-    side = torch.load(cut_dir / "checkpoints" / "last.rng.rank1.pt", weights_only=False)
-    assert side["step"] == last["step"]  # rank 1's own stream, of the checkpoint's step
-    assert not torch.equal(side["rng"]["torch_cpu"], last["rng"]["torch_cpu"])  # rank 0's differs from rank 1's
+    rank0, rank1 = last["rng_per_rank"]  # both ranks stopped at the same step and saved together
+    assert torch.equal(rank0["torch_cpu"], last["rng"]["torch_cpu"])
+    assert not torch.equal(rank1["torch_cpu"], rank0["torch_cpu"])  # rank 1's own stream
+    assert sorted(p.name for p in (cut_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
     resumed = _torchrun(runs, "cut", "--resume", "--no-progress")
     started.append(resumed)
@@ -115,17 +117,18 @@ def _stop_resume_and_compare(runs: Path, args: list[str], started: list[subproce
 
 def test_a_second_sigterm_during_the_save_does_not_abort_it(tmp_path, monkeypatch, capsys):
     """Slurm signals the launcher and the ranks, and torchrun then forwards the signal: a rank gets SIGTERM twice
-    within milliseconds. Here (one process, deterministic) the first comes after step 1 and the second inside the
-    checkpoint write; last.pt must still be written, the stop said once, and the exit code be SIGTERM's."""
+    within milliseconds. Here (one process, deterministic) the first comes after step 1's update and the second
+    inside the checkpoint write; last.pt must still be written, the stop said once, and the exit code be
+    SIGTERM's."""
     data = write_image_folder(tmp_path / "data", {"train": range(8), "test": range(8, 12)}, per_class=8)
-    real_step, real_save = trainer_module.Trainer._train_step, trainer_module.save_checkpoint
+    real_step, real_save = trainer_module.Trainer._train_step, trainer_state.save_checkpoint
 
     sent: list[str] = []
 
     def step_then_sigterm(self, *args, **kwargs):
         loss = real_step(self, *args, **kwargs)
         sent.append("first")
-        os.kill(os.getpid(), signal.SIGTERM)  # raised as Preempted at the next bytecode: after step 1
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded: the run stops at the end of step 1
         return loss
 
     def sigterm_then_save(state, path):
@@ -136,7 +139,7 @@ def test_a_second_sigterm_during_the_save_does_not_abort_it(tmp_path, monkeypatc
         return real_save(state, path)
 
     monkeypatch.setattr(trainer_module.Trainer, "_train_step", step_then_sigterm)
-    monkeypatch.setattr(trainer_module, "save_checkpoint", sigterm_then_save)
+    monkeypatch.setattr(trainer_state, "save_checkpoint", sigterm_then_save)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
