@@ -1,6 +1,7 @@
 """Where and how a run was made: versions, git commit, command line, host and device (``runs/<name>/run.json``).
 
-Layer 0: imports nothing of recallk, so that any layer (and a process that never imports torch) can record it.
+Layer 0: imports only :mod:`recallk.run_folder` (the run.json path and its atomic writer; no torch), so that any
+layer (and a process that never imports torch) can record it.
 ``recallk train`` writes ``environment_record`` to ``run.json`` on rank 0 (:func:`start_segment`); a ``--resume``
 appends a segment instead of overwriting, and the end of each segment is recorded (:func:`end_segment`).
 """
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RUN_FILE = "run.json"
+from recallk.run_folder import RunFolder, write_atomic
+
 FORMAT = 1
 PACKAGES = ("recallk", "torch", "timm", "numpy")
 
@@ -130,7 +132,7 @@ def read_run_file(run_dir: str | Path) -> dict[str, Any] | None:
     Raises:
         ValueError: the file is not valid JSON or not an object with a ``segments`` list.
     """
-    path = Path(run_dir) / RUN_FILE
+    path = RunFolder(run_dir).run_json
     if not path.is_file():
         return None
     try:
@@ -142,10 +144,9 @@ def read_run_file(run_dir: str | Path) -> dict[str, Any] | None:
     return data
 
 
-def _write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _write(run_dir: str | Path, data: dict[str, Any]) -> None:
+    """``run_dir/run.json`` atomically (indented JSON, values JSON cannot hold as their ``str``)."""
+    write_atomic(RunFolder(run_dir).run_json, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def start_segment(run_dir: str | Path, resume: bool, device: Any = None) -> dict[str, Any]:
@@ -169,7 +170,7 @@ def start_segment(run_dir: str | Path, resume: bool, device: Any = None) -> dict
         # a resume of a run older than run.json: its first segment is known only to be there
         data = {"format": FORMAT, "segments": [{"time": None, "resume": False, "recorded": False}] if resume else []}
     data["segments"].append(segment)
-    _write(run / RUN_FILE, data)
+    _write(run, data)
     return segment
 
 
@@ -181,7 +182,7 @@ def end_segment(run_dir: str | Path, outcome: str) -> None:
     if data is None or not data["segments"]:
         return
     data["segments"][-1].update({"end_time": time.time(), "outcome": outcome})
-    _write(Path(run_dir) / RUN_FILE, data)
+    _write(run_dir, data)
 
 
 __all__ = ["device_name", "end_segment", "environment_record", "git_state", "package_version", "read_run_file",

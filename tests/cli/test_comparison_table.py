@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from tests.image_folders import write_image_folder
 
-from recallk.cli.wiring import GAIN_COLUMN, _comparison_rows
+from recallk.cli.run import GAIN_COLUMN, comparison_rows
 from recallk.config import load_config
 
 
@@ -41,7 +41,7 @@ def brute_pixel_recall_at_1(root) -> float:
 
 def test_columns_lead_with_the_trained_model_and_the_gain_over_raw_pixels(tiny_run):
     run, root, config = tiny_run
-    rows = _comparison_rows(config, run)
+    rows = comparison_rows(config, run)
     assert list(rows) == ["after training (epoch 2)", "raw pixels", GAIN_COLUMN, "before training"]
     raw = rows["raw pixels"]
     assert raw["recall@1"] == pytest.approx(brute_pixel_recall_at_1(root))
@@ -56,5 +56,5 @@ def test_columns_lead_with_the_trained_model_and_the_gain_over_raw_pixels(tiny_r
 def test_without_pixel_baseline_no_raw_or_gain_column(tiny_run):
     run, _, config = tiny_run
     config["eval"]["pixel_baseline"] = False
-    assert list(_comparison_rows(config, run)) == ["after training (epoch 2)", "before training"]
+    assert list(comparison_rows(config, run)) == ["after training (epoch 2)", "before training"]
     assert not (run / "embeddings").exists()
