@@ -1,10 +1,12 @@
 """Run configuration: defaults, YAML presets and ``key=value`` overrides, strictly validated.
 
 A configuration is a two-level mapping ``section -> key -> value`` (plus a few top-level keys). The keys and
-defaults of the ``model``, ``loss`` and ``train`` sections are read from what they configure (the signatures of
-:func:`recallk.models.build_model` and :class:`recallk.losses.RecallAtKSurrogate`, the fields of
-:class:`recallk.engine.TrainSettings`), so they cannot drift apart; their values are checked by the same code that
-uses them. Any other key is an error that lists the valid keys, so a typo never silently falls back to a default.
+defaults of the ``model``, ``loss`` and ``train`` sections are read from what they configure (the signature of
+:func:`recallk.models.build_model`, the signature of the factory registered for the loss that ``loss.name`` names:
+``loss: {name, <that loss's own arguments>}``, the fields of :class:`recallk.engine.TrainSettings`), so they
+cannot drift apart; their values are checked by the same code that uses them. Any other key is an error that lists
+the valid keys, so a typo never silently falls back to a default. Config files of older releases (``loss.options``,
+``loss.similarity``) load through one converter, :func:`upgrade_config`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import math
 import os
 import re
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,13 @@ import yaml
 from recallk.data import DATASET_SPECS, dataset_spec
 from recallk.data.datasets.base import absolute_root
 from recallk.engine import TrainSettings
-from recallk.engine.run_config import LOSS_NOT_CONFIG, TRAIN_FROM_ELSEWHERE
+from recallk.engine.run_config import TRAIN_FROM_ELSEWHERE
 from recallk.engine.settings import check_amp_device, check_per_class
 from recallk.evaluation import retrieval_metrics
 from recallk.evaluation.metrics import COUNT_KEYS, metric_order
 from recallk.kernels import get_backend
-from recallk.losses import RecallAtKSurrogate, build_loss, loss_min_per_class, loss_names
-from recallk.losses.base import accepted_options
+from recallk.losses import build_loss, loss_min_per_class, loss_names
+from recallk.losses.base import loss_config_keys, loss_defaults
 from recallk.models import build_model
 from recallk.run_folder import write_config
 from recallk.utils import resolve_device
@@ -54,15 +55,15 @@ def _signature_defaults(fn: Callable[..., Any], skip: Iterable[str]) -> dict[str
     return {p.name: _plain(p.default) for p in params if p.default is not p.empty and p.name not in set(skip)}
 
 
-#: train settings the CLI sets from elsewhere (``seed`` top level, ``data.num_workers``, ``--no-progress``, torchrun)
-#: and loss arguments that are not configuration: one list each, shared with the Trainer's own config.yaml.
+#: train settings the CLI sets from elsewhere (``seed`` top level, ``data.num_workers``, ``--no-progress``, torchrun),
+#: shared with the Trainer's own config.yaml.
 _TRAIN_FROM_ELSEWHERE = TRAIN_FROM_ELSEWHERE
-_LOSS_NOT_CONFIG = LOSS_NOT_CONFIG
-#: keys accepted for one release although no longer in DEFAULTS: (section, key) -> what to say.
-_DEPRECATED = {("loss", "similarity"): "loss.similarity is deprecated: use loss.memory (same values)"}
 _REMOVED = {
     ("data", "resize"): "data.resize was removed (it was never read): the test transform resizes to "
     "round(image_size * 256 / 224) and centre-crops image_size (method.md section 4)",
+    ("loss", "options"): "loss.options was removed: a loss's arguments are keys of loss, for every loss (e.g. "
+    "loss.name=contrastive loss.pos_margin=0.0, or 'loss={pos_margin: 0.0, neg_margin: 1.0}')",
+    ("loss", "similarity"): "loss.similarity was removed: use loss.memory (same values)",
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -85,8 +86,9 @@ DEFAULTS: dict[str, Any] = {
     },
     # build_model's arguments; options: extra keyword arguments of timm.create_model (e.g. drop_path_rate)
     "model": {"name": "resnet50", **_signature_defaults(build_model, skip=("name",)), "options": {}},
-    # RecallAtKSurrogate's arguments (name: rsk); options: the keyword arguments of any other registered loss
-    "loss": {"name": "rsk", **_signature_defaults(RecallAtKSurrogate, skip=_LOSS_NOT_CONFIG), "options": {}},
+    # the loss that name names and its own arguments (recallk.losses.build_loss): the defaults of that loss's
+    # signature are filled in when a config is resolved (load_config); these are RS@k's
+    "loss": {"name": "rsk", **loss_defaults("rsk")},
     "train": {
         **{f.name: _plain(f.default) for f in dataclasses.fields(TrainSettings)
            if f.name not in _TRAIN_FROM_ELSEWHERE and f.default is not dataclasses.MISSING},
@@ -101,7 +103,9 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
-_FREE_FORM = {("data", "options"), ("data", "test_options"), ("model", "options"), ("loss", "options")}
+#: mappings merged key by key whose keys are checked elsewhere: the data and model options (by the dataset and
+#: timm), the loss section (by the signature of the loss it names: :func:`resolve_loss`)
+_FREE_FORM = {("data", "options"), ("data", "test_options"), ("model", "options"), ("", "loss")}
 
 
 def _suggest(key: str, valid: Iterable[str], section: str = "") -> str:
@@ -116,14 +120,15 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], section: str = "") -
         path = f"{section}.{key}" if section else key
         if (section, key) in _REMOVED:
             raise ConfigError(_REMOVED[section, key])
-        if (section, key) in _DEPRECATED:
-            warnings.warn(_DEPRECATED[section, key], DeprecationWarning, stacklevel=4)
-        elif key not in base:
+        if key not in base:
             valid = ", ".join(sorted(base))
             raise ConfigError(f"unknown config key '{path}'{_suggest(key, base, section)}; valid keys here: {valid}")
         if (section, key) in _FREE_FORM:
             if not isinstance(value, Mapping | None):
                 raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
+            for inner in value or {}:
+                if (key, inner) in _REMOVED:
+                    raise ConfigError(_REMOVED[key, inner])
             base[key] = {**base[key], **dict(value or {})}
         elif not section and isinstance(base[key], dict):
             if not isinstance(value, Mapping):
@@ -154,14 +159,43 @@ def _nest(parts: list[str], value: Any) -> dict[str, Any]:
     return out
 
 
+def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config (a file's mapping, a run's ``config.yaml``, a checkpoint's ``config``) in the current format: the
+    one converter of older formats. Older loss sections held RS@k's arguments as keys of ``loss`` for every loss
+    (at their defaults for the others) and another loss's arguments under ``loss.options``, and spelt
+    ``loss.memory`` as ``loss.similarity``; they become ``loss: {name, <that loss's own arguments>}``. A current
+    config is returned unchanged (a copy)."""
+    out = copy.deepcopy(dict(config))
+    loss = out.get("loss")
+    if not isinstance(loss, Mapping) or not ({"options", "similarity"} & set(loss)):
+        return out
+    loss = dict(loss)
+    if "similarity" in loss:
+        loss.setdefault("memory", loss.pop("similarity"))
+        loss.pop("similarity", None)
+    options = loss.pop("options", None)
+    if loss.get("name", "rsk") != "rsk":  # the old format's RS@k keys, kept at their defaults for other losses
+        loss = {k: v for k, v in loss.items() if k not in _OLD_RSK_KEYS}
+    out["loss"] = {**loss, **dict(options or {})}
+    return out
+
+
+#: the RS@k keys every loss section of the old format held (``upgrade_config`` drops them for another loss)
+_OLD_RSK_KEYS = ("ks", "tau_rank", "tau_k", "include_query", "simix", "max_pairs_per_class", "backend", "memory")
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Resolve defaults <- YAML file at ``path`` <- ``overrides`` (``"section.key=value"`` strings).
+
+    The file goes through :func:`upgrade_config` (older formats load). The ``loss`` section is resolved last
+    (:func:`resolve_loss`): the defaults of the loss ``loss.name`` names, then the keys given.
 
     Raises:
         ConfigError: the file is missing or not a mapping, a key is unknown (the message lists the valid
             keys), or a value has the wrong type.
     """
     config = copy.deepcopy(DEFAULTS)
+    config["loss"] = {}  # what the file and the command line give; resolve_loss fills in the rest
     loaded: Any = {}
     if path is not None:
         path = Path(path)
@@ -173,22 +207,16 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        _merge(config, loaded)
+        _merge(config, upgrade_config(loaded))
     typed: set[str] = set()  # the loss keys the command line sets
     for text in overrides:
         parts, value = parse_override(text)
         _merge(config, _nest(parts, value))
         if parts[0] == "loss":
             typed.update(parts[1:2] if len(parts) > 1 else (value if isinstance(value, Mapping) else ()))
-    if path is not None:
-        _reset_unused_rsk_keys(config, typed, path)
+    config["loss"] = resolve_loss(config["loss"], typed, path)
     validate_config(config)
     return config
-
-
-def _rsk_only_keys() -> list[str]:
-    """The keys of the ``loss`` section that are RS@k's arguments (all but ``name`` and ``options``)."""
-    return [k for k in DEFAULTS["loss"] if k not in ("name", "options")]
 
 
 def _yaml_value(value: Any) -> str:
@@ -196,31 +224,62 @@ def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def _reset_unused_rsk_keys(config: dict[str, Any], typed: set[str], path: Path) -> None:
-    """When ``loss.name`` is not rsk: RS@k keys that the config file at ``path`` sets (every preset sets
-    ``simix: true``) and the command line does not are set back to their defaults, so that the config (and the
-    run's ``config.yaml``) is a valid one for the loss it names; one note on stderr (rank 0) says which. RS@k keys
-    the command line gives with another loss stay for :func:`validate_config` to refuse."""
-    loss = config["loss"]
-    if loss["name"] == "rsk":
-        return
-    unused = [k for k in _rsk_only_keys() if k not in typed and loss[k] != DEFAULTS["loss"][k]]
-    if not unused:
-        return
-    said = ", ".join(f"loss.{k}: {_yaml_value(loss[k])}" for k in unused)
-    for key in unused:
-        loss[key] = copy.deepcopy(DEFAULTS["loss"][key])
-    if os.environ.get("RANK", "0") == "0":
-        verb = "is an argument" if len(unused) == 1 else "are arguments"
-        print(f"note: {said} of {path} {verb} of RS@k, not used by loss {loss['name']!r} (set back to the "
-              f"default)", file=sys.stderr, flush=True)
+def resolve_loss(given: Mapping[str, Any], typed: Iterable[str] = (), path: Path | None = None) -> dict[str, Any]:
+    """The ``loss`` section of a config: ``{"name": loss.name (default rsk), **that loss's defaults (its factory's
+    signature: :func:`recallk.losses.base.loss_defaults`), **the keys given}``.
+
+    A key given that is no argument of the named loss is refused, unless the config file at ``path`` set it and
+    the command line (``typed``) did not: a preset's RS@k keys (every preset sets ``simix: true``) then do not
+    block another loss named on the command line; they are dropped, with one note on stderr (rank 0) naming those
+    whose values are not RS@k's defaults.
+
+    Raises:
+        ConfigError: ``loss.name`` is no registered loss, or a key is no argument of the loss (naming the key,
+            the loss, a close valid key and the valid keys).
+    """
+    given = dict(given)
+    name = given.pop("name", DEFAULTS["loss"]["name"])
+    if not isinstance(name, str) or name not in loss_names():
+        raise ConfigError(f"loss.name must be one of {list(loss_names())}, got {name!r}")
+    valid, typed = loss_config_keys(name), set(typed)
+    unknown = [k for k in given if k not in valid]
+    unused = [k for k in unknown if path is not None and k not in typed]
+    for key in unknown:
+        if key in unused:
+            continue
+        others = [n for n in loss_names() if n != name and key in _keys_if_known(n)]
+        where = f" (an argument of loss {others[0]!r}: loss.name={others[0]})" if others else ""
+        raise ConfigError(
+            f"loss.{key}={_yaml_value(given[key])} is not an argument of loss {name!r}{where}"
+            f"{_suggest(key, valid, 'loss')}: drop loss.{key}; loss {name!r} takes {valid}")
+    said = [k for k in unused if given[k] != DEFAULTS["loss"].get(k, _NO_DEFAULT)]
+    if said and os.environ.get("RANK", "0") == "0":
+        others = [n for n in loss_names() if n != name and all(k in _keys_if_known(n) for k in said)]
+        whose = "RS@k" if others[:1] == ["rsk"] else f"loss {others[0]!r}" if others else "another loss"
+        verb = "is an argument" if len(said) == 1 else "are arguments"
+        text = ", ".join(f"loss.{k}: {_yaml_value(given[k])}" for k in said)
+        print(f"note: {text} of {path} {verb} of {whose}, not used by loss {name!r} (dropped)", file=sys.stderr,
+              flush=True)
+    return {"name": name, **loss_defaults(name), **{k: v for k, v in given.items() if k not in unknown}}
+
+
+_NO_DEFAULT = object()
+
+
+def _keys_if_known(name: str) -> list[str]:
+    """:func:`loss_config_keys` of loss ``name``, [] when its signature cannot be read (e.g. no
+    pytorch-metric-learning installed: a message then names no baseline)."""
+    try:
+        return loss_config_keys(name)
+    except (ImportError, TypeError, ValueError):
+        return []
 
 
 def _check_type(config: dict[str, Any], section: str | None, key: str, default: Any) -> None:
     where = f"{section}.{key}" if section else key
-    value = config[section][key] if section else config[key]
-    if default is None or value is None:
-        return
+    value = config[section].get(key) if section else config[key]
+    if default is None or value is None or (section == "loss" and type(default) is int):
+        return  # a loss's integer default may stand for a real number (pml's margins): the loss checks it
     if isinstance(default, bool):
         ok = isinstance(value, bool) or (where == "model.pretrained" and isinstance(value, str))
     elif isinstance(default, int):
@@ -257,26 +316,17 @@ def validate_config(config: dict[str, Any]) -> None:
     Raises:
         ConfigError: with the key and what is expected.
     """
-    for key, default in DEFAULTS.items():
+    data, loss, train = config["data"], config["loss"], config["train"]
+    if loss.get("name") not in loss_names():
+        raise ConfigError(f"loss.name must be one of {list(loss_names())}, got {loss.get('name')!r}")
+    for key, default in {**DEFAULTS, "loss": {"name": "", **loss_defaults(loss["name"])}}.items():
         if isinstance(default, dict):
             for sub, sub_default in default.items():
                 _check_type(config, key, sub, sub_default)
         else:
             _check_type(config, None, key, default)
-    data, loss, train = config["data"], config["loss"], config["train"]
     if data["dataset"] not in DATASET_SPECS:
         raise ConfigError(f"data.dataset must be one of {sorted(DATASET_SPECS)}, got {data['dataset']!r}")
-    if loss["name"] not in loss_names():
-        raise ConfigError(f"loss.name must be one of {list(loss_names())}, got {loss['name']!r}")
-    if loss["name"] != "rsk":
-        changed = [k for k, v in loss.items() if k not in ("name", "options") and v != DEFAULTS["loss"].get(k)]
-        if changed:
-            key = changed[0]
-            raise ConfigError(
-                f"loss.{key}={_yaml_value(loss[key])} is an argument of RS@k (loss.name=rsk), not used by loss "
-                f"{loss['name']!r}: drop loss.{key} (or set it back to its default, loss.{key}="
-                f"{_yaml_value(DEFAULTS['loss'][key])}), or use loss.name=rsk; the arguments of {loss['name']!r} go "
-                f"in loss.options")
     for key in ("batch_size", "per_class", "epochs"):
         if train[key] is None or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
@@ -302,10 +352,10 @@ def train_settings(config: Mapping[str, Any], **elsewhere: Any) -> TrainSettings
 
 def section_arguments(config: Mapping[str, Any], section: str) -> dict[str, Any]:
     """The keyword arguments a ``model`` or ``loss`` section gives its builder: its keys except ``name`` and
-    ``options``, then the free-form ``options`` (lists as tuples)."""
+    ``options`` (lists as tuples), then the model's free-form ``options``."""
     part = config[section]
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in part.items() if k not in ("name", "options")}
-    return {**args, **part["options"]}
+    return {**args, **(part.get("options") or {})}
 
 
 def dump_config(config: Mapping[str, Any], path: str | Path) -> None:
@@ -395,7 +445,7 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
             check_amp_device(train["amp"], device)
         except ValueError as err:
             raise ConfigError(_in_config_words(str(err), "train", train)) from None
-    backend = config["loss"].get("backend", "auto") if config["loss"]["name"] == "rsk" else "auto"
+    backend = config["loss"].get("backend", "auto")
     if backend != "auto" and device.type == "cpu":  # a GPU-only kernel backend, found before the run folder
         try:
             get_backend(backend, torch.zeros(1, device=device))
@@ -404,38 +454,30 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
                                                                           "use loss.backend=torch")) from None
 
 
+def run_context(config: Mapping[str, Any], train_labels: Any = None) -> dict[str, Any]:
+    """What the run gives :func:`recallk.losses.build_loss` as context (``RUN_CONTEXT``): ``embedding_size``
+    (``model.embed_dim``) and ``num_classes`` (the training split's, from its (N,) integer ``train_labels``; without
+    them ``loss.num_classes`` when set, else 1: the cheap check before any data is read)."""
+    classes = int(np.max(train_labels)) + 1 if train_labels is not None else config["loss"].get("num_classes", 1)
+    return {"num_classes": classes, "embedding_size": config["model"]["embed_dim"]}
+
+
 def check_loss(config: Mapping[str, Any]) -> None:
-    """Build the loss of the ``loss`` section once (cheap: no model, no data), so that a bad value or option
-    fails before anything else: RS@k from its keys (errors name ``loss.<key>``; an unknown ``loss.options`` key
-    is refused with the accepted ones), a baseline from ``loss.options`` (its values checked by
-    :func:`recallk.losses.baselines.check_baseline_options`, naming ``loss.options.<key>``; Proxy-Anchor's
-    ``num_classes`` is checked against the training classes later, where the training split is known).
+    """Build the loss of the ``loss`` section once (cheap: no model, no data), so that a bad value fails before
+    anything else: every loss from its own keys (errors name ``loss.<key>``; a baseline's values are checked by
+    :func:`recallk.losses.baselines.check_baseline_options`), with the context :func:`run_context` gives (the
+    number of classes is checked against the training split later, where it is known).
 
     Raises:
         ConfigError: naming the key, what is wrong and how to fix it.
     """
-    loss = config["loss"]
-    name, options = loss["name"], dict(loss["options"])
-    if name == "rsk":
-        keys = _rsk_only_keys()
-        accepted = [k for k in accepted_options("rsk") if k not in ("generator", "similarity")]
-        unknown = sorted(set(options) - set(accepted) - {"similarity"})
-        if unknown:
-            raise ConfigError(
-                f"loss.options has {unknown}, not arguments of loss 'rsk'{_suggest(unknown[0], accepted, 'loss')}: "
-                f"RS@k accepts {accepted} (its arguments are loss.<key> keys, e.g. loss.max_pairs_per_class=2; "
-                f"loss.options is for the other losses)")
-        build = lambda: build_loss("rsk", **section_arguments(config, "loss"))  # noqa: E731
-    else:
-        if name == "proxy_anchor":  # filled in from the training split and the model where the run builds it
-            options.setdefault("num_classes", 1)
-            options.setdefault("embedding_size", config["model"]["embed_dim"])
-        keys = []
-        build = lambda: build_loss(name, **options)  # noqa: E731
+    name = config["loss"]["name"]
     try:
-        build()
+        build_loss(name, run_context(config), **section_arguments(config, "loss"))
     except (TypeError, ValueError) as err:
-        raise ConfigError(_in_config_words(str(err), "loss", keys) if keys else str(err)) from None
+        message = str(err)  # a message that names loss.<key> already is in config words
+        raise ConfigError(message if "loss." in message else _in_config_words(message, "loss", loss_config_keys(name))
+                          ) from None
 
 
 def check_class_splits(config: Mapping[str, Any]) -> None:

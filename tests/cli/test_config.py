@@ -98,15 +98,55 @@ def test_presets_cover_the_authors_table():
     assert (cars["train"]["batch_size"], cars["train"]["lr"], cars["train"]["optimizer"]) == (392, 1e-5, "adamw")
 
 
-def test_loss_similarity_and_backend_reach_the_loss(tmp_path):
+def test_loss_memory_and_backend_reach_the_loss(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: x\n")
-    config = load_config(path, ["loss.similarity=recompute", "loss.backend=torch"])
+    config = load_config(path, ["loss.memory=recompute", "loss.backend=torch"])
     criterion = criterion_from_config(config, np.arange(8))
-    assert (criterion.similarity, criterion.backend) == ("recompute", "torch")
-    config = load_config(path, ["loss.similarity=tiles"])
-    with pytest.raises(ValueError, match="similarity must be one of"):
+    assert (criterion.memory, criterion.backend) == ("recompute", "torch")
+    config = load_config(path, ["loss.memory=tiles"])
+    with pytest.raises(ValueError, match="memory must be one of"):
         criterion_from_config(config, np.arange(8))
+    for old, new in (("loss.similarity=matrix", "loss.memory"), ("loss.options.margin=0.1", "keys of loss")):
+        with pytest.raises(ConfigError, match=re.escape(new)):  # the command line takes the current spelling only
+            load_config(path, [old])
+
+
+def test_every_loss_takes_its_own_arguments_as_keys_of_loss():
+    """``loss: {name, <that loss's own arguments>}``: the named loss's defaults filled in, any other key refused
+    with the loss, a close key and the valid ones; pml's own defaults (written here by hand) for a baseline."""
+    assert load_config(None, ["loss.name=contrastive", "loss.pos_margin=0.1"])["loss"] == {
+        "name": "contrastive", "pos_margin": 0.1, "neg_margin": 1}
+    assert load_config(None, ["loss.name=proxy_anchor"])["loss"] == {"name": "proxy_anchor", "margin": 0.1,
+                                                                     "alpha": 32}
+    with pytest.raises(ConfigError, match=re.escape(
+            "loss.neg_margn=1 is not an argument of loss 'contrastive' (did you mean 'loss.neg_margin'?): drop "
+            "loss.neg_margn; loss 'contrastive' takes ['pos_margin', 'neg_margin']")):
+        load_config(None, ["loss.name=contrastive", "loss.neg_margn=1"])
+    with pytest.raises(ConfigError, match=re.escape("loss.margin=0.2 is not an argument of loss 'rsk' (an argument "
+                                                    "of loss 'proxy_anchor': loss.name=proxy_anchor)")):
+        load_config(None, ["loss.margin=0.2"])
+
+
+def test_old_config_files_load_through_the_converter(tmp_path):
+    """Files of the older format (another loss's arguments under loss.options, RS@k's keys kept at their defaults
+    for every loss, loss.similarity) load as the current format, the config.yaml of a run included."""
+    from recallk.config import upgrade_config
+
+    old = {"name": "x", "loss": {"name": "contrastive", "ks": [1, 2, 4, 8, 16], "simix": False, "backend": "auto",
+                                 "memory": "auto", "options": {"pos_margin": 0.0, "neg_margin": 0.9}}}
+    assert upgrade_config(old)["loss"] == {"name": "contrastive", "pos_margin": 0.0, "neg_margin": 0.9}
+    assert old["loss"]["options"]  # the input is left as it was
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert load_config(path)["loss"] == {"name": "contrastive", "pos_margin": 0.0, "neg_margin": 0.9}
+    path.write_text(yaml.safe_dump({"loss": {"name": "rsk", "ks": [1, 2], "similarity": "recompute",
+                                             "options": {}}}))
+    loss = load_config(path)["loss"]
+    assert (loss["ks"], loss["memory"], "similarity" in loss, "options" in loss) == ([1, 2], "recompute", False,
+                                                                                     False)
+    current = load_config(None, ["loss.name=smooth_ap"])
+    assert upgrade_config(current) == current
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [

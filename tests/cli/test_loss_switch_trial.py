@@ -14,8 +14,8 @@ import yaml
 
 import recallk
 from recallk.cli.main import main
-from recallk.cli.run import resume_command
-from recallk.config import DEFAULTS, ConfigError, load_config
+from recallk.cli.wiring import resume_command
+from recallk.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 KANJI = str(REPO / "configs" / "kanji.yaml")
@@ -28,14 +28,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_preset_simix_is_reset_with_a_note_and_contrastive_trains(tmp_path, capsys):
     code = main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "c", "--no-progress", "loss.name=contrastive",
-                 "loss.options={pos_margin: 0.0, neg_margin: 1.0}"])
+                 "loss={pos_margin: 0.0, neg_margin: 1.0}"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert f"loss.simix: true of {KANJI} is an argument of RS@k, not used by loss 'contrastive'" in err, err
+    assert f"loss.simix: true of {KANJI} is an argument of RS@k, not used by loss 'contrastive' (dropped)" in err
     saved = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())["loss"]
-    assert saved["name"] == "contrastive" and saved["options"] == {"pos_margin": 0.0, "neg_margin": 1.0}
-    assert {k: v for k, v in saved.items() if k not in ("name", "options")} == {
-        k: v for k, v in DEFAULTS["loss"].items() if k not in ("name", "options")}  # RS@k keys at their defaults
+    assert saved == {"name": "contrastive", "pos_margin": 0.0, "neg_margin": 1.0}  # no RS@k key left
     load_config(tmp_path / "c" / "config.yaml")  # the saved config is a valid one for the loss it names
     start = [line for line in out.splitlines() if line.startswith("loss ")]
     assert start and "contrastive" in start[0] and "'pos_margin': 0.0" in start[0], out
@@ -46,7 +44,8 @@ def test_rsk_key_typed_with_another_loss_is_refused_with_the_way_out(tmp_path, c
     code = main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "r", "loss.name=contrastive", "loss.simix=true"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "loss.simix=true is an argument of RS@k" in err and "drop loss.simix" in err and "loss.name=rsk" in err, err
+    assert ("loss.simix=true is not an argument of loss 'contrastive' (an argument of loss 'rsk': loss.name=rsk): "
+            "drop loss.simix; loss 'contrastive' takes ['pos_margin', 'neg_margin']") in err, err
     assert not (tmp_path / "r").exists()
     with pytest.raises(ConfigError, match=r"drop loss\.ks"):
         load_config(KANJI, ["loss.name=smooth_ap", "loss={ks: [1, 2]}"])
@@ -55,25 +54,25 @@ def test_rsk_key_typed_with_another_loss_is_refused_with_the_way_out(tmp_path, c
 def test_file_keys_reset_only_for_another_loss(capsys):
     assert load_config(KANJI)["loss"]["simix"] is True  # rsk keeps them, silently
     assert "note" not in capsys.readouterr().err
-    assert load_config(KANJI, ["loss.name=smooth_ap"])["loss"]["simix"] is False
+    assert load_config(KANJI, ["loss.name=smooth_ap"])["loss"] == {"name": "smooth_ap", "temperature": 0.01}
+    assert "loss.simix: true" in capsys.readouterr().err  # the note names the dropped preset key
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["loss.name=contrastive", "loss.options={pos_margin: abc}"], "loss.options.pos_margin='abc'"),
-    (["loss.name=contrastive", "loss.options={neg_margin: -1}"], "loss.options.neg_margin=-1"),
-    (["loss.name=multi_similarity", 'loss.options={alpha: "2"}'], "loss.options.alpha='2'"),
-    (["loss.name=multi_similarity", "loss.options={beta: .inf}"], "loss.options.beta=inf"),
-    (["loss.name=smooth_ap", "loss.options={temperature: -1}"], "loss.options.temperature=-1"),
-    (["loss.name=proxy_anchor", "loss.options={alpha: 0}"], "loss.options.alpha=0"),
-    (["loss.name=contrastive", "loss.options={foo: 1}"], "it accepts ['pos_margin', 'neg_margin']"),
+    (["loss.name=contrastive", "loss.pos_margin=abc"], "loss.pos_margin='abc' of loss 'contrastive'"),
+    (["loss.name=contrastive", "loss={neg_margin: -1}"], "loss.neg_margin=-1 of loss 'contrastive'"),
+    (["loss.name=multi_similarity", 'loss.alpha="2"'], "loss.alpha='2' of loss 'multi_similarity'"),
+    (["loss.name=multi_similarity", "loss.beta=.inf"], "loss.beta=inf of loss 'multi_similarity'"),
+    (["loss.name=smooth_ap", "loss.temperature=-1"], "loss.temperature=-1 of loss 'smooth_ap'"),
+    (["loss.name=proxy_anchor", "loss.alpha=0"], "loss.alpha=0 of loss 'proxy_anchor'"),
+    (["loss.name=contrastive", "loss.foo=1"], "loss 'contrastive' takes ['pos_margin', 'neg_margin']"),
     (["loss.memory=foo"], "loss.memory must be one of ('auto', 'matrix', 'recompute'), got 'foo'"),
-    (["loss.options={max_pairs: 2}"], "RS@k accepts ['ks', 'tau_rank', 'tau_k', 'include_query', 'simix', "
-     "'max_pairs_per_class'"),
+    (["loss.max_pairs=2"], "(did you mean 'loss.max_pairs_per_class'?): drop loss.max_pairs; loss 'rsk' takes "
+     "['ks', 'tau_rank', 'tau_k', 'include_query', 'simix', 'max_pairs_per_class'"),
 ])
 def test_bad_loss_values_are_refused_before_any_work(tmp_path, capsys, overrides, message):
-    # loss.simix=false (its default, so allowed with any loss): only the value under test is wrong
-    code = main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "b", "--no-progress", "loss.simix=false",
-                 *overrides])
+    # the preset's loss.simix=true is dropped for another loss: only the value under test is wrong
+    code = main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "b", "--no-progress", *overrides])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "b").exists()
@@ -81,10 +80,10 @@ def test_bad_loss_values_are_refused_before_any_work(tmp_path, capsys, overrides
 
 def test_proxy_anchor_num_classes_is_checked_against_the_training_split(tmp_path, capsys):
     code = main(["train", *TINY, f"runs_dir={tmp_path}", "--name", "p", "--no-progress", "loss.name=proxy_anchor",
-                 "loss.options={num_classes: 5}", "loss.simix=false"])
+                 "loss.num_classes=5"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
-    assert ("loss.options.num_classes=5 but the training split has 8 classes: set it to 8 or leave it out "
+    assert ("loss.num_classes=5 but the training split has 8 classes: set it to 8 or leave it out "
             "(recallk fills it in)") in err, err
 
 
@@ -124,5 +123,5 @@ def test_contrastive_margins_with_another_distance_are_not_bounded_as_distances(
     loss = recallk.build_loss("contrastive", pos_margin=1.0, neg_margin=0.0, distance=CosineSimilarity())
     emb = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
     assert torch.isfinite(loss(emb, torch.arange(8) // 2))
-    with pytest.raises(ValueError, match=r"loss.options.neg_margin=0.0"):
+    with pytest.raises(ValueError, match=r"loss.neg_margin=0.0"):
         recallk.build_loss("contrastive", pos_margin=1.0, neg_margin=0.0)

@@ -113,8 +113,8 @@ def test_config_given_to_the_trainer_is_merged_over_what_it_knows(tmp_path):
     assert config["model"]["name"] == "resnet10t" and config["loss"]["tau_rank"] == 0.02
     assert config["train"]["batch_size"] == 8 and config["seed"] == 1
     # a section naming another loss replaces the derived one whole
-    other = merge_run_config(config, {"loss": {"name": "contrastive", "options": {"pos_margin": 0.0}}})
-    assert other["loss"] == {"name": "contrastive", "options": {"pos_margin": 0.0}}
+    other = merge_run_config(config, {"loss": {"name": "contrastive", "pos_margin": 0.0}})
+    assert other["loss"] == {"name": "contrastive", "pos_margin": 0.0}
     # the CLI's whole config comes back as given, in its order
     cli = load_config(None, [f"data.root={data}", "data.dataset=folder", "data.train_split=all"])
     assert merge_run_config(config, cli) == cli and list(merge_run_config(config, cli)) == list(cli)

@@ -71,9 +71,15 @@ def test_simix_generator_state_travels_with_the_state_dict() -> None:
     assert build_loss("contrastive").state_dict() == {}  # no random state: nothing added
 
 
-def test_deprecated_spellings_warn() -> None:
-    with pytest.warns(DeprecationWarning, match="memory="):
-        assert RecallAtKSurrogate(similarity="matrix").memory == "matrix"
-    with pytest.warns(DeprecationWarning, match="MEMORY_MODES"):
-        from recallk.losses.rsk import SIMILARITY_MODES
-    assert SIMILARITY_MODES == ("auto", "matrix", "recompute")
+def test_a_loss_records_the_arguments_it_was_constructed_with() -> None:
+    """``loss_spec``: the name and every config argument (defaults included; the generator and block_size are no
+    config), whether the loss is built by name or constructed directly; the old ``similarity=`` is gone."""
+    expected = {"name": "rsk", "ks": [1, 2], "tau_rank": 0.02, "tau_k": 1.0, "include_query": False, "simix": True,
+                "max_pairs_per_class": None, "backend": "auto", "memory": "matrix"}
+    direct = RecallAtKSurrogate((1, 2), 0.02, simix=True, memory="matrix", block_size=8,
+                                generator=torch.Generator())
+    assert direct.loss_spec == expected
+    assert build_loss("rsk", ks=[1, 2], tau_rank=0.02, simix=True, memory="matrix").loss_spec == expected
+    assert build_loss("smooth_ap", temperature=0.05).loss_spec == {"name": "smooth_ap", "temperature": 0.05}
+    with pytest.raises(TypeError, match="similarity"):
+        RecallAtKSurrogate(similarity="matrix")

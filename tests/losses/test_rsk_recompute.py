@@ -180,9 +180,6 @@ def test_bad_inputs_say_what_to_fix():
         rsk_loss_from_embeddings(emb, torch.full_like(emb, float("nan")), labels, labels, *args)
     with pytest.raises(ValueError, match="memory must be one of"):
         RecallAtKSurrogate(memory="tiles")
-    old = pytest.warns(DeprecationWarning, match="memory=")
-    with old, pytest.raises(ValueError, match="similarity must be one of"):
-        RecallAtKSurrogate(similarity="tiles")
     with pytest.raises(ValueError, match="simix=True"):
         RecallAtKSurrogate(simix=True, memory="recompute")(emb, labels, emb, labels)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from recallk.cli.retrieval import progress_option, run_data_options
+from recallk.config import upgrade_config
 from recallk.data import build_dataset, dataset_spec, validation_split
 from recallk.data.transforms import transforms_for_model
 from recallk.evaluation import embed_dataset, evaluate_protocol, query_gallery_metrics, retrieval_metrics
@@ -54,7 +55,7 @@ def evaluate_checkpoint(
     if query is not None and (dataset or root or splits):
         raise ValueError("--query/--gallery evaluate two folders: leave out --dataset, --root and --split")
     trained = load_trained_model(checkpoint)  # its own config (older: the run's config.yaml); nothing downloaded
-    model, config = trained.model, trained.config
+    model, config = trained.model, upgrade_config(trained.config)  # an older checkpoint's config: current format
     d, run_ks = config.get("data") or {}, (config.get("eval") or {}).get("ks")
     num_workers, image_size = d.get("num_workers", 0), d.get("image_size")
     embed_options["device"] = resolve_device(embed_options.get("device", "auto"))

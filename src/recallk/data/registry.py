@@ -94,7 +94,8 @@ def build_dataset(
     The result has ``.labels`` (``(N,)`` numpy int64, one class id per item in item order), ``.classes``
     (class names) and items ``(image, label)`` where ``image`` is a PIL RGB image, or ``transform(image)`` if
     given. ``root`` is the dataset's own folder (for ``kanji``: the cache folder, None for the default).
-    ``options``: see ``dataset_spec(name).options`` (``skip_bad_images`` for the image datasets).
+    ``options``: see ``dataset_spec(name).options`` (``skip_bad_images`` for the image datasets). The result
+    records how it was built as ``data_spec`` (:func:`record_data_spec`).
 
     Raises:
         ValueError: unknown name, split or option (the message lists the valid ones); missing files raise
@@ -106,4 +107,20 @@ def build_dataset(
     unknown = set(options) - spec.options
     if unknown:
         raise ValueError(f"dataset {name!r} takes no option(s) {sorted(unknown)}; valid: {sorted(spec.options)}")
-    return spec.build(root, split, transform, **options)
+    dataset = spec.build(root, split, transform, **options)
+    record_data_spec(dataset, name, split)
+    return dataset
+
+
+def record_data_spec(dataset: Any, name: str, split: str | None) -> None:
+    """Set ``dataset.data_spec``: how to build it again, ``{"dataset": name, "root": its root (absolute; None for
+    a default place such as the kanji cache), "split": its split, "options": the options that change which items
+    it holds}``, read from the dataset's own ``root``, ``split`` and ``options`` (``options`` None when it has
+    none). A :class:`recallk.engine.Trainer` run records it as the ``data`` section of its config.yaml."""
+    from recallk.data.datasets.base import absolute_root
+
+    root = getattr(dataset, "root", None)
+    options = getattr(dataset, "options", None)
+    dataset.data_spec = {"dataset": name, "root": None if root is None else absolute_root(root),
+                         "split": getattr(dataset, "split", split),
+                         "options": dict(options) if isinstance(options, Mapping) else None}

@@ -147,7 +147,8 @@ class ClassSubset(Dataset):
         name: used in messages and ``repr``.
 
     Attributes:
-        root, split, options: ``base``'s, when it has them.
+        root, split, options, data_spec: ``base``'s, when it has them (``data_spec``: how ``build_dataset`` built
+            it, see :func:`recallk.data.registry.record_data_spec`).
         labels: (n,) numpy int64 in ``0..C'-1``, following the order of the original class ids.
         classes: the ``C'`` class names (``classes[labels[i]]`` is item i's class, as in ``base``).
         indices: (n,) int64, item i is ``base[indices[i]]``; ``class_ids``: (C',) the original class ids.
@@ -166,7 +167,7 @@ class ClassSubset(Dataset):
         if indices.ndim != 1 or (indices.size and (indices.min() < 0 or indices.max() >= len(base_labels))):
             raise ValueError(f"{name}: indices must be a 1-D array in [0, {len(base_labels)})")
         self.base, self.indices, self.transform, self.name = base, indices, transform, name
-        for attribute in ("root", "split", "options"):  # what a run records of its data (engine.checkpoint)
+        for attribute in ("root", "split", "options", "data_spec"):  # data_spec: what a run records of its data
             if hasattr(base, attribute):
                 setattr(self, attribute, getattr(base, attribute))
         self.class_ids, labels = np.unique(base_labels[indices], return_inverse=True)
@@ -201,10 +202,10 @@ def validation_split(
 
     Build ``base`` with ``transform=None`` (e.g. ``build_dataset("folder", root, "train", transform=None)``) and give
     the training augmentation and the test transform here. The training subset is named ``"<base.name> (training
-    classes)"`` and carries ``val_classes`` and ``val_seed``, so that a :class:`recallk.engine.Trainer` run on it
-    records ``data.dataset``, ``root``, ``train_split``, ``options``, ``val_classes`` and ``val_seed`` in its
-    ``config.yaml``: ``recallk eval --checkpoint`` then evaluates the dataset's test split, and ``recallk train -c``
-    holds out the same classes.
+    classes)"`` and carries ``val_classes`` and ``val_seed`` (also in its ``data_spec``), so that a
+    :class:`recallk.engine.Trainer` run on it records ``data.dataset``, ``root``, ``train_split``, ``options``,
+    ``val_classes`` and ``val_seed`` in its ``config.yaml``: ``recallk eval --checkpoint`` then evaluates the
+    dataset's test split, and ``recallk train -c`` holds out the same classes.
 
     Args:
         base: a dataset with ``.labels``, ``.classes`` and usually ``.name`` (``"<dataset>/<split>"``).
@@ -223,4 +224,6 @@ def validation_split(
     name = getattr(base, "name", None) or "dataset"
     train = ClassSubset(base, kept, train_transform, name=f"{name} (training classes)")
     train.val_classes, train.val_seed = val_classes, int(seed)
+    if isinstance(getattr(base, "data_spec", None), dict):  # recorded with how the base was built
+        train.data_spec = {**base.data_spec, "val_classes": val_classes, "val_seed": int(seed)}
     return train, ClassSubset(base, held, val_transform, name=f"{name} (validation classes)")

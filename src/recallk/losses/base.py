@@ -7,8 +7,9 @@ and ``tests/losses/test_loss_contract.py`` tests it.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +20,8 @@ from recallk.kernels import no_autocast
 
 _HALF = (torch.float16, torch.bfloat16)
 
-__all__ = ["MetricLoss", "accepted_options", "build_loss", "loss_min_per_class", "loss_names", "register_loss"]
+__all__ = ["RUN_CONTEXT", "MetricLoss", "accepted_options", "build_loss", "loss_config_keys", "loss_defaults",
+           "loss_min_per_class", "loss_names", "record_spec", "register_loss"]
 
 
 class MetricLoss(nn.Module):
@@ -33,9 +35,32 @@ class MetricLoss(nn.Module):
     ``min_per_class``: the fewest items of one class a batch needs for the loss to learn anything: 2 for pair-
     and rank-based losses (a query needs a positive), 1 for proxy-based ones. The Trainer and the config refuse
     a smaller ``per_class`` before any work starts.
+
+    A registered subclass records the arguments it was constructed with as ``loss_spec`` (``{"name": ...,
+    **arguments}``, see :func:`record_spec`): the run's ``config.yaml`` and checkpoints read it.
     """
 
     min_per_class: int = 2
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def recording_init(self: MetricLoss, *args: Any, **kw: Any) -> None:
+            init(self, *args, **kw)
+            name = _NAME_OF.get(type(self))
+            if type(self).__init__ is recording_init and name is not None:  # the outermost __init__ only
+                bound = inspect.signature(type(self)).bind(*args, **kw)
+                given: dict[str, Any] = {}
+                for key, value in bound.arguments.items():
+                    var = bound.signature.parameters[key].kind == inspect.Parameter.VAR_KEYWORD
+                    given.update(value if var else {key: value})
+                record_spec(self, name, given)
+
+        cls.__init__ = recording_init  # type: ignore[method-assign]
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor | None = None,
@@ -96,23 +121,36 @@ class MetricLoss(nn.Module):
 
 _LOSSES: dict[str, Callable[..., nn.Module]] = {}
 _MIN_PER_CLASS: dict[str, int] = {}
+_NOT_CONFIG: dict[str, tuple[str, ...]] = {}
+_NAME_OF: dict[Any, str] = {}  # a registered class -> its name (the loss_spec of a loss constructed directly)
+
+#: run context :func:`build_loss` passes to the factories whose signature names it (Proxy-Anchor's proxies): the
+#: key -> how the conflict with a value the caller gave reads (``{}``: the run's value).
+RUN_CONTEXT = {"num_classes": "the training split has {} classes",
+               "embedding_size": "the model's model.embed_dim is {}"}
 
 
-def register_loss(name: str, factory: Callable[..., nn.Module], min_per_class: int | None = None) -> None:
-    """Make ``build_loss(name, **cfg)`` return ``factory(**cfg)``; ``min_per_class`` (default: the factory's
-    ``min_per_class`` attribute, else 2) is what :func:`loss_min_per_class` reports. Raises ValueError on a taken
-    name."""
+def register_loss(name: str, factory: Callable[..., nn.Module], min_per_class: int | None = None,
+                  not_config: tuple[str, ...] = ()) -> None:
+    """Make ``build_loss(name, **args)`` return ``factory(**args)``.
+
+    ``min_per_class`` (default: the factory's ``min_per_class`` attribute, else 2) is what
+    :func:`loss_min_per_class` reports. The factory's signature is the loss's config: every keyword argument it
+    names is a ``loss.<key>`` of a config (defaults: the signature's), except ``not_config`` (objects and test
+    knobs such as RS@k's ``generator`` and ``block_size``). Raises ValueError on a taken name."""
     if name in _LOSSES:
         raise ValueError(f"a loss named {name!r} is already registered")
     _LOSSES[name] = factory
     _MIN_PER_CLASS[name] = int(min_per_class if min_per_class is not None else getattr(factory, "min_per_class", 2))
+    _NOT_CONFIG[name] = tuple(not_config)
+    if isinstance(factory, type):
+        _NAME_OF[factory] = name
 
 
 def loss_min_per_class(name: str) -> int:
     """The fewest items per class a batch needs for loss ``name`` (see :class:`MetricLoss`); ValueError when
     unknown."""
-    if name not in _MIN_PER_CLASS:
-        raise ValueError(f"unknown loss {name!r}: choose one of {list(_LOSSES)}")
+    _check_name(name)
     return _MIN_PER_CLASS[name]
 
 
@@ -121,38 +159,106 @@ def loss_names() -> tuple[str, ...]:
     return tuple(_LOSSES)
 
 
-def build_loss(name: str, **cfg: Any) -> nn.Module:
+def _check_name(name: str) -> None:
+    if name not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}: choose one of {list(_LOSSES)}")
+
+
+def build_loss(name: str, context: Mapping[str, Any] | None = None, /, **args: Any) -> nn.Module:
     """Build a criterion ``criterion(embeddings, labels, ref_emb=None, ref_labels=None) -> scalar`` by name.
 
-    "rsk" -> :class:`recallk.losses.RecallAtKSurrogate` (``cfg`` = its arguments); "smooth_ap", "contrastive",
+    "rsk" -> :class:`recallk.losses.RecallAtKSurrogate` (``args`` = its arguments); "smooth_ap", "contrastive",
     "multi_similarity", "proxy_anchor" -> pytorch-metric-learning losses (see
     :func:`recallk.losses.baselines.build_baseline`); :func:`loss_names` lists them all. The result is an
     ``nn.Module``: include its ``parameters()`` in the optimiser (Proxy-Anchor has learnable proxies).
 
+    ``context``: what the run knows (``RUN_CONTEXT``: ``num_classes`` of the training split, ``embedding_size`` of
+    the model), given to the factories whose signature names it, where ``args`` leaves it out. The result records
+    its arguments as ``loss_spec`` (:func:`record_spec`), without the ones taken from ``context``.
+
     Raises:
-        ValueError: unknown name or bad options.
+        ValueError: unknown name, bad arguments, or an argument that contradicts ``context``.
     """
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}: choose one of {list(_LOSSES)}")
+    _check_name(name)
+    accepted = accepted_options(name)
+    filled = {}
+    for key, value in (context or {}).items():
+        if key not in accepted:
+            continue
+        if key not in args:
+            filled[key] = value
+        elif args[key] != value:
+            what = RUN_CONTEXT.get(key, "the run gives {}").format(value)
+            raise ValueError(f"loss.{key}={args[key]!r} but {what}: set it to {value} or leave it out (recallk "
+                             f"fills it in)")
     try:
-        return _LOSSES[name](**cfg)
+        loss = _LOSSES[name](**args, **filled)
     except TypeError as err:
-        accepted = accepted_options(name)
         also = f"; it accepts {accepted}" if accepted else ""
         raise ValueError(f"bad options for loss {name!r}: {err}{also}") from err
+    record_spec(loss, name, {**args, **filled}, leave_out=tuple(filled))
+    return loss
 
 
 def accepted_options(name: str) -> list[str]:
-    """The keyword arguments loss ``name``'s factory names in its signature (RS@k: ``ks``, ``tau_rank``, ...;
-    [] for a factory that takes ``**options`` only, such as the baselines, whose constructor says what it takes).
+    """The keyword arguments loss ``name``'s factory names in its signature (RS@k: ``ks``, ``tau_rank``, ...; a
+    baseline: its pytorch-metric-learning constructor's own, e.g. ``pos_margin``, ``neg_margin``).
 
     Raises:
         ValueError: unknown loss name.
     """
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}: choose one of {list(_LOSSES)}")
+    _check_name(name)
+    return [p.name for p in _parameters(name)]
+
+
+def _parameters(name: str) -> list[inspect.Parameter]:
     try:
         params = inspect.signature(_LOSSES[name]).parameters.values()
     except (TypeError, ValueError):  # a factory without a signature
         return []
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def loss_config_keys(name: str) -> list[str]:
+    """The ``loss.<key>`` keys of a config naming loss ``name``: its factory's keyword arguments less the ones
+    registered as ``not_config``, in signature order. ValueError for an unknown name."""
+    return [key for key in accepted_options(name) if key not in _NOT_CONFIG[name]]
+
+
+def loss_defaults(name: str) -> dict[str, Any]:
+    """The defaults of :func:`loss_config_keys` that have one (tuples as lists, as a config holds them)."""
+    keys = set(loss_config_keys(name))
+    return {p.name: plain_value(p.default) for p in _parameters(name) if p.name in keys and p.default is not p.empty}
+
+
+def plain_value(value: Any) -> Any:
+    """``value`` as a config file holds it (tuples as lists)."""
+    return [plain_value(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether a config file (YAML) can hold ``value``: numbers, strings, booleans, None, lists of them."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def record_spec(loss: Any, name: str, args: Mapping[str, Any], leave_out: tuple[str, ...] = ()) -> None:
+    """Set ``loss.loss_spec = {"name": name, **arguments}``: ``args`` bound to the factory's signature with its
+    defaults applied, less the registered ``not_config`` arguments and ``leave_out``, as a config's ``loss``
+    section holds them. Nothing is recorded when an argument is no plain value (a ``distance`` object) or the
+    factory has no signature. The one way a loss records its arguments: :func:`build_loss` and a registered
+    :class:`MetricLoss` class constructed directly (``RecallAtKSurrogate(ks=(1, 2))``) both call it."""
+    try:
+        bound = inspect.signature(_LOSSES[name]).bind(**args)
+    except (TypeError, ValueError):
+        return
+    bound.apply_defaults()
+    values: dict[str, Any] = {}
+    for key, value in bound.arguments.items():
+        kind = bound.signature.parameters[key].kind
+        values.update(value if kind == inspect.Parameter.VAR_KEYWORD else {key: value})
+    skip = set(_NOT_CONFIG[name]) | set(leave_out)
+    values = {k: v for k, v in values.items() if k not in skip}
+    if all(_is_plain(v) for v in values.values()):
+        loss.loss_spec = {"name": name, **{k: plain_value(v) for k, v in values.items()}}

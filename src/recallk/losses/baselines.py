@@ -6,7 +6,6 @@ adapts the batch layout where a loss needs one (Smooth-AP wants each class's ite
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recallk.losses.base import MetricLoss, register_loss
+from recallk.losses.base import MetricLoss, record_spec, register_loss
 
 __all__ = ["BASELINES", "NO_REFERENCE_SET", "MetricLearningBaseline", "build_baseline", "check_baseline_options"]
 
@@ -95,8 +94,9 @@ def build_baseline(name: str, **cfg: Any) -> MetricLearningBaseline:
     ``num_classes`` and ``embedding_size``, and its labels must lie in [0, num_classes)).
 
     The options are checked first (:func:`check_baseline_options`). The built loss describes itself by its
-    ``loss_spec`` (``{"name": name, **cfg}``, when every option is a plain value a config can hold), which the
-    Trainer's start block, ``config.yaml`` and checkpoints read (:func:`recallk.engine.run_config.describe_loss`).
+    ``loss_spec`` (``{"name": name, **cfg}`` with the constructor's defaults, when every option is a plain value
+    a config can hold: :func:`recallk.losses.base.record_spec`), which the Trainer's start block,
+    ``config.yaml`` and checkpoints read (:func:`recallk.engine.run_config.describe_loss`).
 
     Raises:
         ValueError: unknown name, option values out of range, or options the loss does not accept / required
@@ -104,17 +104,8 @@ def build_baseline(name: str, **cfg: Any) -> MetricLearningBaseline:
     """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline loss {name!r}: choose one of {sorted(BASELINES)}")
-    # Imported here, not with recallk.losses: RS@k and the kernels must work where only torch is installed
-    # (e.g. a GPU machine running benchmarks/gpu_check.py).
-    from pytorch_metric_learning import losses as pml_losses
-
     check_baseline_options(name, cfg)
-    cls = getattr(pml_losses, BASELINES[name], None)
-    if cls is None:
-        raise ValueError(
-            f"pytorch-metric-learning has no {BASELINES[name]} in this version: upgrade it "
-            "(pip install -U pytorch-metric-learning)"
-        )
+    cls = _pml_class(name)
     try:
         loss = cls(**cfg)
     except TypeError as err:
@@ -125,16 +116,42 @@ def build_baseline(name: str, **cfg: Any) -> MetricLearningBaseline:
         ) from err
     built = MetricLearningBaseline(name, loss, group_by_class=(name == "smooth_ap"))
     built.min_per_class = _MIN_PER_CLASS.get(name, 2)
-    if all(_is_plain(v) for v in cfg.values()):  # a config can hold it: the run's config.yaml and checkpoints
-        built.loss_spec = {"name": name, **cfg}
+    record_spec(built, name, cfg)
     return built
 
 
-def _is_plain(value: Any) -> bool:
-    """Whether a config file (YAML) can hold ``value``: numbers, strings, booleans, None, lists of them."""
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    return value is None or isinstance(value, (bool, int, float, str))
+def _pml_class(name: str) -> type:
+    """The pytorch-metric-learning class of baseline ``name``."""
+    # Imported here, not with recallk.losses: RS@k and the kernels must work where only torch is installed
+    # (e.g. a GPU machine running benchmarks/gpu_check.py).
+    from pytorch_metric_learning import losses as pml_losses
+
+    cls = getattr(pml_losses, BASELINES[name], None)
+    if cls is None:
+        raise ValueError(
+            f"pytorch-metric-learning has no {BASELINES[name]} in this version: upgrade it "
+            "(pip install -U pytorch-metric-learning)"
+        )
+    return cls
+
+
+class _BaselineFactory:
+    """The registered factory of one baseline, ``build_baseline(name, **cfg)``, whose signature is its
+    pytorch-metric-learning constructor's (read when asked: pytorch-metric-learning is imported then), so that its
+    arguments are the loss's config keys with pml's defaults."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.min_per_class = _MIN_PER_CLASS.get(name, 2)
+
+    def __call__(self, **cfg: Any) -> MetricLearningBaseline:
+        return build_baseline(self.name, **cfg)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        params = list(inspect.signature(_pml_class(self.name).__init__).parameters.values())[1:]  # less self
+        return inspect.Signature([p.replace(kind=p.KEYWORD_ONLY) if p.kind == p.POSITIONAL_OR_KEYWORD else p
+                                  for p in params])
 
 
 #: the numeric options of each baseline (pytorch-metric-learning's constructor arguments, default distances):
@@ -170,7 +187,7 @@ def check_baseline_options(name: str, options: Mapping[str, Any]) -> None:
     reducer, ...) are left to the constructor.
 
     Raises:
-        ValueError: naming ``loss.options.<key>``, the value, and the valid range.
+        ValueError: naming ``loss.<key>``, the value, and the valid range.
     """
     for key, (meaning, low, inclusive, integer) in _NUMERIC_OPTIONS.get(name, {}).items():
         if key not in options:
@@ -182,13 +199,13 @@ def check_baseline_options(name: str, options: Mapping[str, Any]) -> None:
         if low is not None:
             bound = int(low) if integer else low
             kind += f" {'>=' if inclusive else '>'} {bound}"
-        where = f"loss.options.{key}={value!r} of loss {name!r}"
+        where = f"loss.{key}={value!r} of loss {name!r}"
         if isinstance(value, bool) or not isinstance(value, (int, float) if not integer else int):
             raise ValueError(f"{where}: {key} is {meaning} and must be {kind}, got a {type(value).__name__} "
-                             f"(write it unquoted, e.g. loss.options.{key}={_example(name, key)})")
+                             f"(write it unquoted, e.g. loss.{key}={_example(name, key)})")
         if not math.isfinite(value) or (low is not None and (value < low or (value == low and not inclusive))):
             raise ValueError(f"{where}: {key} is {meaning} and must be {kind} (finite), e.g. "
-                             f"loss.options.{key}={_example(name, key)}")
+                             f"loss.{key}={_example(name, key)}")
 
 
 def _example(name: str, key: str) -> Any:
@@ -196,14 +213,11 @@ def _example(name: str, key: str) -> Any:
     examples = {"num_classes": 100, "embedding_size": 512}
     if key in examples:
         return examples[key]
-    from pytorch_metric_learning import losses as pml_losses
-
-    default = inspect.signature(getattr(pml_losses, BASELINES[name]).__init__).parameters[key].default
-    return default
+    return inspect.signature(_pml_class(name).__init__).parameters[key].default
 
 
 #: Proxy-Anchor compares items with learnt class proxies: one item of a class in a batch is enough.
 _MIN_PER_CLASS = {"proxy_anchor": 1}
 
 for _name in BASELINES:
-    register_loss(_name, functools.partial(build_baseline, _name), min_per_class=_MIN_PER_CLASS.get(_name, 2))
+    register_loss(_name, _BaselineFactory(_name), min_per_class=_MIN_PER_CLASS.get(_name, 2))

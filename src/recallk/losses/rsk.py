@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -59,7 +57,6 @@ class RecallAtKSurrogate(MetricLoss):
             fastest path (on the CPU the matrix, or recompute from 4,000^2 pairs at d <= 256:
             :mod:`recallk.kernels.dispatch`). Both give the same loss up to float rounding.
             ``from_similarity`` always takes a matrix.
-        similarity: deprecated spelling of ``memory`` (DeprecationWarning).
 
     Embeddings are used as given (not re-normalised): the model L2-normalises, and SiMix's virtual items are
     unnormalised by definition. The loss is in [0, 1) but its minimum is not 0 (a positive at rank 1 scores
@@ -82,16 +79,10 @@ class RecallAtKSurrogate(MetricLoss):
         generator: torch.Generator | None = None,
         block_size: int | None = None,
         memory: str = "auto",
-        similarity: str | None = None,
     ) -> None:
         super().__init__()
-        name = "memory"
-        if similarity is not None:
-            warnings.warn("RecallAtKSurrogate(similarity=...) is deprecated: use memory=... (same values)",
-                          DeprecationWarning, stacklevel=2)  # fmt: skip
-            memory, name = similarity, "similarity"
         if memory not in MEMORY_MODES:
-            raise ValueError(f"{name} must be one of {MEMORY_MODES}, got {memory!r}")
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
         self.memory = memory
         self.params = kernels.RSkParams(ks, tau_rank, tau_k, include_query)
         if backend not in kernels.backend_names():
@@ -109,12 +100,6 @@ class RecallAtKSurrogate(MetricLoss):
     tau_rank = property(lambda self: self.params.tau_rank, doc="temperature of the rank sigmoids")
     tau_k = property(lambda self: self.params.tau_k, doc="temperatures of the k sigmoids, one per k")
     include_query = property(lambda self: self.params.include_query, doc="see the class docstring")
-
-    @property
-    def similarity(self) -> str:
-        """Deprecated spelling of :attr:`memory`."""
-        warnings.warn("RecallAtKSurrogate.similarity is deprecated: use .memory", DeprecationWarning, stacklevel=2)
-        return self.memory
 
     def extra_repr(self) -> str:
         return (
@@ -195,12 +180,5 @@ class RecallAtKSurrogate(MetricLoss):
                                                 block_size=self.block_size)  # fmt: skip
 
 
-register_loss("rsk", RecallAtKSurrogate)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "SIMILARITY_MODES":
-        warnings.warn("recallk.losses.rsk.SIMILARITY_MODES is deprecated: use MEMORY_MODES", DeprecationWarning,
-                      stacklevel=2)  # fmt: skip
-        return MEMORY_MODES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: the generator is random state (checkpointed with the loss), block_size a test knob: no config keys
+register_loss("rsk", RecallAtKSurrogate, not_config=("generator", "block_size"))

@@ -51,7 +51,8 @@ def build_model(
         An :class:`EmbeddingModel` whose ``model_spec`` attribute records these arguments as plain values,
         ``{"name": name, "embed_dim": ..., "pretrained": False | True | "path", "pooling": the pooling used,
         "freeze_bn": ..., "in_chans": ..., **timm_kwargs}``: ``build_model(**model_spec)`` builds the same
-        network again (the trainer stores it in every checkpoint, so a checkpoint can rebuild its model alone).
+        network again (the trainer stores it in every checkpoint, so a checkpoint can rebuild its model alone);
+        ``model_section`` is the same as a config's ``model`` section (``timm_kwargs`` under ``options``).
 
     Raises:
         ValueError: unknown model name or pooling; :class:`WeightsError` (a ValueError) for a missing or
@@ -90,4 +91,7 @@ def build_model(
     model.model_spec = {"name": name, "embed_dim": embed_dim,
                         "pretrained": os.fspath(pretrained) if local else bool(pretrained), "pooling": pooling,
                         "freeze_bn": freeze_bn, "in_chans": in_chans, **timm_kwargs}
+    # the same, as a config's model section holds it (the timm arguments under options): config.yaml reads it
+    own = {k: v for k, v in model.model_spec.items() if k not in timm_kwargs}
+    model.model_section = {**own, "options": dict(timm_kwargs)}
     return model
