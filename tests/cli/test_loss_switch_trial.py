@@ -14,7 +14,7 @@ import yaml
 
 import recallk
 from recallk.cli.main import main
-from recallk.cli.wiring import resume_command
+from recallk.cli.run import resume_command
 from recallk.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
