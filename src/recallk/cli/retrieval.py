@@ -22,7 +22,7 @@ from recallk.retrieval import (
     write_search_page,
 )
 from recallk.retrieval.embed import ImageItems
-from recallk.retrieval.files import atomic_write
+from recallk.run_folder import write_atomic
 from recallk.utils import resolve_device
 
 
@@ -111,7 +111,7 @@ def search(args: argparse.Namespace) -> int:
         print(f"recallk search: warning: {short_results_message(results, retriever.index)}", file=sys.stderr)
     text = json.dumps(results.to_json(), indent=1, ensure_ascii=False)
     if args.json_out:
-        atomic_write(args.json_out, lambda f: f.write(text.encode()))
+        write_atomic(args.json_out, text)
     if args.html:
         write_search_page(retriever, args.queries, results, args.html)
     print(text)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torchvision import transforms as T
 
 from recallk import __version__
@@ -27,6 +26,7 @@ from recallk.data.transforms import ToRGB8, transforms_for_model
 from recallk.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from recallk.models import build_model
 from recallk.retrieval.files import file_sha256
+from recallk.run_folder import RunFolder, read_config
 from recallk.utils import resolve_device
 
 
@@ -161,10 +161,10 @@ def _read_config(path: Path, checkpoint: Path | None = None) -> dict[str, Any]:
             )
         raise CheckpointError(f"config file not found: {path}")
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{path} is not valid YAML: {e}") from e
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "name" not in config["model"]:
+        _, config = read_config(path)  # the run folder's config.yaml reader
+    except ValueError as e:  # not valid YAML, or not a mapping
+        raise CheckpointError(str(e)) from e
+    if not isinstance(config.get("model"), dict) or "name" not in config["model"]:
         raise CheckpointError(f"{path} has no model section with a name: is it a recallk run's config.yaml?")
     return config
 
@@ -240,7 +240,7 @@ def load_trained_model(
     try:
         state = load_checkpoint(path, map_location="cpu")
     except Exception as e:  # corrupt or foreign file: torch raises many kinds
-        beside = path.resolve().parent.parent / "config.yaml"
+        beside = RunFolder(path.resolve().parent.parent).config
         context = "" if config is not None or beside.is_file() else f"; {beside} not found: not in a run folder either"
         raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}){context}") from e
     weights = _model_state(state, path)
@@ -248,7 +248,7 @@ def load_trained_model(
     if stored is not None:
         cfg, source = stored, "checkpoint"
     else:
-        config_path = Path(config) if config is not None else path.resolve().parent.parent / "config.yaml"
+        config_path = Path(config) if config is not None else RunFolder(path.resolve().parent.parent).config
         cfg, source = _read_config(config_path, None if config is not None else path), str(config_path)
     spec = _build_spec(cfg, state, stored is not None, path)
     model = build_model(**spec)

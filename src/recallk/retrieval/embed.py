@@ -43,7 +43,7 @@ from recallk.data.datasets.folder import IMAGE_SUFFIXES
 from recallk.data.transforms import transforms_for_model
 from recallk.evaluation import embed_dataset
 from recallk.retrieval.checkpoint import TrainedModel
-from recallk.retrieval.files import atomic_write
+from recallk.run_folder import write_atomic
 
 FILE_FORMAT = "recallk-embeddings"
 FILE_FORMAT_VERSION = 1
@@ -273,7 +273,7 @@ def write_embeddings(
     if partial.is_dir() and (not manifest_path.is_file() or json.loads(manifest_path.read_text()) != manifest):
         shutil.rmtree(partial)  # another model, other items or another shard size: start again
     partial.mkdir(parents=True, exist_ok=True)
-    atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest).encode()))
+    write_atomic(manifest_path, json.dumps(manifest))
     starts = range(0, n, shard_size)
     bar = tqdm(total=n, desc=f"embedding {out.name}", unit="img", disable=not progress)
     shards = []
@@ -284,7 +284,7 @@ def write_embeddings(
             if not shard.is_file():
                 emb, _ = embed_dataset(trained.model, Subset(dataset, range(start, stop)), batch_size=batch_size,
                                        device=device, num_workers=num_workers, progress=False)
-                atomic_write(shard, lambda f, e=emb: np.save(f, e))
+                write_atomic(shard, lambda f, e=emb: np.save(f, e))
             shards.append(shard)
             bar.update(stop - start)
     finally:
@@ -296,7 +296,7 @@ def write_embeddings(
                 "normalized": True}
     arrays = {"embeddings": embeddings, "labels": labels, "paths": np.array(ids, dtype=str),
               "classes": np.array(classes, dtype=str), "metadata": np.array(json.dumps(metadata))}
-    atomic_write(out, lambda f: np.savez(f, **arrays))
+    write_atomic(out, lambda f: np.savez(f, **arrays))
     shutil.rmtree(partial, ignore_errors=True)
     return out
 

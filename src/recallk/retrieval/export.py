@@ -28,7 +28,7 @@ from recallk.data.datasets.base import (
     TRANSPARENCY_BACKGROUND,
 )
 from recallk.retrieval.checkpoint import TrainedModel
-from recallk.retrieval.files import atomic_path, atomic_write
+from recallk.run_folder import atomic_path, write_atomic
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -143,5 +143,5 @@ def export_model(trained: TrainedModel, out: str | os.PathLike, fmt: str = "onnx
     }
     if fmt == "onnx":
         sidecar["onnx_opset"] = ONNX_OPSET
-    atomic_write(out.with_name(out.name + ".json"), lambda f: f.write(json.dumps(sidecar, indent=2).encode()))
+    write_atomic(out.with_name(out.name + ".json"), json.dumps(sidecar, indent=2))
     return out

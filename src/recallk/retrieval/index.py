@@ -36,7 +36,8 @@ import numpy as np
 from recallk import __version__
 from recallk.evaluation import exact_knn
 from recallk.retrieval.embed import EmbeddingFile, read_embeddings
-from recallk.retrieval.files import atomic_path, atomic_write, file_sha256
+from recallk.retrieval.files import file_sha256
+from recallk.run_folder import atomic_path, write_atomic
 
 INDEX_FORMAT = "recallk-index"
 INDEX_FORMAT_VERSION = 1
@@ -198,7 +199,7 @@ class GalleryIndex:
             digest = file_sha256(tmp)
         sidecar = {**self.metadata, "index_sha256": digest, "paths": [str(p) for p in self.paths],
                    "labels": [int(v) for v in self.labels], "classes": list(self.classes)}
-        atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(sidecar).encode()))
+        write_atomic(sidecar_path(path), json.dumps(sidecar))
         self.metadata["index_sha256"] = digest
         return path
 

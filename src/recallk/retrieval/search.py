@@ -18,8 +18,8 @@ from recallk.report import html as report_html
 from recallk.report.examples import QUERY_RGB, thumbnail_png
 from recallk.retrieval.checkpoint import TrainedModel, load_trained_model
 from recallk.retrieval.embed import ImageLike, embed_images, expand_images, to_rgb
-from recallk.retrieval.files import atomic_write
 from recallk.retrieval.index import GalleryIndex, IndexMismatchError
+from recallk.run_folder import write_atomic
 
 NEIGHBOUR_RGB = (230, 140, 0)  # frame of a gallery item whose class is not compared (query label unknown)
 THUMB_SIZE = 96
@@ -173,7 +173,7 @@ def search_page(results: SearchResults, query_image: Callable[[int], Image.Image
     section = f"<h2>Queries and their top {k} gallery items</h2>\n{legend}\n" + "\n".join(rows)
     subtitle = subtitle or f"{len(results.queries)} queries · generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
     document = report_html.page(title, subtitle, [section])
-    return atomic_write(out, lambda f: f.write(document.encode("utf-8")))
+    return write_atomic(out, document)
 
 
 def write_search_page(retriever: Retriever, images: Sequence[ImageLike] | ImageLike, results: SearchResults,
