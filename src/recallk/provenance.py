@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recallk.run_folder import RunFolder, write_atomic
+from recallk.run_folder import RunFolder, read_json_file, write_atomic
 
 FORMAT = 1
 PACKAGES = ("recallk", "torch", "timm", "numpy")
@@ -132,16 +132,10 @@ def read_run_file(run_dir: str | Path) -> dict[str, Any] | None:
     Raises:
         ValueError: the file is not valid JSON or not an object with a ``segments`` list.
     """
-    path = RunFolder(run_dir).run_json
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}); delete it to start a new record") from e
-    if not isinstance(data, dict) or not isinstance(data.get("segments"), list):
-        raise ValueError(f"{path} must be a JSON object with a 'segments' list (see docs/run-folder.md)")
-    return data
+    return read_json_file(RunFolder(run_dir).run_json,
+                          lambda d: isinstance(d, dict) and isinstance(d.get("segments"), list),
+                          "a JSON object with a 'segments' list (see docs/run-folder.md)",
+                          fix="; delete it to start a new record")
 
 
 def _write(run_dir: str | Path, data: dict[str, Any]) -> None:

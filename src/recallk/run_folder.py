@@ -237,16 +237,28 @@ def read_best(path: str | os.PathLike) -> dict[str, Any] | None:
     Raises:
         ValueError: not a JSON object with ``metric`` and ``epoch``.
     """
+    return read_json_file(path, lambda r: isinstance(r, dict) and "metric" in r and "epoch" in r,
+                          "a JSON object with 'metric', 'split', 'value', 'epoch' and 'step'")
+
+
+def read_json_file(path: str | os.PathLike, valid: Callable[[Any], bool], requirement: str,
+                   fix: str = "") -> Any:
+    """The JSON value of the file ``path`` (``best.json``, ``run.json``), or None when it does not exist.
+
+    Raises:
+        ValueError: not valid JSON (``"<path> is not valid JSON (<why>)<fix>"``), or ``valid(value)`` is False
+            (``"<path> must be <requirement>"``).
+    """
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg})") from e
-    if not isinstance(record, dict) or "metric" not in record or "epoch" not in record:
-        raise ValueError(f"{path} must be a JSON object with 'metric', 'split', 'value', 'epoch' and 'step'")
-    return record
+        raise ValueError(f"{path} is not valid JSON ({e.msg}){fix}") from e
+    if not valid(value):
+        raise ValueError(f"{path} must be {requirement}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------ JSON-lines files
@@ -395,6 +407,7 @@ __all__ = [
     "read_best",
     "read_config",
     "read_embeddings_npz",
+    "read_json_file",
     "read_json_lines",
     "read_metrics",
     "read_resumes",
