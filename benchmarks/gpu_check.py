@@ -309,7 +309,7 @@ def api_cases(report: Report, device: torch.device, clock: Clock, sizes: tuple[i
 
         def work(kwargs=kwargs, dtype=dtype, simix=simix, b=b, emb=emb, labels=labels) -> dict:
             loss_fn = RecallAtKSurrogate(simix=simix, generator=torch.Generator().manual_seed(0), **kwargs)
-            path = loss_fn._path(device, loss_fn._augmented_size(labels))
+            path = loss_fn._path(device, emb.shape[1], loss_fn._augmented_size(labels))
             stats, loss, _ = run_one(lambda e: loss_fn(e, labels), emb.to(dtype), clock, 2 if b > 20_000 else reps)
             return {**stats, "loss": float(loss), "path": list(path)}
 

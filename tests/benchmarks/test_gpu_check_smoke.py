@@ -26,5 +26,5 @@ def test_gpu_check_smoke_mode(tmp_path: Path) -> None:
     assert {r["method"] for r in data["correctness"]} >= {"triton-fused", "triton-fused-d512", "torch-recompute"}
     assert all(r["status"] == "ok" and r["within_1e-5"] for r in data["correctness"])
     assert all(r["status"] == "ok" or r["status"].startswith("skipped") for r in data["kernels"] + data["api"])
-    assert any(r["setting"] == "triton, recompute (fused kernel)" and r["status"] == "ok" for r in data["api"])
+    assert any(r["setting"] == "triton_fused, recompute" and r["status"] == "ok" for r in data["api"])
     assert "### Issue 14 targets" in done.stdout
