@@ -1,13 +1,17 @@
 """Which evaluation chooses ``checkpoints/best.pt``: the highest value of ``val/<best_metric>`` when the evaluation
 has a validation split, else of ``best_metric`` on the test split (the one rule:
-:func:`recallk.run_folder.selection_metric`)."""
+:func:`recallk.run_folder.selection_metric`); :func:`record_evaluation` writes what an evaluation changes."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from recallk.run_folder import VALIDATION_PREFIX, selection_metric
+from recallk.engine.trainer_state import save_best
+from recallk.run_folder import VALIDATION_PREFIX, json_value, selection_metric
+
+if TYPE_CHECKING:
+    from recallk.engine.trainer import Trainer
 
 
 class BestChoice:
@@ -48,4 +52,22 @@ class BestChoice:
         self.split = best.get("split") or ("validation" if self.metric.startswith(VALIDATION_PREFIX) else "test")
 
 
-__all__ = ["BestChoice"]
+def record_evaluation(trainer: Trainer, epoch: int, metrics: Mapping[str, Any]) -> None:
+    """Rank 0, after the evaluation of ``epoch``: ``trainer.last_eval``, its ``metrics.jsonl`` line and, when it is
+    the new best, ``best.pt``, ``best.json`` and a line saying so (``best.pt = epoch 3 (val/map@r 61.23 on the
+    validation split)``).
+
+    Raises:
+        ValueError: ``best_metric`` is not among the metrics (before anything is written).
+    """
+    best = trainer.best
+    improved = best.offer(metrics, epoch)
+    trainer.last_eval = {k: json_value(v) for k, v in metrics.items()}
+    trainer.log.metrics("eval", epoch, trainer.step, {"split": "test", **trainer.last_eval})
+    if improved:
+        save_best(trainer)
+        trainer.log.write_best(best.metric, best.split, best.value, epoch, trainer.step)
+        trainer.log.line(f"best.pt = epoch {epoch} ({best.metric} {100 * best.value:.2f} on the {best.split} split)")
+
+
+__all__ = ["BestChoice", "record_evaluation"]

@@ -5,12 +5,15 @@ the ``recallk.train`` logger), ``metrics.jsonl`` lines and their trim on resume,
 from __future__ import annotations
 
 import logging
+import time
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
+from recallk.engine.run_config import describe_loss
 from recallk.run_folder import (
     VALIDATION_PREFIX,
     RunFolder,
@@ -20,6 +23,9 @@ from recallk.run_folder import (
     write_best,
     write_config,
 )
+
+if TYPE_CHECKING:
+    from recallk.engine.trainer import Trainer
 
 logger = logging.getLogger("recallk.train")
 
@@ -86,27 +92,65 @@ class RunLog:
             self._writer = None
 
 
-def eval_summary(last_eval: Mapping[str, Any]) -> str:
+class IntervalMeter:
+    """The ``interval`` lines of ``metrics.jsonl``: mean loss, images/s and data wait (``wait_s()``: the loader's
+    seconds spent waiting so far) over every ``every`` steps."""
+
+    def __init__(self, every: int, batch_size: int, wait_s: Callable[[], float]) -> None:
+        self.every, self.batch_size, self._wait_s = every, batch_size, wait_s
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.steps, self.start, self.wait_start = 0.0, 0, time.perf_counter(), self._wait_s()
+
+    def add(self, loss: float) -> dict[str, float] | None:
+        """Count one step of ``loss``; returns ``{"loss", "images_per_s", "data_wait_s"}`` every ``every`` steps."""
+        self.loss += loss
+        self.steps += 1
+        if self.steps != self.every:
+            return None
+        elapsed = time.perf_counter() - self.start
+        values = {"loss": self.loss / self.steps, "images_per_s": self.steps * self.batch_size / max(elapsed, 1e-9),
+                  "data_wait_s": self._wait_s() - self.wait_start}
+        self._reset()
+        return values
+
+
+def eval_summary(last_eval: Mapping[str, Any], epoch: int | None = None) -> str:
     """recall@k and map@r of an evaluation in percent, as the CLI's table (the validation split's as
-    ``val/recall@k``, ``val/map@r`` after the test split's)."""
+    ``val/recall@k``, ``val/map@r`` after the test split's); with ``epoch``, as the line ``evaluation after epoch
+    E: ...``. Empty without an evaluation."""
+    if not last_eval:
+        return ""
     shown = [(k, v) for k, v in last_eval.items()
              if (k.removeprefix(VALIDATION_PREFIX).startswith("recall@") or k.removeprefix(VALIDATION_PREFIX)
                  == "map@r") and isinstance(v, float)]
-    return "  ".join(f"{k} {100 * v:.2f}" for k, v in shown)
+    text = "  ".join(f"{k} {100 * v:.2f}" for k, v in shown)
+    return text if epoch is None else f"evaluation after epoch {epoch}: {text}"
 
 
-def start_block(run_dir: Any, where: str, device: Any, world_size: int, images: int, classes: int,
-                steps_per_epoch: int, settings: Any, loss: str, precision: str) -> str:
-    """The block of lines a run starts with: folder (new or where it resumed), device, data, batch, loss,
+def start_block(trainer: Trainer, resumed: bool) -> str:
+    """The block of lines a run starts with: folder (new, or where it resumed), device, data, batch, loss,
     precision and optimiser."""
-    s = settings
+    s, labels = trainer.settings, trainer.train_dataset.labels
+    precision = {None: "float32", torch.bfloat16: "bfloat16 autocast",
+                 torch.float16: "float16 autocast + GradScaler"}[trainer.autocast_dtype]
+    if not resumed:
+        where = "new run"
+    elif trainer.position == 0:
+        where = f"resumed {trainer._position_text()}: " + (
+            f"continuing with epoch {trainer.epoch + 1}" if trainer.epoch < s.epochs else "all epochs done")
+    else:
+        where = f"resumed {trainer._position_text()}: continuing with batch {trainer.position + 1}"
+    world_size = trainer.world_size
     return "\n".join([
-        f"run folder   {run_dir} ({where})",
-        f"device       {device}, {world_size} process(es)",
-        f"train data   {images} images, {classes} classes; {steps_per_epoch} steps per epoch, {s.epochs} epochs",
+        f"run folder   {trainer.run_dir} ({where})",
+        f"device       {trainer.device}, {world_size} process(es)",
+        f"train data   {len(labels)} images, {len(set(int(c) for c in labels))} classes; "
+        f"{trainer._steps_in_epoch(trainer.epoch + 1)} steps per epoch, {s.epochs} epochs",
         f"batch        {s.batch_size} images ({s.per_class} per class) in chunks of {s.chunk_size}"
         + (f", {s.batch_size // world_size} per process" if world_size > 1 else ""),
-        f"loss         {loss}",
+        f"loss         {loss_text(describe_loss(trainer.criterion), trainer.criterion)}",
         f"precision    {precision}; optimizer {s.optimizer}, lr {s.lr:g}",
     ])
 
@@ -129,4 +173,4 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-__all__ = ["RunLog", "duration", "eval_summary", "loss_text", "start_block"]
+__all__ = ["IntervalMeter", "RunLog", "duration", "eval_summary", "loss_text", "start_block"]

@@ -25,18 +25,17 @@ from tqdm.auto import tqdm
 from recallk.data.loading import ChunkedBatchLoader
 from recallk.data.samplers import ClassBalancedBatchSampler
 from recallk.data.transforms import with_device_normalize
-from recallk.engine.best import BestChoice
+from recallk.engine.best import BestChoice, record_evaluation
 from recallk.engine.cached import Prepare, cached_backward_stream
 from recallk.engine.checkpoint import load_checkpoint
 from recallk.engine.distributed import DistributedContext, DistributedGather, init_distributed
 from recallk.engine.optim import build_optimizer, build_scheduler
-from recallk.engine.run_config import describe_loss, merge_run_config, trainer_run_config
-from recallk.engine.run_log import RunLog, duration, eval_summary, loss_text, start_block
+from recallk.engine.run_config import merge_run_config, trainer_run_config
+from recallk.engine.run_log import IntervalMeter, RunLog, duration, eval_summary, start_block
 from recallk.engine.settings import TrainSettings, check_amp_device, check_per_class
 from recallk.engine.stop import Stopped, StopSignals
-from recallk.engine.trainer_state import restore_trainer, save_best, save_last
-from recallk.run_folder import VALIDATION_PREFIX as VALIDATION_PREFIX  # cli.wiring's, until it imports run_folder's
-from recallk.run_folder import RunFolder, json_value
+from recallk.engine.trainer_state import restore_trainer, save_last
+from recallk.run_folder import RunFolder
 from recallk.utils import autocast_dtype, resolve_device, seed_everything
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
@@ -194,7 +193,7 @@ class Trainer:
                 path = self.folder.last_pt if resume is True else Path(resume)
                 restore_trainer(self, load_checkpoint(path, map_location=self.device), path)
             self.log.write_config(self.run_config, resumed)
-            self.log.line(self._start_text(resumed))
+            self.log.line(start_block(self, resumed))
             self.log.open_tensorboard(s.tensorboard)
             try:
                 if not resumed:
@@ -278,21 +277,12 @@ class Trainer:
         bar = tqdm(total=total * s.batch_size, initial=self.position * s.batch_size, unit="img", unit_scale=True,
                    desc=f"epoch {epoch}/{s.epochs}", disable=not (s.progress and self.is_main), dynamic_ncols=True,
                    leave=False)
-        interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
         batches = self._loader()
-        wait_start = batches.wait_s
+        meter = IntervalMeter(s.log_every, s.batch_size, lambda: batches.wait_s)
 
         def after_update(loss: float) -> None:
-            nonlocal interval_loss, interval_steps, interval_start, wait_start
-            interval_loss += loss
-            interval_steps += 1
-            if interval_steps == s.log_every:
-                elapsed = time.perf_counter() - interval_start
-                self._log_train(epoch, interval_loss / interval_steps, "interval",
-                                images_per_s=interval_steps * s.batch_size / max(elapsed, 1e-9),
-                                data_wait_s=batches.wait_s - wait_start)
-                interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
-                wait_start = batches.wait_s
+            if (values := meter.add(loss)) is not None:
+                self._log_train(epoch, values.pop("loss"), "interval", **values)
 
         try:
             for chunks in batches.epoch(epoch, self.position, total):
@@ -381,7 +371,7 @@ class Trainer:
         rate = "-" if images_per_s is None else f"{images_per_s:.1f}"
         text = f"epoch {epoch}/{self.settings.epochs}  step {self.step}  loss {loss}  lr {lr:.3g}  {rate} img/s"
         if evaluated:
-            text += "  |  " + self._eval_text(epoch, prefix=False)
+            text += "  |  " + self._eval_text()
         save_last(self)
         self.log.line(f"{text}  |  {duration(time.perf_counter() - self._epoch_start)} this epoch, "
                       f"about {duration(left)} left")
@@ -393,41 +383,14 @@ class Trainer:
             return
         if self.is_main:
             self.model.eval()
-            metrics = dict(self.eval_fn(self.model, epoch))
-            improved = self.best.offer(metrics, epoch)  # ValueError first when best_metric is missing
-            self.last_eval = {k: json_value(v) for k, v in metrics.items()}
-            self.log.metrics("eval", epoch, self.step, {"split": "test", **self.last_eval})
-            if improved:
-                b = self.best
-                save_best(self)
-                self.log.write_best(b.metric, b.split, b.value, epoch, self.step)
-                self.log.line(f"best.pt = epoch {epoch} ({b.metric} {100 * b.value:.2f} on the {b.split} split)")
+            record_evaluation(self, epoch, dict(self.eval_fn(self.model, epoch)))
         if self.settings.distributed:
             dist.barrier()
 
-    def _eval_text(self, epoch: int, prefix: bool = True) -> str:
-        """The summary of the evaluation of ``epoch`` (recall@k and map@r in percent)."""
-        if self.eval_fn is None or not self.last_eval:
-            return ""
-        text = eval_summary(self.last_eval)
-        return f"evaluation after epoch {epoch}: {text}" if prefix else text
+    def _eval_text(self, epoch: int | None = None) -> str:
+        return eval_summary(self.last_eval if self.eval_fn is not None else {}, epoch)
 
     # ------------------------------------------------------------------------------------------------- logs
     def _log_train(self, epoch: int, loss: float, scope: str, **extra: float) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
         self.log.metrics("train", epoch, self.step, {"scope": scope, "loss": loss, "lr": lr, **extra})
-
-    def _start_text(self, resumed: bool) -> str:
-        labels = self.train_dataset.labels
-        precision = {None: "float32", torch.bfloat16: "bfloat16 autocast",
-                     torch.float16: "float16 autocast + GradScaler"}[self.autocast_dtype]
-        if not resumed:
-            where = "new run"
-        elif self.position == 0:
-            where = f"resumed {self._position_text()}: " + (
-                f"continuing with epoch {self.epoch + 1}" if self.epoch < self.settings.epochs else "all epochs done")
-        else:
-            where = f"resumed {self._position_text()}: continuing with batch {self.position + 1}"
-        return start_block(self.run_dir, where, self.device, self.world_size, len(labels),
-                           len(set(int(c) for c in labels)), self._steps_in_epoch(self.epoch + 1), self.settings,
-                           loss_text(describe_loss(self.criterion), self.criterion), precision)
