@@ -98,3 +98,11 @@ def test_every_module_imports_alone() -> None:
     result = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=600,
                             env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_run_config_is_read_from_records_not_rebuilt() -> None:
+    """``engine/run_config.py`` writes a run's config from what the dataset, model and loss record of themselves
+    (``data_spec``, ``model_section``, ``loss_spec``): it imports nothing of data, models, losses or cli (issue 23)."""
+    builders = ("recallk.data", "recallk.models", "recallk.losses", "recallk.cli")
+    found = sorted(n for n in _imports(PACKAGE / "engine" / "run_config.py") if n.startswith(builders))
+    assert not found, f"engine/run_config.py imports {found}"

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from recallk.losses.base import MetricLoss, build_loss, loss_min_per_class, loss_names, register_loss
+from recallk.losses.base import (
+    MetricLoss,
+    build_loss,
+    loss_config_keys,
+    loss_defaults,
+    loss_min_per_class,
+    loss_names,
+    register_loss,
+)
 from recallk.losses.rsk import RecallAtKSurrogate  # registers first: build_loss's names start with rsk
 
 # isort: split
@@ -22,6 +30,8 @@ __all__ = [
     "MetricLoss",
     "RecallAtKSurrogate",
     "build_loss",
+    "loss_config_keys",
+    "loss_defaults",
     "loss_min_per_class",
     "loss_names",
     "register_loss",
