@@ -76,13 +76,10 @@ class Trainer:
             metrics hold it (a validation split carved from the training classes), else ``best_metric`` (the test
             split). Each new best also writes ``run_dir/best.json`` (metric, split, value, epoch, step).
         config: more of the run's config (plain values), merged section by section over what the trainer knows
-            (:func:`recallk.engine.run_config.trainer_run_config`: the model's ``model_spec`` from
-            ``build_model``, the settings, the loss when it can describe itself, the training set's dataset,
-            root, split, options and transform size), the given values winning
-            (:func:`recallk.engine.run_config.merge_run_config`; the CLI passes its whole resolved config). The
-            result is written to ``run_dir/config.yaml`` when ``fit`` starts and stored in every checkpoint.
-            Checkpoints also carry ``model_spec`` and ``recallk_version``, so ``recallk.load_model`` and
-            ``recallk eval --checkpoint`` use one alone; ``best.pt`` is weights-only.
+            (:func:`recallk.engine.run_config.merge_run_config`, the given values winning; the CLI passes its whole
+            resolved config); written to ``run_dir/config.yaml`` when ``fit`` starts and stored in every checkpoint
+            with ``model_spec`` and ``recallk_version``, so ``recallk.load_model`` and ``recallk eval
+            --checkpoint`` use one alone; ``best.pt`` is weights-only.
         resume_command: how to continue the run after a stop, as the stop message says it (the CLI passes
             ``recallk train --name <run> --resume``); default: ``Trainer(...).fit(resume=True)`` on the run folder.
 
@@ -92,19 +89,10 @@ class Trainer:
             ``min_per_class`` (2 for pair- and rank-based losses), or ``amp="fp16"`` on the CPU.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        train_dataset: Dataset,
-        run_dir: str | os.PathLike,
-        settings: TrainSettings | None = None,
-        *,
-        eval_fn: EvalFn | None = None,
-        config: Mapping[str, Any] | None = None,
-        resume_command: str | None = None,
-        **settings_kwargs: Any,
-    ) -> None:
+    def __init__(self, model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 train_dataset: Dataset, run_dir: str | os.PathLike, settings: TrainSettings | None = None, *,
+                 eval_fn: EvalFn | None = None, config: Mapping[str, Any] | None = None,
+                 resume_command: str | None = None, **settings_kwargs: Any) -> None:
         s = TrainSettings(**settings_kwargs) if settings is None else dataclasses.replace(settings, **settings_kwargs)
         labels = getattr(train_dataset, "labels", None)
         if labels is None:
@@ -161,7 +149,6 @@ class Trainer:
         self._epoch_times: list[float] = []
         self._epoch_start, self._epoch_first_step = time.perf_counter(), 0
 
-    # ----------------------------------------------------------------------------------------------- public
     def fit(self, resume: bool | str | os.PathLike = False) -> dict[str, Any]:
         """Train to the last epoch (or ``max_steps``); returns the final evaluation metrics (empty without
         ``eval_fn``) plus ``train_loss`` (mean of the last epoch) and ``best_<metric>``, the value that chose
@@ -172,18 +159,16 @@ class Trainer:
         ``metrics.jsonl`` is cut back to the checkpoint's step.
 
         Progress goes to ``run_dir/train.log`` and to the ``recallk.train`` logger (INFO): a block at the start, a
-        line per epoch (loss, images/s, evaluation metrics, time left). Ctrl-C, SIGTERM and SIGUSR1 (pre-emption,
-        time limits) are recorded while the run fits and acted on after the optimiser update under way, or
-        after the evaluation under way (:mod:`recallk.engine.stop`): ``checkpoints/last.pt`` is saved (with every
-        rank's random state; all ranks stop at the same step) and :class:`Stopped` raised. A second Ctrl-C
+        line per epoch (loss, images/s, evaluation metrics, time left). Ctrl-C, SIGTERM and SIGUSR1 are recorded
+        and acted on after the optimiser update, or the evaluation, under way (:mod:`recallk.engine.stop`): every
+        rank stops at the same step, ``checkpoints/last.pt`` is saved and :class:`Stopped` raised. A second Ctrl-C
         aborts at once (KeyboardInterrupt, nothing saved).
 
         Raises:
             NonFiniteLossError: NaN/Inf loss or gradient (names epoch and step; checkpoints stay as they were).
             TrainingStalledError: ``MAX_IDLE_STEPS`` steps in a row changed no weight (GradScaler skips, zero
                 gradients); checkpoints stay as they were.
-            Stopped: a KeyboardInterrupt, after saving ``checkpoints/last.pt`` on a stop signal; it says the
-                signal, the checkpoint, the position and how to continue.
+            Stopped: after saving ``checkpoints/last.pt`` on a stop signal (a KeyboardInterrupt).
             FileNotFoundError: ``resume`` names no checkpoint.
         """
         seed_everything(self.settings.seed + self.rank)
@@ -247,7 +232,6 @@ class Trainer:
         self.log.line(str(stop))
         raise stop
 
-    # ----------------------------------------------------------------------------------------------- epochs
     def _steps_in_epoch(self, epoch: int) -> int:
         self.sampler.set_epoch(epoch)
         steps = len(self.sampler)
@@ -377,7 +361,6 @@ class Trainer:
                       f"about {duration(left)} left")
         self._stop_if_requested(save=False)
 
-    # ------------------------------------------------------------------------------------------ evaluation
     def _evaluate(self, epoch: int) -> None:
         if self.eval_fn is None:
             return
@@ -390,7 +373,6 @@ class Trainer:
     def _eval_text(self, epoch: int | None = None) -> str:
         return eval_summary(self.last_eval if self.eval_fn is not None else {}, epoch)
 
-    # ------------------------------------------------------------------------------------------------- logs
     def _log_train(self, epoch: int, loss: float, scope: str, **extra: float) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
         self.log.metrics("train", epoch, self.step, {"scope": scope, "loss": loss, "lr": lr, **extra})
