@@ -10,7 +10,7 @@ from html import escape
 from typing import Any
 
 from recallk.evaluation.metrics import COUNT_KEYS, metric_order
-from recallk.run_folder import SUMMARY_METRICS
+from recallk.run_folder import SUMMARY_METRICS, RunFolder
 
 from .examples import HIT_RGB, MISS_RGB, QUERY_RGB, Example
 from .plots import Record, eval_records, eval_splits
@@ -364,7 +364,7 @@ def record_section(run: RunRecord) -> str:
     if run.wall_s is not None:
         wall += f" over {len(run.segments)} segment(s)" if len(run.segments) > 1 else ""
     speed = f"{run.images_per_s:.1f} images/s" if run.images_per_s is not None else "not logged"
-    rows = [("best.pt", best_text(run.best, (run.path / "checkpoints" / "best.pt").is_file())),
+    rows = [("best.pt", best_text(run.best, RunFolder(run.path).best_pt.is_file())),
             ("wall time", f"{escape(wall)} <small>(from {escape(run.wall_source)})</small>"),
             ("training speed", f"{escape(speed)} <small>(mean over the logged training steps)</small>"),
             *environment_rows(run.environment, run.log_device),
