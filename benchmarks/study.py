@@ -98,12 +98,12 @@ GROUPS: tuple[Group, ...] = (
         (
             RSK,
             Cell("rsk_simix", "RS@k + SiMix", ("loss.simix=true",)),
-            *(Cell(name, label, (f"loss.name={name}", f"loss.options={BASELINE_OPTIONS[name]}"))
+            *(Cell(name, label, (f"loss.name={name}", f"loss={BASELINE_OPTIONS[name]}"))
               for name, label in (("smooth_ap", "Smooth-AP (pml)"), ("contrastive", "contrastive (pml)"),
                                   ("multi_similarity", "multi-similarity (pml)"),
                                   ("proxy_anchor", "Proxy-Anchor (pml)"))),
             Cell("proxy_anchor_lr100", "Proxy-Anchor (pml), proxies at 100x lr",
-                 ("loss.name=proxy_anchor", f"loss.options={BASELINE_OPTIONS['proxy_anchor']}",
+                 ("loss.name=proxy_anchor", f"loss={BASELINE_OPTIONS['proxy_anchor']}",
                   "train.loss_lr_multiplier=100")),
         ),
         notes=("Proxy-Anchor's proxies train with the network's learning rate in the plain row and at 100x "
