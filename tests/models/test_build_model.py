@@ -172,3 +172,15 @@ def test_transforms_follow_the_model_config(resnet50, vit):
     x = transforms_for_model(vit, "test", dataset="kanji")(img)
     assert x.shape == (3, 224, 224)
     torch.testing.assert_close(x[:, 0, 0], torch.tensor([10, 20, 30]) / 255 * 2 - 1)
+
+
+def test_build_model_records_its_config_section():
+    """``model_section``: the model's arguments as a config's ``model`` section holds them (timm's under
+    ``options``), which a Trainer run writes to config.yaml and the config accepts as given."""
+    from recallk.config import load_config
+
+    model = build_model("resnet10t", embed_dim=12, pooling="avg", drop_rate=0.1)
+    assert model.model_section == {"name": "resnet10t", "embed_dim": 12, "pretrained": False, "pooling": "avg",
+                                   "freeze_bn": True, "in_chans": 3, "options": {"drop_rate": 0.1}}
+    overrides = [f"model.{k}={v}" for k, v in model.model_section.items() if k != "options"]
+    assert load_config(None, [*overrides, "model.options={drop_rate: 0.1}"])["model"] == model.model_section
