@@ -22,8 +22,10 @@ def rerun_under_interpreter(test_file: str) -> None:
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
-    """|a - e| <= rtol * max|e| element-wise (relative to the tensor's scale, as gradients have zeros)."""
-    expected = expected.to(torch.float64)
+    """|a - e| <= rtol * max|e| element-wise (relative to the tensor's scale, as gradients have zeros); ``actual``
+    may be on another device than ``expected`` (it is compared on the CPU)."""
+    expected = expected.detach().to("cpu", torch.float64)
+    actual = actual.detach().to("cpu")
     scale = expected.abs().max().clamp(min=1e-30)
     err = (actual.to(torch.float64) - expected).abs().max()
     assert torch.isfinite(actual).all()

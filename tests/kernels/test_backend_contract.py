@@ -1,8 +1,9 @@
 """Every registered RS@k backend, through both checked entry points, against the float64 loop reference.
 
-A new backend is tested here by registering it. One that cannot run on this machine's CPU is skipped with the
-reason; Triton runs through its interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU), so the
-sizes are tiny.
+A new backend is tested here by registering it. One that cannot run on the test device (``RECALLK_TEST_DEVICE``,
+default the CPU) is skipped with the reason; on the CPU Triton runs through its interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 without a GPU), so the sizes are tiny. Each backend runs in the most precise of
+``RECALLK_TEST_DTYPES`` that it supports (default: float64 for torch, float32 for Triton).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 import torch
 from kernel_checks import assert_close_rel
 
+from device_settings import TEST_DEVICE, most_precise
 from recallk import kernels
 from recallk.kernels import RSkParams, rsk_loss_from_embeddings, rsk_loss_from_similarity
 from recallk.testing.rsk import rsk_loss_reference
@@ -20,11 +22,20 @@ KS = (1, 2, 4, 8, 16)
 TAU_K = (1.0, 0.5, 1.0, 2.0, 1.0)
 
 
-def runnable(name: str) -> kernels.Backend:
+def runnable(name: str) -> torch.dtype:
+    """The dtype to test backend ``name`` in; skips when it cannot run on the test device or in any test dtype."""
     impl = kernels.get_backend(name)
-    if not impl.available(torch.device("cpu")):
-        pytest.skip(f"backend {name!r} cannot run on this machine's CPU: it needs {impl.requirement}")
-    return impl
+    if not impl.available(TEST_DEVICE):
+        pytest.skip(f"backend {name!r} cannot run on {TEST_DEVICE} here: it needs {impl.requirement}")
+    dtype = most_precise(impl.dtypes)
+    if dtype is None:
+        pytest.skip(f"backend {name!r} supports none of RECALLK_TEST_DTYPES (it takes {impl.dtypes})")
+    return dtype
+
+
+#: relative tolerance against the float64 reference; half inputs are computed in float32 but their gradients are
+#: rounded back to half
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def setting(kind: str, seed: int):
@@ -47,23 +58,26 @@ def setting(kind: str, seed: int):
 @pytest.mark.parametrize("kind", ["self", "separate", "partial"])
 @pytest.mark.parametrize("entry", ["similarity", "embeddings"])
 @pytest.mark.parametrize("name", BACKENDS)
-def test_loss_and_gradients_match_float64_reference(name: str, entry: str, kind: str, include_query: bool) -> None:
-    impl = runnable(name)
-    dtype = torch.float64 if torch.float64 in impl.dtypes else torch.float32
-    rtol = 1e-9 if dtype == torch.float64 else 1e-5
+def test_loss_and_gradients_match_float64_reference(name: str, entry: str, kind: str, include_query: bool,
+                                                     device: torch.device) -> None:  # fmt: skip
+    dtype = runnable(name)
+    rtol = RTOL[dtype]
     query_emb, ref_emb, query_labels, ref_labels, self_index = setting(kind, seed=3)
     same = ref_emb is query_emb
     params = RSkParams(KS, 0.01, TAU_K, include_query)
+    on = {"device": device}  # the labels and self index go to the device too
+    labels_on = (query_labels.to(**on), ref_labels.to(**on), None if self_index is None else self_index.to(**on))
     if entry == "similarity":
-        inputs = ((query_emb @ ref_emb.T).to(dtype).requires_grad_(),)
-        loss = rsk_loss_from_similarity(inputs[0], query_labels, ref_labels, params, self_index=self_index,
+        inputs = ((query_emb @ ref_emb.T).to(device, dtype).requires_grad_(),)
+        loss = rsk_loss_from_similarity(inputs[0], labels_on[0], labels_on[1], params, self_index=labels_on[2],
                                         backend=name)
     else:  # one tensor as both queries and references: its two gradients are summed
-        inputs = tuple(x.to(dtype).requires_grad_() for x in ((query_emb,) if same else (query_emb, ref_emb)))
-        loss = rsk_loss_from_embeddings(inputs[0], inputs[-1], query_labels, ref_labels, params,
-                                        self_index=self_index, backend=name)
+        inputs = tuple(x.to(device, dtype).requires_grad_() for x in ((query_emb,) if same else (query_emb, ref_emb)))
+        loss = rsk_loss_from_embeddings(inputs[0], inputs[-1], labels_on[0], labels_on[1], params,
+                                        self_index=labels_on[2], backend=name)
     grads = torch.autograd.grad(loss, inputs)
-    inputs64 = [x.detach().double().requires_grad_() for x in inputs]
+    assert loss.device == device and all(g.device == device for g in grads)
+    inputs64 = [x.detach().cpu().double().requires_grad_() for x in inputs]
     sim64 = inputs64[0] if entry == "similarity" else inputs64[0] @ inputs64[-1].T
     expected = rsk_loss_reference(sim64, query_labels, ref_labels, self_index, KS, 0.01, TAU_K, include_query)
     grads64 = torch.autograd.grad(expected, inputs64)
@@ -75,11 +89,10 @@ def test_loss_and_gradients_match_float64_reference(name: str, entry: str, kind:
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_no_positive_and_bad_labels_are_value_errors(name: str) -> None:
-    impl = runnable(name)
-    dtype = torch.float64 if torch.float64 in impl.dtypes else torch.float32
-    emb = torch.nn.functional.normalize(torch.randn(6, 4, dtype=dtype), dim=1)
-    distinct = torch.arange(6)
+def test_no_positive_and_bad_labels_are_value_errors(name: str, device: torch.device) -> None:
+    dtype = runnable(name)
+    emb = torch.nn.functional.normalize(torch.randn(6, 4, dtype=dtype), dim=1).to(device)
+    distinct = torch.arange(6, device=device)
     with pytest.raises(ValueError, match="ClassBalancedBatchSampler"):
         rsk_loss_from_similarity(emb @ emb.T, distinct, distinct, RSkParams(), self_index=distinct, backend=name)
     with pytest.raises(ValueError, match="ClassBalancedBatchSampler"):
