@@ -228,10 +228,10 @@ def resolve_loss(given: Mapping[str, Any], typed: Iterable[str] = (), path: Path
     """The ``loss`` section of a config: ``{"name": loss.name (default rsk), **that loss's defaults (its factory's
     signature: :func:`recallk.losses.base.loss_defaults`), **the keys given}``.
 
-    A key given that is no argument of the named loss is refused, unless the config file at ``path`` set it and
-    the command line (``typed``) did not: a preset's RS@k keys (every preset sets ``simix: true``) then do not
-    block another loss named on the command line; they are dropped, with one note on stderr (rank 0) naming those
-    whose values are not RS@k's defaults.
+    A key given that is no argument of the named loss is refused, unless it is an argument of another registered
+    loss that the config file at ``path`` set and the command line (``typed``) did not: a preset's RS@k keys
+    (every preset sets ``simix: true``) then do not block another loss named on the command line; they are
+    dropped, with one note on stderr (rank 0) naming those whose values are not RS@k's defaults.
 
     Raises:
         ConfigError: ``loss.name`` is no registered loss, or a key is no argument of the loss (naming the key,
@@ -243,7 +243,8 @@ def resolve_loss(given: Mapping[str, Any], typed: Iterable[str] = (), path: Path
         raise ConfigError(f"loss.name must be one of {list(loss_names())}, got {name!r}")
     valid, typed = loss_config_keys(name), set(typed)
     unknown = [k for k in given if k not in valid]
-    unused = [k for k in unknown if path is not None and k not in typed]
+    elsewhere = {k for n in loss_names() if n != name for k in _keys_if_known(n)} if unknown else set()
+    unused = [k for k in unknown if path is not None and k not in typed and k in elsewhere]
     for key in unknown:
         if key in unused:
             continue

@@ -128,6 +128,19 @@ def test_every_loss_takes_its_own_arguments_as_keys_of_loss():
         load_config(None, ["loss.margin=0.2"])
 
 
+def test_a_typo_in_a_files_loss_section_is_refused_not_dropped(tmp_path, capsys):
+    """Only another loss's arguments that a file sets are dropped (with a note) when the loss named differs; a key
+    of no loss is an error wherever it comes from."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"loss": {"name": "rsk", "simx": True}}))
+    with pytest.raises(ConfigError, match=re.escape("loss.simx=true is not an argument of loss 'rsk' (did you mean "
+                                                    "'loss.simix'?)")):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"loss": {"name": "contrastive", "pos_margin": 0.1}}))
+    assert load_config(path, ["loss.name=rsk"])["loss"] == DEFAULTS["loss"]
+    assert "loss.pos_margin: 0.1 of" in capsys.readouterr().err
+
+
 def test_old_config_files_load_through_the_converter(tmp_path):
     """Files of the older format (another loss's arguments under loss.options, RS@k's keys kept at their defaults
     for every loss, loss.similarity) load as the current format, the config.yaml of a run included."""
