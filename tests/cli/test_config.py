@@ -160,6 +160,11 @@ def test_old_config_files_load_through_the_converter(tmp_path):
                                                                                      False)
     current = load_config(None, ["loss.name=smooth_ap"])
     assert upgrade_config(current) == current
+    # --resume of such a run: its config.yaml read twice through the converter, only the asked change differs
+    from recallk.config import resume_changes
+
+    path.write_text(yaml.safe_dump(old))
+    assert resume_changes(load_config(path), load_config(path, ["train.epochs=30"])) == {"train.epochs": (10, 30)}
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
