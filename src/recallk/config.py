@@ -170,9 +170,8 @@ def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(loss, Mapping) or not ({"options", "similarity"} & set(loss)):
         return out
     loss = dict(loss)
-    if "similarity" in loss:
+    if "similarity" in loss:  # memory wins where both are given
         loss.setdefault("memory", loss.pop("similarity"))
-        loss.pop("similarity", None)
     options = loss.pop("options", None)
     if loss.get("name", "rsk") != "rsk":  # the old format's RS@k keys, kept at their defaults for other losses
         loss = {k: v for k, v in loss.items() if k not in _OLD_RSK_KEYS}
@@ -253,7 +252,7 @@ def resolve_loss(given: Mapping[str, Any], typed: Iterable[str] = (), path: Path
         raise ConfigError(
             f"loss.{key}={_yaml_value(given[key])} is not an argument of loss {name!r}{where}"
             f"{_suggest(key, valid, 'loss')}: drop loss.{key}; loss {name!r} takes {valid}")
-    said = [k for k in unused if given[k] != DEFAULTS["loss"].get(k, _NO_DEFAULT)]
+    said = [k for k in unused if k not in DEFAULTS["loss"] or given[k] != DEFAULTS["loss"][k]]
     if said and os.environ.get("RANK", "0") == "0":
         others = [n for n in loss_names() if n != name and all(k in _keys_if_known(n) for k in said)]
         whose = "RS@k" if others[:1] == ["rsk"] else f"loss {others[0]!r}" if others else "another loss"
@@ -262,9 +261,6 @@ def resolve_loss(given: Mapping[str, Any], typed: Iterable[str] = (), path: Path
         print(f"note: {text} of {path} {verb} of {whose}, not used by loss {name!r} (dropped)", file=sys.stderr,
               flush=True)
     return {"name": name, **loss_defaults(name), **{k: v for k, v in given.items() if k not in unknown}}
-
-
-_NO_DEFAULT = object()
 
 
 def _keys_if_known(name: str) -> list[str]:

@@ -251,7 +251,7 @@ def record_spec(loss: Any, name: str, args: Mapping[str, Any], leave_out: tuple[
     :class:`MetricLoss` class constructed directly (``RecallAtKSurrogate(ks=(1, 2))``) both call it."""
     try:
         bound = inspect.signature(_LOSSES[name]).bind(**args)
-    except (TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):  # no longer registered, or no signature to read
         return
     bound.apply_defaults()
     values: dict[str, Any] = {}
