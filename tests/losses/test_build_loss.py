@@ -91,6 +91,22 @@ def test_proxy_anchor_exposes_its_proxies_to_the_optimiser():
     assert params[0].grad is not None and bool(params[0].grad.abs().sum() > 0)
 
 
+def test_run_context_goes_only_to_the_losses_that_name_it():
+    """``build_loss(name, context, **arguments)``: Proxy-Anchor takes its number of classes and embedding size from
+    the run; RS@k, which names neither, is built as without it; a given value that contradicts the run is refused
+    with the fix; the context is not recorded as configuration."""
+    context = {"num_classes": 5, "embedding_size": 6}
+    proxies = build_loss("proxy_anchor", context, alpha=16.0)
+    assert proxies.loss.proxies.shape == (5, 6) and proxies.loss.alpha == 16.0
+    assert build_loss("proxy_anchor", context, num_classes=5).loss.proxies.shape == (5, 6)  # agreeing: fine
+    assert build_loss("rsk", context, ks=(1, 2)).loss_spec == build_loss("rsk", ks=(1, 2)).loss_spec
+    with pytest.raises(ValueError, match=r"^loss\.num_classes=4 but the training split has 5 classes: set it to 5 or "
+                                         r"leave it out \(recallk fills it in\)$"):
+        build_loss("proxy_anchor", context, num_classes=4)
+    with pytest.raises(ValueError, match=r"loss\.embedding_size=7 but the model's model\.embed_dim is 6"):
+        build_loss("proxy_anchor", context, embedding_size=7)
+
+
 def test_rsk_and_kernels_work_without_pytorch_metric_learning():
     # A GPU machine may have torch and triton but not pytorch-metric-learning (benchmarks/gpu_check.py runs there).
     script = (
