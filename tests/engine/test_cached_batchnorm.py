@@ -1,5 +1,6 @@
 """BatchNorm left in train mode in the cached step (issue 13, section 4): ghost-batch semantics, checked against
-an explicit reference that embeds chunk by chunk with autograd and back-propagates once."""
+an explicit reference that embeds chunk by chunk with autograd and back-propagates once; on
+``RECALLK_TEST_DEVICE`` (default the CPU)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,21 @@ import warnings
 
 import pytest
 import torch
-from engine_helpers import contrastive_loss, make_net
+from engine_helpers import contrastive_loss
+from engine_helpers import make_net as _make_net
 
+from device_settings import TEST_DEVICE
 from recallk.engine import cached_backward, freeze_batchnorm
 
 
 def _data(b: int = 12, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 3, 6, 6, generator=g, dtype=torch.float64), torch.arange(b) // 3
+    images = torch.randn(b, 3, 6, 6, generator=g, dtype=torch.float64)
+    return images.to(TEST_DEVICE), (torch.arange(b) // 3).to(TEST_DEVICE)
+
+
+def make_net(**kwargs):
+    return _make_net(**kwargs).to(TEST_DEVICE)
 
 
 def _ghost_reference(net, images, labels, chunk_size):

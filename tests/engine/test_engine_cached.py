@@ -1,4 +1,5 @@
-"""cached_backward against one ordinary full-batch backward, in float64."""
+"""cached_backward against one ordinary full-batch backward, in float64, on ``RECALLK_TEST_DEVICE`` (default the
+CPU): the model, the criterion and the batch are built on the CPU (the same numbers on every device), then moved."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import copy
 
 import pytest
 import torch
-from engine_helpers import RandomMixLoss, contrastive_loss, grads, make_batch, make_net
+from engine_helpers import RandomMixLoss as _RandomMixLoss
+from engine_helpers import contrastive_loss, grads
+from engine_helpers import make_batch as _make_batch
+from engine_helpers import make_net as _make_net
 
+from device_settings import TEST_DEVICE
 from recallk.engine import (
     RngState,
     backward_chunks,
@@ -19,6 +24,18 @@ from recallk.engine import (
 )
 
 CHUNK_SIZES = [1, 4, 5, 12, 50]  # 5 does not divide B = 12; 50 > B
+
+
+def make_net(**kwargs):
+    return _make_net(**kwargs).to(TEST_DEVICE)
+
+
+def make_batch(**kwargs):
+    return tuple(t.to(TEST_DEVICE) for t in _make_batch(**kwargs))
+
+
+def RandomMixLoss(**kwargs):
+    return _RandomMixLoss(**kwargs).to(TEST_DEVICE)
 
 
 def full_batch_grads(model, criterion, images, labels, chunk_size=None):
@@ -94,7 +111,7 @@ def test_rng_replay_matters():
     torch.manual_seed(7)
     _, expected = full_batch_grads(model, contrastive_loss, images, labels, chunk_size=4)
 
-    device = torch.device("cpu")
+    device = TEST_DEVICE
     for replay in (True, False):
         torch.manual_seed(7)
         model.zero_grad(set_to_none=True)
@@ -199,7 +216,7 @@ def test_grad_scaler_scales_every_gradient():
     _, plain = cached_grads(model, criterion, images, labels, 5)
     plain_criterion = grads(criterion)
     criterion.zero_grad()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler = torch.amp.GradScaler(TEST_DEVICE.type, init_scale=2.0**10)
     torch.manual_seed(0)
     loss, scaled = cached_grads(model, criterion, images, labels, 5, scaler=scaler)
     assert torch.isfinite(loss)

@@ -1,4 +1,5 @@
-"""Two processes on the CPU (gloo) give the single-process gradient of the global batch."""
+"""Two processes on the CPU (gloo) give the single-process gradient of the global batch (skipped when
+``RECALLK_TEST_DEVICE`` is not the CPU)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from engine_helpers import (
     nearest_neighbour_eval,
 )
 
+from device_settings import cpu_only
 from recallk.engine import DistributedGather, Trainer, cached_backward, freeze_batchnorm
 from recallk.engine.distributed import all_gather_rows, init_distributed
 
+pytestmark = cpu_only("two gloo processes share the CPU; NCCL would need a GPU per process")
 WORLD_SIZE = 2
 BATCH = 12
 

@@ -1,6 +1,7 @@
 """The streaming cached step fed by the sample-parallel loader (issue 18): the gradient equals one full-batch
 backward on the images pass 1 saw, with workers; pass 2 reuses the kept uint8 chunks (no reload); the trainer
-gives the same run with any number of workers on the uint8 path."""
+gives the same run with any number of workers on the uint8 path. The in-memory comparisons run on
+``RECALLK_TEST_DEVICE`` (default the CPU); the loader and trainer runs stay on the CPU."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from engine_helpers import contrastive_loss, grads, make_batch, make_net
 from PIL import Image
 from torch.utils.data import Dataset
 
+from device_settings import TEST_DEVICE
 from recallk.data import ClassBalancedBatchSampler, build_transforms
 from recallk.data.loading import ChunkedBatchLoader, SeededItems, item_seed
 from recallk.data.transforms import with_device_normalize
@@ -82,8 +84,8 @@ def test_streamed_step_with_workers_equals_one_full_batch_backward_on_the_pass1_
 
 
 def test_stream_equals_cached_backward_on_in_memory_images():
-    images, labels = make_batch(batch=10)
-    model_a, model_b = make_net(dropout=0.3), make_net(dropout=0.3)
+    images, labels = (t.to(TEST_DEVICE) for t in make_batch(batch=10))
+    model_a, model_b = make_net(dropout=0.3).to(TEST_DEVICE), make_net(dropout=0.3).to(TEST_DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # ghost-batch BatchNorm notice
         torch.manual_seed(4)
@@ -97,10 +99,10 @@ def test_stream_equals_cached_backward_on_in_memory_images():
 
 
 def test_stream_errors_are_named():
-    model = make_net()
+    model = make_net().to(TEST_DEVICE)
     with pytest.raises(ValueError, match="empty batch"):
         cached_backward_stream(model, iter(()), contrastive_loss)
-    images, labels = make_batch(batch=6)
+    images, labels = (t.to(TEST_DEVICE) for t in make_batch(batch=6))
     with pytest.raises(ValueError, match="3 labels"):
         cached_backward_stream(model, [(images, labels[:3])], contrastive_loss)
 

@@ -16,7 +16,10 @@ import pytest
 import torch
 from kernel_checks import assert_close_rel, rerun_under_interpreter
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the first import of triton (see the module docstring)
+from device_settings import ON_CPU
+
+if ON_CPU:  # before the first import of triton (see the module docstring); with RECALLK_TEST_DEVICE=cuda the
+    os.environ["TRITON_INTERPRET"] = "1"  # session's Triton stays compiled and this file reruns interpreted
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'recallk[triton]')")
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -36,7 +39,8 @@ from recallk.testing.rsk import rsk_loss_reference  # noqa: E402
 
 INTERPRETED = isinstance(tl.sum, InterpretedFunction)
 needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="triton was imported before TRITON_INTERPRET=1; covered by the subprocess rerun"
+    not INTERPRETED, reason="triton was imported compiled (before TRITON_INTERPRET=1, or RECALLK_TEST_DEVICE=cuda); "
+    "covered by the subprocess rerun under the interpreter"
 )
 KS = (1, 2, 4, 8, 16)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from device_settings import TEST_DEVICE
 from recallk.losses import LOSSES, RecallAtKSurrogate, build_loss, loss_names
 
 #: options a loss cannot be built without
@@ -14,7 +15,7 @@ OPTIONS = {"proxy_anchor": {"num_classes": 4, "embedding_size": 8}}
 
 def batch(seed: int = 0, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    emb = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1)
+    emb = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1).to(TEST_DEVICE)
     return emb, torch.arange(n) % 4
 
 

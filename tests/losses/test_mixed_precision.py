@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from device_settings import TEST_DEVICE
 from recallk import kernels
 from recallk.evaluation import exact_knn, retrieval_metrics
 from recallk.losses import RecallAtKSurrogate, build_loss
@@ -20,25 +21,25 @@ MEMORIES = ("matrix", "recompute")
 def _batch(b: int, d: int = 16, per_class: int = 4, seed: int = 0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     emb = torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
-    return emb.to(dtype), torch.arange(b) // per_class
+    return emb.to(TEST_DEVICE, dtype), (torch.arange(b) // per_class).to(TEST_DEVICE)
 
 
 def _reference(emb: torch.Tensor, labels: torch.Tensor) -> float:
-    e = emb.double()
-    return float(rsk_loss_reference(e @ e.T, labels, labels, self_index=torch.arange(len(labels))))
+    e = emb.detach().cpu().double()
+    return float(rsk_loss_reference(e @ e.T, labels.cpu(), labels.cpu(), self_index=torch.arange(len(labels))))
 
 
 @pytest.mark.parametrize("amp", HALVES)
 @pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("b", [8, 24, 400])
 def test_autocast_computes_the_float32_loss(amp, memory, b):
-    """The standard AMP recipe: the loss called inside torch.autocast (CPU here; CUDA takes the same path)."""
+    """The standard AMP recipe: the loss called inside torch.autocast (on the test device)."""
     emb, labels = _batch(b)
     emb32 = emb.clone().requires_grad_()
     want = RecallAtKSurrogate(memory=memory)(emb32, labels)
     want.backward()
     emb_amp = emb.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=amp):
+    with torch.autocast(TEST_DEVICE.type, dtype=amp):
         got = RecallAtKSurrogate(memory=memory)(emb_amp, labels)
     got.backward()
     assert got.dtype == torch.float32
@@ -53,7 +54,7 @@ def test_autocast_with_simix_and_kernel_entry_points(amp):
     params = kernels.RSkParams()
     self_index = torch.arange(24)
     direct = kernels.rsk_loss_from_embeddings(emb, emb, labels, labels, params, self_index=self_index)
-    with torch.autocast("cpu", dtype=amp):
+    with torch.autocast(TEST_DEVICE.type, dtype=amp):
         for memory in MEMORIES:
             loss = RecallAtKSurrogate(simix=True, memory=memory, generator=torch.Generator().manual_seed(3))
             torch.testing.assert_close(loss(emb, labels), want, rtol=0, atol=1e-6)
@@ -88,7 +89,7 @@ def test_large_norm_fp16_does_not_overflow_on_one_path_only(memory):
 def test_baseline_loss_under_autocast_matches_float32():
     emb, labels = _batch(24)
     want = build_loss("contrastive")(emb, labels)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(TEST_DEVICE.type, dtype=torch.bfloat16):
         got = build_loss("contrastive")(emb, labels)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
@@ -119,9 +120,9 @@ def test_overflowing_embeddings_same_error_in_kernels_and_metrics():
     with pytest.raises(ValueError, match="overflow"):
         kernels.rsk_loss_from_similarity(torch.full((24, 24), 1e38), labels, labels, params)
     with pytest.raises(ValueError, match=r"overflow.*L2-normalise"):
-        retrieval_metrics(emb, labels)
+        retrieval_metrics(emb.cpu(), labels.cpu())  # the metrics take host arrays
     with pytest.raises(ValueError, match=r"overflow.*L2-normalise"):
-        exact_knn(emb, emb, k=2, exclude_self=True)
+        exact_knn(emb.cpu(), emb.cpu(), k=2, exclude_self=True)
     with pytest.raises(ValueError, match=r"overflow.*L2-normalise"):
         build_loss("contrastive")(emb, labels)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from device_settings import TEST_DEVICE
 from recallk.losses import build_loss, loss_names
 from recallk.losses.baselines import NO_REFERENCE_SET
 
@@ -14,7 +15,8 @@ OPTIONS = {"proxy_anchor": {"num_classes": 4, "embedding_size": 8}}
 
 def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1), torch.arange(n) % 4
+    emb = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1)
+    return emb.to(TEST_DEVICE), (torch.arange(n) % 4).to(TEST_DEVICE)
 
 
 @pytest.mark.parametrize("name", ["smooth_ap", "proxy_anchor"])
