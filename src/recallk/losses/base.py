@@ -53,12 +53,7 @@ class MetricLoss(nn.Module):
             init(self, *args, **kw)
             name = _NAME_OF.get(type(self))
             if type(self).__init__ is recording_init and name is not None:  # the outermost __init__ only
-                bound = inspect.signature(type(self)).bind(*args, **kw)
-                given: dict[str, Any] = {}
-                for key, value in bound.arguments.items():
-                    var = bound.signature.parameters[key].kind == inspect.Parameter.VAR_KEYWORD
-                    given.update(value if var else {key: value})
-                record_spec(self, name, given)
+                record_spec(self, name, kw, args=args)
 
         cls.__init__ = recording_init  # type: ignore[method-assign]
 
@@ -243,14 +238,15 @@ def _is_plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def record_spec(loss: Any, name: str, args: Mapping[str, Any], leave_out: tuple[str, ...] = ()) -> None:
-    """Set ``loss.loss_spec = {"name": name, **arguments}``: ``args`` bound to the factory's signature with its
-    defaults applied, less the registered ``not_config`` arguments and ``leave_out``, as a config's ``loss``
-    section holds them. Nothing is recorded when an argument is no plain value (a ``distance`` object) or the
-    factory has no signature. The one way a loss records its arguments: :func:`build_loss` and a registered
-    :class:`MetricLoss` class constructed directly (``RecallAtKSurrogate(ks=(1, 2))``) both call it."""
+def record_spec(loss: Any, name: str, kwargs: Mapping[str, Any], leave_out: tuple[str, ...] = (),
+                args: tuple[Any, ...] = ()) -> None:
+    """Set ``loss.loss_spec = {"name": name, **arguments}``: ``args`` and ``kwargs`` bound to the factory's
+    signature with its defaults applied, less the registered ``not_config`` arguments and ``leave_out``, as a
+    config's ``loss`` section holds them. Nothing is recorded when an argument is no plain value (a ``distance``
+    object) or the factory has no signature. The one way a loss records its arguments: :func:`build_loss` and a
+    registered :class:`MetricLoss` class constructed directly (``RecallAtKSurrogate(ks=(1, 2))``) both call it."""
     try:
-        bound = inspect.signature(_LOSSES[name]).bind(**args)
+        bound = inspect.signature(_LOSSES[name]).bind(*args, **kwargs)
     except (KeyError, TypeError, ValueError):  # no longer registered, or no signature to read
         return
     bound.apply_defaults()
