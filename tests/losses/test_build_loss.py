@@ -9,6 +9,7 @@ import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
 
+from device_settings import TEST_DEVICE
 from recallk.losses import LOSSES, RecallAtKSurrogate, build_loss
 
 
@@ -17,13 +18,13 @@ def batch(n_classes: int, per_class: int, seed: int = 0) -> tuple[torch.Tensor, 
     labels = torch.arange(n_classes).repeat_interleave(per_class)
     perm = torch.randperm(labels.numel(), generator=g)
     emb = torch.nn.functional.normalize(torch.randn(labels.numel(), 6, generator=g, dtype=torch.float64), dim=1)
-    return emb, labels[perm]
+    return emb.to(TEST_DEVICE), labels[perm].to(TEST_DEVICE)  # RECALLK_TEST_DEVICE, drawn on the CPU
 
 
 def smooth_ap_brute_force(emb: torch.Tensor, labels: torch.Tensor, tau: float) -> float:
     """1 - mean_q AP_q of Smooth-AP (Brown et al.), as in its authors' code: the query is one of its class's
     items and is ranked too; rank(p) = 1 + sum_{z != p} sig((s_qz - s_qp) / tau)."""
-    s = emb @ emb.T
+    s = (emb @ emb.T).cpu()
     lab = labels.tolist()
     n = len(lab)
     aps = []
