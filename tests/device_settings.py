@@ -29,6 +29,8 @@ def _device(text: str) -> torch.device:
         raise ValueError(f"RECALLK_TEST_DEVICE={text!r}: the tests run on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"RECALLK_TEST_DEVICE={text!r} but torch sees no CUDA device (torch.cuda.is_available())")
+    if device.type == "cuda" and device.index is None:  # tensors report cuda:0, and cuda != cuda:0
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
