@@ -14,6 +14,7 @@ from recallk.evaluation.metrics import metric_order
 from recallk.run_folder import SUMMARY_METRICS, RunFolder, write_atomic
 
 from . import html
+from .comparison import comparison_columns
 from .plots import comparison_figure, figure_png
 from .record import RunRecord, read_run, resume_marks
 
@@ -83,18 +84,15 @@ def metrics_table(runs: Sequence[RunRecord], labels: Sequence[str]) -> str:
     head = "".join(f"<th>{escape(k)}</th>" for k in keys)
     lines = ['<table class="metrics">', f"<thead><tr><th>run</th><th>evaluation</th>{head}</tr></thead>", "<tbody>"]
     for label, run in zip(labels, runs):
-        rows: list[tuple[str, Mapping[str, Any]]] = []
-        if run.last_eval is not None:
-            same = run.best_eval is run.last_eval
-            rows.append((f"last epoch ({run.last_eval['epoch']})" + (" = best.pt" if same else ""), run.last_eval))
-        if run.best_eval is not None and run.best_eval is not run.last_eval and run.best is not None:
-            rows.append((f"best.pt (epoch {run.best_eval['epoch']}, chosen on {run.best.split})", run.best_eval))
-        if run.baseline is not None:
-            rows.append(("raw pixels", run.baseline))
-        if run.before_eval is not None and run.before_eval is not run.last_eval:
-            rows.append(("untrained (epoch 0)", run.before_eval))
-        if not rows:
-            rows.append((f"no evaluation of the {run.split!r} split", {}))
+        last, best = run.last_eval, run.best_eval if run.best is not None else None
+        names = {"baseline": "raw pixels", "before": "untrained (epoch 0)"}  # no gain column: runs side by side
+        if last is not None:
+            names["last"] = f"last epoch ({last['epoch']})" + (" = best.pt" if best is last else "")
+        if best is not None:
+            names["best"] = f"best.pt (epoch {best['epoch']}, chosen on {run.best.split})"
+        columns = comparison_columns(names, last, best=best, baseline=run.baseline,
+                                     before=run.before_eval if run.before_eval is not last else None)
+        rows = list(columns.items()) or [(f"no evaluation of the {run.split!r} split", {})]
         for i, (what, metrics) in enumerate(rows):
             name = f'<td class="label" rowspan="{len(rows)}">{escape(label)}</td>' if i == 0 else ""
             cells = "".join(f"<td>{html.percent(k, metrics.get(k))}</td>" for k in keys)

@@ -1,5 +1,6 @@
-"""The one builder of the trained-vs-raw-pixels table: the final table ``recallk train`` prints (text) and the first
-section of ``report.html`` (HTML) are the same columns, named by each reader.
+"""The one builder of the trained-vs-raw-pixels table: the final table ``recallk train`` prints (text), the first
+section of ``report.html`` and each run's rows of the comparison of several runs (HTML) are the same columns,
+named by each reader.
 
 Columns, in reading order: the trained model's last evaluation, the evaluation that chose ``checkpoints/best.pt``
 (when it is another one), raw pixels and the gain of the last evaluation over them in points (when the raw-pixel
@@ -37,7 +38,7 @@ def comparison_columns(
 
     Args:
         names: the column names the reader shows, by role: ``"last"``, ``"best"``, ``"baseline"``, ``"gain"``,
-            ``"before"`` (only the roles of the columns given are needed).
+            ``"before"`` (only the roles of the columns given are needed; without ``"gain"`` no gain column).
         last: the last evaluation's metrics (an eval line of metrics.jsonl); None when nothing was evaluated.
         best: the evaluation of best.pt's epoch; left out when None or the very record ``last`` is.
         baseline: the raw-pixel metrics; with ``last`` it also adds the gain column (:func:`gain_over`).
@@ -50,7 +51,7 @@ def comparison_columns(
         columns[names["best"]] = best
     if baseline is not None:
         columns[names["baseline"]] = baseline
-        if last is not None:
+        if last is not None and "gain" in names:
             columns[names["gain"]] = gain_over(last, baseline)
     if before is not None:
         columns[names["before"]] = before
