@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -61,9 +60,7 @@ def where_importable(packages: list[str], dotted: str) -> list[str]:
     found = []
     for base in bases:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                resolve(base, dotted)
+            resolve(base, dotted)
             found.append(base)
         except AttributeError:
             pass
