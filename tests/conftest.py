@@ -1,13 +1,13 @@
 """Suite-wide set-up: without a GPU, Triton kernels run in Triton's interpreter (it must be chosen before triton
 is first imported, so it is set here, before any test module loads); the fixtures ``device`` and ``dtype`` of the
-device-aware tests (``RECALLK_TEST_DEVICE``, ``RECALLK_TEST_DTYPES``: tests/device_settings.py)."""
+device-aware tests (``RECALLK_TEST_DEVICE``, ``RECALLK_TEST_DTYPES``: tests/helpers/device_settings.py)."""
 
 import os
 
 import pytest
 import torch
 
-from device_settings import TEST_DEVICE, TEST_DTYPES, dtype_id
+from tests.helpers.device_settings import TEST_DEVICE, TEST_DTYPES, dtype_id
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

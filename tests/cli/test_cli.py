@@ -4,9 +4,9 @@ import sys
 
 import pytest
 import torch
-from tests.image_folders import write_image_folder
 
 from recallk.cli.main import build_parser, main
+from tests.helpers.image_folders import write_image_folder
 
 
 def run_cli(*args):

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from tests.image_folders import write_image_folder
 
 from recallk.cli.run import GAIN_COLUMN, comparison_rows
 from recallk.config import load_config
+from tests.helpers.image_folders import write_image_folder
 
 
 @pytest.fixture

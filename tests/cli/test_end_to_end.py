@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import yaml
-from tests.image_folders import write_image_folder
 
 from recallk.cli.main import main
+from tests.helpers.image_folders import write_image_folder
 
 
 @pytest.fixture(scope="module")

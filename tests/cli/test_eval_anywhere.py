@@ -13,10 +13,10 @@ import stat
 import pytest
 import torch
 import yaml
-from tests.image_folders import write_image_folder
 
 import recallk
 from recallk.cli.main import main
+from tests.helpers.image_folders import write_image_folder
 
 TINY = ["--no-progress", "data.dataset=folder", "data.image_size=32", "model.name=resnet10t", "model.embed_dim=16",
         "train.epochs=1", "train.batch_size=16", "train.chunk_size=8", "train.device=cpu", "train.lr=1e-3",

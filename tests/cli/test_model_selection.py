@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.image_folders import write_image_folder
 from torch import nn
 
 from recallk.cli.main import main
 from recallk.cli.wiring import model_from_config, split_datasets_from_config
 from recallk.config import load_config
 from recallk.engine import Trainer, load_checkpoint
+from tests.helpers.image_folders import write_image_folder
 
 TINY = ["data.image_size=32", "model.name=resnet10t", "model.embed_dim=16", "model.freeze_bn=false",
         "train.batch_size=16", "train.chunk_size=8", "train.device=cpu", "eval.ks=[1, 2]", "--no-progress"]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.image_folders import write_image_folder
 
 from recallk.cli.main import main
+from tests.helpers.image_folders import write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["data.image_size=32", "model.name=resnet10t", "model.embed_dim=16", "model.freeze_bn=false",

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.image_folders import write_image_folder
 
 from recallk.cli.main import main
+from tests.helpers.image_folders import write_image_folder
 
 TINY = ["data.image_size=32", "model.name=resnet10t", "model.pretrained=false", "model.embed_dim=16",
         "model.freeze_bn=false", "train.batch_size=16", "train.chunk_size=8", "train.device=cpu", "eval.ks=[1, 2]",

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from tests.image_folders import write_image_folder
 
 from recallk.cli.main import main
 from recallk.engine import trainer as trainer_module
 from recallk.engine import trainer_state
+from tests.helpers.image_folders import write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--no-progress", "data.dataset=folder", "data.image_size=32", "model.name=resnet10t", "model.embed_dim=16",

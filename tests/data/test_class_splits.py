@@ -6,10 +6,10 @@ import hashlib
 
 import numpy as np
 import pytest
-from dataset_trees import write_jpeg
 
 from recallk.data import ClassSubset, build_dataset, class_disjoint_split, validation_split
 from recallk.data.splits import check_batchable, held_out_count
+from tests.helpers.dataset_trees import write_jpeg
 
 
 def _labels(sizes):

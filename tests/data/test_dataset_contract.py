@@ -1,5 +1,5 @@
 """The contract of every registered dataset, parametrised over the registry: a new dataset is tested by adding it
-(and a miniature tree writer for it in tests/data/dataset_trees.py; without one its tests fail)."""
+(and a miniature tree writer for it in tests/helpers/dataset_trees.py; without one its tests fail)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import re
 import numpy as np
 import pytest
 import torch
-from dataset_trees import TREES
 from PIL import Image
 
 from recallk.data import DATASET_SPECS, DatasetFileNotFoundError, build_dataset, build_transforms, dataset_spec
+from tests.helpers.dataset_trees import TREES
 
 NAMES = sorted(DATASET_SPECS)
 
 
 def _tree(name: str):
-    assert name in TREES, f"dataset {name!r} is registered but has no miniature tree in tests/data/dataset_trees.py"
+    assert name in TREES, f"dataset {name!r} is registered but has no miniature tree in tests/helpers/dataset_trees.py"
     return TREES[name]
 
 

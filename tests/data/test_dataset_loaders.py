@@ -1,4 +1,4 @@
-"""Each benchmark loader on its miniature tree (tests/data/dataset_trees.py): items, labels, classes, errors.
+"""Each benchmark loader on its miniature tree (tests/helpers/dataset_trees.py): items, labels, classes, errors.
 
 Expected labels, class names and splits come from the lists the trees write, not from the loaders.
 """
@@ -9,9 +9,17 @@ import re
 import warnings
 
 import pytest
-from dataset_trees import check_items, make_cars, make_cub, make_folder, make_inat, make_sop, make_vehicleid
 
 from recallk.data import BadImageError, DatasetFileNotFoundError, build_dataset
+from tests.helpers.dataset_trees import (
+    check_items,
+    make_cars,
+    make_cub,
+    make_folder,
+    make_inat,
+    make_sop,
+    make_vehicleid,
+)
 
 # --------------------------------------------------------------------------------------------------- SOP
 

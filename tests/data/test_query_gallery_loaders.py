@@ -1,4 +1,4 @@
-"""In-Shop and revisited Oxford/Paris loaders on miniature trees (written by dataset_trees.py)."""
+"""In-Shop and revisited Oxford/Paris loaders on miniature trees (written by tests/helpers/dataset_trees.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pickle
 
 import numpy as np
 import pytest
-from dataset_trees import check_items, make_inshop, make_revisited, write_jpeg
 
 from recallk.data import DatasetFileNotFoundError, build_dataset, dataset_spec
+from tests.helpers.dataset_trees import check_items, make_inshop, make_revisited, write_jpeg
 
 
 @pytest.mark.parametrize("split", ["train", "query", "gallery"])

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dataset_trees import REVISITED_IMLIST, make_revisited
 
 from recallk.data import build_dataset
 from recallk.data.datasets.revisited import load_ground_truth
+from tests.helpers.dataset_trees import REVISITED_IMLIST, make_revisited
 
 GND = [  # the ground truth of make_revisited, as the benchmark's files store it (numpy arrays)
     {"bbx": np.array([1.0, 2.0, 9.0, 8.0]), "easy": np.array([0]), "hard": np.array([3]), "junk": np.array([2])},

@@ -1,6 +1,7 @@
 """Run by ``torchrun`` in tests/engine/test_distributed_reliability.py (two "nodes" on this machine): a few
 Trainer steps with RS@k + SiMix, each rank seeded differently before building the loss; rank 0 writes the
-weights to ``<out>/weights.pt``. ``python multinode_train.py OUT --single`` is the one-process run."""
+weights to ``<out>/weights.pt``. ``python -m tests.engine.multinode_train OUT --single`` (the repository on the
+path) is the one-process run."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
-from engine_helpers import NoisyImages, make_net
 
 from recallk.engine import Trainer, freeze_batchnorm
 from recallk.losses import RecallAtKSurrogate
+from tests.helpers.engine import NoisyImages, make_net
 
 
 def train(out: Path, distributed: bool, rank: int) -> Trainer:

@@ -8,12 +8,12 @@ import warnings
 
 import numpy as np
 import pytest
-from engine_helpers import NoisyImages, make_net
 
 from recallk.config import ConfigError, load_config
 from recallk.data import ClassBalancedBatchSampler
 from recallk.engine import Trainer, TrainSettings, freeze_batchnorm
 from recallk.losses import RecallAtKSurrogate, build_loss, loss_min_per_class
+from tests.helpers.engine import NoisyImages, make_net
 
 
 def _trainer(tmp_path, criterion, evaluated, **overrides):

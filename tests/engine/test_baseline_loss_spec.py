@@ -4,11 +4,11 @@ config.yaml, checkpoints and start block name it (new-user trial, item 3)."""
 from __future__ import annotations
 
 import yaml
-from engine_helpers import NoisyImages, make_net
 
 from recallk.engine import Trainer, freeze_batchnorm, load_checkpoint
 from recallk.engine.run_config import describe_loss
 from recallk.losses import build_loss
+from tests.helpers.engine import NoisyImages, make_net
 
 
 def test_describe_loss_of_a_baseline_is_its_name_and_arguments():

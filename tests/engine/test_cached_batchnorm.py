@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import torch
-from engine_helpers import contrastive_loss
-from engine_helpers import make_net as _make_net
 
-from device_settings import TEST_DEVICE
 from recallk.engine import cached_backward, freeze_batchnorm
+from tests.helpers.device_settings import TEST_DEVICE
+from tests.helpers.engine import contrastive_loss
+from tests.helpers.engine import make_net as _make_net
 
 
 def _data(b: int = 12, seed: int = 1):

@@ -21,11 +21,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from engine_helpers import NoisyImages, grads, make_batch, make_net
 
 from recallk.engine import DistributedGather, Stopped, Trainer, cached_backward, freeze_batchnorm, load_checkpoint
 from recallk.engine.distributed import init_distributed
 from recallk.losses import RecallAtKSurrogate
+from tests.helpers.engine import NoisyImages, grads, make_batch, make_net
 
 WORLD_SIZE = 2
 BATCH = 12
@@ -81,12 +81,12 @@ def test_simix_with_different_rank_seeds_gives_the_global_batch_gradient(tmp_pat
 @pytest.mark.slow
 def test_torchrun_two_nodes_trains_like_one_process(tmp_path):
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}  # the repository: tests.helpers
     nodes = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
              "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
-             str(HERE / "multinode_train.py"), str(tmp_path)],
+             "-m", "tests.engine.multinode_train", str(tmp_path)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for node in range(2)
@@ -96,7 +96,7 @@ def test_torchrun_two_nodes_trains_like_one_process(tmp_path):
     distributed = torch.load(tmp_path / "weights.pt")
     single_dir = tmp_path / "single"
     single_dir.mkdir()
-    subprocess.run([sys.executable, str(HERE / "multinode_train.py"), str(single_dir), "--single"], env=env,
+    subprocess.run([sys.executable, "-m", "tests.engine.multinode_train", str(single_dir), "--single"], env=env,
                    check=True, timeout=300)  # fmt: skip
     single = torch.load(single_dir / "weights.pt")
     start = freeze_batchnorm(make_net(dropout=0.0)).state_dict()

@@ -7,12 +7,7 @@ import copy
 
 import pytest
 import torch
-from engine_helpers import RandomMixLoss as _RandomMixLoss
-from engine_helpers import contrastive_loss, grads
-from engine_helpers import make_batch as _make_batch
-from engine_helpers import make_net as _make_net
 
-from device_settings import TEST_DEVICE
 from recallk.engine import (
     RngState,
     backward_chunks,
@@ -22,6 +17,11 @@ from recallk.engine import (
     loss_and_embedding_grad,
     split_into_chunks,
 )
+from tests.helpers.device_settings import TEST_DEVICE
+from tests.helpers.engine import RandomMixLoss as _RandomMixLoss
+from tests.helpers.engine import contrastive_loss, grads
+from tests.helpers.engine import make_batch as _make_batch
+from tests.helpers.engine import make_net as _make_net
 
 CHUNK_SIZES = [1, 4, 5, 12, 50]  # 5 does not divide B = 12; 50 > B
 

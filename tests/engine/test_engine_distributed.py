@@ -11,7 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from engine_helpers import (
+
+from recallk.engine import DistributedGather, Trainer, cached_backward, freeze_batchnorm
+from recallk.engine.distributed import all_gather_rows, init_distributed
+from tests.helpers.device_settings import cpu_only
+from tests.helpers.engine import (
     GeneratorMixLoss,
     NoisyImages,
     RandomMixLoss,
@@ -20,10 +24,6 @@ from engine_helpers import (
     make_net,
     nearest_neighbour_eval,
 )
-
-from device_settings import cpu_only
-from recallk.engine import DistributedGather, Trainer, cached_backward, freeze_batchnorm
-from recallk.engine.distributed import all_gather_rows, init_distributed
 
 pytestmark = cpu_only("two gloo processes share the CPU; NCCL would need a GPU per process")
 WORLD_SIZE = 2

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import NoisyImages, RandomMixLoss, make_net
 
 from recallk.engine import AMP_CHOICES, Trainer, TrainSettings
 from recallk.utils import autocast_dtype
+from tests.helpers.engine import NoisyImages, RandomMixLoss, make_net
 
 
 def test_settings_object_and_keywords_agree(tmp_path):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import GeneratorMixLoss, NoisyImages, RandomMixLoss, make_net, nearest_neighbour_eval
 from torch import nn
 
 from recallk.engine import NonFiniteLossError, Stopped, Trainer, freeze_batchnorm, load_checkpoint
+from tests.helpers.engine import GeneratorMixLoss, NoisyImages, RandomMixLoss, make_net, nearest_neighbour_eval
 
 EPOCHS = 2  # 6 classes x 6 items, batches of 4 classes x 2 items -> 3 steps per epoch
 # (the authors' epoch drains the first 4 classes of the shuffled list: 3 batches, 2 classes left over)

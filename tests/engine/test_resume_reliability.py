@@ -12,12 +12,12 @@ import warnings
 
 import pytest
 import torch
-from engine_helpers import NoisyImages, make_net, nearest_neighbour_eval
 from torch import nn
 
 from recallk.data.loading import item_seed
 from recallk.engine import Stopped, Trainer, load_checkpoint
 from recallk.losses import RecallAtKSurrogate
+from tests.helpers.engine import NoisyImages, make_net, nearest_neighbour_eval
 
 STOP_STEP = 4  # the first step of epoch 2 (3 steps per epoch)
 CHUNKS = 3  # batch 8 in chunks of 3

@@ -13,7 +13,6 @@ import signal
 
 import pytest
 import torch
-from tests.image_folders import write_image_folder
 
 import recallk
 from recallk.data.transforms import transforms_for_model
@@ -21,6 +20,7 @@ from recallk.engine import Stopped, Trainer, TrainSettings, load_checkpoint
 from recallk.engine import checkpoint as checkpoint_module
 from recallk.losses import RecallAtKSurrogate
 from recallk.models import build_model
+from tests.helpers.image_folders import write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,15 +12,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from engine_helpers import contrastive_loss, grads, make_batch, make_net
 from PIL import Image
 from torch.utils.data import Dataset
 
-from device_settings import TEST_DEVICE
 from recallk.data import ClassBalancedBatchSampler, build_transforms
 from recallk.data.loading import ChunkedBatchLoader, SeededItems, item_seed
 from recallk.data.transforms import with_device_normalize
 from recallk.engine import Trainer, cached_backward, cached_backward_stream, freeze_batchnorm
+from tests.helpers.device_settings import TEST_DEVICE
+from tests.helpers.engine import contrastive_loss, grads, make_batch, make_net
 
 
 class PhotoSet(Dataset):

@@ -10,7 +10,6 @@ import os
 import pytest
 import torch
 import yaml
-from tests.image_folders import write_image_folder
 
 import recallk
 from recallk.cli.evaluate import evaluate_checkpoint
@@ -20,6 +19,7 @@ from recallk.engine import Trainer, TrainSettings
 from recallk.engine.run_config import merge_run_config
 from recallk.losses import RecallAtKSurrogate
 from recallk.models import build_model
+from tests.helpers.image_folders import write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

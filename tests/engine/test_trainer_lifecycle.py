@@ -10,12 +10,12 @@ import warnings
 
 import pytest
 import torch
-from engine_helpers import NoisyImages, contrastive_loss, make_net, nearest_neighbour_eval
 
 from recallk.engine import Stopped, Trainer, load_checkpoint
 from recallk.engine.rng import capture_all_rng
 from recallk.engine.trainer import TrainingStalledError
 from recallk.engine.trainer_state import rank_rng
+from tests.helpers.engine import NoisyImages, contrastive_loss, make_net, nearest_neighbour_eval
 
 
 def make_trainer(run_dir, eval_fn=None, criterion=contrastive_loss, **overrides) -> Trainer:

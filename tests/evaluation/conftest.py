@@ -1,4 +1,4 @@
-"""Fixtures of the evaluation tests (data makers: clusters.py)."""
+"""Fixtures of the evaluation tests (data makers: tests/helpers/clusters.py)."""
 
 from __future__ import annotations
 

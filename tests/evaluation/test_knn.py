@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from clusters import gaussian_clusters, integer_clusters
 
 from recallk.evaluation import exact_knn
 from recallk.evaluation.knn import faiss_available
 from recallk.testing.retrieval import reference_knn
+from tests.helpers.clusters import gaussian_clusters, integer_clusters
 
 BACKENDS = ["torch", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="no faiss"))]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from clusters import gaussian_clusters, integer_clusters
 
 from recallk.evaluation import metrics as metrics_module
 from recallk.evaluation import retrieval_metrics
 from recallk.evaluation.knn import faiss_available
 from recallk.testing.retrieval import reference_retrieval_metrics
+from tests.helpers.clusters import gaussian_clusters, integer_clusters
 
 BACKENDS = ["torch", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="no faiss"))]
 KS = (1, 2, 4, 8, 16)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_revisited_metrics import assert_same, brute_force
 from torch import nn
 
 from recallk.data import build_dataset
 from recallk.evaluation import evaluate_protocol, format_metrics_table, query_gallery_metrics
 from recallk.testing.retrieval import reference_ranking, reference_retrieval_metrics
+from tests.helpers.revisited import assert_same, brute_force
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import assert_close_rel
 
-from device_settings import TEST_DEVICE, most_precise
 from recallk import kernels
 from recallk.kernels import RSkParams, rsk_loss_from_embeddings, rsk_loss_from_similarity
 from recallk.testing.rsk import rsk_loss_reference
+from tests.helpers.device_settings import TEST_DEVICE, most_precise
+from tests.helpers.kernel_checks import assert_close_rel
 
 BACKENDS = [name for name in kernels.backend_names() if name != "auto"]
 KS = (1, 2, 4, 8, 16)

@@ -1,6 +1,6 @@
 """The blocked torch RS@k path: layout, dtypes, blocking, backend switch, agreement with the reference.
 
-The losses run on ``RECALLK_TEST_DEVICE`` (default the CPU; tests/device_settings.py); the data are drawn on the
+The losses run on ``RECALLK_TEST_DEVICE`` (default the CPU; tests/helpers/device_settings.py); the data are drawn on the
 CPU, so every device sees the same numbers."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_settings import TEST_DEVICE
 from recallk.kernels import RSkParams, positive_layout, resolve_backend, rsk_loss_from_similarity
 from recallk.testing.rsk import naive_rsk_loss, rsk_loss_reference
+from tests.helpers.device_settings import TEST_DEVICE
 
 KS = (1, 2, 4, 8, 16)
 

@@ -16,9 +16,9 @@ import os
 
 import pytest
 import torch
-from kernel_checks import assert_close_rel, rerun_under_interpreter
 
-from device_settings import ON_CPU
+from tests.helpers.device_settings import ON_CPU
+from tests.helpers.kernel_checks import assert_close_rel, rerun_under_interpreter
 
 if ON_CPU:  # before the first import of triton (see the module docstring); with RECALLK_TEST_DEVICE=cuda the
     os.environ["TRITON_INTERPRET"] = "1"  # session's Triton stays compiled and this file reruns interpreted

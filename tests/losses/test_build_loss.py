@@ -9,8 +9,8 @@ import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
 
-from device_settings import TEST_DEVICE
 from recallk.losses import LOSSES, RecallAtKSurrogate, build_loss
+from tests.helpers.device_settings import TEST_DEVICE
 
 
 def batch(n_classes: int, per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from device_settings import TEST_DEVICE
 from recallk.losses import LOSSES, RecallAtKSurrogate, build_loss, loss_names
+from tests.helpers.device_settings import TEST_DEVICE
 
 #: options a loss cannot be built without
 OPTIONS = {"proxy_anchor": {"num_classes": 4, "embedding_size": 8}}

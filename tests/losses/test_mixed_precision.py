@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from device_settings import TEST_DEVICE
 from recallk import kernels
 from recallk.evaluation import exact_knn, retrieval_metrics
 from recallk.losses import RecallAtKSurrogate, build_loss
 from recallk.testing.rsk import rsk_loss_reference
+from tests.helpers.device_settings import TEST_DEVICE
 
 HALVES = (torch.bfloat16, torch.float16)
 MEMORIES = ("matrix", "recompute")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from device_settings import TEST_DEVICE
 from recallk.losses import build_loss, loss_names
 from recallk.losses.baselines import NO_REFERENCE_SET
+from tests.helpers.device_settings import TEST_DEVICE
 
 OPTIONS = {"proxy_anchor": {"num_classes": 4, "embedding_size": 8}}
 

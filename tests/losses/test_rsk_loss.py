@@ -8,11 +8,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rsk_batches import random_batch
 
 from recallk.kernels import RSkParams, rsk_loss_from_similarity
 from recallk.losses import RecallAtKSurrogate
 from recallk.testing.rsk import rsk_loss_reference
+from tests.helpers.rsk_batches import random_batch
 
 KS = (1, 2, 4, 8, 16)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rsk_batches import random_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from recallk import kernels
@@ -12,6 +11,7 @@ from recallk.kernels import RSkParams, rsk_loss_from_embeddings
 from recallk.losses import RecallAtKSurrogate, rsk, simix, simix_pairs
 from recallk.losses.simix import simix_embeddings
 from recallk.testing.rsk import rsk_loss_reference, simix_embeddings_reference
+from tests.helpers.rsk_batches import random_batch
 
 KS = (1, 2, 4, 8, 16)
 

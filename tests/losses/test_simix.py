@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rsk_batches import random_batch
 
 from recallk.losses import RecallAtKSurrogate, simix, simix_pairs
 from recallk.testing.rsk import rsk_loss_reference, simix_embeddings_reference
+from tests.helpers.rsk_batches import random_batch
 
 
 def all_pairs(labels: torch.Tensor) -> list[tuple[int, int]]:

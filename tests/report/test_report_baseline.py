@@ -8,10 +8,10 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from conftest import clustered_embeddings
 from recallk.evaluation import retrieval_metrics
 from recallk.report import write_report
 from recallk.report.examples import changed_examples, compare_first_neighbours
+from tests.helpers.report_runs import clustered_embeddings
 
 
 def brute_first_hit(emb: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -93,7 +93,7 @@ def test_report_leads_with_the_raw_pixel_comparison(make_run):
     heads = re.findall(r"<th>([^<]*)</th>", table)
     assert heads == ["metric (%)", "trained (epoch 3)", "raw pixels", "trained (epoch 3) − raw pixels (points)",
                      "untrained (epoch 0)"]
-    trained_r1 = 0.1234 + 0.2 * 3  # conftest.metrics_lines, last epoch
+    trained_r1 = 0.1234 + 0.2 * 3  # report_runs.metrics_lines, last epoch
     assert f"<td>{100 * pix['map@r']:.2f}</td>" in table
     assert f"{100 * (trained_r1 - pix['recall@1']):+.2f}</td>" in table
 

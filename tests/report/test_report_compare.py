@@ -7,11 +7,11 @@ import re
 import numpy as np
 import pytest
 
-from conftest import clustered_embeddings, metrics_lines
 from recallk.cli.main import main
 from recallk.report import write_comparison
 from recallk.report.compare import differing_keys
 from recallk.testing.retrieval import reference_retrieval_metrics
+from tests.helpers.report_runs import clustered_embeddings, metrics_lines
 
 
 def config(name: str, lr: float, model: str) -> dict:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import clustered_embeddings
 from recallk.evaluation import exact_knn
 from recallk.report import examples
 from recallk.report.examples import (
@@ -19,6 +18,7 @@ from recallk.report.examples import (
     thumbnail_png,
     to_pil,
 )
+from tests.helpers.report_runs import clustered_embeddings
 
 
 def brute_knn(emb: np.ndarray, q: int, k: int) -> list[tuple[int, float]]:

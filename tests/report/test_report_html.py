@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import metrics_lines
 from recallk.report import write_report
 from recallk.report.examples import HIT_RGB, MISS_RGB, QUERY_RGB
+from tests.helpers.report_runs import metrics_lines
 
 
 class Page(HTMLParser):

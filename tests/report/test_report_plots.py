@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import metrics_lines
 from recallk.report import plot_history, read_metrics
 from recallk.report.plots import comparison_figure, eval_splits, history_figure, recall_ks, step_position, train_points
+from tests.helpers.report_runs import metrics_lines
 
 
 def write_lines(path, lines):

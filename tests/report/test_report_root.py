@@ -4,50 +4,14 @@ when they are left out the page says how to fix it in CLI words and stderr has a
 
 from __future__ import annotations
 
-import json
 import warnings
-from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
-from PIL import Image
 
-from conftest import metrics_lines
 from recallk import provenance
 from recallk.cli.main import main
-from recallk.data import build_dataset
 from recallk.report import ReportWarning, write_report
-
-COLOURS = [(200, 30, 30), (30, 160, 30), (30, 30, 200), (200, 200, 30)]
-OMITTED = "Retrieval examples omitted"
-
-
-def write_split(folder: Path, per_class: int) -> None:
-    """``folder/class<c>/<i>.png``: ``per_class`` solid images of each colour of ``COLOURS``, of slightly
-    different sizes."""
-    for c, colour in enumerate(COLOURS):
-        (folder / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            Image.new("RGB", (20 + i, 16), colour).save(folder / f"class{c}" / f"{i}.png")
-
-
-def make_project(tmp_path: Path) -> tuple[Path, Path]:
-    """``proj/data/photos/test/<class>/<i>.png`` (4 classes x 3 solid images) and ``proj/runs/c`` whose config has
-    the relative ``data.root: data/photos``, with embeddings of the test split (one cluster per class)."""
-    proj = tmp_path / "proj"
-    write_split(proj / "data" / "photos" / "test", 3)
-    labels = np.asarray(build_dataset("folder", proj / "data" / "photos", "test", transform=None).labels)
-    rng = np.random.default_rng(0)
-    emb = np.eye(8)[labels] + 0.3 * rng.normal(size=(labels.size, 8))
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    run = proj / "runs" / "c"
-    (run / "embeddings").mkdir(parents=True)
-    np.savez(run / "embeddings" / "test.npz", embeddings=emb.astype(np.float32), labels=labels)
-    (run / "config.yaml").write_text(yaml.safe_dump(
-        {"name": "c", "data": {"dataset": "folder", "root": "data/photos", "test_split": "test", "options": {}}}))
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics_lines(1)))
-    return proj, run
+from tests.helpers.report_runs import OMITTED, make_project
 
 
 def test_relative_root_elsewhere_warns_and_says_pass_root(tmp_path, monkeypatch, capsys):

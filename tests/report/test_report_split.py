@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from test_report_root import OMITTED, make_project, write_split
 
 from recallk.cli.main import main
 from recallk.data import build_dataset
+from tests.helpers.report_runs import OMITTED, make_project, write_split
 
 
 def add_train_split(proj, run) -> None:

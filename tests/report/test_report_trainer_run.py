@@ -8,10 +8,10 @@ import shlex
 from html import unescape
 
 import pytest
-from tests.trainer_runs import trainer_api_run
 
 from recallk.cli.main import main
 from recallk.report import ReportWarning, write_report
+from tests.helpers.trainer_runs import trainer_api_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.retrieval.retrieval_helpers import ROOT, make_untrained_run
 
 from recallk.cli.main import main
+from tests.helpers.retrieval import ROOT, make_untrained_run
 
 TINY_OVERRIDES = [
     "model.name=resnet10t", "model.embed_dim=32", "data.image_size=32", "data.options.max_classes=8",

@@ -8,12 +8,12 @@ import json
 
 import numpy as np
 import pytest
-from tests.retrieval.retrieval_helpers import make_untrained_run, write_pngs
 
 from recallk.cli.main import main
 from recallk.retrieval import GalleryIndex, Retriever, load_trained_model
 from recallk.retrieval.index import recall_against_exact
 from recallk.testing.retrieval import reference_knn
+from tests.helpers.retrieval import make_untrained_run, write_pngs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 from PIL import Image, ImageOps
-from tests.retrieval.retrieval_helpers import make_untrained_run
 
 import recallk
 from recallk.retrieval import export_model, load_trained_model
+from tests.helpers.retrieval import make_untrained_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

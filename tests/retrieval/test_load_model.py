@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tests.trainer_runs import trainer_api_run
 
 import recallk
 from recallk.data.transforms import transforms_for_model
@@ -22,6 +21,7 @@ from recallk.losses import RecallAtKSurrogate, build_loss
 from recallk.models import build_model
 from recallk.retrieval import CheckpointError, load_trained_model
 from recallk.run_folder import plain_config
+from tests.helpers.trainer_runs import trainer_api_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
-from tests.retrieval.retrieval_helpers import make_untrained_run, write_pngs
 
 from recallk.cli.main import main
 from recallk.data import BadImageError
@@ -29,6 +28,7 @@ from recallk.retrieval import (
 from recallk.retrieval.embed import ImageItems
 from recallk.retrieval.index import recall_against_exact
 from recallk.testing.retrieval import reference_knn
+from tests.helpers.retrieval import make_untrained_run, write_pngs
 
 
 class CountingItems(ImageItems):

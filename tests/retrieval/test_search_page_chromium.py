@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from tests.report.test_report_chromium import CHROMIUM, colour_pixels, screenshot
-from tests.retrieval.retrieval_helpers import write_pngs
 
 from recallk.report.examples import QUERY_RGB
 from recallk.retrieval import GalleryIndex, Retriever, load_trained_model, write_embeddings, write_search_page
 from recallk.retrieval.embed import ImageItems
 from recallk.retrieval.search import NEIGHBOUR_RGB
+from tests.helpers.chromium import CHROMIUM, colour_pixels, screenshot
+from tests.helpers.retrieval import write_pngs
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")

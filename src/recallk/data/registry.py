@@ -1,7 +1,7 @@
 """The dataset registry: one :class:`DatasetSpec` per dataset, registered by the dataset's own module.
 
 A new dataset is one module calling ``register_dataset(DatasetSpec(...))``, one import line that loads it (in
-``recallk/data/datasets/__init__.py``) and a miniature tree writer in ``tests/data/dataset_trees.py``."""
+``recallk/data/datasets/__init__.py``) and a miniature tree writer in ``tests/helpers/dataset_trees.py``."""
 
 from __future__ import annotations
 

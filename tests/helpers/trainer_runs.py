@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tests.image_folders import write_image_folder
 
 import recallk
 from recallk.data.transforms import transforms_for_model
 from recallk.engine import Trainer, TrainSettings
 from recallk.losses import RecallAtKSurrogate
 from recallk.models import build_model
+from tests.helpers.image_folders import write_image_folder
 
 
 def trainer_api_run(top: Path) -> tuple[Trainer, Path, Path]:

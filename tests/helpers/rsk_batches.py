@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from device_settings import TEST_DEVICE
+from tests.helpers.device_settings import TEST_DEVICE
 
 
 def random_batch(

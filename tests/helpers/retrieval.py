@@ -1,5 +1,4 @@
-"""Untrained run folders and hand-made PNGs for the retrieval tests (a plain module: see tests/evaluation/clusters.py
-for why not conftest.py)."""
+"""Untrained run folders and hand-made PNGs for the retrieval tests."""
 
 from __future__ import annotations
 

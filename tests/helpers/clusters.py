@@ -1,8 +1,4 @@
-"""Shared data makers for the evaluation tests: clustered embeddings, uneven classes, exact ties.
-
-A plain module, not conftest.py: tests/report has a conftest.py too, and ``from conftest import`` would get
-whichever one pytest loaded last (it loads both up front when given both folders).
-"""
+"""Shared data makers for the evaluation tests: clustered embeddings, uneven classes, exact ties."""
 
 from __future__ import annotations
 
