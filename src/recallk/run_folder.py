@@ -84,10 +84,6 @@ class RunFolder:
     def best_pt(self) -> Path:
         return self.checkpoints / "best.pt"
 
-    def rank_rng(self, rank: int) -> Path:
-        """``checkpoints/last.rng.rank<R>.pt``: rank R's random state after a stop (several processes)."""
-        return self.checkpoints / f"last.rng.rank{rank}.pt"
-
     def embeddings(self, split: str) -> Path:
         """``embeddings/<split>.npz``: the final evaluation's embeddings of ``split``."""
         return self.root / "embeddings" / f"{split}.npz"

@@ -98,13 +98,11 @@ def resume_command(config: dict[str, Any], *overrides: str) -> str:
 
 def finished_run_message(config: dict[str, Any], run_dir: Path) -> str | None:
     """For ``--resume``: what to say when ``run_dir/checkpoints/last.pt`` has already done all the run asks
-    (``train.epochs`` completed, or ``train.max_steps`` steps made, and no interrupted evaluation to run again),
-    naming the key to raise; None when there is training left."""
+    (``train.epochs`` completed, or ``train.max_steps`` steps made), naming the key to raise; None when there is
+    training left."""
     from recallk.engine import load_checkpoint
 
     state = load_checkpoint(RunFolder(run_dir).last_pt, map_location="cpu")
-    if state.get("pending_eval") is not None:
-        return None
     epoch, step, t = int(state.get("epoch", 0)), int(state.get("step", 0)), config["train"]
     if epoch >= t["epochs"]:
         done = (f"{epoch}/{t['epochs']} epochs" if epoch == t["epochs"]

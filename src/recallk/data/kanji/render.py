@@ -15,7 +15,6 @@ import json
 import multiprocessing
 import os
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from recallk.data.kanji.fonts import FontEntry, check_fonts_installed
+from recallk.run_folder import atomic_path, write_atomic
 
 RENDER_VERSION = 1
 DEFAULT_SIZE = 64
@@ -122,27 +122,25 @@ def render_cache(
         num_workers = min(os.cpu_count() or 1, 8) if len(chars) * len(fonts) > 4000 else 0
     if context is None:
         num_workers = 0
-    tmp = cache_dir / f".{key}.{uuid.uuid4().hex}.npy.tmp"
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(chars), len(fonts), size, size))
     bad: list[tuple[str, str, str]] = []
     pool = context.Pool(num_workers) if num_workers > 0 else None
     bar = tqdm(total=len(chars) * len(fonts), desc="rendering kanji", unit="glyph", disable=not progress)
     try:
-        results = pool.imap(_render_task, tasks) if pool is not None else map(_render_task, tasks)
-        for start, (column, images, task_bad) in zip(starts, results):
-            array[start : start + len(images), column] = images
-            bad += [(chars[start + i], fonts[column].name, reason) for i, reason in task_bad]
-            bar.update(len(images))
-        array.flush()
-        del array
-        os.replace(tmp, cache_dir / f"{key}.npy")
+        with atomic_path(cache_dir / f"{key}.npy") as tmp:
+            shape = (len(chars), len(fonts), size, size)
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            results = pool.imap(_render_task, tasks) if pool is not None else map(_render_task, tasks)
+            for start, (column, images, task_bad) in zip(starts, results):
+                array[start : start + len(images), column] = images
+                bad += [(chars[start + i], fonts[column].name, reason) for i, reason in task_bad]
+                bar.update(len(images))
+            array.flush()
+            del array
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-        if tmp.exists():
-            tmp.unlink()
     manifest = {
         "version": RENDER_VERSION,
         "size": size,
@@ -153,9 +151,7 @@ def render_cache(
         "bad": sorted(bad),
     }
     path = cache_dir / f"{key}.json"
-    tmp_json = cache_dir / f".{key}.{uuid.uuid4().hex}.json.tmp"
-    tmp_json.write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp_json, path)
+    write_atomic(path, json.dumps(manifest, ensure_ascii=False, indent=1))
     return path
 
 
