@@ -8,7 +8,6 @@ The run's files are written by :mod:`recallk.engine.run_log` (logs, metrics), :m
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 import warnings
@@ -33,6 +32,7 @@ from recallk.engine.optim import build_optimizer, build_scheduler
 from recallk.engine.run_config import merge_run_config, trainer_run_config
 from recallk.engine.run_log import IntervalMeter, RunLog, duration, eval_summary, start_block
 from recallk.engine.settings import TrainSettings, check_amp_device, check_per_class
+from recallk.engine.step_checks import IdleSteps, NonFiniteLossError, TrainingStalledError, check_finite
 from recallk.engine.stop import Stopped, StopSignals
 from recallk.engine.trainer_state import restore_trainer, save_last
 from recallk.run_folder import RunFolder
@@ -40,20 +40,6 @@ from recallk.utils import autocast_dtype, resolve_device, seed_everything
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
 __all__ = ["NonFiniteLossError", "Stopped", "Trainer", "TrainingStalledError"]
-#: consecutive steps without an update (every one skipped by the GradScaler, or all gradients exactly zero) after
-#: which the run stops with :class:`TrainingStalledError`. The GradScaler skips a few steps by design while it
-#: calibrates its scale (halving it from 2**16 each time), far fewer than this.
-MAX_IDLE_STEPS = 20
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient became NaN or infinite; the run stopped without saving the bad weights."""
-
-
-class TrainingStalledError(RuntimeError):
-    """Steps are being made without changing the weights (GradScaler skips, zero gradients); the run stopped."""
-
-
 class Trainer:
     """Trains ``model`` with ``criterion`` on ``train_dataset``, writing logs and checkpoints into ``run_dir``.
 
@@ -145,7 +131,7 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.last_eval: dict[str, Any] = {}
         self._stop = StopSignals()
-        self._idle_steps = 0
+        self._idle = IdleSteps()
         self._epoch_times: list[float] = []
         self._epoch_start, self._epoch_first_step = time.perf_counter(), 0
 
@@ -292,11 +278,7 @@ class Trainer:
         value = float(loss)
         where = (f"at epoch {epoch}, step {self.step + 1} (batch {self.position + 1} of the epoch); the last "
                  f"good checkpoint in {self.folder.checkpoints} was kept. Lower the learning rate or try amp=fp32")
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"the loss is {value} {where}")
-        finite, zero = self._gradient_norms()
-        if self.scaler is None and not finite:
-            raise NonFiniteLossError(f"a parameter gradient is not finite {where}")
+        zero = check_finite(value, self.optimizer, self.scaler is not None, where)
         updated = not zero
         if self.scaler is not None:  # fp16: the scaler skips steps with overflowing gradients by design
             scale = self.scaler.get_scale()
@@ -311,23 +293,8 @@ class Trainer:
         self.epoch_steps += 1
         if after_update is not None:
             after_update(value)
-        self._idle_steps = 0 if updated else self._idle_steps + 1
-        if self._idle_steps >= MAX_IDLE_STEPS:
-            why = ("the fp16 GradScaler skipped every one (overflowing gradients: use amp=bf16 or amp=fp32)"
-                   if self.scaler is not None and not zero else "every gradient was exactly zero (check the loss "
-                   "and the batch: per_class, labels)")
-            raise TrainingStalledError(f"{self._idle_steps} steps in a row did not change the weights: {why}; "
-                                       f"stopped at epoch {epoch}, step {self.step}")
+        self._idle.after(updated, self.scaler is not None and not zero, epoch, self.step)
         return value
-
-    def _gradient_norms(self) -> tuple[bool, bool]:
-        """(every gradient is finite, every gradient is exactly zero or absent)."""
-        norms = [torch.linalg.vector_norm(p.grad.float()) for group in self.optimizer.param_groups
-                 for p in group["params"] if p.grad is not None]
-        if not norms:
-            return True, True
-        norms = torch.stack(norms)
-        return bool(torch.isfinite(norms).all()), bool((norms == 0).all())
 
     def _finish_epoch(self, epoch: int) -> None:
         """The epoch's line, the scheduler's step, the evaluation, ``last.pt``; then a stop check."""
