@@ -132,7 +132,8 @@ def evaluate_files(args: argparse.Namespace) -> int:
     """``recallk eval --query-embeddings Q.npz --gallery-embeddings G.npz``."""
     if not (args.query_embeddings and args.gallery_embeddings):
         raise ValueError("give both --query-embeddings and --gallery-embeddings")
-    metrics = evaluate_embedding_files(args.query_embeddings, args.gallery_embeddings, args.ks)
+    metrics = evaluate_embedding_files(args.query_embeddings, args.gallery_embeddings, args.ks,
+                                       notice=lambda line: print(f"recallk eval: note: {line}", file=sys.stderr))
     results = {"query vs gallery": metrics}
     print(format_metrics_table(results))
     print(json.dumps(results))

@@ -194,13 +194,16 @@ def iter_knn(
     backend: str = "faiss",
     device: torch.device | None = None,
     chunk_size: int | None = None,
+    self_ids: np.ndarray | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(start, scores, indices)`` for consecutive chunks of the queries ``query_source[rows]``.
 
     ``scores`` (c, k) float32 and ``indices`` (c, k) int64 belong to queries ``rows[start:start + c]``, in the
     order rule of this module. With ``exclude_self`` the query source is the reference set and a query's own index
-    is its row number. ``k`` must be at most the reference set size (minus one with ``exclude_self``); the caller
-    validates. Memory: one chunk's candidates (faiss) or score block (torch), never Q x N.
+    is its row number, or ``self_ids[row]`` when given (the reference row of each query source row: a separate
+    query set whose items are also in the reference set). ``k`` must be at most the reference set size (minus
+    one with ``exclude_self``); the caller validates. Memory: one chunk's candidates (faiss) or score block
+    (torch), never Q x N.
     """
     device = device or torch.device("cpu")
     n_ref = reference.shape[0]
@@ -231,7 +234,8 @@ def iter_knn(
             ids = rows[start : start + chunk]
             scores, indices = search(np.ascontiguousarray(query_source[ids]))
             if exclude_self:
-                scores, indices = _drop_self(scores, indices, torch.from_numpy(ids).to(indices.device))
+                own = ids if self_ids is None else self_ids[ids]
+                scores, indices = _drop_self(scores, indices, torch.from_numpy(own).to(indices.device))
             yield start, scores.cpu().numpy(), indices.cpu().numpy()
 
 

@@ -78,6 +78,23 @@ def count_positives(query_labels: np.ndarray, ref_labels: np.ndarray, leave_one_
     return np.where(found, counts[pos], 0).astype(np.int64) - int(leave_one_out)
 
 
+def _self_index_array(
+    self_index: np.ndarray, leave_one_out: bool, query_labels: np.ndarray, ref_labels: np.ndarray
+) -> np.ndarray:
+    if leave_one_out:
+        raise ValueError("self_index needs a separate reference set (ref_emb, ref_labels); leave-one-out excludes "
+                         "each query by its own row already")
+    own = np.asarray(self_index).reshape(-1)
+    if own.shape[0] != len(query_labels) or not np.issubdtype(own.dtype, np.integer):
+        raise ValueError(f"self_index must be ({len(query_labels)},) integers, got {own.dtype} {own.shape}")
+    own = own.astype(np.int64)
+    if own.size and (own.min() < 0 or own.max() >= len(ref_labels)):
+        raise ValueError(f"self_index must hold reference rows in [0, {len(ref_labels) - 1}]")
+    if (ref_labels[own] != query_labels).any():
+        raise ValueError("self_index points at reference rows whose labels differ from their queries' labels")
+    return own
+
+
 def first_pass_depth(r: np.ndarray, min_depth: int, available: int) -> int:
     """The first-pass depth d minimising the modelled search cost, at least ``min_depth`` (capped by available).
 
@@ -135,6 +152,7 @@ def retrieval_metrics(
     device: str | torch.device | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
+    self_index: np.ndarray | None = None,
 ) -> dict[str, float | int]:
     """Exact retrieval metrics of ``embeddings`` as queries (definitions in the module docstring).
 
@@ -145,10 +163,13 @@ def retrieval_metrics(
         ks: the k's of ``recall@k`` and ``positive_recall@k``.
         ref_emb, ref_labels: an optional separate reference set (M, d) / (M,). Without it the metrics are
             leave-one-out: every query searches all the other embeddings (itself excluded by index). With it,
-            queries search the reference set and nothing is excluded.
+            queries search the reference set and nothing is excluded (unless ``self_index``).
         device: where the kNN search runs (None: CPU; "auto": a GPU when present).
         backend: kNN backend, "faiss", "torch" or None/"auto" (see ``exact_knn``).
         chunk_size: queries per search chunk (memory knob); None picks one from a memory budget.
+        self_index: with ``ref_emb``, (N,) int: the reference row that is query q itself (a query set whose items
+            are also in the reference set); that row is left out of q's neighbours and positives, as in
+            leave-one-out. Its label must be q's.
 
     Returns:
         ``{"recall@k": float, "positive_recall@k": float (for each k), "map@r": float, "r_precision": float,
@@ -156,7 +177,8 @@ def retrieval_metrics(
 
     Raises:
         ValueError: shapes or dtypes that do not fit, NaN/inf embeddings, only one of ref_emb/ref_labels
-            given, bad ks, or no query with a positive (nothing to average).
+            given, bad ks, no query with a positive (nothing to average), or a ``self_index`` without ``ref_emb``,
+            out of range, or pointing at a row of another label.
     """
     ks = _validate_ks(ks)
     if (ref_emb is None) != (ref_labels is None):
@@ -171,17 +193,20 @@ def retrieval_metrics(
         ref_labels = _labels_array(ref_labels, len(reference), "ref_labels")
         if reference.shape[1] != queries.shape[1]:
             raise ValueError(f"embeddings have dimension {queries.shape[1]} but ref_emb has {reference.shape[1]}")
+    if self_index is not None:
+        self_index = _self_index_array(self_index, leave_one_out, query_labels, ref_labels)
+    exclude = leave_one_out or self_index is not None  # each query's own row is left out
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     backend = resolve_backend(backend, dev)
 
-    positives = count_positives(query_labels, ref_labels, leave_one_out)
+    positives = count_positives(query_labels, ref_labels, exclude)
     rows = np.flatnonzero(positives > 0)
     if len(rows) == 0:
         raise ValueError(
             "no query has a positive (every class has a single item, or no query label is in the reference "
             "set): the metrics are undefined"
         )
-    available = len(reference) - int(leave_one_out)  # neighbours a query can have
+    available = len(reference) - int(exclude)  # neighbours a query can have
     r = positives[rows]
     depth = first_pass_depth(r, ks[-1], available)
     totals = _Totals(ks)
@@ -190,7 +215,7 @@ def retrieval_metrics(
         return ref_labels[indices] == query_labels[subset[start : start + len(indices)], None]
 
     # Pass 1: every query, to `depth`; MAP@R for the queries whose R fits.
-    for start, _, indices in iter_knn(queries, rows, reference, depth, leave_one_out, backend, dev, chunk_size):
+    for start, _, indices in iter_knn(queries, rows, reference, depth, exclude, backend, dev, chunk_size, self_index):
         relevant = relevance(start, indices, rows)
         r_chunk = r[start : start + len(indices)]
         totals.add_recalls(relevant, r_chunk)
@@ -206,7 +231,7 @@ def retrieval_metrics(
         group = deep[start : start + max(1, _SECOND_PASS_BUDGET // group_depth)]
         group_rows = rows[group]
         for s, _, indices in iter_knn(
-            queries, group_rows, reference, group_depth, leave_one_out, backend, dev, chunk_size
+            queries, group_rows, reference, group_depth, exclude, backend, dev, chunk_size, self_index
         ):
             totals.add_map_at_r(relevance(s, indices, group_rows), r[group[s : s + len(indices)]])
         start += len(group)
