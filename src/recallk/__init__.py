@@ -36,8 +36,20 @@ _EXPORTS = {
 
 __all__ = [*_EXPORTS, "__version__"]
 
+# The sub-packages, reachable as attributes after ``import recallk`` alone (``recallk.models.freeze_batchnorm``,
+# as the messages advise), imported on first use like the names above.
+_SUBMODULES = ("checks", "config", "data", "engine", "evaluation", "kernels", "losses", "models", "provenance",
+               "report", "retrieval", "run_folder", "testing", "utils")
+
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"recallk.{name}")
     raise AttributeError(f"module 'recallk' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public API and the sub-packages (for completion), besides the module's own names."""
+    return sorted({*globals(), *__all__, *_SUBMODULES})
