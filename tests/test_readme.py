@@ -20,13 +20,16 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from tests.helpers.runs import tiny_overrides
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent  # the venv's bin/: python and the `recallk` entry point
 
 # `make demo`'s run, shrunk: the demo's config with fewer classes, one epoch, a smaller batch and no report extras.
-TINY_DEMO = ("data.options.max_classes=8", "data.test_options.max_classes=4", "train.epochs=1",
-             "train.batch_size=32", "train.chunk_size=32", "eval.pixel_baseline=false")
+# the demo's config, shrunk (the README's command names the config file itself)
+TINY_DEMO = tiny_overrides("kanji", "train.batch_size=32", "train.chunk_size=32",
+                           drop=("-c", "train.max_steps_per_epoch", "train.tensorboard"))
 
 
 def fenced_blocks(text: str, language: str) -> list[tuple[str, str]]:

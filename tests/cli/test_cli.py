@@ -1,12 +1,15 @@
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from recallk.cli.main import build_parser, main
 from tests.helpers.image_folders import write_image_folder
+from tests.helpers.runs import tiny_overrides
 
 
 def run_cli(*args):
@@ -67,9 +70,8 @@ def test_eval_split_takes_several_splits():
     assert parser.parse_args(["eval"]).split is None
 
 
-TINY = ["--no-progress", "data.dataset=folder", "data.image_size=32", "model.name=resnet10t", "model.embed_dim=16",
-        "train.epochs=1", "train.batch_size=16", "train.chunk_size=8", "train.device=cpu", "train.lr=1e-3",
-        "train.tensorboard=false", "eval.pixel_baseline=false", "eval.ks=[1, 2]", "train.max_steps_per_epoch=1"]
+TINY = tiny_overrides("folder", "train.epochs=1", "train.lr=1e-3", "train.tensorboard=false",
+                      "train.max_steps_per_epoch=1")
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +116,10 @@ def test_eval_without_a_root_says_pass_root(tiny_run, tmp_path, capsys):
     assert err.startswith("recallk eval: error: dataset 'folder' needs its data folder") and err.count("\n") == 1
     assert "pass --root DIR" in err and "root=" not in err
     assert "test" in eval_json(capsys, "--checkpoint", str(alone), "--root", str(data))  # as told: it works
+
+
+def test_python_m_recallk_cli_runs():
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    done = subprocess.run([sys.executable, "-m", "recallk.cli", "--version"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("recallk "), done.stderr

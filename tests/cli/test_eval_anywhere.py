@@ -1,7 +1,10 @@
 """``recallk eval --checkpoint`` on a checkpoint copied anywhere, alone (issue 19, "Evaluate anywhere"): a tiny run
 trained with the CLI, its best.pt copied out, the run folder deleted, the data moved; the copy gives the metrics of
 the evaluation in place. Also: what every checkpoint carries, best.pt weights-only, group-readable files, and an
-older checkpoint (no config inside) still evaluated through its run folder's config.yaml."""
+older checkpoint (no config inside) still evaluated through its run folder's config.yaml. A run on a flat folder
+given by a relative root stores ``data.root`` absolute: its checkpoint evaluates from another directory, --resume
+with the same relative root continues it (of a finished run: says so and records nothing), and a checkpoint whose
+data is not here says to pass --root."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +21,11 @@ import yaml
 import recallk
 from recallk.cli.main import main
 from tests.helpers.image_folders import write_image_folder
+from tests.helpers.runs import tiny_overrides
 
-TINY = ["--no-progress", "data.dataset=folder", "data.image_size=32", "model.name=resnet10t", "model.embed_dim=16",
-        "train.epochs=1", "train.batch_size=16", "train.chunk_size=8", "train.device=cpu", "train.lr=1e-3",
-        "train.tensorboard=false", "eval.pixel_baseline=false", "eval.ks=[1, 2]"]
+TINY = tiny_overrides("folder", "train.epochs=1", "train.lr=1e-3", "train.tensorboard=false")
+# a flat folder split by the run (BatchNorm training, the default lr; each run sets its epochs)
+TINY_FLAT = tiny_overrides("folder", "model.freeze_bn=false", "train.tensorboard=false")
 
 
 # one torch thread: faster on the shared 2-core machine, and the same arithmetic in every evaluation
@@ -131,3 +136,58 @@ def test_resume_never_reads_best_pt(trained, tmp_path):
                       per_class=2, epochs=1, device="cpu", progress=False, tensorboard=False)
     with pytest.raises(ValueError, match=r"weights-only checkpoint.*resume from .*last\.pt"):
         trainer.fit(resume=run / "checkpoints" / "best.pt")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """``photos/``: 12 class folders of 4 noisy copies of a coarse colour pattern, directly under the root (no
+    train/test)."""
+    return write_image_folder(tmp_path_factory.mktemp("flat") / "photos", 12, noise=0.9, seed=1)
+
+
+def _segments(run: Path) -> list[dict]:
+    return json.loads((run / "run.json").read_text())["segments"]
+
+
+def test_relative_root_resume_and_eval_anywhere(photos, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(photos.parent)
+    runs = tmp_path / "runs"
+    common = [f"runs_dir={runs}", "data.root=photos", "data.options.test_classes=4", *TINY_FLAT]
+    assert main(["train", "--name", "rel", *common, "train.epochs=1", "train.max_steps_per_epoch=1"]) == 0
+    out = capsys.readouterr().out
+    run = runs / "rel"
+    absolute = os.path.abspath(photos)
+    assert f"root: {absolute}" in (run / "config.yaml").read_text()
+    for name in ("best.pt", "last.pt"):
+        assert torch.load(run / "checkpoints" / name, weights_only=False)["config"]["data"]["root"] == absolute
+    log = (run / "train.log").read_text()
+    assert "loss         rsk (ks [1, 2, 4, 8, 16], SiMix off)" in log and "loss         rsk" in out
+    assert "after training (epoch 1)" in out and "after training (epoch 1)" in log  # the final table, in both
+
+    # --resume of a finished run (the same relative root): says so, trains nothing, records no segment
+    segments, saved = _segments(run), (run / "config.yaml").read_bytes()
+    assert main(["train", "--name", "rel", "--resume", *common, "train.epochs=1", "train.max_steps_per_epoch=1"]) == 0
+    out = capsys.readouterr().out
+    assert ("run rel already finished 1/1 epochs: nothing to train; raise train.epochs to continue") in out, out
+    assert _segments(run) == segments and not (run / "resumes.jsonl").exists()
+    assert (run / "config.yaml").read_bytes() == saved
+
+    # a checkpoint evaluated from another directory finds its data
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test"]["num_queries"] == 16
+
+    # a checkpoint whose data root is not here: the error says what to pass, in plain words
+    state = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
+    state["config"]["data"]["root"] = "photos2"
+    torch.save(state, tmp_path / "moved.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "moved.pt"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --root with the data folder of dataset 'folder' on this machine" in err and "folder folder" not in err
+
+    # raising train.epochs continues, with an unambiguous resume line
+    monkeypatch.chdir(photos.parent)
+    assert main(["train", "--name", "rel", "--resume", *common, "train.epochs=2", "train.max_steps_per_epoch=1"]) == 0
+    out = capsys.readouterr().out
+    assert "(resumed after epoch 1 (step 1): continuing with epoch 2)" in out and "epoch 2/2" in out
+    assert len(_segments(run)) == len(segments) + 1

@@ -1,12 +1,9 @@
-"""New-user trial of switching the loss (a researcher reproducing the paper): a preset's RS@k keys do not block
+"""The loss section of a run's config, as a researcher switching losses meets it: a preset's RS@k keys do not block
 another loss, bad baseline options are refused before any work, baselines name themselves in the start block,
-a torchrun run says how to resume under torchrun, loss errors name their config keys."""
+loss errors name their config keys, contrastive margins follow the loss's distance."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,14 +11,12 @@ import yaml
 
 import recallk
 from recallk.cli.main import main
-from recallk.cli.run import resume_command
 from recallk.config import ConfigError, load_config
+from tests.helpers.runs import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 KANJI = str(REPO / "configs" / "kanji.yaml")
-TINY = ["-c", KANJI, "model.name=resnet10t", "data.image_size=32", "data.options.max_classes=8",
-        "data.test_options.max_classes=4", "train.epochs=1", "train.batch_size=16", "train.chunk_size=8",
-        "train.max_steps_per_epoch=2", "eval.pixel_baseline=false", "train.tensorboard=false"]
+TINY = tiny_overrides("kanji")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,33 +80,6 @@ def test_proxy_anchor_num_classes_is_checked_against_the_training_split(tmp_path
     assert code == 2 and "Traceback" not in err, err
     assert ("loss.num_classes=5 but the training split has 8 classes: set it to 8 or leave it out "
             "(recallk fills it in)") in err, err
-
-
-def test_resume_command_under_torchrun(monkeypatch):
-    config = {"name": "x", "runs_dir": "runs"}
-    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    assert resume_command(config) == "recallk train --name x --resume"
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert resume_command(config) == ("torchrun --nproc-per-node 2 -m recallk train --name x --resume (with the same "
-                                      "torchrun options as before)")
-    monkeypatch.setenv("WORLD_SIZE", "8")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert resume_command({"name": "x", "runs_dir": "/r"}, "train.epochs=9").startswith(
-        "torchrun --nnodes 2 --nproc-per-node 4 -m recallk train --name x --resume runs_dir=/r train.epochs=9")
-
-
-def test_pretrained_advice_is_in_config_words(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(recallk.__file__).parents[1]), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
-    for value, advice in (("true", "set model.pretrained=/path/to/weights.pth or model.pretrained=false"),
-                          (str(tmp_path / "none.pth"), "e.g. model.pretrained=/path/to/weights.pth")):
-        proc = subprocess.run([sys.executable, "-m", "recallk", "train", *TINY, f"runs_dir={tmp_path}", "--name",
-                               "w", "--no-progress", f"model.pretrained={value}"], env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 2 and advice in proc.stderr, proc.stderr
-        assert "pretrained='path/to/weights.pth'" not in proc.stderr and "pretrained= takes" not in proc.stderr
 
 
 def test_contrastive_margins_with_another_distance_are_not_bounded_as_distances():

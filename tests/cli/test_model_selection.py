@@ -1,5 +1,6 @@
 """Model selection without test-set feedback: a seeded class-disjoint validation split (data.val_classes) chooses
-best.pt; best.json says which split and epoch; the flat folder's train/test split; the same-images warning."""
+best.pt; best.json says which split and epoch; the flat folder's train/test split; the same-images warning; a
+one-class validation split is refused."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from recallk.cli.wiring import model_from_config, split_datasets_from_config
 from recallk.config import load_config
 from recallk.engine import Trainer, load_checkpoint
 from tests.helpers.image_folders import write_image_folder
+from tests.helpers.runs import tiny_overrides
 
-TINY = ["data.image_size=32", "model.name=resnet10t", "model.embed_dim=16", "model.freeze_bn=false",
-        "train.batch_size=16", "train.chunk_size=8", "train.device=cpu", "eval.ks=[1, 2]", "--no-progress"]
+TINY = tiny_overrides("folder", "model.freeze_bn=false")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def _records(run):
 
 
 def test_validation_split_chooses_best(flat_folder, tmp_path, capsys):
-    args = ["train", "--name", "val", f"runs_dir={tmp_path}", "data.dataset=folder", f"data.root={flat_folder}",
+    args = ["train", "--name", "val", f"runs_dir={tmp_path}", f"data.root={flat_folder}",
             "data.options.test_classes=4", "data.val_classes=3", "train.epochs=2", "train.lr=3e-2",
             "train.best_metric=recall@1", *TINY]
     assert main(args) == 0
@@ -88,7 +89,7 @@ def test_validation_split_chooses_best(flat_folder, tmp_path, capsys):
 
 
 def test_too_few_training_classes_left_is_a_clear_error(flat_folder, tmp_path, capsys):
-    args = ["train", "--name", "few", f"runs_dir={tmp_path}", "data.dataset=folder", f"data.root={flat_folder}",
+    args = ["train", "--name", "few", f"runs_dir={tmp_path}", f"data.root={flat_folder}",
             "data.options.test_classes=4", "data.val_classes=0.6", "train.epochs=1", *TINY]
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -98,7 +99,7 @@ def test_too_few_training_classes_left_is_a_clear_error(flat_folder, tmp_path, c
 
 
 def test_same_images_warns_loudly(flat_folder, tmp_path, capsys):
-    args = ["train", "--name", "same", f"runs_dir={tmp_path}", "data.dataset=folder", f"data.root={flat_folder}",
+    args = ["train", "--name", "same", f"runs_dir={tmp_path}", f"data.root={flat_folder}",
             "data.train_split=all", "data.test_split=all", "train.epochs=1", "train.max_steps=1", *TINY]
     assert main(args) == 0
     err = capsys.readouterr().err
@@ -159,3 +160,14 @@ def test_trainer_selects_on_validation_when_the_evaluation_has_it(tmp_path, with
     entry = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
     assert entry["best"]["epoch"] == best["epoch"] and entry["best"]["split"] == best["split"]
     assert entry["epoch"] == best["epoch"]
+
+
+def test_a_one_class_validation_split_is_refused(flat_folder, tmp_path, capsys):
+    # 6 training classes; 0.2 of them rounds to 1 class: every neighbour would be a positive (100 at every epoch)
+    args = ["train", "--name", "one", f"runs_dir={tmp_path}", f"data.root={flat_folder}",
+            "data.options.test_classes=6", "data.val_classes=0.2", "train.epochs=1", *TINY, "train.tensorboard=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "data.val_classes=0.2 holds out 1 class of the 6 classes of folder/train" in err, err
+    assert "at least 2 such classes" in err and "data.val_classes=2" in err and "Traceback" not in err
+    assert not (tmp_path / "one").exists()  # a failed start leaves no run folder

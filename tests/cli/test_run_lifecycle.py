@@ -1,6 +1,8 @@
 """``recallk train`` lifecycle (issue 19): cheap checks before the run folder exists, overrides anywhere, progress
 lines with --no-progress, SIGTERM saves and --resume continues to the uninterrupted run's weights, with the run's
-own config (a changing override is refused with a diff) and metrics.jsonl without duplicated lines."""
+own config (a changing override is refused with a diff) and metrics.jsonl without duplicated lines; the resume
+command names torchrun under torchrun, a second Ctrl-C exits 130 saying interrupted, and a pretrained weights
+error advises in config words."""
 
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import recallk
 from recallk.cli.main import build_parser, main, parse_args
+from recallk.cli.run import resume_command
+from tests.helpers.runs import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["-c", str(REPO / "configs" / "kanji.yaml"), "model.name=resnet10t", "data.image_size=32",
-        "data.options.max_classes=8", "data.test_options.max_classes=4", "train.epochs=2", "train.batch_size=16",
-        "train.chunk_size=8", "train.max_steps_per_epoch=3", "eval.pixel_baseline=false", "train.tensorboard=false"]
+TINY = tiny_overrides("kanji", "train.epochs=2", "train.max_steps_per_epoch=3")
 
 
 # one torch thread (the subprocess: OMP_NUM_THREADS=1): 6x faster on a shared 2-core machine, and the same
@@ -143,3 +146,42 @@ def test_a_run_stopped_by_max_steps_does_not_call_the_untrained_model_trained(tm
     assert "after training" not in out and "last evaluation (epoch 0, step 0)" in out
     assert f"recallk eval --checkpoint {tmp_path / 'r' / 'checkpoints' / 'last.pt'}" in out
     assert "after - raw pixels" in out  # the gain column still follows the lead column
+
+
+def test_resume_command_under_torchrun(monkeypatch):
+    config = {"name": "x", "runs_dir": "runs"}
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert resume_command(config) == "recallk train --name x --resume"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command(config) == ("torchrun --nproc-per-node 2 -m recallk train --name x --resume (with the same "
+                                      "torchrun options as before)")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resume_command({"name": "x", "runs_dir": "/r"}, "train.epochs=9").startswith(
+        "torchrun --nnodes 2 --nproc-per-node 4 -m recallk train --name x --resume runs_dir=/r train.epochs=9")
+
+
+def test_pretrained_advice_is_in_config_words(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(recallk.__file__).parents[1]), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    for value, advice in (("true", "set model.pretrained=/path/to/weights.pth or model.pretrained=false"),
+                          (str(tmp_path / "none.pth"), "e.g. model.pretrained=/path/to/weights.pth")):
+        proc = subprocess.run([sys.executable, "-m", "recallk", "train", *tiny_overrides("kanji"),
+                               f"runs_dir={tmp_path}", "--name", "w", "--no-progress", f"model.pretrained={value}"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and advice in proc.stderr, proc.stderr
+        assert "pretrained='path/to/weights.pth'" not in proc.stderr and "pretrained= takes" not in proc.stderr
+
+
+def test_a_second_ctrl_c_exits_130_saying_interrupted(monkeypatch, capsys):
+    from recallk.cli import commands
+    from recallk.cli.main import main
+
+    def aborted(args):
+        raise KeyboardInterrupt  # what a second Ctrl-C raises: the run aborts without saving
+
+    monkeypatch.setattr(commands, "run", aborted)
+    assert main(["train", "--name", "x", "--no-progress"]) == 130
+    assert "recallk train: interrupted" in capsys.readouterr().err

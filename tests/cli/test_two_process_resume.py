@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,19 +24,13 @@ import torch
 from recallk.cli.main import main
 from recallk.engine import trainer as trainer_module
 from recallk.engine import trainer_state
+from tests.helpers.distributed import free_port
 from tests.helpers.image_folders import write_image_folder
+from tests.helpers.runs import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--no-progress", "data.dataset=folder", "data.image_size=32", "model.name=resnet10t", "model.embed_dim=16",
-        "model.options.drop_path_rate=0.2", "train.epochs=2", "train.batch_size=16", "train.chunk_size=8",
-        "train.device=cpu", "train.tensorboard=false", "eval.pixel_baseline=false", "eval.ks=[1, 2]",
-        "train.max_steps_per_epoch=3"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TINY = tiny_overrides("folder", "model.options.drop_path_rate=0.2", "train.epochs=2", "train.tensorboard=false",
+                      "train.max_steps_per_epoch=3")
 
 
 def _torchrun(runs: Path, name: str, *extra: str) -> subprocess.Popen:
@@ -45,7 +38,7 @@ def _torchrun(runs: Path, name: str, *extra: str) -> subprocess.Popen:
     Slurm): one torch thread per rank, the same arithmetic in every run so that weights compare bit for bit."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                             "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "recallk",
+                             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "recallk",
                              "train", "--name", name, f"runs_dir={runs}", *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

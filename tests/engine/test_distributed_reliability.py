@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,17 +24,12 @@ import torch.multiprocessing as mp
 from recallk.engine import DistributedGather, Stopped, Trainer, cached_backward, freeze_batchnorm, load_checkpoint
 from recallk.engine.distributed import init_distributed
 from recallk.losses import RecallAtKSurrogate
+from tests.helpers.distributed import free_port
 from tests.helpers.engine import NoisyImages, grads, make_batch, make_net
 
 WORLD_SIZE = 2
 BATCH = 12
 HERE = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _simix_worker(rank: int, port: int, out_dir: str) -> None:
@@ -60,7 +54,7 @@ def _simix_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_simix_with_different_rank_seeds_gives_the_global_batch_gradient(tmp_path):
-    mp.start_processes(_simix_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, start_method="spawn")
+    mp.start_processes(_simix_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, start_method="spawn")
     model = freeze_batchnorm(make_net(dropout=0.0))
     images, labels = make_batch(batch=BATCH, classes=3)
     torch.manual_seed(100)  # rank 0's seed: its generator state is the one every rank uses
@@ -80,7 +74,7 @@ def test_simix_with_different_rank_seeds_gives_the_global_batch_gradient(tmp_pat
 
 @pytest.mark.slow
 def test_torchrun_two_nodes_trains_like_one_process(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}  # the repository: tests.helpers
     nodes = [
         subprocess.Popen(
@@ -159,7 +153,7 @@ def _stop_worker(rank: int, port: int, out_dir: str, cut: bool) -> None:
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
     for name, cut in (("cut", True), ("alone", False)):
         (tmp_path / name).mkdir()
-        mp.start_processes(_stop_worker, args=(_free_port(), str(tmp_path / name), cut), nprocs=WORLD_SIZE,
+        mp.start_processes(_stop_worker, args=(free_port(), str(tmp_path / name), cut), nprocs=WORLD_SIZE,
                            start_method="spawn")
     rank0, rank1 = (torch.load(tmp_path / "cut" / f"stop{rank}.pt") for rank in range(WORLD_SIZE))
     assert rank0["stopped"] == rank1["stopped"] == ("SIGTERM", 2, 2)  # rank 0 was not signalled, and agreed

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 from recallk.engine import DistributedGather, Trainer, cached_backward, freeze_batchnorm
 from recallk.engine.distributed import all_gather_rows, init_distributed
 from tests.helpers.device_settings import cpu_only
+from tests.helpers.distributed import free_port
 from tests.helpers.engine import (
     GeneratorMixLoss,
     NoisyImages,
@@ -28,12 +28,6 @@ from tests.helpers.engine import (
 pytestmark = cpu_only("two gloo processes share the CPU; NCCL would need a GPU per process")
 WORLD_SIZE = 2
 BATCH = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _trainer(run_dir: Path, distributed: bool) -> Trainer:
@@ -90,7 +84,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dist")
-    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, start_method="spawn")
     return out_dir
 
 

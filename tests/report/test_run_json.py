@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 
 from recallk.cli.main import main
+from tests.helpers.runs import tiny_overrides
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = ["-c", str(REPO / "configs" / "kanji.yaml"), "model.name=resnet10t", "data.image_size=32",
-        "data.options.max_classes=8", "data.test_options.max_classes=4", "train.batch_size=16",
-        "train.chunk_size=8", "train.max_steps_per_epoch=2", "eval.pixel_baseline=false", "train.tensorboard=false"]
+TINY = tiny_overrides("kanji", drop=("train.epochs",))  # the config's epochs: each test sets its own
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,21 +8,18 @@ from pathlib import Path
 import pytest
 
 from recallk.cli.main import main
-from tests.helpers.retrieval import ROOT, make_untrained_run
+from tests.helpers.retrieval import make_untrained_run
+from tests.helpers.runs import tiny_overrides
 
-TINY_OVERRIDES = [
-    "model.name=resnet10t", "model.embed_dim=32", "data.image_size=32", "data.options.max_classes=8",
-    "data.test_options.max_classes=4", "train.epochs=1", "train.batch_size=32", "train.chunk_size=32",
-    "eval.pixel_baseline=false",
-]
+TINY_OVERRIDES = tiny_overrides("kanji", "model.embed_dim=32", "train.batch_size=32", "train.chunk_size=32",
+                                drop=("train.max_steps_per_epoch", "train.tensorboard"))
 
 
 @pytest.fixture(scope="session")
 def kanji_run(tmp_path_factory) -> Path:
     """``recallk train`` of a tiny kanji config (one epoch); returns the run folder."""
     runs = tmp_path_factory.mktemp("runs")
-    code = main(["train", "-c", str(ROOT / "configs" / "kanji.yaml"), "--name", "tiny", "--no-progress",
-                 f"runs_dir={runs}", *TINY_OVERRIDES])
+    code = main(["train", "--name", "tiny", "--no-progress", f"runs_dir={runs}", *TINY_OVERRIDES])
     assert code == 0
     return runs / "tiny"
 
