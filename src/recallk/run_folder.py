@@ -8,9 +8,11 @@ Layer 0: imports nothing of recallk, so the engine (writers), the report (reader
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -63,6 +65,11 @@ class RunFolder:
     @property
     def resumes(self) -> Path:
         return self.root / "resumes.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        """``.lock``: held (``fcntl.flock``) by the one ``recallk train`` writing the folder (:class:`RunLock`)."""
+        return self.root / ".lock"
 
     @property
     def report_html(self) -> Path:
@@ -358,6 +365,130 @@ def read_resumes(path: str | os.PathLike) -> list[dict[str, Any]]:
                            "a JSON object with a 'time'")
 
 
+# --------------------------------------------------------------------------------------------------- .lock
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no lock
+    fcntl = None  # type: ignore[assignment]
+
+
+#: the lock files this process holds (fd): a forked child (a DataLoader worker) closes its copies at once, so that
+#: the lock goes with its holder, not with the last of its children
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD:  # close only: flock's LOCK_UN here would release the parent's lock
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+class RunFolderBusyError(ValueError):
+    """Another process holds the run folder's lock (:class:`RunLock`). ``holder``: what it recorded in the lock
+    file (``pid``, ``host``, ``started``, ``command``; {} when it had not written them yet)."""
+
+    def __init__(self, root: Path, holder: Mapping[str, Any]) -> None:
+        self.root, self.holder = Path(root), dict(holder)
+        pid, host = holder.get("pid", "?"), holder.get("host", "?")
+        if holder:
+            command = f": {holder['command']}" if holder.get("command") else ""
+            who = f"pid {pid} on host {host}, started {holder.get('started', '?')}{command}"
+            stop = f"stop that process (kill {pid} on {host}: it saves checkpoints/last.pt)"
+        else:
+            who, stop = "a process that is just starting", "stop that process"
+        super().__init__(f"run folder {root} is in use by another recallk train ({who}); wait for it to end, or "
+                         f"{stop}, then run this command again")
+
+
+class RunLock:
+    """An exclusive lock on the run folder ``root`` for as long as the ``with`` block runs: ``fcntl.flock`` on
+    ``root/.lock`` (:attr:`RunFolder.lock`; the folder is created), which then records the holder's ``pid``,
+    ``host``, ``started`` (local time, ISO 8601) and ``command`` as JSON. The lock file is removed on a normal
+    release; the OS releases the lock when the process dies (a crash or SIGKILL leaves no stale lock, at most the
+    file, which the next holder rewrites). Only one process takes it: no waiting.
+
+    Without ``fcntl`` (Windows) the block runs unlocked.
+
+    Raises:
+        RunFolderBusyError: (a ValueError) another process holds it; nothing in the folder was changed.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.path = RunFolder(root).lock
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lock (see the class); raises RunFolderBusyError when another process holds it."""
+        if fcntl is None or self._fd is not None:
+            return
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except FileNotFoundError:  # the folder was removed in between: again
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunFolderBusyError(self.path.parent, holder) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # locked a file that its holder removed on release: lock the one at the path now
+        now = time.time()
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds"),
+                  "time": now, "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+        self._fd = fd
+        _HELD.add(fd)
+
+    def release(self) -> None:
+        """Remove the lock file (when it is still the one locked) and release the lock; nothing when not held."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        _HELD.discard(fd)
+        try:
+            if _same_file(fd, self.path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+        finally:
+            os.close(fd)  # releases the flock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is the file at ``path`` now (not removed or replaced)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """What the holder of a lock file recorded (see :class:`RunLock`); {} when nothing (yet) or unreadable."""
+    try:
+        data = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 # ------------------------------------------------------------------------------------------------- train.log
 def append_log(path: str | os.PathLike, text: str) -> None:
     """Append ``text`` to ``train.log``, each of its lines prefixed with a timestamp (``YYYY-mm-dd HH:MM:SS``)."""
@@ -393,6 +524,8 @@ __all__ = [
     "SUMMARY_METRICS",
     "VALIDATION_PREFIX",
     "RunFolder",
+    "RunFolderBusyError",
+    "RunLock",
     "append_json_line",
     "append_log",
     "append_metrics",

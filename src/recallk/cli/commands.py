@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from typing import Any
 
 from recallk import provenance
 from recallk.config import check_startable, load_config, resume_changes, with_absolute_root
-from recallk.run_folder import RunFolder, append_resume, write_config
+from recallk.run_folder import RunFolder, RunLock, append_resume, write_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,31 +46,39 @@ def train(args: argparse.Namespace) -> int:
         if main_process:  # nothing to train: no segment in run.json, no resumes.jsonl line, nothing rewritten
             print(f"recallk train: {done}")
         return 0
-    fresh = False
-    if main_process:
-        prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
-        fresh = not args.resume
-        provenance.start_segment(run_dir, resume=args.resume, device=record_device(config))  # run.json
-        if args.resume:
-            record_resume(run_dir, config, changes)  # a new run's config.yaml is written by the Trainer
-    log_to_stdout(main_process)
-    try:
-        summary = train_from_config(config, run_dir, resume=args.resume, progress=not args.no_progress)
-    except BaseException as stop:
-        if fresh:
-            remove_unstarted_run(run_dir)
+    with contextlib.ExitStack() as held:
+        fresh = False
         if main_process:
-            provenance.end_segment(run_dir, outcome(stop))
-        if isinstance(stop, KeyboardInterrupt) and hasattr(stop, "saved_to"):  # engine.Stopped, after its save
-            return 128 + stop.signum  # the trainer said (once) what it saved and how to continue
-        raise
-    if main_process:
-        from recallk.report import write_report
+            created = not run_dir.exists()
+            held.enter_context(RunLock(run_dir))  # first: a second process stops here, having touched nothing
+            try:
+                prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
+            except BaseException:
+                if created:  # the lock made the folder: leave none behind
+                    held.callback(shutil.rmtree, run_dir, ignore_errors=True)
+                raise
+            fresh = not args.resume
+            provenance.start_segment(run_dir, resume=args.resume, device=record_device(config))  # run.json
+            if args.resume:
+                record_resume(run_dir, config, changes)  # a new run's config.yaml is written by the Trainer
+        log_to_stdout(main_process)
+        try:
+            summary = train_from_config(config, run_dir, resume=args.resume, progress=not args.no_progress)
+        except BaseException as stop:
+            if fresh:
+                remove_unstarted_run(run_dir)
+            if main_process:
+                provenance.end_segment(run_dir, outcome(stop))
+            if isinstance(stop, KeyboardInterrupt) and hasattr(stop, "saved_to"):  # engine.Stopped, after its save
+                return 128 + stop.signum  # the trainer said (once) what it saved and how to continue
+            raise
+        if main_process:
+            from recallk.report import write_report
 
-        provenance.end_segment(run_dir, "finished")
-        write_report(run_dir)  # after the segment's end, so the record shows it finished
-        print(summary["table"])
-        print(json.dumps({"run_dir": str(run_dir), **summary["final"]}))
+            provenance.end_segment(run_dir, "finished")
+            write_report(run_dir)  # after the segment's end, so the record shows it finished
+            print(summary["table"])
+            print(json.dumps({"run_dir": str(run_dir), **summary["final"]}))
     return 0
 
 
@@ -144,11 +153,19 @@ def record_resume(run_dir: Path, config: dict[str, Any], changes: dict[str, tupl
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create the run folder; refuse to mix two runs in one folder unless told to resume or overwrite."""
+    """Create the run folder; refuse to mix two runs in one folder unless told to resume or overwrite. The lock
+    file (``.lock``, held by this process: :class:`recallk.run_folder.RunLock`) is not part of the run: it is
+    kept when ``overwrite`` clears the folder, and a folder holding only it counts as empty."""
+    lock = RunFolder(run_dir).lock
     if run_dir.exists() and not resume:
+        contents = [path for path in run_dir.iterdir() if path != lock]
         if overwrite:
-            shutil.rmtree(run_dir)
-        elif any(run_dir.iterdir()):
+            for path in contents:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        elif contents:
             raise ValueError(
                 f"run folder {run_dir} already exists: pass --resume to continue it, --overwrite to start "
                 f"again, or --name to pick another name"

@@ -1,0 +1,155 @@
+"""One process per run folder (issue 24, item 1): ``recallk train`` holds an exclusive lock on ``runs/<name>`` for
+the whole run (``recallk.run_folder.RunLock``: ``flock`` on ``runs/<name>/.lock``). A second ``recallk train`` of
+the same run (``--resume``, ``--overwrite`` or a fresh start) exits at once with exit code 2 and one line naming
+the holder's pid, host and start time, having changed no file; the OS releases the lock when its holder dies, so a
+killed run leaves no stale lock.
+
+Two real processes: the run (or a helper holding ``RunLock``) is a child process; the second command runs here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from recallk.cli.main import main
+from recallk.run_folder import RunFolder, RunFolderBusyError, RunLock
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="fcntl.flock: POSIX")
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+#: a tiny run on the CPU (a small ResNet on 32-pixel images), three short epochs
+TINY = ("--no-progress", "data.dataset=folder", "data.image_size=32", "model.name=resnet10t", "model.embed_dim=16",
+        "train.batch_size=16", "train.chunk_size=8", "train.device=cpu", "eval.ks=[1, 2]",
+        "eval.pixel_baseline=false", "train.tensorboard=false", "train.epochs=3", "train.max_steps_per_epoch=2")
+
+
+def _image_folder(root: Path) -> Path:
+    """``root/{train,test}/<class>/<i>.png``: 8 training and 4 test classes of 8 noisy copies of a colour pattern."""
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", range(8)), ("test", range(8, 12))):
+        for c in classes:
+            base = np.kron(rng.random((3, 3, 3)), np.ones((11, 11, 1)))
+            folder = root / split / f"class{c:02d}"
+            folder.mkdir(parents=True)
+            for i in range(8):
+                image = (base + 0.1 * rng.standard_normal(base.shape)).clip(0, 1)
+                Image.fromarray((image * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def test_a_second_train_of_a_running_run_exits_at_once_and_touches_nothing(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data")
+    runs = tmp_path / "runs"
+    args = ["--name", "r", f"runs_dir={runs}", f"data.root={data}", *TINY]
+    log = tmp_path / "first-run.txt"
+    with log.open("w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "recallk", "train", *args], env=ENV, stdout=out, stderr=out)
+    folder = RunFolder(runs / "r")
+    try:
+        deadline = time.time() + 240
+        while not folder.last_pt.is_file():  # epoch 1 done: --resume has a checkpoint to continue from
+            assert run.poll() is None, f"the first run ended early: {log.read_text()[-3000:]}"
+            assert time.time() < deadline, "the first run saved no last.pt in time"
+            time.sleep(0.05)
+        os.kill(run.pid, signal.SIGSTOP)  # frozen mid-run, holding its lock: the files cannot change under us
+        before = _snapshot(folder.root)
+        assert ".lock" in before
+        for flags in (["--resume"], ["--overwrite"], []):
+            capsys.readouterr()
+            started = time.perf_counter()
+            code = main(["train", *flags, *args])
+            elapsed = time.perf_counter() - started
+            err = capsys.readouterr().err
+            assert code == 2, (flags, err)
+            assert elapsed < 30, f"{flags}: {elapsed:.1f} s to give up"  # no waiting for the lock (imports only)
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("recallk train: error: run folder "), err
+            assert f"pid {run.pid} on host {socket.gethostname()}, started 20" in lines[0], err
+            assert "wait for it to end, or stop that process" in lines[0]
+            assert _snapshot(folder.root) == before, f"{flags} changed the run folder"
+        os.kill(run.pid, signal.SIGKILL)  # a crash: no release, no cleanup
+        run.wait()
+        # the dead holder's lock went with it: the run resumes
+        assert main(["train", "--resume", *args]) == 0
+        assert not folder.lock.exists()  # a run that ends removes its lock file
+        assert '"outcome": "finished"' in folder.run_json.read_text()
+    finally:
+        if run.poll() is None:
+            os.kill(run.pid, signal.SIGCONT)
+        _kill(run)
+
+
+_HOLDER = """
+import sys
+from recallk.run_folder import RunLock
+with RunLock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes the pipe (or kills this process)
+"""
+
+
+def _holder(run_dir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run_dir)], env=ENV, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_lock_holder_killed_with_sigkill_leaves_no_stale_lock(tmp_path):
+    run_dir = tmp_path / "runs" / "r"
+    holder = _holder(run_dir)
+    try:
+        with pytest.raises(RunFolderBusyError, match=f"pid {holder.pid} on host "):
+            RunLock(run_dir).acquire()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.communicate()
+        assert RunFolder(run_dir).lock.exists()  # the file stays (no cleanup ran), the lock does not
+        with RunLock(run_dir):
+            assert f'"pid": {os.getpid()}' in RunFolder(run_dir).lock.read_text()  # the new holder's record
+    finally:
+        _kill(holder)
+    assert not RunFolder(run_dir).lock.exists()
+
+
+def test_the_lock_is_free_again_after_its_holder_releases_it(tmp_path):
+    run_dir = tmp_path / "runs" / "r"
+    holder = _holder(run_dir)
+    try:
+        with pytest.raises(RunFolderBusyError):
+            RunLock(run_dir).acquire()
+        holder.stdin.close()  # the holder leaves its with block: release, file removed
+        assert holder.wait(timeout=60) == 0
+    finally:
+        _kill(holder)
+    assert not RunFolder(run_dir).lock.exists()
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        assert RunFolder(run_dir).lock.exists()
+    finally:
+        lock.release()
