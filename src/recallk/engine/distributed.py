@@ -22,6 +22,7 @@ from torch import nn
 
 from recallk.engine.cached import Criterion
 from recallk.engine.rng import RngState
+from recallk.utils import resolve_device
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,23 @@ class DistributedContext:
     device: torch.device
 
 
-def init_distributed(backend: str | None = None) -> DistributedContext:
+def distributed_backend(device: str | torch.device | None = "auto") -> str:
+    """The torch.distributed backend for a training ``device`` (``train.device``): ``"nccl"`` for CUDA (``"auto"``
+    or None where CUDA is available), ``"gloo"`` for everything else (the CPU: several CPU processes under
+    torchrun work on any machine, CUDA or not). Raises ValueError for an unreadable device string."""
+    try:
+        kind = resolve_device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"unknown training device {device!r} ({e}); use cpu, cuda, cuda:N or auto") from e
+    return "nccl" if kind == "cuda" else "gloo"
+
+
+def init_distributed(backend: str | None = None, device: str | torch.device | None = "auto") -> DistributedContext:
     """Join the process group described by torchrun's environment variables.
 
     Reads RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR / MASTER_PORT through the ``env://`` method). The
-    backend defaults to nccl when CUDA is available, gloo otherwise; with nccl each rank uses
+    backend defaults to :func:`distributed_backend` of the training ``device``: nccl for CUDA, gloo for the CPU
+    (``device="cpu"`` trains on the CPU with gloo even where CUDA exists); with nccl each rank uses
     ``cuda:LOCAL_RANK``, with gloo the CPU. In a process whose group is already initialised it only describes
     that group.
     Raises ValueError when the variables are missing (start the program with ``torchrun``).
@@ -53,7 +66,7 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
             raise ValueError(f"distributed training needs the environment variables {missing}; start the "
                              "program with `torchrun --nproc_per_node N ...` (or set them yourself)")
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        backend = backend or distributed_backend(device)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":  # bound before the group forms, so that NCCL uses the right GPU

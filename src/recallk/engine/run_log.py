@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from recallk.engine.run_config import describe_loss
@@ -130,7 +131,8 @@ def eval_summary(last_eval: Mapping[str, Any], epoch: int | None = None) -> str:
 
 
 def start_block(trainer: Trainer, resumed: bool) -> str:
-    """The block of lines a run starts with: folder (new, or where it resumed), device, data, batch, loss,
+    """The block of lines a run starts with: folder (new, or where it resumed), device (and the torch.distributed
+    backend under torchrun), model (pretrained or random weights, BatchNorm frozen or not), data, batch, loss,
     precision and optimiser."""
     s, labels = trainer.settings, trainer.train_dataset.labels
     precision = {None: "float32", torch.bfloat16: "bfloat16 autocast",
@@ -143,9 +145,12 @@ def start_block(trainer: Trainer, resumed: bool) -> str:
     else:
         where = f"resumed {trainer._position_text()}: continuing with batch {trainer.position + 1}"
     world_size = trainer.world_size
+    joined = s.distributed and dist.is_available() and dist.is_initialized()
+    backend = f" (torch.distributed backend {dist.get_backend()})" if joined else ""
     return "\n".join([
         f"run folder   {trainer.run_dir} ({where})",
-        f"device       {trainer.device}, {world_size} process(es)",
+        f"device       {trainer.device}, {world_size} process(es){backend}",
+        f"model        {model_text(getattr(trainer, 'model_spec', None), trainer.model)}",
         f"train data   {len(labels)} images, {len(set(int(c) for c in labels))} classes; "
         f"{trainer._steps_in_epoch(trainer.epoch + 1)} steps per epoch, {s.epochs} epochs",
         f"batch        {s.batch_size} images ({s.per_class} per class) in chunks of {s.chunk_size}"
@@ -153,6 +158,25 @@ def start_block(trainer: Trainer, resumed: bool) -> str:
         f"loss         {loss_text(describe_loss(trainer.criterion), trainer.criterion)}",
         f"precision    {precision}; optimizer {s.optimizer}, lr {s.lr:g}",
     ])
+
+
+def model_text(spec: Mapping[str, Any] | None, model: Any) -> str:
+    """The model as the start block names it, from the ``model_spec`` that ``build_model`` records: name,
+    embedding size, pretrained or random weights, BatchNorm frozen or trained (or none); a model without a spec
+    by its class name."""
+    has_batchnorm = isinstance(model, nn.Module) and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if spec is None:
+        name = type(model).__name__
+        return name + ("" if has_batchnorm else ", no BatchNorm")
+    weights = ("pretrained weights" if spec.get("pretrained")
+               else "random weights (model.pretrained: false: trained from scratch)")
+    if not has_batchnorm:
+        norm = "no BatchNorm"
+    else:
+        norm = "BatchNorm frozen" if spec.get("freeze_bn") else "BatchNorm trained (model.freeze_bn: false)"
+    size = f" ({spec['embed_dim']}-d)" if spec.get("embed_dim") else ""
+    return f"{spec.get('name')}{size}, {weights}, {norm}"
 
 
 def loss_text(spec: Mapping[str, Any] | None, criterion: Any) -> str:
@@ -173,4 +197,4 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-__all__ = ["IntervalMeter", "RunLog", "duration", "eval_summary", "loss_text", "start_block"]
+__all__ = ["IntervalMeter", "RunLog", "duration", "eval_summary", "loss_text", "model_text", "start_block"]

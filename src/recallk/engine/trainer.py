@@ -91,7 +91,8 @@ class Trainer:
         # what this trainer knows (model spec, settings, the loss when it can describe itself).
         self.model_spec = getattr(model, "model_spec", None)
         self.run_config = merge_run_config(trainer_run_config(model, criterion, s, train_dataset), config)
-        context = init_distributed() if s.distributed else DistributedContext(0, 1, 0, resolve_device(s.device))
+        context = (init_distributed(device=s.device) if s.distributed
+                   else DistributedContext(0, 1, 0, resolve_device(s.device)))
         self.rank, self.world_size, self.device = context.rank, context.world_size, context.device
         self.is_main = self.rank == 0
         self.gather = DistributedGather() if s.distributed else None
