@@ -233,6 +233,10 @@ def report(args: argparse.Namespace) -> int:
                 print(f"recallk report: warning: {w.message}", file=sys.stderr)
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        from recallk.report.record import read_run, unfinished_notice
+
+        if notice := unfinished_notice(read_run(Path(args.run_dirs[0]), baseline=False)):
+            print(notice)  # as the page's first line says it
     elif given := [flag for flag, value in (("--root", root), ("--split", args.split)) if value is not None]:
         flags, verb = " and ".join(given), "apply" if len(given) > 1 else "applies"
         raise ValueError(f"{flags} {verb} to one run folder (the retrieval examples of its report.html); the "

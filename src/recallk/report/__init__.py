@@ -34,7 +34,7 @@ from .examples import (
     thumbnail_png,
 )
 from .plots import figure_png, history_figure, plot_history
-from .record import RunRecord, read_run, resume_marks
+from .record import RunRecord, read_run, resume_marks, unfinished_notice
 
 __all__ = ["ReportWarning", "RunRecord", "plot_history", "read_metrics", "read_run", "write_comparison",
            "write_report"]
@@ -81,13 +81,15 @@ def write_report(
         ReportWarning: once per cause, when examples are left out (no embeddings file, or the dataset could not
             be built or does not match the embeddings); the page then holds a note saying why.
 
-    The report opens with the run's record (:func:`read_run`: which epoch best.pt is and which split chose it,
-    wall time, images/s, device, versions, git commit, command line, resumed segments), then the comparison a
-    reader asks for first: the trained model (last evaluation, and best.pt's epoch when it differs) against raw
-    pixels (when ``embeddings/raw_pixels/<split>.npz`` exists, as ``recallk train`` writes it with
-    ``eval.pixel_baseline``) and against the model before training (epoch 0), in percent, then the queries whose
-    first neighbour raw pixels got wrong and the model right, and the reverse (each shown with both neighbour
-    lists). docs/report.md lists every section.
+    A run whose last segment stopped (``run.json``: ``stopped by SIGTERM``, ``interrupted (Ctrl-C)``, ``error:
+    ...``) and was not resumed gets a note first saying so, where ``last.pt`` stands and how to continue
+    (:func:`record.unfinished_notice`). The report then opens with the run's record (:func:`read_run`: which epoch
+    best.pt is and which split chose it, wall time, images/s, device, versions, git commit, command line, resumed
+    segments), then the comparison a reader asks for first: the trained model (last evaluation, and best.pt's epoch
+    when it differs) against raw pixels (when ``embeddings/raw_pixels/<split>.npz`` exists, as ``recallk train``
+    writes it with ``eval.pixel_baseline``) and against the model before training (epoch 0), in percent, then the
+    queries whose first neighbour raw pixels got wrong and the model right, and the reverse (each shown with both
+    neighbour lists). docs/report.md lists every section.
 
     Raises:
         ValueError: run_dir is not a run folder (no metrics.jsonl), a malformed metrics.jsonl, run.json,
@@ -107,7 +109,9 @@ def write_report(
     )
     best_epoch = record.best.epoch if record.best is not None else None
     source = _DatasetSource(record, dataset, root)
+    notice = unfinished_notice(record)
     sections = [
+        *([html.note(notice)] if notice else []),  # first: a stopped run must not look finished
         html.record_section(record),
         _comparison_section(record, source, num_queries, top, seed),
         html.config_section(record.config_text),

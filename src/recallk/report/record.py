@@ -9,6 +9,8 @@ get what their ``metrics.jsonl``, ``resumes.jsonl`` and checkpoints tell, and "n
 from __future__ import annotations
 
 import re
+import shlex
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,3 +298,60 @@ def resume_marks(run: RunRecord) -> list[float]:
     from .plots import step_position
 
     return [step_position(run.records, s.from_step, s.from_epoch) for s in run.segments if s.resume]
+
+
+#: ``runs_dir`` of a run that does not name one (``config.DEFAULTS["runs_dir"]``, a layer above this one): the
+#: continue command adds ``runs_dir=`` only for another
+DEFAULT_RUNS_DIR = "runs"
+
+
+def unfinished_notice(run: RunRecord) -> str | None:
+    """What to say at the top of the report of a run whose last training segment did not finish (``run.json``
+    records another outcome than ``finished``: ``stopped by SIGTERM``, ``interrupted (Ctrl-C)``, ``error: ...``)
+    and that was not resumed since: how it ended and when, where ``checkpoints/last.pt`` stands, and the command
+    that continues it. None for a finished run, a run still running (no outcome yet) and a run without
+    ``run.json``.
+
+    E.g. ``This run did not finish: stopped by SIGTERM at 2026-12-07 19:40:01, checkpoints/last.pt saved after
+    epoch 1 (step 2); continue with: recallk train --name r --resume``.
+    """
+    last = run.segments[-1] if run.segments else None
+    if run.run_file is None or last is None or last.outcome is None or last.outcome == "finished":
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.end)) if last.end is not None else None
+    if last.outcome.startswith("error: "):
+        how = f"it failed{f' at {when}' if when else ''} with {last.outcome.removeprefix('error: ')}"
+    else:
+        how = f"{last.outcome}{f' at {when}' if when else ''}"
+    folder = RunFolder(run.path)
+    position = checkpoint_position(folder.last_pt)
+    name = str(run.config.get("name") or run.path.resolve().name)
+    runs_dir = run.config.get("runs_dir")
+    words = ["train", "--name", name, "--resume"]
+    if runs_dir is not None and str(runs_dir) != DEFAULT_RUNS_DIR:
+        words.append(f"runs_dir={runs_dir}")
+    if int(last.environment.get("world_size") or 1) > 1:
+        command = shlex.join(["torchrun", "-m", "recallk", *words]) + " (with the torchrun options of the run)"
+    else:
+        command = shlex.join(["recallk", *words])
+    if position is None:
+        return (f"This run did not finish: {how}, and saved no checkpoint to continue from; start it again with "
+                f"its command line plus --overwrite (this deletes {run.path})")
+    return f"This run did not finish: {how}, checkpoints/last.pt saved {position}; continue with: {command}"
+
+
+def checkpoint_position(path: Path) -> str | None:
+    """Where the checkpoint ``path`` stands, as the trainer says it: ``after epoch 5 (step 50)`` at an epoch's
+    end, ``in epoch 6 after batch 3 (step 53)`` inside one; None when there is no readable checkpoint."""
+    if not path.is_file():
+        return None
+    try:
+        from recallk.engine import load_checkpoint
+
+        state = load_checkpoint(path)
+        epoch, step, position = int(state["epoch"]), int(state["step"]), int(state.get("position") or 0)
+    except Exception:  # an unreadable checkpoint: the report still says the run did not finish
+        return "(this report could not read where)"
+    if position == 0:
+        return f"after epoch {epoch} (step {step})"
+    return f"in epoch {epoch + 1} after batch {position} (step {step})"
