@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 from recallk.models.embedding import EmbeddingModel, freeze_batchnorm
 from recallk.models.pooling import POOLINGS, GeM, GlobalPool
 from recallk.models.registry import MODELS, default_pooling, timm_name
-from recallk.models.weights import WeightsError, load_backbone_weights, read_state_dict
+from recallk.models.weights import (
+    WeightsError,
+    load_backbone_weights,
+    offline_unless_hub_reachable,
+    read_state_dict,
+)
 
 __all__ = [
     "MODELS",
@@ -66,22 +72,25 @@ def build_model(
     local = pretrained not in (True, False)
     if local and not os.path.isfile(os.fspath(pretrained)):
         raise WeightsError(f"weight file not found: {pretrained} (pretrained= takes True, False or a file path)")
-    try:
-        backbone = timm.create_model(
-            create_name,
-            pretrained=pretrained is True,
-            num_classes=0,
-            global_pool="",
-            in_chans=in_chans,
-            **timm_kwargs,
-        )
-    except Exception as e:  # hub failures come as many types (OSError, HTTP and hub errors)
-        if pretrained is True:
-            raise ValueError(
-                f"could not get pretrained weights for {create_name} from the timm/Hugging Face hub ({e}); "
-                "without internet pass pretrained='path/to/weights.pth' or pretrained=False"
-            ) from e
-        raise
+    hub = offline_unless_hub_reachable() if pretrained is True else contextlib.nullcontext()
+    with hub as offline:  # offline: no minute of hub retries before the error below
+        try:
+            backbone = timm.create_model(
+                create_name,
+                pretrained=pretrained is True,
+                num_classes=0,
+                global_pool="",
+                in_chans=in_chans,
+                **timm_kwargs,
+            )
+        except Exception as e:  # hub failures come as many types (OSError, HTTP and hub errors)
+            if pretrained is True:
+                raise ValueError(
+                    f"could not get pretrained weights for {create_name} from the timm/Hugging Face hub "
+                    f"({e}{'; ' + offline if offline else ''}); without internet pass "
+                    "pretrained='path/to/weights.pth' or pretrained=False"
+                ) from e
+            raise
     if local:
         load_backbone_weights(backbone, pretrained)
     prefix = getattr(backbone, "num_prefix_tokens", None)

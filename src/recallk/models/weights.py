@@ -8,9 +8,12 @@ dropped, since recallk puts its own head on top. Every other key must match exac
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -20,6 +23,49 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 
 class WeightsError(ValueError):
     """A weight file is missing, unreadable or does not fit the model (lists missing/unexpected keys)."""
+
+
+HUB_CHECK_SECONDS = 3.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+
+
+def hub_reachable(endpoint: str, timeout: float = HUB_CHECK_SECONDS) -> bool:
+    """Whether the hub at ``endpoint`` (an ``https://host[:port]`` address) accepts a TCP connection within
+    ``timeout`` seconds (name lookup included). True when a proxy is configured (the proxy reaches the hub or
+    not; the download says which). Raises nothing."""
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return True
+    parts = urlsplit(endpoint)
+    host, port = parts.hostname, parts.port or (80 if parts.scheme == "http" else 443)
+    if not host:
+        return True
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def offline_unless_hub_reachable() -> Iterator[str | None]:
+    """Download hub weights only when the Hugging Face hub answers: when it does not (no network, or a host
+    that cannot be resolved) the block runs in the hub library's offline mode, so that weights in the local
+    cache still load and missing ones fail at once instead of after a minute of retries. Yields None when online
+    (or when ``HF_HUB_OFFLINE`` is set already), else why the hub counts as offline."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # timm then downloads by URL only (no retries)
+        yield None
+        return
+    if constants.HF_HUB_OFFLINE or hub_reachable(constants.ENDPOINT):
+        yield None
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield f"no connection to {constants.ENDPOINT} within {HUB_CHECK_SECONDS:g} s: only the local cache was read"
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
