@@ -21,7 +21,7 @@ from recallk.retrieval import (
     write_embeddings,
     write_search_page,
 )
-from recallk.retrieval.embed import ImageItems
+from recallk.retrieval.embed import ImageItems, class_folder_labels
 from recallk.run_folder import write_atomic
 from recallk.utils import resolve_device
 
@@ -58,11 +58,15 @@ def _dataset_source(args: argparse.Namespace, config: dict[str, Any], transform:
         if args.root is None:
             raise ValueError("give --root DIR (an image folder) or --dataset NAME [--root DIR] [--split S]")
         files = image_files(args.root)
-        return ImageItems(files, transform), {"folder": str(Path(args.root).resolve())}
+        labelled = class_folder_labels(args.root, files)  # <class>/<image>: the class folders' labels
+        source = {"folder": str(Path(args.root).resolve()), **({"labels": "class folders"} if labelled else {})}
+        return ImageItems(files, transform, *(labelled or ())), source
     same = args.dataset == data.get("dataset")
     split = args.split or (data.get("test_split") if same else None)
     root = args.root if args.root is not None else (data.get("root") if same else None)
     options = run_data_options(data, args.dataset, args.root)  # the run's options only on the run's own data
+    if split == "all" and "test_classes" in options:  # the whole folder of a run split by test_classes
+        options = {k: v for k, v in options.items() if k not in ("test_classes", "test_seed")}
     dataset = build_dataset(args.dataset, root, split, transform=transform, **options,
                             **progress_option(args.dataset, not args.no_progress))
     source = {"dataset": args.dataset, "root": str(Path(root).resolve()) if root else None, "split": split,
@@ -76,7 +80,7 @@ def embed(args: argparse.Namespace) -> int:
     out = write_embeddings(trained, dataset, args.out, source, float16=args.float16, batch_size=args.batch_size,
                            device=resolve_device(args.device), progress=not args.no_progress)
     print(json.dumps({"out": str(out), "count": len(dataset), "dim": trained.embed_dim,
-                      "model_id": trained.model_id}))
+                      "classes": len(getattr(dataset, "classes", None) or []), "model_id": trained.model_id}))
     return 0
 
 

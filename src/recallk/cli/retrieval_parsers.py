@@ -22,9 +22,11 @@ def add_parsers(sub: Any) -> None:
                          description="Embed images with a trained model; writes embeddings, labels, paths and the "
                          "model's identity to one .npz (numpy.load opens it).", epilog=_EPILOG, formatter_class=fmt)
     emb.add_argument("--checkpoint", required=True, help="checkpoint file (runs/<name>/checkpoints/best.pt)")
-    emb.add_argument("--root", help="image folder (every image below it, unlabelled) or the --dataset's folder")
+    emb.add_argument("--root", help="image folder (every image below it; a <class>/<image> folder "
+                     "labelled by its class folders) or the --dataset's folder")
     emb.add_argument("--dataset", help="a dataset name (kanji, folder, cub, ...): items and labels from its loader")
-    emb.add_argument("--split", help="the dataset's split (default: the run's test split for its own dataset)")
+    emb.add_argument("--split", help="the dataset's split (default: the run's test split for its own dataset; "
+                     "'all' with a folder run split by test_classes: its whole folder)")
     emb.add_argument("--out", required=True, help="output .npz")
     emb.add_argument("--float16", action="store_true", help="store float16 embeddings (half the size)")
     emb.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")

@@ -115,15 +115,34 @@ def to_rgb(image: ImageLike) -> Image.Image:
     return Image.fromarray(array).convert("RGB")
 
 
+def class_folder_labels(folder: str | os.PathLike, files: Sequence[Path]) -> tuple[np.ndarray, list[str]] | None:
+    """The class labels of ``files`` (:func:`image_files` of ``folder``) when ``folder`` is laid out as
+    ``<class>/<image>`` (the folder dataset's layout: every image below a sub-folder, the class its first folder,
+    class ids in sorted name order), as ``(labels (N,) int64, class names)``; None when an image lies directly in
+    ``folder`` or ``folder`` holds ``train/`` and ``test/`` (split folders, not classes). Raises nothing."""
+    root = Path(folder)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return None
+    parts = [Path(f).relative_to(root).parts for f in files]
+    if not parts or any(len(p) < 2 for p in parts):
+        return None
+    classes = sorted({p[0] for p in parts})
+    ids = {name: i for i, name in enumerate(classes)}
+    return np.array([ids[p[0]] for p in parts], dtype=np.int64), classes
+
+
 class ImageItems(Dataset):
     """Images (paths, PIL images or uint8 arrays) as a dataset of ``(transform(image), label)``; ``.paths`` names
-    them (the path, or ``"image #i"``), ``.labels`` are -1 unless given."""
+    them (the path, or ``"image #i"``), ``.labels`` are -1 unless given, ``.classes`` the class names of the labels
+    (empty unless given)."""
 
-    def __init__(self, images: Sequence[ImageLike], transform: Any, labels: Sequence[int] | None = None) -> None:
+    def __init__(self, images: Sequence[ImageLike], transform: Any, labels: Sequence[int] | None = None,
+                 classes: Sequence[str] = ()) -> None:
         self.images = list(images)
         self.paths = [str(p) if isinstance(p, (str, os.PathLike)) else f"image #{i}" for i, p in enumerate(self.images)]
         self.transform = transform
         self.labels = np.full(len(self.images), UNKNOWN_LABEL, np.int64) if labels is None else np.asarray(labels)
+        self.classes = list(classes)
 
     def __len__(self) -> int:
         return len(self.images)
