@@ -153,3 +153,36 @@ def test_the_lock_is_free_again_after_its_holder_releases_it(tmp_path):
         assert RunFolder(run_dir).lock.exists()
     finally:
         lock.release()
+
+
+def test_overwrite_clears_the_folder_but_keeps_the_lock_it_holds(tmp_path):
+    """``--overwrite`` runs under the lock: it deletes everything but the lock file, so no third process can take a
+    new lock on a new file while this one still runs."""
+    from recallk.cli.commands import prepare_run_dir
+
+    run_dir = tmp_path / "runs" / "r"
+    with RunLock(run_dir):
+        inode = RunFolder(run_dir).lock.stat().st_ino
+        (run_dir / "checkpoints").mkdir()
+        (run_dir / "checkpoints" / "last.pt").write_bytes(b"old")
+        (run_dir / "metrics.jsonl").write_text("{}\n")
+        prepare_run_dir(run_dir, resume=False, overwrite=True)
+        assert [p.name for p in run_dir.iterdir()] == [".lock"]
+        assert RunFolder(run_dir).lock.stat().st_ino == inode
+        probe = subprocess.run([sys.executable, "-c", "import sys; from recallk.run_folder import RunLock; "
+                                "RunLock(sys.argv[1]).acquire()", str(run_dir)], env=ENV, capture_output=True,
+                               text=True)
+        assert probe.returncode != 0 and f"pid {os.getpid()} on host" in probe.stderr
+
+
+def test_a_lock_file_left_by_a_killed_start_does_not_make_the_folder_a_run(tmp_path):
+    """A fresh start whose folder holds only the lock file of a killed start (nothing else written) is not refused
+    as an existing run."""
+    from recallk.cli.commands import prepare_run_dir
+
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    RunFolder(run_dir).lock.write_text('{"pid": 1, "host": "gone"}\n')
+    with RunLock(run_dir):
+        prepare_run_dir(run_dir, resume=False, overwrite=False)
+    assert list(run_dir.iterdir()) == []
