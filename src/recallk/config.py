@@ -19,7 +19,9 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from recallk.evaluation import retrieval_metrics
 from recallk.evaluation.metrics import COUNT_KEYS, metric_order
 from recallk.kernels import get_backend
 from recallk.losses import build_loss, loss_min_per_class, loss_names
-from recallk.losses.base import loss_config_keys, loss_defaults
+from recallk.losses.base import loss_annotations, loss_config_keys, loss_defaults
 from recallk.models import build_model
 from recallk.run_folder import write_config
 from recallk.utils import resolve_device
@@ -138,15 +140,46 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], section: str = "") -
             base[key] = value
 
 
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+#: YAML 1.2's floats (``1e-3``, ``1e3``, ``5E-1``, ``.5``: an exponent needs no dot or sign), plus YAML 1.1's own
+#: forms (``1_000.5``, sexagesimal ``1:30.0``), ``.inf`` and ``.nan``; integers stay integers
+_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.VERBOSE)
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """The one YAML loader of config files and ``key=value`` overrides: PyYAML's safe loader (YAML 1.1) reading
+    numbers in scientific notation as YAML 1.2 does, as floats (``1e-3`` -> 0.001, ``1e3`` -> 1000.0, at any depth);
+    YAML 1.1 reads ``1e-3`` (no dot) as a string. Everything else is read as ``yaml.safe_load`` reads it."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "-+0123456789.":  # floats first, as in the safe loader
+    ConfigLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(0, (_FLOAT_TAG, _FLOAT))
+
+
+def read_yaml(text: str) -> Any:
+    """``text`` read by :class:`ConfigLoader` (raises ``yaml.YAMLError`` when it is not valid YAML)."""
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader subclass: no Python objects
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``"train.batch_size=512"`` into (["train", "batch_size"], 512); the value is parsed as YAML."""
+    """Split ``"train.batch_size=512"`` into (["train", "batch_size"], 512); the value is parsed as YAML
+    (:func:`read_yaml`: ``train.lr=1e-3`` is a float)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.batch_size=512)")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key; use section.key=value (e.g. train.lr=1e-4)")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = read_yaml(raw) if raw != "" else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{text}': the value is not valid YAML ({err})") from None
     return key.split("."), value
@@ -201,7 +234,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"config file not found: {path} (presets live in configs/, e.g. configs/kanji.yaml)")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(loaded, Mapping):
@@ -214,8 +247,71 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if parts[0] == "loss":
             typed.update(parts[1:2] if len(parts) > 1 else (value if isinstance(value, Mapping) else ()))
     config["loss"] = resolve_loss(config["loss"], typed, path)
+    whole_numbers(config)
     validate_config(config)
     return config
+
+
+def _integer_kind(annotation: Any) -> str | None:
+    """"int" for ``int`` / ``int | None``, "list" for ``tuple[int, ...]`` / ``Sequence[int]`` (optionally
+    ``| None``), else None."""
+    if annotation is int:
+        return "int"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return _integer_kind(rest[0]) if len(rest) == 1 else None
+    if origin in (tuple, list, Sequence) and args and args[0] is int and all(a in (int, Ellipsis) for a in args):
+        return "list"
+    return None
+
+
+def integer_keys(config: Mapping[str, Any]) -> dict[tuple[str, str], str]:
+    """The keys of ``config`` that hold integers: ``{(section, key): "int" | "list"}`` (``("", key)`` at the top
+    level), read from what they configure: the annotations of :class:`TrainSettings`, of ``build_model`` and of
+    the factory of the loss ``loss.name`` names (:func:`recallk.losses.base.loss_annotations`), else an integer
+    default; ``eval.ks`` is a list of integers."""
+    kinds: dict[tuple[str, str], str] = {("eval", "ks"): "list"}
+    for key, default in DEFAULTS.items():
+        for sub, value in (default.items() if isinstance(default, dict) else [(None, default)]):
+            if type(value) is int:
+                kinds[(key, sub) if sub is not None else ("", key)] = "int"
+    model = inspect.signature(build_model, eval_str=True).parameters.values()
+    hints = {"train": typing.get_type_hints(TrainSettings), "model": {p.name: p.annotation for p in model},
+             "loss": loss_annotations(config["loss"].get("name", DEFAULTS["loss"]["name"]))}
+    for section, section_hints in hints.items():
+        for key, annotation in section_hints.items():
+            kind = _integer_kind(annotation)
+            if kind is not None and key in config[section]:
+                kinds[(section, key)] = kind
+    return kinds
+
+
+def _whole(value: Any) -> Any:
+    """A float that is a whole number (1e3, 1000.0) as that int; anything else unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def whole_numbers(config: dict[str, Any]) -> None:
+    """Where an integer is expected (:func:`integer_keys`), a whole number written as a float (``1e3``, the notation
+    YAML 1.2 reads as a float; ``1000.0``) becomes that integer, in place, in lists too
+    (``train.milestones=[1e1, 2e1]`` -> [10, 20]).
+
+    Raises:
+        ConfigError: a float that is no whole number (or inf/NaN) where an integer is expected, naming the key.
+    """
+    for (section, key), kind in integer_keys(config).items():
+        part = config[section] if section else config
+        where = f"{section}.{key}" if section else key
+        value = part.get(key)
+        if kind == "int" and isinstance(value, float):
+            if not value.is_integer():
+                raise ConfigError(f"config key '{where}' must be int, got {value!r}")
+            part[key] = int(value)
+        elif kind == "list" and isinstance(value, list) and any(isinstance(v, float) for v in value):
+            if not all(v.is_integer() for v in value if isinstance(v, float)):
+                raise ConfigError(f"config key '{where}' must be a list of integers, got {_yaml_value(value)}")
+            part[key] = [_whole(v) for v in value]
 
 
 def _yaml_value(value: Any) -> str:
@@ -390,7 +486,8 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
     Checks: the data splits and options are the dataset's, ``data.root`` (when given) is an existing folder,
     the loss builds from its section (:func:`check_loss`: its values and options), ``train.best_metric`` is a
     metric the run's evaluation produces, ``train.batch_size`` splits evenly
-    between ``world_size`` processes, ``train.lr`` is positive, the class-split keys (:func:`check_class_splits`),
+    between ``world_size`` processes, ``train.lr`` is finite and positive, the class-split keys
+    (:func:`check_class_splits`),
     ``train.device`` names a device this machine has, and ``train.amp=fp16`` is not asked of the CPU (the
     GradScaler would skip every step there).
 
@@ -423,6 +520,9 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
             f"train.batch_size={train['batch_size']} cannot be split evenly between {world_size} processes (each "
             f"takes an equal slice of the global batch): use a multiple of {unit} "
             f"(e.g. train.batch_size={max(train['batch_size'] // unit, 1) * unit})")
+    if not math.isfinite(train["lr"]):  # NaN and inf pass every comparison below; the weights become NaN
+        raise ConfigError(f"train.lr={train['lr']} is not a finite number: one step would make every weight NaN; "
+                          f"use a positive learning rate such as train.lr=1e-4")
     if train["lr"] <= 0:
         raise ConfigError(f"train.lr={train['lr']} would never change the weights: use a positive learning rate")
     try:

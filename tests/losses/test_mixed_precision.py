@@ -78,10 +78,11 @@ def test_half_embeddings_are_computed_in_float32(half, memory):
 
 @pytest.mark.parametrize("memory", MEMORIES)
 def test_large_norm_fp16_does_not_overflow_on_one_path_only(memory):
-    """fp16 embeddings of norm 400: inner products up to 1.6e5 exceed the fp16 maximum (65504)."""
+    """fp16 embeddings of norm 400: inner products up to 1.6e5 exceed the fp16 maximum (65504). Taken as given
+    (normalize_embeddings=False: by default the loss would divide them by 400 first)."""
     emb, labels = _batch(24, seed=2)
     emb = (emb * 400).half()
-    loss = RecallAtKSurrogate(memory=memory)(emb, labels)
+    loss = RecallAtKSurrogate(memory=memory, normalize_embeddings=False)(emb, labels)
     assert bool(torch.isfinite(loss))
     assert abs(float(loss) - _reference(emb, labels)) < 2e-6
 
@@ -128,8 +129,9 @@ def test_overflowing_embeddings_same_error_in_kernels_and_metrics():
 
 
 def test_large_but_safe_norms_still_work():
-    """Norm 1e6 (inner products 1e12) is far from overflow: accepted, and equal to the float64 loss."""
+    """Norm 1e6 (inner products 1e12) is far from overflow: accepted as given (normalize_embeddings=False), and
+    equal to the float64 loss."""
     emb, labels = _huge(1e6)
-    loss = RecallAtKSurrogate(memory="recompute")(emb, labels)
+    loss = RecallAtKSurrogate(memory="recompute", normalize_embeddings=False)(emb, labels)
     assert abs(float(loss) - _reference(emb, labels)) < 1e-5
     assert retrieval_metrics(emb, labels)["recall@1"] >= 0.0

@@ -57,10 +57,16 @@ class RecallAtKSurrogate(MetricLoss):
             fastest path (on the CPU the matrix, or recompute from 4,000^2 pairs at d <= 256:
             :mod:`recallk.kernels.dispatch`). Both give the same loss up to float rounding.
             ``from_similarity`` always takes a matrix.
+        normalize_embeddings: L2-normalise ``embeddings`` and ``ref_emb`` first, in the loss and differentiably
+            (default, as pytorch-metric-learning's losses do with their ``normalize_embeddings=True`` distance):
+            the loss is that of ``e_i / max(||e_i||, 1e-12)`` (:func:`recallk.losses.base.unit_rows`), whatever
+            the input's scale; input already of unit norm to float rounding (a model's output) is used as given,
+            so a run's numbers are unchanged to the last bit. False: the rows are used as given, unit norm or
+            not (the similarities are then plain inner products ``e_i . r_j``). Not a config key: the models
+            L2-normalise their output. ``from_similarity`` takes the similarities as given.
 
-    Embeddings are used as given (not re-normalised): the model L2-normalises, and SiMix's virtual items are
-    unnormalised by definition. The loss is in [0, 1) but its minimum is not 0 (a positive at rank 1 scores
-    sig(0) = 1/2 for k = 1 with tau_k = 1).
+    SiMix mixes the (normalised) items, so its virtual items are unnormalised by definition. The loss is in
+    [0, 1) but its minimum is not 0 (a positive at rank 1 scores sig(0) = 1/2 for k = 1 with tau_k = 1).
 
     Raises (on call):
         ValueError: NaN/Inf, wrong shapes, non-integer labels, an empty batch, or no query with a positive.
@@ -79,8 +85,12 @@ class RecallAtKSurrogate(MetricLoss):
         generator: torch.Generator | None = None,
         block_size: int | None = None,
         memory: str = "auto",
+        normalize_embeddings: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(normalize_embeddings, bool):
+            raise ValueError(f"normalize_embeddings must be True or False, got {normalize_embeddings!r}")
+        self.normalize_embeddings = normalize_embeddings
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
         self.memory = memory
@@ -105,7 +115,7 @@ class RecallAtKSurrogate(MetricLoss):
         return (
             f"ks={self.ks}, tau_rank={self.tau_rank}, tau_k={self.tau_k}, include_query={self.include_query}, "
             f"simix={self.simix}, max_pairs_per_class={self.max_pairs_per_class}, backend={self.backend!r}, "
-            f"memory={self.memory!r}"
+            f"memory={self.memory!r}, normalize_embeddings={self.normalize_embeddings}"
         )
 
     def compute(
@@ -180,5 +190,6 @@ class RecallAtKSurrogate(MetricLoss):
                                                 block_size=self.block_size)  # fmt: skip
 
 
-#: the generator is random state (checkpointed with the loss), block_size a test knob: no config keys
-register_loss("rsk", RecallAtKSurrogate, not_config=("generator", "block_size"))
+#: the generator is random state (checkpointed with the loss), block_size a test knob, normalize_embeddings changes
+#: nothing for a model's (unit-norm) output: no config keys
+register_loss("rsk", RecallAtKSurrogate, not_config=("generator", "block_size", "normalize_embeddings"))
