@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import secrets
+import shlex
 import socket
 import sys
 import time
@@ -451,7 +452,7 @@ class RunLock:
         now = time.time()
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": datetime.datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds"),
-                  "time": now, "command": " ".join(sys.argv)}
+                  "time": now, "command": _command_line()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
         self._fd = fd
@@ -469,6 +470,16 @@ class RunLock:
                     os.unlink(self.path)
         finally:
             os.close(fd)  # releases the flock
+
+
+def _command_line() -> str:
+    """This process's command line as typed: ``recallk train ...`` (``python -m recallk train ...`` when started
+    as a module), not the full path of the console script."""
+    if not sys.argv:
+        return ""
+    program = Path(sys.argv[0])
+    words = ["python", "-m", program.parent.name] if program.name == "__main__.py" else [program.name]
+    return shlex.join([*words, *sys.argv[1:]])
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -90,6 +90,7 @@ def test_a_second_train_of_a_running_run_exits_at_once_and_touches_nothing(tmp_p
             lines = err.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("recallk train: error: run folder "), err
             assert f"pid {run.pid} on host {socket.gethostname()}, started 20" in lines[0], err
+            assert ": python -m recallk train --name r " in lines[0], err  # the holder's command line
             assert "wait for it to end, or stop that process" in lines[0]
             assert _snapshot(folder.root) == before, f"{flags} changed the run folder"
         os.kill(run.pid, signal.SIGKILL)  # a crash: no release, no cleanup
