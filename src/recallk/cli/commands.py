@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     """``recallk train``: check everything cheap first (config, data folder and splits, best_metric, batch split,
     device) so that a mistake leaves no run folder behind; with ``--resume`` the run's own ``config.yaml`` is the
-    configuration (overrides of other keys than ``config.RESUME_SAFE_KEYS`` are refused with a diff)."""
+    configuration (overrides of other keys than ``config.RESUME_SAFE_KEYS`` are refused with a diff). Rank 0
+    holds the run folder's lock (:class:`recallk.run_folder.RunLock`) from before it touches the folder to the end:
+    a second process of the same run stops there (RunFolderBusyError, exit 2), having changed nothing."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 touches the run folder
     config = with_absolute_root(load_config(args.config, args.overrides))  # data.root as typed -> absolute
