@@ -266,25 +266,44 @@ def _integer_kind(annotation: Any) -> str | None:
     return None
 
 
-def integer_keys(config: Mapping[str, Any]) -> dict[tuple[str, str], str]:
-    """The keys of ``config`` that hold integers: ``{(section, key): "int" | "list"}`` (``("", key)`` at the top
-    level), read from what they configure: the annotations of :class:`TrainSettings`, of ``build_model`` and of
-    the factory of the loss ``loss.name`` names (:func:`recallk.losses.base.loss_annotations`), else an integer
-    default; ``eval.ks`` is a list of integers."""
-    kinds: dict[tuple[str, str], str] = {("eval", "ks"): "list"}
+def _annotations(fn: Any) -> dict[str, Any]:
+    """The evaluated parameter annotations of ``fn`` (a function or class), {} when they cannot be read."""
+    try:
+        return {p.name: p.annotation for p in inspect.signature(fn, eval_str=True).parameters.values()}
+    except (NameError, TypeError, ValueError):
+        return {}
+
+
+def integer_keys(config: Mapping[str, Any]) -> dict[tuple[str, ...], str]:
+    """The keys of ``config`` that hold integers: ``{("train", "max_steps"): "int", ("train", "milestones"): "list",
+    ...}`` (a key's path), read from what they configure: the annotations of :class:`TrainSettings`, of
+    ``build_model``, of the factory of the loss ``loss.name`` names (:func:`recallk.losses.base.loss_annotations`)
+    and of the builder of the dataset ``data.dataset`` names (``data.options``, ``data.test_options``), else an
+    integer default; ``eval.ks`` is a list of integers."""
+    kinds: dict[tuple[str, ...], str] = {("eval", "ks"): "list"}
     for key, default in DEFAULTS.items():
         for sub, value in (default.items() if isinstance(default, dict) else [(None, default)]):
             if type(value) is int:
-                kinds[(key, sub) if sub is not None else ("", key)] = "int"
-    model = inspect.signature(build_model, eval_str=True).parameters.values()
-    hints = {"train": typing.get_type_hints(TrainSettings), "model": {p.name: p.annotation for p in model},
-             "loss": loss_annotations(config["loss"].get("name", DEFAULTS["loss"]["name"]))}
+                kinds[(key, sub) if sub is not None else (key,)] = "int"
+    spec = DATASET_SPECS.get(config["data"].get("dataset"))
+    dataset = _annotations(spec.build) if spec is not None else {}
+    hints = {("train",): typing.get_type_hints(TrainSettings), ("model",): _annotations(build_model),
+             ("loss",): loss_annotations(config["loss"].get("name", DEFAULTS["loss"]["name"])),
+             ("data", "options"): dataset, ("data", "test_options"): dataset}
     for section, section_hints in hints.items():
+        part = _at(config, section)
         for key, annotation in section_hints.items():
             kind = _integer_kind(annotation)
-            if kind is not None and key in config[section]:
-                kinds[(section, key)] = kind
+            if kind is not None and isinstance(part, Mapping) and key in part:
+                kinds[(*section, key)] = kind
     return kinds
+
+
+def _at(config: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """``config[path[0]][path[1]]...``."""
+    for key in path:
+        config = config[key]
+    return config
 
 
 def _whole(value: Any) -> Any:
@@ -295,14 +314,13 @@ def _whole(value: Any) -> Any:
 def whole_numbers(config: dict[str, Any]) -> None:
     """Where an integer is expected (:func:`integer_keys`), a whole number written as a float (``1e3``, the notation
     YAML 1.2 reads as a float; ``1000.0``) becomes that integer, in place, in lists too
-    (``train.milestones=[1e1, 2e1]`` -> [10, 20]).
+    (``train.milestones=[1e1, 2e1]`` -> [10, 20], ``data.options.max_classes=1e2`` -> 100).
 
     Raises:
         ConfigError: a float that is no whole number (or inf/NaN) where an integer is expected, naming the key.
     """
-    for (section, key), kind in integer_keys(config).items():
-        part = config[section] if section else config
-        where = f"{section}.{key}" if section else key
+    for path, kind in integer_keys(config).items():
+        part, key, where = _at(config, path[:-1]), path[-1], ".".join(path)
         value = part.get(key)
         if kind == "int" and isinstance(value, float):
             if not value.is_integer():

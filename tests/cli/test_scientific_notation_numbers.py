@@ -66,6 +66,7 @@ def test_everything_else_reads_as_before(text, value):
     ("train.milestones=[1e1, 2.5]", "'train.milestones' must be a list of integers"),
     ("loss.ks=[1, 1.5e0]", "'loss.ks' must be a list of integers"),
     ("loss.max_pairs_per_class=2.5", "'loss.max_pairs_per_class' must be int"),
+    ("data.options.max_classes=1.5e0", "'data.options.max_classes' must be int"),
 ])
 def test_a_number_that_is_no_integer_where_one_is_expected_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
@@ -81,6 +82,17 @@ def test_whole_numbers_are_integers_where_integers_are_expected():
     values = [config["train"]["batch_size"], config["seed"], *config["eval"]["ks"], config["model"]["embed_dim"]]
     assert all(type(v) is int for v in values)
     TrainSettings(**config["train"])  # its own checks take them
+
+
+def test_dataset_options_follow_the_datasets_own_annotations():
+    config = load_config(None, ["data.options.max_classes=1e2", "data.test_options.max_classes=5e1"])
+    assert config["data"]["options"] == {"max_classes": 100} and config["data"]["test_options"] == {"max_classes": 50}
+    assert type(config["data"]["options"]["max_classes"]) is int
+    # the folder's test_classes is a count or a fraction (int | float): 1e1 is the float 10.0, refused by name
+    config = load_config(None, ["data.dataset=folder", "data.options.test_classes=1e1", "data.options.test_seed=3e0"])
+    assert config["data"]["options"]["test_seed"] == 3 and type(config["data"]["options"]["test_seed"]) is int
+    with pytest.raises(ConfigError, match=r"^data\.options\.test_classes=10\.0: give a number of classes"):
+        check_startable(config)
 
 
 def test_floats_stay_floats_where_floats_are_expected():
