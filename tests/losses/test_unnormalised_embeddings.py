@@ -78,7 +78,7 @@ def test_the_reference_set_is_normalised_too():
         float(rsk_loss_reference(emb.double() @ ref.double().T, labels, ref_labels, ks=KS)), abs=2e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("simix", [False, True])
 def test_unit_norm_input_is_used_untouched_to_the_last_bit(dtype, simix):
     """A model's output (F.normalize, or it rounded to bf16 under AMP) gives exactly the loss and gradient of a loss
