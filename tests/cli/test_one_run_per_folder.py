@@ -23,15 +23,14 @@ from PIL import Image
 
 from recallk.cli.main import main
 from recallk.run_folder import RunFolder, RunFolderBusyError, RunLock
+from tests.helpers.runs import tiny_overrides
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="fcntl.flock: POSIX")
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
 #: a tiny run on the CPU (a small ResNet on 32-pixel images), three short epochs
-TINY = ("--no-progress", "data.dataset=folder", "data.image_size=32", "model.name=resnet10t", "model.embed_dim=16",
-        "train.batch_size=16", "train.chunk_size=8", "train.device=cpu", "eval.ks=[1, 2]",
-        "eval.pixel_baseline=false", "train.tensorboard=false", "train.epochs=3", "train.max_steps_per_epoch=2")
+TINY = tiny_overrides("folder", "train.tensorboard=false", "train.epochs=3", "train.max_steps_per_epoch=2")
 
 
 def _image_folder(root: Path) -> Path:

@@ -24,12 +24,11 @@ from PIL import Image
 from recallk import provenance
 from recallk.cli.main import main
 from recallk.run_folder import RunFolder
+from tests.helpers.runs import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 #: a tiny run on the CPU (a small ResNet on 32-pixel images), three short epochs
-TINY = ("--no-progress", "data.dataset=folder", "data.image_size=32", "model.name=resnet10t", "model.embed_dim=16",
-        "train.batch_size=16", "train.chunk_size=8", "train.device=cpu", "eval.ks=[1, 2]",
-        "eval.pixel_baseline=false", "train.tensorboard=false", "train.epochs=3", "train.max_steps_per_epoch=2")
+TINY = tiny_overrides("folder", "train.tensorboard=false", "train.epochs=3", "train.max_steps_per_epoch=2")
 NOTICE = "This run did not finish: "
 
 
