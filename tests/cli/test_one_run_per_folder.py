@@ -17,12 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from recallk.cli.main import main
 from recallk.run_folder import RunFolder, RunFolderBusyError, RunLock
+from tests.helpers.image_folders import write_image_folder
 from tests.helpers.runs import tiny_overrides
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="fcntl.flock: POSIX")
@@ -35,16 +34,7 @@ TINY = tiny_overrides("folder", "train.tensorboard=false", "train.epochs=3", "tr
 
 def _image_folder(root: Path) -> Path:
     """``root/{train,test}/<class>/<i>.png``: 8 training and 4 test classes of 8 noisy copies of a colour pattern."""
-    rng = np.random.default_rng(0)
-    for split, classes in (("train", range(8)), ("test", range(8, 12))):
-        for c in classes:
-            base = np.kron(rng.random((3, 3, 3)), np.ones((11, 11, 1)))
-            folder = root / split / f"class{c:02d}"
-            folder.mkdir(parents=True)
-            for i in range(8):
-                image = (base + 0.1 * rng.standard_normal(base.shape)).clip(0, 1)
-                Image.fromarray((image * 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+    return write_image_folder(root, {"train": range(8), "test": range(8, 12)}, per_class=8)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

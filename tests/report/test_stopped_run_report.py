@@ -17,13 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from recallk import provenance
 from recallk.cli.main import main
 from recallk.run_folder import RunFolder
+from tests.helpers.image_folders import write_image_folder
 from tests.helpers.runs import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,16 +33,7 @@ NOTICE = "This run did not finish: "
 
 def _image_folder(root: Path) -> Path:
     """``root/{train,test}/<class>/<i>.png``: 8 training and 4 test classes of 8 noisy copies of a colour pattern."""
-    rng = np.random.default_rng(0)
-    for split, classes in (("train", range(8)), ("test", range(8, 12))):
-        for c in classes:
-            base = np.kron(rng.random((3, 3, 3)), np.ones((11, 11, 1)))
-            folder = root / split / f"class{c:02d}"
-            folder.mkdir(parents=True)
-            for i in range(8):
-                image = (base + 0.1 * rng.standard_normal(base.shape)).clip(0, 1)
-                Image.fromarray((image * 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+    return write_image_folder(root, {"train": range(8), "test": range(8, 12)}, per_class=8)
 
 
 def _stopped_run(tmp_path: Path) -> tuple[list[str], RunFolder]:
