@@ -40,7 +40,7 @@ from recallk.kernels import get_backend
 from recallk.losses import build_loss, loss_min_per_class, loss_names
 from recallk.losses.base import loss_annotations, loss_config_keys, loss_defaults
 from recallk.models import build_model
-from recallk.run_folder import write_config
+from recallk.run_folder import read_yaml, write_config
 from recallk.utils import resolve_device
 
 
@@ -138,36 +138,6 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], section: str = "") -
             _merge(base[key], value, key)
         else:
             base[key] = value
-
-
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-#: YAML 1.2's floats (``1e-3``, ``1e3``, ``5E-1``, ``.5``: an exponent needs no dot or sign), plus YAML 1.1's own
-#: forms (``1_000.5``, sexagesimal ``1:30.0``), ``.inf`` and ``.nan``; integers stay integers
-_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.VERBOSE)
-
-
-class ConfigLoader(yaml.SafeLoader):
-    """The one YAML loader of config files and ``key=value`` overrides: PyYAML's safe loader (YAML 1.1) reading
-    numbers in scientific notation as YAML 1.2 does, as floats (``1e-3`` -> 0.001, ``1e3`` -> 1000.0, at any depth);
-    YAML 1.1 reads ``1e-3`` (no dot) as a string. Everything else is read as ``yaml.safe_load`` reads it."""
-
-
-ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-for _first in "-+0123456789.":  # floats first, as in the safe loader
-    ConfigLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(0, (_FLOAT_TAG, _FLOAT))
-
-
-def read_yaml(text: str) -> Any:
-    """``text`` read by :class:`ConfigLoader` (raises ``yaml.YAMLError`` when it is not valid YAML)."""
-    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader subclass: no Python objects
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import secrets
 import shlex
 import socket
@@ -163,6 +164,36 @@ def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes
 
 
 # ---------------------------------------------------------------------------------------------- config.yaml
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+#: YAML 1.2's floats (``1e-3``, ``1e3``, ``5E-1``, ``.5``: an exponent needs no dot or sign), plus YAML 1.1's own
+#: forms (``1_000.5``, sexagesimal ``1:30.0``), ``.inf`` and ``.nan``; integers stay integers
+_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.VERBOSE)
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """The one YAML loader of config files and ``key=value`` overrides: PyYAML's safe loader (YAML 1.1) reading
+    numbers in scientific notation as YAML 1.2 does, as floats (``1e-3`` -> 0.001, ``1e3`` -> 1000.0, at any depth);
+    YAML 1.1 reads ``1e-3`` (no dot) as a string. Everything else is read as ``yaml.safe_load`` reads it."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "-+0123456789.":  # floats first, as in the safe loader
+    ConfigLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(0, (_FLOAT_TAG, _FLOAT))
+
+
+def read_yaml(text: str) -> Any:
+    """``text`` read by :class:`ConfigLoader` (raises ``yaml.YAMLError`` when it is not valid YAML)."""
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader subclass: no Python objects
+
+
 def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` as ``config.yaml`` holds it: YAML's plain types (tuples become lists, paths and devices
     strings), by a ``yaml.safe_dump`` / ``yaml.safe_load`` round trip, so that a checkpoint and the file say the
@@ -209,7 +240,7 @@ def read_config(path: str | os.PathLike) -> tuple[str | None, dict[str, Any]]:
         return None, {}
     text = path.read_text(encoding="utf-8")
     try:
-        config = yaml.safe_load(text)
+        config = read_yaml(text)
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {e}") from e
     if config is None:
@@ -534,6 +565,7 @@ def read_embeddings_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
 __all__ = [
     "SUMMARY_METRICS",
     "VALIDATION_PREFIX",
+    "ConfigLoader",
     "RunFolder",
     "RunFolderBusyError",
     "RunLock",
@@ -551,6 +583,7 @@ __all__ = [
     "read_json_lines",
     "read_metrics",
     "read_resumes",
+    "read_yaml",
     "selection_metric",
     "trim_metrics",
     "write_atomic",
