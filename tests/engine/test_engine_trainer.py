@@ -140,6 +140,21 @@ def test_ctrl_c_inside_a_step_stops_after_it_and_resume_is_bit_identical(uninter
         {k: v for k, v in r.items() if k not in drop} for r in read_metrics(run_dir)]
 
 
+def test_a_stop_after_an_epochs_last_batch_resumes_with_that_epochs_end(uninterrupted, tmp_path):
+    """A stop at the last batch of epoch 1 (step 3 of 3) saves the position "after batch 3 of 3"; the resume says it
+    continues with the end of epoch 1 (before: "continuing with batch 4", a batch that does not exist) and ends as
+    the run left alone."""
+    _, reference, _ = uninterrupted
+    with pytest.raises(Stopped) as info, pytest.warns(UserWarning):
+        make_trainer(tmp_path, criterion=FaultyLoss(at=3, signum=signal.SIGTERM)).fit()
+    assert info.value.position_text == "in epoch 1 after batch 3 of 3 (step 3)"
+    resumed = make_trainer(tmp_path)
+    resumed.fit(resume=True)
+    log = (tmp_path / "train.log").read_text()
+    assert "(step 3): continuing with the end of epoch 1)" in log and "batch 4" not in log
+    assert_same_weights(resumed.model, reference.model)
+
+
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     trainer = make_trainer(tmp_path, criterion=FaultyLoss(at=5, signum=signal.SIGINT, times=2))
     with pytest.raises(KeyboardInterrupt) as info:

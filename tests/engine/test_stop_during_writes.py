@@ -26,24 +26,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SignalOnFirstWrite:
-    """A file whose first ``write`` sends SIGTERM to this process: the handler then runs inside torch.save's
-    C++ writer, as a real signal arriving during a checkpoint write does."""
+    """A file whose first ``write`` sends ``signum`` (SIGTERM) to this process: the handler then runs inside
+    torch.save's C++ writer, as a real signal arriving during a checkpoint write does."""
 
-    def __init__(self, handle) -> None:
-        self.handle, self.sent = handle, False
+    def __init__(self, handle, signum: int = signal.SIGTERM) -> None:
+        self.handle, self.sent, self.signum = handle, False, signum
 
     def write(self, data) -> int:
         if not self.sent:
             self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
         return self.handle.write(data)
 
     def __getattr__(self, name):
         return getattr(self.handle, name)
 
 
-def signal_inside_save_of(monkeypatch, name: str, nth: int = 1) -> list[str]:
-    """Make the ``nth`` torch.save of checkpoint ``name`` receive SIGTERM during its first write; returns the
+def signal_inside_save_of(monkeypatch, name: str, nth: int = 1, signum: int = signal.SIGTERM) -> list[str]:
+    """Make the ``nth`` torch.save of checkpoint ``name`` receive ``signum`` during its first write; returns the
     list of names saved (for the test to see that the signalled save happened)."""
     real_save, saved, calls = torch.save, [], {"n": 0}
 
@@ -53,7 +53,7 @@ def signal_inside_save_of(monkeypatch, name: str, nth: int = 1) -> list[str]:
         if is_it:
             calls["n"] += 1
             if calls["n"] == nth:
-                handle = SignalOnFirstWrite(handle)
+                handle = SignalOnFirstWrite(handle, signum)
         return real_save(state, handle, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint_module.torch, "save", save)
@@ -165,6 +165,35 @@ def test_sigterm_during_the_update_stops_after_it(alone, monkeypatch):
     steps = [r["step"] for r in lines(top / "r") if r["kind"] == "train" and r["scope"] == "interval"]
     assert steps == [1, 2, 3]  # step 3 finished, its metrics line with it
     assert load_checkpoint(top / "r" / "checkpoints" / "last.pt")["step"] == 3
+    monkeypatch.undo()
+    run(top, "r", resume=True)
+    assert_same_as_alone(alone, top / "r")
+
+
+def test_a_second_ctrl_c_inside_the_stop_write_aborts_once_the_file_is_complete(alone, monkeypatch):
+    """Ctrl-C during step 3, then a second Ctrl-C inside the write of the stop's last.pt: the abort waits for the
+    write's end (found by a new-user trial: raised inside torch.save, it came out as RuntimeError "unexpected pos"
+    and the CLI exited 1 with an error outcome)."""
+    top = alone.parent / "cut-twice"
+    top.mkdir()
+    (top / "data").symlink_to(alone / "data")
+    real_step = torch.optim.Adam.step
+    count = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] == 3:  # the first update of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    saved = signal_inside_save_of(monkeypatch, "last.pt", nth=2, signum=signal.SIGINT)  # the stop's save
+    with pytest.raises(KeyboardInterrupt) as info:
+        run(top, "r")
+    assert type(info.value) is KeyboardInterrupt  # the abort, not Stopped, and no RuntimeError
+    assert saved.count("last.pt") == 2
+    assert load_checkpoint(top / "r" / "checkpoints" / "last.pt")["step"] == 3  # written whole
+    assert not [p for p in (top / "r" / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary
     monkeypatch.undo()
     run(top, "r", resume=True)
     assert_same_as_alone(alone, top / "r")

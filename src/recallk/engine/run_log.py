@@ -142,8 +142,10 @@ def start_block(trainer: Trainer, resumed: bool) -> str:
     elif trainer.position == 0:
         where = f"resumed {trainer._position_text()}: " + (
             f"continuing with epoch {trainer.epoch + 1}" if trainer.epoch < s.epochs else "all epochs done")
-    else:
+    elif trainer.position < trainer._steps_in_epoch(trainer.epoch + 1):
         where = f"resumed {trainer._position_text()}: continuing with batch {trainer.position + 1}"
+    else:  # stopped after the epoch's last step, before its end: its evaluation (if any) and last.pt come next
+        where = f"resumed {trainer._position_text()}: continuing with the end of epoch {trainer.epoch + 1}"
     world_size = trainer.world_size
     joined = s.distributed and dist.is_available() and dist.is_initialized()
     backend = f" (torch.distributed backend {dist.get_backend()})" if joined else ""

@@ -53,7 +53,9 @@ class StopSignals:
     """Records the stop signals while installed (:meth:`installed`); the loop asks :meth:`requested`.
 
     A handler only notes the signal (the first one is the one reported), except that a second Ctrl-C aborts at
-    once with a plain KeyboardInterrupt (nothing saved), as an impatient user means. A SIGTERM or SIGUSR1 after a
+    once with a plain KeyboardInterrupt (nothing saved), as an impatient user means; during a checkpoint write
+    (:meth:`writing`) the abort waits for the write's end, since a KeyboardInterrupt raised inside ``torch.save``
+    comes out of its C++ writer as a RuntimeError ("unexpected pos") instead of an abort. A SIGTERM or SIGUSR1 after a
     pending stop is only noted: torchrun and Slurm signal a rank twice within milliseconds (the whole job step,
     then the forwarded signal), and the save must not be cut short by the second.
     """
@@ -61,11 +63,15 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._interrupts = 0
+        self._writing, self._abort = False, False
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
             self._interrupts += 1
             if self._interrupts > 1:
+                if self._writing:
+                    self._abort = True  # raised by writing() when the write is done
+                    return
                 raise KeyboardInterrupt
         if self.signum is None:
             self.signum = signum
@@ -74,7 +80,7 @@ class StopSignals:
     def installed(self) -> Iterator[StopSignals]:
         """Inside the block the handlers record stop signals; the previous handlers come back after it. Only the
         main thread can install handlers: elsewhere the block has no effect (signals act as they did)."""
-        self.signum, self._interrupts = None, 0
+        self.signum, self._interrupts, self._writing, self._abort = None, 0, False, False
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -84,6 +90,18 @@ class StopSignals:
         finally:
             for signum, old in previous.items():
                 signal.signal(signum, old)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """A checkpoint write: a second Ctrl-C arriving inside it aborts (KeyboardInterrupt) right after it,
+        with the file complete, instead of inside ``torch.save``."""
+        self._writing = True
+        try:
+            yield
+        finally:
+            self._writing = False
+        if self._abort:
+            raise KeyboardInterrupt
 
     def requested(self, distributed: bool = False, device: torch.device | None = None) -> int | None:
         """The signal number of a pending stop, or None. With ``distributed`` every rank calls it at the same

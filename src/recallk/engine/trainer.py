@@ -131,7 +131,7 @@ class Trainer:
         self.epoch_loss_sum = 0.0
         self.last_train_loss: float | None = None
         self.last_eval: dict[str, Any] = {}
-        self._stop = StopSignals()
+        self.stop_signals = StopSignals()
         self._idle = IdleSteps()
         self._epoch_times: list[float] = []
         self._epoch_start, self._epoch_first_step = time.perf_counter(), 0
@@ -160,7 +160,7 @@ class Trainer:
         """
         seed_everything(self.settings.seed + self.rank)
         resumed, s = bool(resume), self.settings
-        with self._stop.installed():
+        with self.stop_signals.installed():
             if resumed:
                 path = self.folder.last_pt if resume is True else Path(resume)
                 restore_trainer(self, load_checkpoint(path, map_location=self.device), path)
@@ -210,7 +210,7 @@ class Trainer:
         """A safe point (a step boundary: after an optimiser update, or an epoch's end): when a stop signal came
         (to any rank: all agree here), save ``last.pt`` (unless ``save`` is False: just saved), say so once and
         raise :class:`Stopped`."""
-        signum = self._stop.requested(self.settings.distributed, self.device)
+        signum = self.stop_signals.requested(self.settings.distributed, self.device)
         if signum is None:
             return
         path = save_last(self) if save else self.folder.last_pt

@@ -54,7 +54,8 @@ def save_last(trainer: Trainer) -> Path:
         dist.all_gather_object(per_rank, state["rng"])
         state["rng_per_rank"] = per_rank
     if trainer.is_main:
-        save_checkpoint(state, path)
+        with trainer.stop_signals.writing():
+            save_checkpoint(state, path)
     return path
 
 
@@ -62,7 +63,8 @@ def save_best(trainer: Trainer) -> None:
     """``checkpoints/best.pt`` (rank 0 alone: no collective): weights-only (``engine.checkpoint.WEIGHTS_ONLY_KEYS``:
     no optimizer, scheduler, scaler or random state)."""
     if trainer.is_main:
-        save_checkpoint(weights_only_state(trainer_state(trainer)), trainer.folder.best_pt)
+        with trainer.stop_signals.writing():
+            save_checkpoint(weights_only_state(trainer_state(trainer)), trainer.folder.best_pt)
 
 
 def restore_trainer(trainer: Trainer, state: dict[str, Any], path: Path) -> None:
