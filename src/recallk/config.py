@@ -512,7 +512,8 @@ def check_startable(config: Mapping[str, Any], world_size: int = 1) -> None:
         raise ConfigError(f"train.lr={train['lr']} is not a finite number: one step would make every weight NaN; "
                           f"use a positive learning rate such as train.lr=1e-4")
     if train["lr"] <= 0:
-        raise ConfigError(f"train.lr={train['lr']} would never change the weights: use a positive learning rate")
+        what = "would never change the weights" if train["lr"] == 0 else "would climb the loss instead of lowering it"
+        raise ConfigError(f"train.lr={train['lr']} {what}: use a positive learning rate such as train.lr=1e-4")
     try:
         device = resolve_device(train["device"])
     except RuntimeError as err:

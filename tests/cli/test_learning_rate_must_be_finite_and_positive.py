@@ -19,6 +19,14 @@ def test_refused_by_the_start_checks(override):
         check_startable(load_config(None, [override]))
 
 
+@pytest.mark.parametrize(("override", "words"), [("train.lr=0", "would never change the weights"),
+                                                 ("train.lr=-1e-3", "would climb the loss instead of lowering it")])
+def test_the_message_says_what_a_zero_or_negative_rate_does(override, words):
+    """A negative rate does change the weights (gradient ascent): the message said it never would."""
+    with pytest.raises(ConfigError, match=words):
+        check_startable(load_config(None, [override]))
+
+
 def _image_folder(root):
     """4 classes of 4 random 32-pixel images (``<class>/<image>``)."""
     rng = np.random.default_rng(0)
