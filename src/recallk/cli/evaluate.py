@@ -7,12 +7,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from recallk.cli.retrieval import progress_option, run_data_options
 from recallk.config import upgrade_config
 from recallk.data import build_dataset, dataset_spec, validation_split
 from recallk.data.transforms import transforms_for_model
-from recallk.evaluation import embed_dataset, evaluate_protocol, query_gallery_metrics, retrieval_metrics
+from recallk.evaluation import embed_dataset, evaluate_protocol, retrieval_metrics
+from recallk.evaluation.protocols import labels_by_class_name
 from recallk.retrieval import load_trained_model
+from recallk.retrieval.embed import EmbeddingFile
+from recallk.retrieval.evaluate import evaluate_query_gallery
 from recallk.utils import resolve_device
 
 __all__ = ["VALIDATION_SPLIT", "evaluate_checkpoint"]
@@ -37,8 +42,11 @@ def evaluate_checkpoint(
     :func:`recallk.evaluation.embed_dataset`.
 
     With ``query`` and ``gallery`` (two ``<class>/<image>`` folders, instead of ``dataset``/``root``/``splits``)
-    the query images search the gallery images (``recallk.evaluation.query_gallery_metrics``: classes matched
-    by folder name); the result is ``{"query": metrics}``. ``ks`` default to ``eval.ks`` of the run, else the
+    the query images search the gallery images (classes matched by folder name, as
+    ``recallk.evaluation.query_gallery_metrics``); a query image also in the gallery (the same resolved file, e.g.
+    one folder given as both) leaves its own gallery copy out, as in leave-one-out, with a note on stderr
+    (:func:`recallk.retrieval.evaluate.evaluate_query_gallery`, the rule of ``--query-embeddings``); the result
+    is ``{"query": metrics}``. ``ks`` default to ``eval.ks`` of the run, else the
     folder dataset's. A folder without ``train/``/``test/`` folders whose run split none off
     (``data.options.test_classes``) is evaluated whole, leave-one-out (split ``all``), with a note on stderr that
     its trained classes inflate the numbers. The split ``"validation"`` is the classes the run held out of its
@@ -65,8 +73,12 @@ def evaluate_checkpoint(
         (q_emb, _), (g_emb, _) = (embed_dataset(model, ds, num_workers=num_workers, **embed_options)
                                   for ds in sets)
         folder_ks = ks or run_ks or dataset_spec("folder").eval_ks
-        return {"query": query_gallery_metrics(q_emb, sets[0], g_emb, sets[1], folder_ks,
-                                               device=embed_options["device"])}
+        labels = labels_by_class_name(sets[0], sets[1])  # query_gallery_metrics's classes matched by name
+        q, g = (EmbeddingFile(emb, lab, np.array([str(Path(p).resolve()) for p in ds.paths], dtype=str), [], {})
+                for emb, lab, ds in zip((q_emb, g_emb), labels, sets))
+        return {"query": evaluate_query_gallery(
+            q, g, folder_ks, notice=lambda line: print(f"recallk eval: note: {line}", file=sys.stderr, flush=True),
+            device=embed_options["device"])}  # a query image also in the gallery leaves its own copy out
     name = dataset or d.get("dataset")
     if name is None:
         raise ValueError(f"{checkpoint} does not name the dataset it was trained on (a Trainer API run on a dataset "

@@ -107,13 +107,21 @@ def query_gallery_metrics(
     Raises:
         ValueError: as ``retrieval_metrics`` (e.g. no query's class is in the gallery).
     """
+    labels, ref_labels = labels_by_class_name(query_set, gallery_set)
+    return retrieval_metrics(query_emb, labels, ks, ref_emb=gallery_emb, ref_labels=ref_labels, device=device)
+
+
+def labels_by_class_name(query_set: Any, gallery_set: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The labels ``(query_labels (Q,), gallery_labels (G,))`` int64 of two datasets numbered alike by class name
+    (the gallery's class names in order of first appearance; a query class absent from the gallery: one id no
+    gallery item has), as :func:`query_gallery_metrics` matches them."""
     gallery_names = class_names_of(gallery_set)
     index = {name: i for i, name in enumerate(dict.fromkeys(gallery_names.tolist()))}
     ref_labels = np.fromiter((index[n] for n in gallery_names), dtype=np.int64, count=len(gallery_names))
     unseen = len(index)  # one id no gallery item has
     labels = np.fromiter((index.get(n, unseen) for n in class_names_of(query_set)), dtype=np.int64,
                          count=len(query_set.labels))
-    return retrieval_metrics(query_emb, labels, ks, ref_emb=gallery_emb, ref_labels=ref_labels, device=device)
+    return labels, ref_labels
 
 
 _REVISITED_ORDER = {name: i for i, name in enumerate(revisited_metric_names(range(1, 1001)))}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -112,6 +113,34 @@ def evaluate_embedding_files(
     if ks is None:
         name = (g.metadata.get("source") or {}).get("dataset")
         ks = DATASET_SPECS[name].eval_ks if name in DATASET_SPECS else (1, 2, 4, 8)
+    # functools.partial adds no frame: the warning points at this function's caller, as before
+    return evaluate_query_gallery(q, g, ks, notice or partial(warnings.warn, stacklevel=3), **knn)
+
+
+def evaluate_query_gallery(
+    query: EmbeddingFile,
+    gallery: EmbeddingFile,
+    ks: Sequence[int],
+    notice: Callable[[str], None] | None = None,
+    **knn: Any,
+) -> dict[str, float | int]:
+    """``recallk.evaluation.retrieval_metrics`` of ``query``'s embeddings against ``gallery``'s (``ref_emb``,
+    ``ref_labels``), each query found in the gallery (:func:`queries_in_gallery`) leaving its own gallery copy out
+    of its neighbours and positives, as in leave-one-out, with one line about them through ``notice`` (None:
+    ``warnings.warn``); nothing found: plain ``retrieval_metrics``, no line. The rule of both ``recallk eval``
+    query/gallery paths: two embedding files (:func:`evaluate_embedding_files`) and two image folders
+    (``recallk eval --checkpoint --query --gallery``, items named by their resolved file paths).
+
+    Args:
+        query, gallery: labelled items (labels numbered alike in both), their ``paths`` naming them.
+        ks: the k's of recall@k.
+        notice: called with the one line about queries found in the gallery.
+        knn: ``device``, ``backend``, ``chunk_size`` of the kNN search.
+
+    Raises:
+        ValueError: a query in the gallery under another label, or anything ``retrieval_metrics`` rejects.
+    """
+    q, g = query, gallery
     own, how = queries_in_gallery(q, g)
     inside = own >= 0
     if not inside.any():
