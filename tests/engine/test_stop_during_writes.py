@@ -60,6 +60,19 @@ def signal_inside_save_of(monkeypatch, name: str, nth: int = 1, signum: int = si
     return saved
 
 
+def signal_during_update(monkeypatch, nth: int, signum: int) -> None:
+    """Send ``signum`` to this process inside the ``nth`` Adam update (its handler runs during the update)."""
+    real_step, count = torch.optim.Adam.step, {"n": 0}
+
+    def step(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] == nth:
+            os.kill(os.getpid(), signum)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+
 def _kind(state: dict) -> str:
     return "best.pt" if "optimizer" not in state else "last.pt"
 
@@ -150,16 +163,7 @@ def test_sigterm_during_the_update_stops_after_it(alone, monkeypatch):
     top = alone.parent / "cut-step"
     top.mkdir()
     (top / "data").symlink_to(alone / "data")
-    real_step = torch.optim.Adam.step
-    count = {"n": 0}
-
-    def step(self, *args, **kwargs):
-        count["n"] += 1
-        if count["n"] == 3:  # the first update of epoch 2
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    signal_during_update(monkeypatch, 3, signal.SIGTERM)  # the first update of epoch 2
     with pytest.raises(Stopped):
         run(top, "r")
     steps = [r["step"] for r in lines(top / "r") if r["kind"] == "train" and r["scope"] == "interval"]
@@ -177,16 +181,7 @@ def test_a_second_ctrl_c_inside_the_stop_write_aborts_once_the_file_is_complete(
     top = alone.parent / "cut-twice"
     top.mkdir()
     (top / "data").symlink_to(alone / "data")
-    real_step = torch.optim.Adam.step
-    count = {"n": 0}
-
-    def step(self, *args, **kwargs):
-        count["n"] += 1
-        if count["n"] == 3:  # the first update of epoch 2
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    signal_during_update(monkeypatch, 3, signal.SIGINT)  # the first update of epoch 2
     saved = signal_inside_save_of(monkeypatch, "last.pt", nth=2, signum=signal.SIGINT)  # the stop's save
     with pytest.raises(KeyboardInterrupt) as info:
         run(top, "r")
