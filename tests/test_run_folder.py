@@ -70,7 +70,7 @@ def test_a_new_file_gets_the_mode_open_gives_and_parents_are_created(tmp_path):
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o640
 
 
-def test_trim_metrics_cuts_later_steps_and_the_rerun_evaluation(tmp_path):
+def test_trim_metrics_cuts_later_steps(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [
         '{"kind": "eval", "epoch": 0, "step": 0, "time": 1.0, "recall@1": 0.1}',
@@ -80,8 +80,8 @@ def test_trim_metrics_cuts_later_steps_and_the_rerun_evaluation(tmp_path):
         '{"kind": "train", "epoch": 2, "step": 7, "time": 4.0, "loss": 0.8}',
     ]
     path.write_text("\n".join(lines) + "\n")
-    trim_metrics(path, step=5, rerun_eval_epoch=1)
-    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"  # the kept lines byte for byte, no blank line
+    trim_metrics(path, step=5)
+    assert path.read_text() == "".join(line + "\n" for line in lines[:2] + lines[3:4])  # byte for byte, no blank
     trim_metrics(tmp_path / "absent.jsonl", step=0)
     assert not (tmp_path / "absent.jsonl").exists()
 

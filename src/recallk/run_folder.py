@@ -31,10 +31,6 @@ VALIDATION_PREFIX = "val/"
 #: the metric families of a summary table (the final table of ``recallk train``, the report's comparison)
 SUMMARY_METRICS = ("recall@", "map@r", "r_precision")
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
 @dataclass(frozen=True)
 class RunFolder:
     """The named paths of a run folder ``root`` (``runs/<name>``); nothing is created or read here."""
@@ -356,10 +352,10 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
                            "a JSON object with 'kind' and 'epoch' keys")
 
 
-def trim_metrics(path: str | os.PathLike, step: int, rerun_eval_epoch: int | None = None) -> None:
+def trim_metrics(path: str | os.PathLike, step: int) -> None:
     """Cut ``metrics.jsonl`` back to ``step`` (atomically): drop the lines of later steps (written after the
-    checkpoint a run resumes from) and the evaluation lines of ``rerun_eval_epoch`` (an evaluation that runs
-    again), so that a resume never duplicates a line. Nothing happens when the file does not exist."""
+    checkpoint a run resumes from), so that a resume never duplicates a line. Nothing happens when the file does
+    not exist."""
     path = Path(path)
     if not path.is_file():
         return
@@ -368,11 +364,8 @@ def trim_metrics(path: str | os.PathLike, step: int, rerun_eval_epoch: int | Non
         if not line.strip():
             continue
         record = json.loads(line)
-        if record.get("step", 0) > step:
-            continue
-        if rerun_eval_epoch is not None and record.get("kind") == "eval" and record.get("epoch") == rerun_eval_epoch:
-            continue
-        kept.append(line)
+        if record.get("step", 0) <= step:
+            kept.append(line)
     write_atomic(path, "".join(line + "\n" for line in kept))
 
 
