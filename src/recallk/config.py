@@ -38,7 +38,7 @@ from recallk.evaluation import retrieval_metrics
 from recallk.evaluation.metrics import COUNT_KEYS, metric_order
 from recallk.kernels import get_backend
 from recallk.losses import build_loss, loss_min_per_class, loss_names
-from recallk.losses.base import loss_annotations, loss_config_keys, loss_defaults
+from recallk.losses.base import loss_annotations, loss_config_keys, loss_defaults, plain_value
 from recallk.models import build_model
 from recallk.run_folder import read_yaml, write_config
 from recallk.utils import resolve_device
@@ -48,13 +48,9 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message says how to fix it."""
 
 
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
 def _signature_defaults(fn: Callable[..., Any], skip: Iterable[str]) -> dict[str, Any]:
     params = inspect.signature(fn).parameters.values()
-    return {p.name: _plain(p.default) for p in params if p.default is not p.empty and p.name not in set(skip)}
+    return {p.name: plain_value(p.default) for p in params if p.default is not p.empty and p.name not in set(skip)}
 
 
 #: train settings the CLI sets from elsewhere (``seed`` top level, ``data.num_workers``, ``--no-progress``, torchrun),
@@ -92,7 +88,7 @@ DEFAULTS: dict[str, Any] = {
     # signature are filled in when a config is resolved (load_config); these are RS@k's
     "loss": {"name": "rsk", **loss_defaults("rsk")},
     "train": {
-        **{f.name: _plain(f.default) for f in dataclasses.fields(TrainSettings)
+        **{f.name: plain_value(f.default) for f in dataclasses.fields(TrainSettings)
            if f.name not in _TRAIN_FROM_ELSEWHERE and f.default is not dataclasses.MISSING},
         "epochs": 10,
         "batch_size": 400,

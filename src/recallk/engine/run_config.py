@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 from torchvision import transforms as T
 
-from recallk.run_folder import _plain, plain_config
+from recallk.run_folder import plain_config
 
 #: TrainSettings fields that are no ``train.*`` key of a config: ``seed`` is the top-level key, ``num_workers`` is
 #: ``data.num_workers``, ``progress`` (``--no-progress``) and ``distributed`` (torchrun) come from the command line.
@@ -30,7 +30,7 @@ def describe_loss(criterion: Any) -> dict[str, Any] | None:
     """
     spec = getattr(criterion, "loss_spec", None)
     if isinstance(spec, Mapping) and "name" in spec:
-        return _plain(dict(spec))
+        return plain_config(spec)
     return None
 
 
@@ -38,7 +38,7 @@ def _model_section(model: Any) -> dict[str, Any] | None:
     """The config ``model`` section the model records (``model_section``, written by
     :func:`recallk.models.build_model` with its ``model_spec``), or None."""
     section = getattr(model, "model_section", None)
-    return _plain(dict(section)) if isinstance(section, Mapping) else None
+    return plain_config(section) if isinstance(section, Mapping) else None
 
 
 def _image_size(transform: Any) -> int | None:

@@ -21,7 +21,8 @@ from recallk.kernels import no_autocast
 _HALF = (torch.float16, torch.bfloat16)
 
 __all__ = ["RUN_CONTEXT", "MetricLoss", "accepted_options", "build_loss", "loss_annotations", "loss_config_keys",
-           "loss_defaults", "loss_min_per_class", "loss_names", "record_spec", "register_loss", "unit_rows"]
+           "loss_defaults", "loss_min_per_class", "loss_names", "plain_value", "record_spec", "register_loss",
+           "unit_rows"]
 
 
 class MetricLoss(nn.Module):
