@@ -168,14 +168,17 @@ def start_segment(run_dir: str | Path, resume: bool, device: Any = None) -> dict
     return segment
 
 
-def end_segment(run_dir: str | Path, outcome: str) -> None:
+def end_segment(run_dir: str | Path, outcome: str, continue_with: str | None = None) -> None:
     """Set ``end_time`` (unix seconds) and ``outcome`` (e.g. ``"finished"``, ``"stopped by SIGTERM"``,
-    ``"error: ..."``) of the last segment of ``run_dir/run.json``. Does nothing when the file does not exist (a
-    failed start whose run folder was removed). Raises ValueError for a malformed file."""
+    ``"error: ..."``) of the last segment of ``run_dir/run.json``, and ``continue_with`` (the command that
+    continues a run that did not finish) when given. Does nothing when the file does not exist (a failed start
+    whose run folder was removed). Raises ValueError for a malformed file."""
     data = read_run_file(run_dir)
     if data is None or not data["segments"]:
         return
     data["segments"][-1].update({"end_time": time.time(), "outcome": outcome})
+    if continue_with is not None:
+        data["segments"][-1]["continue_with"] = continue_with
     _write(run_dir, data)
 
 

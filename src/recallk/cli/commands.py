@@ -42,7 +42,7 @@ def train(args: argparse.Namespace) -> int:
     if args.resume:
         config, changes = resumed_config(run_dir, args, config)
     check_startable(config, world_size)
-    from recallk.cli.run import finished_run_message, train_from_config
+    from recallk.cli.run import finished_run_message, resume_command, train_from_config
 
     if args.resume and (done := finished_run_message(config, run_dir)):
         if main_process:  # nothing to train: no segment in run.json, no resumes.jsonl line, nothing rewritten
@@ -70,7 +70,7 @@ def train(args: argparse.Namespace) -> int:
             if fresh:
                 remove_unstarted_run(run_dir)
             if main_process:
-                provenance.end_segment(run_dir, outcome(stop))
+                provenance.end_segment(run_dir, outcome(stop), continue_with=resume_command(config))
             if isinstance(stop, KeyboardInterrupt) and hasattr(stop, "saved_to"):  # engine.Stopped, after its save
                 return 128 + stop.signum  # the trainer said (once) what it saved and how to continue
             raise

@@ -300,11 +300,6 @@ def resume_marks(run: RunRecord) -> list[float]:
     return [step_position(run.records, s.from_step, s.from_epoch) for s in run.segments if s.resume]
 
 
-#: ``runs_dir`` of a run that does not name one (``config.DEFAULTS["runs_dir"]``, a layer above this one): the
-#: continue command adds ``runs_dir=`` only for another
-DEFAULT_RUNS_DIR = "runs"
-
-
 def unfinished_notice(run: RunRecord) -> str | None:
     """What to say at the top of the report of a run whose last training segment did not finish (``run.json``
     records another outcome than ``finished``: ``stopped by SIGTERM``, ``interrupted (Ctrl-C)``, ``error: ...``)
@@ -326,14 +321,8 @@ def unfinished_notice(run: RunRecord) -> str | None:
     folder = RunFolder(run.path)
     position = checkpoint_position(folder.last_pt)
     name = str(run.config.get("name") or run.path.resolve().name)
-    runs_dir = run.config.get("runs_dir")
-    words = ["train", "--name", name, "--resume"]
-    if runs_dir is not None and str(runs_dir) != DEFAULT_RUNS_DIR:
-        words.append(f"runs_dir={runs_dir}")
-    if int(last.environment.get("world_size") or 1) > 1:
-        command = shlex.join(["torchrun", "-m", "recallk", *words]) + " (with the torchrun options of the run)"
-    else:
-        command = shlex.join(["recallk", *words])
+    # the command recallk train recorded when the segment ended (cli.run.resume_command: runs_dir, torchrun)
+    command = last.environment.get("continue_with") or shlex.join(["recallk", "train", "--name", name, "--resume"])
     if position is None:
         return (f"This run did not finish: {how}, and saved no checkpoint to continue from; start it again with "
                 f"its command line plus --overwrite (this deletes {run.path})")
