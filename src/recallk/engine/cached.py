@@ -30,8 +30,14 @@ Prepare = Callable[[torch.Tensor], torch.Tensor]
 class Gather(Protocol):
     """How :func:`cached_backward` shares one global batch between processes (see ``engine/distributed.py``)."""
 
-    def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
-        """All ranks' pass-1 embeddings (B, d) and labels (B,) in rank order, and the rows that are this rank's."""
+    def loss_and_grad(
+        self, criterion: Criterion, embeddings: torch.Tensor, labels: torch.Tensor, *,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The loss of the global batch and this rank's rows of G = dL/dE, from this rank's pass-1 ``embeddings``
+        (n_r, d) and ``labels`` (n_r,): (detached scalar loss, the same on every rank; G's rows (n_r, d), scaled
+        by the GradScaler as :func:`loss_and_embedding_grad` scales them). Collective: every rank calls it.
+        How the loss's work is split between the ranks is the gather's business."""
 
     def shared_randomness(self, criterion: Criterion, device: torch.device) -> contextlib.AbstractContextManager:
         """Context in which the criterion (run on ``device``) draws the same random numbers on every rank."""
@@ -255,8 +261,9 @@ def cached_backward(
         autocast_dtype: torch.bfloat16 / torch.float16 to run the model under autocast, or None.
         device: where the model runs; default: the device of its parameters.
         gather: several processes (:class:`recallk.engine.distributed.DistributedGather`): ``images`` and
-            ``labels`` are then this rank's rows of the global batch, the loss is that of the global batch and
-            every rank ends with its gradient (gradients already in ``.grad`` are reduced too: zero them first).
+            ``labels`` are then this rank's rows of the global batch, the loss is that of the global batch (its
+            work shared between the ranks as the gather's ``sharding`` says) and every rank ends with its
+            gradient (gradients already in ``.grad`` are reduced too: zero them first).
         prepare: run on each chunk once on ``device`` (both passes), e.g. uint8 -> normalised float32
             (:class:`recallk.data.transforms.DeviceNormalize`); the gradient is that of the prepared batch.
 
@@ -327,14 +334,15 @@ def cached_backward_stream(
 
     embeddings, rng_states, kept = _embed_stream(model, images_of(chunks), device=run_device,
                                                  autocast_dtype=autocast_dtype, prepare=prepare)
-    labels, rows = torch.cat(label_parts).to(run_device), slice(None)
-    if gather is not None:
-        embeddings, labels, rows = gather.gather(embeddings, labels)
-    with gather.shared_randomness(criterion, run_device) if gather is not None else contextlib.nullcontext():
+    labels = torch.cat(label_parts).to(run_device)
+    if gather is None:
         loss, grad = loss_and_embedding_grad(criterion, embeddings, labels, scaler=scaler)
+    else:
+        with gather.shared_randomness(criterion, run_device):
+            loss, grad = gather.loss_and_grad(criterion, embeddings, labels, scaler=scaler)
     del embeddings
     with _running_stats_kept(norms):
-        backward_chunks(model, kept, grad[rows], rng_states, device=run_device, autocast_dtype=autocast_dtype,
+        backward_chunks(model, kept, grad, rng_states, device=run_device, autocast_dtype=autocast_dtype,
                         prepare=prepare)
     if gather is not None:
         gather.reduce_gradients(model, criterion)

@@ -22,7 +22,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 __all__ = ["RUN_CONTEXT", "MetricLoss", "accepted_options", "build_loss", "loss_annotations", "loss_config_keys",
            "loss_defaults", "loss_min_per_class", "loss_names", "plain_value", "record_spec", "register_loss",
-           "unit_rows"]
+           "shard_range", "unit_rows"]
 
 
 class MetricLoss(nn.Module):
@@ -42,6 +42,10 @@ class MetricLoss(nn.Module):
     """
 
     min_per_class: int = 2
+    #: whether :meth:`sharded_forward` exists: the loss is a sum over query rows that a rank can compute for a share of
+    #: the queries against every reference (RS@k). Off here: a loss whose reduction needs the whole batch (a
+    #: pytorch-metric-learning reducer's global counts, Smooth-AP, Proxy-Anchor) is computed whole on every rank.
+    shardable: bool = False
     #: divide every row of ``embeddings`` and ``ref_emb`` by its L2 norm in :meth:`forward` (:func:`unit_rows`);
     #: off here (pytorch-metric-learning's losses normalise in their own distance), on by default for RS@k
     normalize_embeddings: bool = False
@@ -116,6 +120,49 @@ class MetricLoss(nn.Module):
         """The loss of checked inputs (labels int64 on the embeddings' device); ``ref_*`` both None or both set."""
         raise NotImplementedError
 
+    def sharded_forward(self, embeddings: torch.Tensor, labels: torch.Tensor, shard: int,
+                        shards: int) -> torch.Tensor:
+        """Share ``shard`` of ``shards`` of the loss of the batch ``embeddings`` against itself: the shares of
+        ``shard = 0 .. shards - 1`` sum to ``forward(embeddings, labels)`` (up to float rounding), each computed
+        from that shard's query rows against every reference, so that several processes holding the same batch
+        split the loss's O(B^2) work and memory between them (``engine/distributed.py``, rows sharding).
+
+        Args:
+            embeddings: (B, d) floating embeddings of the whole (global) batch, checked and normalised as in
+                :meth:`forward`. labels: (B,) integer labels.
+            shard: this share's index, ``0 <= shard < shards``. shards: the number of shares (the world size).
+
+        Returns:
+            A scalar tensor, differentiable with respect to every row of ``embeddings`` (the references too); a
+            share holding no query with a positive is a zero with a zero gradient. A loss that draws random
+            numbers (SiMix) draws them as :meth:`forward` does, so every share must be computed with the same
+            random state (the engine arranges it).
+
+        Raises:
+            ValueError: a loss that cannot be sharded (``shardable`` False: use the whole loss on every rank,
+                ``train.loss_sharding: replicate``), a bad ``shard``/``shards``, or what :meth:`forward` raises.
+        """
+        if not self.shardable:
+            name = getattr(self, "loss_spec", {}).get("name") or type(self).__name__
+            raise ValueError(f"loss {name!r} cannot be sharded (its value is no sum over query rows that a share of "
+                             "the queries can compute): compute it whole, train.loss_sharding: replicate")
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ValueError(f"shards must be a positive integer (the number of processes), got {shards!r}")
+        if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < shards:
+            raise ValueError(f"shard must be an integer in [0, {shards}) (this process's rank), got {shard!r}")
+        emb = checks.check_embeddings(embeddings)
+        labels = checks.check_labels(labels, emb.shape[0]).to(emb.device)
+        with no_autocast(emb.device):
+            if self.normalize_embeddings:
+                emb = unit_rows(emb)
+            emb = emb.float() if emb.dtype in _HALF else emb
+            return self.compute_shard(emb, labels, shard, shards)
+
+    def compute_shard(self, embeddings: torch.Tensor, labels: torch.Tensor, shard: int,
+                      shards: int) -> torch.Tensor:
+        """:meth:`sharded_forward` on checked inputs; a shardable loss implements it."""
+        raise NotImplementedError
+
     def get_extra_state(self) -> dict[str, torch.Tensor]:
         """``{"generator_state": torch.ByteTensor}`` of the loss's own ``generator`` ({} without one)."""
         generator = getattr(self, "generator", None)
@@ -125,6 +172,12 @@ class MetricLoss(nn.Module):
         """Restore what :meth:`get_extra_state` returned."""
         if state and "generator_state" in state:
             self.generator.set_state(state["generator_state"])
+
+
+def shard_range(rows: int, shard: int, shards: int) -> tuple[int, int]:
+    """The rows ``[lo, hi)`` of ``rows`` that share ``shard`` of ``shards`` takes: contiguous, in shard order, sizes
+    differing by at most one (``lo = rows * shard // shards``)."""
+    return rows * shard // shards, rows * (shard + 1) // shards
 
 
 #: how far from 1 a row's squared L2 norm may be, in units of its dtype's eps, for :func:`unit_rows` to take it as

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from recallk import checks, kernels
-from recallk.losses.base import MetricLoss, register_loss
+from recallk.losses.base import MetricLoss, register_loss, shard_range
 from recallk.losses.gram import gram
 from recallk.losses.simix import simix, simix_embeddings
 
@@ -142,6 +142,46 @@ class RecallAtKSurrogate(MetricLoss):
             return self.from_similarity(emb @ ref_emb.T, labels, ref_labels, backend=backend)
         return kernels.rsk_loss_from_embeddings(emb, ref_emb, labels, ref_labels, self.params, backend=backend,
                                                 block_size=self.block_size)  # fmt: skip
+
+    shardable = True
+
+    def compute_shard(self, embeddings: torch.Tensor, labels: torch.Tensor, shard: int,
+                      shards: int) -> torch.Tensor:
+        """Share ``shard`` of ``shards`` of the loss of checked inputs (see :meth:`MetricLoss.sharded_forward`).
+
+        SiMix forms the virtual items from the embeddings (:func:`simix_embeddings`: the pairs and alphas of
+        :meth:`forward` for the same generator state), giving the B + V rows of the augmented batch; this share
+        ranks the contiguous rows ``[lo, hi)`` of them (``lo = (B + V) * shard // shards``) against all B + V,
+        with ``self_index = arange(lo, hi)``. RS@k is a mean over the queries with a positive (method.md section
+        1), so the share is ``sum over its valid queries / the valid queries of the whole batch`` = (its own mean)
+        x (its valid queries / all valid queries); a share without a valid query is 0 with a zero gradient.
+        ``memory="auto"`` sizes the matrix-or-recompute choice for the share's (hi - lo, B + V) similarity.
+        """
+        emb = embeddings
+        if self.simix:
+            emb, labels = simix_embeddings(emb, labels, generator=self.generator,
+                                           max_pairs_per_class=self.max_pairs_per_class)
+        rows = emb.shape[0]
+        lo, hi = shard_range(rows, shard, shards)
+        _, inverse, class_sizes = torch.unique(labels, return_inverse=True, return_counts=True)
+        valid = class_sizes[inverse] >= 2  # a query's positives: the other items of its class
+        total = int(valid.sum())
+        if total == 0:
+            raise ValueError(checks.NO_POSITIVE_MESSAGE)
+        mine = int(valid[lo:hi].sum())
+        if mine == 0:
+            return emb[:0].sum()  # 0, and a zero gradient for every row
+        backend, memory = self._path(emb.device, emb.shape[1], hi - lo, rows)
+        self_index = torch.arange(lo, hi, device=emb.device)
+        if memory == "matrix":
+            loss = kernels.rsk_loss_from_similarity(emb[lo:hi] @ emb.T, labels[lo:hi], labels, self.params,
+                                                    self_index=self_index, backend=backend,
+                                                    block_size=self.block_size)  # fmt: skip
+        else:
+            loss = kernels.rsk_loss_from_embeddings(emb[lo:hi], emb, labels[lo:hi], labels, self.params,
+                                                    self_index=self_index, backend=backend,
+                                                    block_size=self.block_size)  # fmt: skip
+        return loss * (mine / total)
 
     def _augmented_size(self, labels: torch.Tensor) -> int:
         """Rows of a batch against itself after SiMix (its virtual items counted), as "auto" sizes it."""
