@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recallk.engine.distributed import check_sharding
 from recallk.engine.optim import check_optimizer
 from recallk.utils import autocast_dtype
 
@@ -44,12 +45,18 @@ class TrainSettings:
         log_every: write a train line every this many steps (plus one per epoch).
         progress, tensorboard: tqdm bars (images/s, ETA) and TensorBoard scalars.
         distributed: join the torchrun process group (:func:`recallk.engine.distributed.init_distributed`).
+        loss_sharding: how the processes split the global-batch loss (:class:`recallk.engine.DistributedGather`):
+            "auto" (rows for a loss that can shard, RS@k; else replicate), "rows" (each process ranks its share
+            of the queries against all references: about 1/N of the loss's time and memory each), "ring" (rows
+            with the references passed around the ring: no process holds all of them) or "replicate" (every
+            process computes the whole loss). A loss that cannot shard (the pytorch-metric-learning baselines)
+            is replicated whatever is set, and the log says so. Ignored in one process.
 
     Raises:
         ValueError: an unknown optimizer or amp value, a negative ``epochs``/``num_workers``, a non-positive
             ``batch_size``/``per_class`` or a ``batch_size`` that is not a multiple of ``per_class``, a non-positive
             ``chunk_size``, ``prefetch_factor``, ``eval_every``, ``log_every``, ``max_steps_per_epoch`` or
-            ``max_steps``.
+            ``max_steps``, an unknown ``loss_sharding``.
     """
 
     batch_size: int
@@ -77,10 +84,12 @@ class TrainSettings:
     progress: bool = True
     tensorboard: bool = True
     distributed: bool = False
+    loss_sharding: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(self.milestones))
         autocast_dtype(self.amp, torch.device("cpu"))  # raises ValueError for an unknown value
+        check_sharding(self.loss_sharding)
         check_optimizer(self.optimizer)
         for name, value in (("epochs", self.epochs), ("num_workers", self.num_workers)):
             if value < 0:

@@ -95,7 +95,7 @@ class Trainer:
                    else DistributedContext(0, 1, 0, resolve_device(s.device)))
         self.rank, self.world_size, self.device = context.rank, context.world_size, context.device
         self.is_main = self.rank == 0
-        self.gather = DistributedGather() if s.distributed else None
+        self.gather = DistributedGather(s.loss_sharding) if s.distributed else None
 
         self.model = model.to(self.device)
         if s.channels_last:
@@ -166,6 +166,8 @@ class Trainer:
                 restore_trainer(self, load_checkpoint(path, map_location=self.device), path)
             self.log.write_config(self.run_config, resumed)
             self.log.line(start_block(self, resumed))
+            if self.gather is not None:  # how the ranks split the loss, said once (a loss that cannot shard: why)
+                self.log.line(f"sharding     {self.gather.note(self.criterion)}")
             self.log.open_tensorboard(s.tensorboard)
             try:
                 if not resumed:
