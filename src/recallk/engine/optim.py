@@ -1,11 +1,15 @@
-"""Optimiser and learning-rate schedule of the authors' set-up (method.md section 4)."""
+"""Optimiser and learning-rate schedule of the authors' set-up (method.md section 4); the parameter groups of
+fine-tuning (head rate, layer decay, weight-decay filter, frozen blocks) are :mod:`recallk.engine.param_groups`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from recallk.engine.param_groups import ParamGroup
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -51,6 +55,30 @@ def build_optimizer(
     if not groups:
         raise ValueError("nothing to train: the model and criterion have no parameter with requires_grad=True")
     params = [{"params": group, "lr": lr * multiplier} for multiplier, group in groups.items()]
+    return _optimizer(name, params, lr, weight_decay)
+
+
+def optimizer_for_groups(
+    groups: Sequence[ParamGroup], name: str = "adam", lr: float = 1e-4, weight_decay: float = 4e-4
+) -> torch.optim.Optimizer:
+    """The optimiser ``name`` over ``groups`` (:func:`recallk.engine.param_groups.parameter_groups`: each with
+    its own learning rate and weight decay); ``lr`` and ``weight_decay`` are the optimiser's defaults. With one
+    group of every parameter at ``lr`` and ``weight_decay`` it is the optimiser of :func:`build_optimizer`.
+
+    Raises:
+        ValueError: an unknown name, a non-positive lr, negative weight decay or no group.
+    """
+    check_optimizer(name)
+    if not lr > 0:
+        raise ValueError(f"the learning rate must be positive, got {lr}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not groups:
+        raise ValueError("nothing to train: no parameter group")
+    return _optimizer(name, [g.as_dict() for g in groups], lr, weight_decay)
+
+
+def _optimizer(name: str, params: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":

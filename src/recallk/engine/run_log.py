@@ -158,7 +158,8 @@ def start_block(trainer: Trainer, resumed: bool) -> str:
         f"batch        {s.batch_size} images ({s.per_class} per class) in chunks of {s.chunk_size}"
         + (f", {s.batch_size // world_size} per process" if world_size > 1 else ""),
         f"loss         {loss_text(describe_loss(trainer.criterion), trainer.criterion)}",
-        f"precision    {precision}; optimizer {s.optimizer}, lr {s.lr:g}",
+        f"precision    {precision}; optimizer {s.optimizer}, "
+        + getattr(trainer, "optimizer_text", f"lr {s.lr:g}"),  # its groups' rates: engine.param_groups.groups_text
     ])
 
 

@@ -8,6 +8,7 @@ import torch
 
 from recallk.engine.distributed import check_sharding
 from recallk.engine.optim import check_optimizer
+from recallk.engine.param_groups import check_group_settings
 from recallk.utils import autocast_dtype
 
 
@@ -21,6 +22,12 @@ class TrainSettings:
         optimizer, lr, weight_decay, milestones, gamma: see :mod:`recallk.engine.optim` (``OPTIMIZERS``).
         loss_lr_multiplier: learning rate of the criterion's own parameters (Proxy-Anchor's proxies) as a
             multiple of ``lr``; 1 = the authors' single learning rate.
+        fc_lr_mul, layer_decay, filter_bias_and_bn, freeze_blocks: fine-tuning a pretrained backbone
+            (:mod:`recallk.engine.param_groups`): the embedding head trains at ``lr * fc_lr_mul`` (the authors'
+            name; 1 = one rate), the backbone's layers at ``lr * layer_decay ** (depth from the top)`` (None = no
+            decay; 0.65-0.75 for ViTs), ``filter_bias_and_bn`` takes weight decay off biases, norms and
+            position/class/register tokens (timm's rule), and ``freeze_blocks`` freezes the stem and the first N
+            blocks (transformer blocks, CNN stages). The defaults give the authors' single group.
         amp: one of ``recallk.utils.AMP_CHOICES`` (:func:`recallk.utils.autocast_dtype`): None/"fp32" float32,
             "bf16", "fp16" (with a GradScaler), "auto" (bf16 on CUDA).
         device: "auto" (CUDA if available), "cpu", "cuda:1", ...; ignored when distributed (each rank uses
@@ -53,10 +60,11 @@ class TrainSettings:
             is replicated whatever is set, and the log says so. Ignored in one process.
 
     Raises:
-        ValueError: an unknown optimizer or amp value, a negative ``epochs``/``num_workers``, a non-positive
-            ``batch_size``/``per_class`` or a ``batch_size`` that is not a multiple of ``per_class``, a non-positive
-            ``chunk_size``, ``prefetch_factor``, ``eval_every``, ``log_every``, ``max_steps_per_epoch`` or
-            ``max_steps``, an unknown ``loss_sharding``.
+        ValueError: an unknown optimizer or amp value, a non-positive ``fc_lr_mul`` or ``loss_lr_multiplier``, a
+            ``layer_decay`` outside (0, 1], a negative ``freeze_blocks``, a negative ``epochs``/``num_workers``, a
+            non-positive ``batch_size``/``per_class`` or a ``batch_size`` that is not a multiple of ``per_class``, a
+            non-positive ``chunk_size``, ``prefetch_factor``, ``eval_every``, ``log_every``,
+            ``max_steps_per_epoch`` or ``max_steps``, an unknown ``loss_sharding``.
     """
 
     batch_size: int
@@ -69,6 +77,10 @@ class TrainSettings:
     milestones: tuple[int, ...] = ()
     gamma: float = 0.3
     loss_lr_multiplier: float = 1.0
+    fc_lr_mul: float = 1.0
+    layer_decay: float | None = None
+    filter_bias_and_bn: bool = False
+    freeze_blocks: int = 0
     amp: str | bool | None = None
     device: str | torch.device = "auto"
     seed: int = 1
@@ -91,6 +103,12 @@ class TrainSettings:
         autocast_dtype(self.amp, torch.device("cpu"))  # raises ValueError for an unknown value
         check_sharding(self.loss_sharding)
         check_optimizer(self.optimizer)
+        check_group_settings(self.fc_lr_mul, self.layer_decay, self.loss_lr_multiplier)
+        if isinstance(self.freeze_blocks, bool) or not isinstance(self.freeze_blocks, int) or self.freeze_blocks < 0:
+            raise ValueError(f"freeze_blocks must be an integer >= 0 (the stem and this many first blocks of the "
+                             f"backbone are frozen), got {self.freeze_blocks!r}")
+        if not isinstance(self.filter_bias_and_bn, bool):
+            raise ValueError(f"filter_bias_and_bn must be true or false, got {self.filter_bias_and_bn!r}")
         for name, value in (("epochs", self.epochs), ("num_workers", self.num_workers)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")

@@ -28,7 +28,8 @@ from recallk.engine.best import BestChoice, record_evaluation
 from recallk.engine.cached import Prepare, cached_backward_stream
 from recallk.engine.checkpoint import load_checkpoint
 from recallk.engine.distributed import DistributedContext, DistributedGather, init_distributed
-from recallk.engine.optim import build_optimizer, build_scheduler
+from recallk.engine.optim import build_scheduler, optimizer_for_groups
+from recallk.engine.param_groups import freeze_blocks, groups_text, parameter_groups
 from recallk.engine.run_config import merge_run_config, trainer_run_config
 from recallk.engine.run_log import IntervalMeter, RunLog, duration, eval_summary, start_block
 from recallk.engine.settings import TrainSettings, check_amp_device, check_per_class
@@ -46,7 +47,10 @@ class Trainer:
     Every step takes one class-balanced batch of ``batch_size`` images (``per_class`` per class), embeds it in
     chunks of ``chunk_size`` with :func:`recallk.engine.cached_backward` (several processes: with a
     :class:`recallk.engine.DistributedGather`) and makes one optimiser step. One learning rate for all
-    parameters, the criterion's included; MultiStepLR steps once per epoch.
+    parameters, the criterion's included, unless the settings ask for fine-tuning groups (``fc_lr_mul``,
+    ``layer_decay``, ``filter_bias_and_bn``, ``loss_lr_multiplier``; :mod:`recallk.engine.param_groups`;
+    ``freeze_blocks`` sets ``requires_grad=False`` on the model's stem and first blocks); MultiStepLR steps once
+    per epoch, scaling every group's rate alike.
 
     Args:
         model: maps images to L2-normalised (n, d) embeddings. BatchNorm freezing is the model's business
@@ -115,10 +119,15 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.sampler = ClassBalancedBatchSampler(labels, s.batch_size, per_class=s.per_class, seed=s.seed,
                                                  rank=self.rank, world_size=self.world_size)
-        modules = [self.model] + ([self.criterion] if isinstance(self.criterion, nn.Module) else [])
-        multipliers = [1.0, s.loss_lr_multiplier][: len(modules)]
-        self.optimizer = build_optimizer(modules, s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
-                                         lr_multipliers=multipliers)
+        # Fine-tuning groups (recallk.engine.param_groups): the defaults give one group, the authors' single rate.
+        frozen = set(freeze_blocks(self.model, s.freeze_blocks))  # requires_grad=False: in no group, never changed
+        self.frozen_weights = sum(p.numel() for n, p in self.model.named_parameters() if n in frozen)
+        groups = parameter_groups(
+            self.model, self.criterion if isinstance(self.criterion, nn.Module) else None, lr=s.lr,
+            weight_decay=s.weight_decay, fc_lr_mul=s.fc_lr_mul, loss_lr_multiplier=s.loss_lr_multiplier,
+            layer_decay=s.layer_decay, filter_bias_and_bn=s.filter_bias_and_bn)
+        self.optimizer_text = groups_text(groups, self.frozen_weights)  # the start block's optimiser line
+        self.optimizer = optimizer_for_groups(groups, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, s.milestones, s.gamma)
         check_amp_device(s.amp, self.device)
         self.autocast_dtype = autocast_dtype(s.amp, self.device)
