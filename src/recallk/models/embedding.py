@@ -47,31 +47,46 @@ class EmbeddingModel(nn.Module):
     The authors' heads: ResNet -> GeM (learnable p, init 3) -> LayerNorm(C) -> Linear(C, embed_dim) -> L2;
     ViT -> CLS token -> LayerNorm -> Linear -> L2.
 
+    ``embed_dim=None``: no head of ours; the output is the backbone's own embedding, L2-normalised (with pooling
+    ``"head"``: the pooling it was trained with and its own projection, e.g. CLIP's), for zero-shot evaluation.
+
+    Pooling ``"head"`` runs the backbone's own ``forward_head`` (timm): its trained global pooling (class token,
+    attention pool ``map``, average) and, when the backbone was built with one, its projection.
+
     ``freeze_bn=True`` keeps every BatchNorm layer in eval mode even after ``model.train()``
     (:func:`freeze_batchnorm`): running statistics are never updated and batch statistics are never used, so
     the output of an image does not depend on the other images of its batch (needed for the two-pass
     large-batch backward). BN affine weights still train.
 
     Attributes:
-        backbone: the timm model (``num_classes=0``, ``global_pool=''``).
-        pool: :class:`GlobalPool`; ``norm``: LayerNorm(C); ``proj``: Linear(C, embed_dim).
-        embed_dim, feature_dim (C), freeze_bn, pretrained_cfg (the timm weights config).
+        backbone: the timm model (``num_classes=0``, ``global_pool=''``; with pooling ``"head"`` its own global
+            pooling, and ``num_classes`` its projection's size where the head is one).
+        pool: :class:`GlobalPool`; ``norm``: LayerNorm(C) and ``proj``: Linear(C, embed_dim), both None when
+            ``embed_dim`` was None.
+        embed_dim (the output dimension: C when there is no head of ours), feature_dim (C, the pooled vector's
+        size), has_head (False for ``embed_dim=None``), freeze_bn, pretrained_cfg (the timm weights config).
+
+    Raises:
+        ValueError: a non-positive ``embed_dim``, or pooling ``"cls"`` on a backbone without a class token.
     """
 
-    def __init__(self, backbone: nn.Module, pooling: str, embed_dim: int = 512, freeze_bn: bool = True) -> None:
+    def __init__(self, backbone: nn.Module, pooling: str, embed_dim: int | None = 512,
+                 freeze_bn: bool = True) -> None:
         super().__init__()
-        if embed_dim < 1:
-            raise ValueError(f"embed_dim must be a positive integer, got {embed_dim}")
+        if embed_dim is not None and (isinstance(embed_dim, bool) or int(embed_dim) != embed_dim or embed_dim < 1):
+            raise ValueError(f"embed_dim must be a positive integer or None (the backbone's own embedding), "
+                             f"got {embed_dim!r}")
         self.backbone = backbone
         prefix = getattr(backbone, "num_prefix_tokens", 0) or 0
         channels_last = getattr(backbone, "output_fmt", "NCHW") == "NHWC"
         if pooling == "cls" and (prefix < 1 or getattr(backbone, "cls_token", None) is None):
             raise ValueError(f"pooling 'cls' needs a class token, which {type(backbone).__name__} lacks; use 'avg'")
         self.pool = GlobalPool(pooling, prefix, channels_last)
-        self.feature_dim = int(backbone.num_features)
-        self.embed_dim = int(embed_dim)
-        self.norm = nn.LayerNorm(self.feature_dim)
-        self.proj = nn.Linear(self.feature_dim, self.embed_dim)
+        self.feature_dim = head_output_dim(backbone) if pooling == "head" else int(backbone.num_features)
+        self.has_head = embed_dim is not None
+        self.embed_dim = int(embed_dim) if embed_dim is not None else self.feature_dim
+        self.norm = nn.LayerNorm(self.feature_dim) if self.has_head else None
+        self.proj = nn.Linear(self.feature_dim, self.embed_dim) if self.has_head else None
         self.freeze_bn = freeze_bn
         if freeze_bn:
             freeze_batchnorm(self)
@@ -96,11 +111,26 @@ class EmbeddingModel(nn.Module):
         return strict and not getattr(self.backbone, "dynamic_img_size", False)
 
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features pooled to ``(N, feature_dim)``, before the head."""
-        return self.pool(self.backbone.forward_features(images))
+        """Backbone features pooled to ``(N, feature_dim)``, before our head (pooling ``"head"``: the backbone's
+        own ``forward_head``, its projection included)."""
+        features = self.backbone.forward_features(images)
+        if self.pool.method == "head":
+            return self.backbone.forward_head(features)
+        return self.pool(features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4:
             raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
-        x = self.proj(self.norm(self.pooled_features(images)))
+        x = self.pooled_features(images)
+        if self.has_head:
+            x = self.proj(self.norm(x))
         return F.normalize(x, dim=1)
+
+
+def head_output_dim(backbone: nn.Module) -> int:
+    """Size of the vector a timm backbone's ``forward_head`` returns: its classifier / projection's
+    ``num_classes`` when it has one, else the pooled width (``head_hidden_size``, else ``num_features``)."""
+    classes = int(getattr(backbone, "num_classes", 0) or 0)
+    if classes > 0:
+        return classes
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)

