@@ -25,7 +25,7 @@ try:
 except ImportError:  # a copy of the repository without an install: use its src/
     sys.path.insert(0, os.path.join(HERE, os.pardir, "src"))
 
-BENCHES = ("loss", "engine", "eval", "train")
+BENCHES = ("loss", "engine", "eval", "train", "distributed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
