@@ -51,6 +51,7 @@ DEFAULT_RING_BLOCK_ELEMENTS = 1 << 21
 _HALF = (torch.float16, torch.bfloat16)
 _Rows = Callable[[int], int]  # rows of block s
 _Visit = Callable[[int, torch.Tensor], None]  # what a rank does with block s when it passes
+_Carry = Callable[[int, "torch.Tensor | None", torch.Tensor], None]  # the same, with the block's accumulator
 
 
 def _sig(u: torch.Tensor) -> torch.Tensor:
@@ -122,8 +123,8 @@ class _Ring:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.next, self.prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
 
-    def start(self, send: torch.Tensor, recv: torch.Tensor) -> list:
-        ops = [dist.P2POp(dist.isend, send, self.next), dist.P2POp(dist.irecv, recv, self.prev)]
+    def start(self, send: torch.Tensor, recv: torch.Tensor, tag: int = 0) -> list:
+        ops = [dist.P2POp(dist.isend, send, self.next, tag=tag), dist.P2POp(dist.irecv, recv, self.prev, tag=tag)]
         return dist.batch_isend_irecv(ops)
 
     def visit(self, own: torch.Tensor, rows_of: _Rows, visit: _Visit) -> None:
@@ -135,26 +136,36 @@ class _Ring:
             pending = []
             if t < self.world - 1:
                 incoming = block.new_empty((rows_of((s - 1) % self.world), *block.shape[1:]))
-                pending = self.start(block, incoming)
+                pending = self.start(block, incoming, tag=1)
             visit(s, block)
             for request in pending:
                 request.wait()
             if pending:
                 block = incoming
 
-    def carry(self, own: torch.Tensor, rows_of: _Rows, visit: _Visit) -> torch.Tensor:
-        """Pass ``own`` around the whole ring and back home; ``visit(s, block)`` may change the block in place
-        before it moves on. Returns this rank's block as it comes home."""
+    def carry(self, own: torch.Tensor | None, acc: torch.Tensor, rows_of: _Rows, visit: _Carry) -> torch.Tensor:
+        """Pass this rank's block ``own`` (read only; None: no block) with its accumulator ``acc`` (changed in
+        place by ``visit(s, block, acc)`` on each rank) around the ring, and the accumulator on back home: a
+        block moves on while it is visited, its accumulator once the visit is over. Returns the accumulator of
+        this rank's block, home with every rank's contribution."""
         block = own
         for t in range(self.world):
-            s = (self.rank - t) % self.world
-            visit(s, block)
+            s, previous = (self.rank - t) % self.world, (self.rank - t - 1) % self.world
+            pending = []
+            if block is not None and t < self.world - 1:  # the block itself need not come home
+                incoming = block.new_empty((rows_of(previous), *block.shape[1:]))
+                pending = self.start(block, incoming, tag=1)
+            visit(s, block, acc)
             if self.world > 1:
-                incoming = block.new_empty((rows_of((s - 1) % self.world), *block.shape[1:]))
-                for request in self.start(block.contiguous(), incoming):
+                acc_in = acc.new_empty((rows_of(previous), *acc.shape[1:]))
+                for request in self.start(acc, acc_in, tag=2):
                     request.wait()
+                acc = acc_in
+            for request in pending:
+                request.wait()
+            if pending:
                 block = incoming
-        return block
+        return acc
 
 
 def _gather_labels(labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -327,8 +338,17 @@ def _ring(criterion: RecallAtKSurrogate, embeddings: torch.Tensor, labels: torch
             out.append((col, (local >= 0).expand_as(yc), _sig(x.gather(1, col) - yc)))
         return out
 
+    buffer = [real.new_empty(0)]  # one sigmoid buffer for every chunk: fresh large tensors cost page faults
+
     def dense_terms(x: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
-        return _sig(x[:, None, :] - yc[:, :, None])  # (c, P, n_block)
+        """sig(clamp(u)) for every column of the block: (c, P, n_block), in the shared buffer."""
+        shape = (x.shape[0], yc.shape[1], x.shape[1])
+        need = shape[0] * shape[1] * shape[2]
+        if buffer[0].numel() < need:
+            buffer[0] = x.new_empty(need)
+        terms = buffer[0][:need].view(shape)
+        torch.sub(x[:, None, :], yc[:, :, None], out=terms)
+        return terms.clamp_(-CLAMP, CLAMP).sigmoid_()
 
     # Round 2: rank(q, p) - 1 and sum_z sig'(u_qpz), column block by column block.
     rank_sum = torch.zeros_like(y)
@@ -340,7 +360,7 @@ def _ring(criterion: RecallAtKSurrogate, embeddings: torch.Tensor, labels: torch
             yc = y[rows, :pmax]
             terms = dense_terms(x, yc)
             r = terms.sum(-1)
-            slope = terms.mul_(1.0 - terms).sum(-1)
+            slope = terms.addcmul_(terms, terms, value=-1.0).sum(-1)  # sig' = sig - sig^2
             for _, mask, t in excluded(s, rows, pmax, x, yc):
                 r -= t * mask
                 slope -= t * (1.0 - t) * mask
@@ -363,15 +383,13 @@ def _ring(criterion: RecallAtKSurrogate, embeddings: torch.Tensor, labels: torch
 
     # Round 3: each block travels with its gradient accumulator and comes home complete.
     d_own = torch.zeros_like(own_rows)
-    width = own_rows.shape[1]
 
-    def backward(s: int, carried: torch.Tensor) -> None:
-        block, acc = carried[:, :width], carried[:, width:]
+    def backward(s: int, block: torch.Tensor, acc: torch.Tensor) -> None:
         for rows, pmax in chunks(block.shape[0]):
             x = scaled_similarity(rows, block)
             yc, gc = y[rows, :pmax], g[rows, :pmax]
             terms = dense_terms(x, yc)
-            slope = terms.mul_(1.0 - terms)
+            slope = terms.addcmul_(terms, terms, value=-1.0)
             grow = torch.bmm(gc[:, None, :], slope).squeeze(1)  # (c, n_block): sum_p g_qp sig'(u_qpz)
             kinds = excluded(s, rows, pmax, x, yc)
             col, mask, t = kinds[0]  # z = p: remove its term, add dL/ds_qp
@@ -380,12 +398,9 @@ def _ring(criterion: RecallAtKSurrogate, embeddings: torch.Tensor, labels: torch
                 col, mask, _ = kinds[1]
                 grow.scatter_(1, col[:, :1], torch.where(mask[:, :1], 0.0, grow.gather(1, col[:, :1])))
             d_own.index_add_(0, rows, grow @ block)
-            acc.add_(grow.T @ own_rows.index_select(0, rows))
+            acc.addmm_(grow.T, own_rows.index_select(0, rows))
 
-    carried = torch.cat([own_rows, torch.zeros_like(own_rows)], dim=1)
-    home = ring.carry(carried, rows_of, backward)
-    d_own += home[:, width:]
-    del carried, home
+    d_own += ring.carry(own_rows, torch.zeros_like(own_rows), rows_of, backward)
 
     # Round 4 (SiMix): v = b + alpha (a - b) gives alpha dv to a (own) and (1 - alpha) dv to b (any rank).
     d_real = d_own[:n_own]
@@ -394,11 +409,11 @@ def _ring(criterion: RecallAtKSurrogate, embeddings: torch.Tensor, labels: torch
         d_real.index_add_(0, own_a, d_virtual * weights[:, None])
         to_b = d_virtual * (1.0 - weights)[:, None]
 
-        def deliver(s: int, acc: torch.Tensor) -> None:
+        def deliver(s: int, _: None, acc: torch.Tensor) -> None:
             here = (own_b >= layout.starts[s]) & (own_b < layout.starts[s] + sizes[s])
             acc.index_add_(0, own_b[here] - layout.starts[s], to_b[here])
 
-        d_real += ring.carry(torch.zeros_like(d_real), lambda s: sizes[s], deliver)
+        d_real += ring.carry(None, torch.zeros_like(d_real), lambda s: sizes[s], deliver)
 
     grad = d_real.to(unit.dtype) if unit is leaf else torch.autograd.grad(unit, leaf, d_real.to(unit.dtype))[0]
     if scale != 1.0:
