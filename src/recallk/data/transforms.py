@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,10 +21,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 KINDS = ("train", "test")
 
 
-def photo_transforms(kind: str, size: int, interp: T.InterpolationMode) -> list:
-    """Train: RandomResizedCrop(size) + horizontal flip; test: Resize(size * 256 / 224) + CenterCrop(size)."""
+CROP_MODES = ("center", "squash")
+
+
+def photo_transforms(kind: str, size: int, interp: T.InterpolationMode, crop_pct: float | None = None,
+                     crop_mode: str = "center") -> list:
+    """Train: RandomResizedCrop(size) + horizontal flip. Test: resize, then CenterCrop(size): with ``crop_pct``
+    None the method's resize of the shorter side to ``round(size * 256 / 224)`` (method.md section 4), else
+    timm's rule for the weights' ``crop_pct`` (``timm.data.transforms_factory``): the shorter side to
+    ``floor(size / crop_pct)`` (``crop_mode="center"``), or the whole image to that square (``"squash"``)."""
     if kind == "test":
-        return [T.Resize(round(size * 256 / 224), interpolation=interp), T.CenterCrop(size)]
+        if crop_pct is None:
+            resize = T.Resize(round(size * 256 / 224), interpolation=interp)
+        elif crop_mode == "squash":
+            side = math.floor(size / crop_pct)
+            resize = T.Resize((side, side), interpolation=interp)
+        else:
+            resize = T.Resize(math.floor(size / crop_pct), interpolation=interp)
+        return [resize, T.CenterCrop(size)]
     return [T.RandomResizedCrop(size, interpolation=interp), T.RandomHorizontalFlip()]
 
 
@@ -40,6 +56,8 @@ def build_transforms(
     std: Sequence[float] = IMAGENET_STD,
     dataset: str | None = None,
     interpolation: str = "bilinear",
+    crop_pct: float | None = None,
+    crop_mode: str = "center",
 ) -> T.Compose:
     """Transforms for ``kind`` ``"train"`` or ``"test"``: PIL image of any mode -> float32 tensor
     ``(3, image_size, image_size)``.
@@ -49,8 +67,9 @@ def build_transforms(
     image gives what the same file gives through a loader.
 
     ``dataset``'s spec may bring its own transforms and default ``image_size`` (kanji: 64), else photo transforms
-    and 224; ``mean`` and ``std`` (per channel, for 0-1 pixel values) normalise. Raises ValueError for an
-    unknown kind, interpolation or a non-positive size; the transform raises
+    (:func:`photo_transforms`: ``crop_pct`` and ``crop_mode`` set the test resize) and 224; ``mean`` and ``std``
+    (per channel, for 0-1 pixel values) normalise. Raises ValueError for an unknown kind, interpolation or crop
+    mode, a ``crop_pct`` outside (0, 1] or a non-positive size; the transform raises
     ``recallk.data.datasets.base.UnsupportedImageModeError`` (a ValueError) for a mode without an 8-bit RGB form.
     """
     if kind not in KINDS:
@@ -61,7 +80,11 @@ def build_transforms(
     size = image_size or (spec and spec.image_size) or 224
     if size < 1:
         raise ValueError(f"image_size must be positive, got {size}")
-    head = (spec and spec.transforms) or photo_transforms
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct is the centre crop's share of the resized image, in (0, 1]; got {crop_pct}")
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"unknown crop_mode {crop_mode!r}; choose from {CROP_MODES}")
+    head = (spec and spec.transforms) or functools.partial(photo_transforms, crop_pct=crop_pct, crop_mode=crop_mode)
     tail = [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
     return T.Compose([ToRGB8(), *head(kind, size, _interpolation(interpolation)), *tail])
 
@@ -85,12 +108,16 @@ def transforms_for_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> T.Compose:
-    """:func:`build_transforms` with mean, std and interpolation from the model's weights config: PIL image of
-    any mode (turned into 8-bit RGB first by :class:`ToRGB8`) -> float32 tensor ``(3, H, W)``.
+    """:func:`build_transforms` with the preprocessing of the model's weights (its ``data_config``, timm's
+    ``resolve_model_data_config``): mean, std, interpolation, and for photo datasets the test crop (``crop_pct``,
+    ``crop_mode``: resize the shorter side to ``floor(size / crop_pct)``, then centre-crop ``size``, as timm
+    does; the authors' presets keep the method's 256/224). PIL image of any mode (turned into 8-bit RGB first by
+    :class:`ToRGB8`) -> float32 tensor ``(3, H, W)``.
 
-    Explicit ``mean``/``std``/``image_size`` override the config. The size defaults to the config's input size,
-    or on models that take any input size (``fixed_input_size`` False) to the dataset spec's ``image_size``
-    (kanji: 64) if it has one.
+    Explicit ``mean``/``std``/``image_size`` override the config. The size defaults to the config's input size
+    (the size the model was built for: ``build_model(..., img_size=...)``), or on models that take any input size
+    (``fixed_input_size`` False) to the dataset spec's ``image_size`` (kanji: 64) if it has one. Crop modes
+    other than ``"center"`` and ``"squash"`` (timm's ``"border"``) fall back to ``"center"``.
     """
     cfg = model_data_config(model)
     if image_size is None:
@@ -105,6 +132,8 @@ def transforms_for_model(
         std=std if std is not None else tuple(cfg["std"]),
         dataset=dataset,
         interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
+        crop_pct=cfg.get("crop_pct"),
+        crop_mode=cfg.get("crop_mode") if cfg.get("crop_mode") in CROP_MODES else "center",
     )
 
 

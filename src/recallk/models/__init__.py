@@ -6,6 +6,7 @@ import contextlib
 import os
 from typing import Any
 
+from recallk.models.backbone import SizeError, create_backbone, image_side
 from recallk.models.embedding import EmbeddingModel, freeze_batchnorm
 from recallk.models.pooling import POOLINGS, GeM, GlobalPool
 from recallk.models.registry import MODELS, default_pooling, head_projection_size, preset_pooling, timm_name
@@ -25,6 +26,7 @@ __all__ = [
     "EmbeddingModel",
     "GeM",
     "GlobalPool",
+    "SizeError",
     "WeightsError",
     "build_model",
     "freeze_batchnorm",
@@ -62,7 +64,12 @@ def build_model(
             Encoder and CLIP, and ``"head"`` for every model when ``embed_dim`` is None).
         freeze_bn: keep BatchNorm layers in eval mode during training (their affine weights still train).
         in_chans: input channels.
-        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``img_size=64``, ``drop_path_rate=0.1``).
+        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.1``). ``img_size`` (pixels, an
+            int or ``(H, W)``) is the image size the model is built for: ViT-like backbones get their patch grid
+            and position embeddings for it (weights saved at another size are resampled on load, by timm's
+            checkpoint filter), models that take any size (CNNs) ignore it for building, and every model's
+            ``data_config`` / test transform follows it. This is how ``data.image_size`` reaches the model:
+            ``model.options.img_size`` (:func:`recallk.models.backbone.size_options`).
 
     Returns:
         An :class:`EmbeddingModel` whose ``model_spec`` attribute records these arguments as plain values,
@@ -72,7 +79,9 @@ def build_model(
         ``model_section`` is the same as a config's ``model`` section (``timm_kwargs`` under ``options``).
 
     Raises:
-        ValueError: unknown model name or pooling; :class:`WeightsError` (a ValueError) for a missing or
+        ValueError: unknown model name or pooling; :class:`SizeError` (a ValueError, one line) for an image size
+            the model cannot run at (e.g. not a multiple of its patch size); :class:`WeightsError` (a ValueError)
+            for a missing or
             mismatched weight file, listing the missing and unexpected keys.
     """
     import timm  # here, not at the top: importing recallk.models (as the engine does) stays light
@@ -94,9 +103,9 @@ def build_model(
     hub = offline_unless_hub_reachable() if pretrained is True else contextlib.nullcontext()
     with hub as offline:  # offline: no minute of hub retries before the error below
         try:
-            backbone = timm.create_model(
-                create_name, pretrained=pretrained is True, **{**head, "in_chans": in_chans, **timm_kwargs}
-            )
+            backbone = create_backbone(create_name, pretrained is True, {**head, "in_chans": in_chans, **timm_kwargs})
+        except SizeError:
+            raise
         except Exception as e:  # hub failures come as many types (OSError, HTTP and hub errors)
             if pretrained is True:
                 raise ValueError(
@@ -111,6 +120,10 @@ def build_model(
     has_cls = getattr(backbone, "cls_token", None) is not None
     pooling = pooling or ("head" if own_head else default_pooling(name, prefix, has_cls))
     model = EmbeddingModel(backbone, pooling, embed_dim, freeze_bn)
+    if timm_kwargs.get("img_size") is not None:
+        model.image_size = image_side(timm_kwargs["img_size"])
+    if name.split(".")[0] in MODELS:  # the authors' backbones: the method's test resize, size * 256 / 224
+        model.data_overrides["crop_pct"] = None
     model.model_spec = {"name": name, "embed_dim": embed_dim,
                         "pretrained": os.fspath(pretrained) if local else bool(pretrained), "pooling": pooling,
                         "freeze_bn": freeze_bn, "in_chans": in_chans, **timm_kwargs}

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from recallk.models.backbone import SizeError, built_size
 from recallk.models.pooling import GlobalPool
 
 
@@ -88,8 +89,17 @@ class EmbeddingModel(nn.Module):
         self.norm = nn.LayerNorm(self.feature_dim) if self.has_head else None
         self.proj = nn.Linear(self.feature_dim, self.embed_dim) if self.has_head else None
         self.freeze_bn = freeze_bn
+        self.image_size: tuple[int, int] | None = None  # the (H, W) it was built for (build_model's img_size)
+        self.data_overrides: dict[str, Any] = {}  # entries of data_config that replace the weights' own
         if freeze_bn:
             freeze_batchnorm(self)
+
+    @property
+    def name(self) -> str:
+        """The timm name of the backbone (its weights config's architecture and tag, if any)."""
+        cfg = self.pretrained_cfg
+        arch = cfg.get("architecture") or type(self.backbone).__name__
+        return f"{arch}.{cfg['tag']}" if cfg.get("tag") else arch
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
@@ -98,10 +108,19 @@ class EmbeddingModel(nn.Module):
 
     @property
     def data_config(self) -> dict[str, Any]:
-        """timm's resolved data config: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``."""
+        """The preprocessing of the weights: timm's resolved data config (``input_size`` (3, H, W), ``mean``,
+        ``std`` per channel for 0-1 pixels, ``interpolation``, ``crop_pct``, ``crop_mode``), with ``input_size``
+        the size the model was built for (a ViT's patch grid, or build_model's ``img_size``) and
+        ``data_overrides`` applied (the authors' presets: ``crop_pct`` None, the method's resize to
+        ``round(size * 256 / 224)``)."""
         import timm.data
 
-        return timm.data.resolve_model_data_config(self.backbone)
+        cfg = dict(timm.data.resolve_model_data_config(self.backbone))
+        size = built_size(self.backbone) or self.image_size
+        if size is not None:
+            cfg["input_size"] = (int(cfg["input_size"][0]), *size)
+        cfg.update(self.data_overrides)
+        return cfg
 
     @property
     def fixed_input_size(self) -> bool:
@@ -121,6 +140,15 @@ class EmbeddingModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4:
             raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
+        if self.fixed_input_size and not torch.jit.is_tracing():
+            built = built_size(self.backbone)
+            if built is not None and tuple(images.shape[-2:]) != built:
+                h, w = images.shape[-2:]
+                raise SizeError(
+                    f"{self.name} was built for {built[0]}x{built[1]}-px images, got {h}x{w}: build it for this "
+                    f"size (build_model(..., img_size={h}), in a config model.options.img_size={h}) or resize "
+                    "the images"
+                )
         x = self.pooled_features(images)
         if self.has_head:
             x = self.proj(self.norm(x))

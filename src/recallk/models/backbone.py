@@ -1,0 +1,92 @@
+"""Creating a timm backbone for an image size: ``img_size`` reaches ViT-like models (patch grid and position
+embeddings), is left out for models that take any size (CNNs), and sizes a model cannot run at are refused in one
+line (:class:`SizeError`) instead of a timm traceback at the first batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+class SizeError(ValueError):
+    """The model cannot run at the asked image size (e.g. a ViT whose patch size does not divide it, or images of
+    another size than the one a fixed-size model was built for). One line, saying which sizes work."""
+
+
+def image_side(img_size: Any) -> tuple[int, int]:
+    """``img_size`` (an int, or ``(H, W)``) as ``(H, W)`` pixels.
+
+    Raises:
+        SizeError: not a positive int or a pair of them.
+    """
+    sides = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size) if isinstance(
+        img_size, list | tuple) else ()
+    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
+        raise SizeError(f"img_size must be a positive number of pixels or a pair (H, W) of them, got {img_size!r}")
+    return int(sides[0]), int(sides[1])
+
+
+def size_options(image_size: int | None) -> dict[str, Any]:
+    """The ``build_model`` options (``model.options``) that build a model for ``image_size``-px square images:
+    ``{"img_size": image_size}``, or ``{}`` for None. Every model accepts it (models that take any size ignore
+    it for building)."""
+    return {} if image_size is None else {"img_size": int(image_size)}
+
+
+def patch_size(backbone: nn.Module) -> tuple[int, int] | None:
+    """The ``(H, W)`` patch size of a backbone with a timm ``patch_embed``, else None."""
+    size = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
+def built_size(backbone: nn.Module) -> tuple[int, int] | None:
+    """The ``(H, W)`` image size a patch-embedding backbone was built for (timm's ``patch_embed.img_size``)."""
+    size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
+def check_patch_grid(backbone: nn.Module, name: str, size: tuple[int, int]) -> None:
+    """Raise :class:`SizeError` when ``size`` is not a whole number of the backbone's patches (timm would drop the
+    remainder of every image silently)."""
+    patch = patch_size(backbone)
+    if patch is None:
+        return
+    for side, p in zip(size, patch):
+        if side % p:
+            lower, upper = side // p * p, (side // p + 1) * p
+            raise SizeError(
+                f"{name} cuts images into {p}-px patches, so the image size must be a multiple of {p}: {side} is "
+                f"not (use {lower or p} or {upper})"
+            )
+
+
+def create_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model(name, pretrained=pretrained, **kwargs)``, where ``kwargs["img_size"]`` (optional) is
+    the image size: passed on to models that take it, left out for those that take any size.
+
+    Raises:
+        SizeError: a bad ``img_size``, a size that is no whole number of patches, or timm refusing the size.
+        Whatever ``timm.create_model`` raises otherwise (hub failures among them).
+    """
+    import timm
+
+    size = image_side(kwargs["img_size"]) if kwargs.get("img_size") is not None else None
+    try:
+        backbone = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # "__init__() got an unexpected keyword argument 'img_size'": any size works
+        if size is None or "img_size" not in str(e):
+            raise
+        kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+        backbone = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except AssertionError as e:  # timm's size checks (window or grid sizes) are assertions
+        if size is None:
+            raise
+        raise SizeError(f"{name} cannot be built for {size[0]}x{size[1]}-px images: {e}") from None
+    if size is not None:
+        check_patch_grid(backbone, name, size)
+    return backbone
