@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 
 import numpy as np
@@ -197,20 +198,27 @@ class Images(torch.utils.data.Dataset):
         return self.images[i], int(self.labels[i])
 
 
-def test_a_trainer_run_trains_the_groups_records_the_keys_and_says_the_rates(tmp_path):
+def test_a_trainer_run_trains_the_groups_records_the_keys_says_the_rates_and_resumes_them(tmp_path):
     model = tiny_vit()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = Trainer(model, build_loss("rsk"), Images(), tmp_path, batch_size=16, chunk_size=8, per_class=4,
-                      epochs=1, device="cpu", progress=False, tensorboard=False, optimizer="adamw", lr=1e-3,
-                      weight_decay=0.05, fc_lr_mul=10.0, layer_decay=0.75, filter_bias_and_bn=True, freeze_blocks=2)
+    settings = dict(batch_size=16, chunk_size=8, per_class=4, epochs=2, milestones=(1,), device="cpu", progress=False,
+                    tensorboard=False, optimizer="adamw", lr=1e-3, weight_decay=0.05, fc_lr_mul=10.0, layer_decay=0.75,
+                    filter_bias_and_bn=True, freeze_blocks=2)
+    trainer = Trainer(model, build_loss("rsk"), Images(), tmp_path, max_steps=1, **settings)  # 1 step per epoch
     line = next(x for x in start_block(trainer, resumed=False).splitlines() if x.startswith("precision"))
     assert "optimizer adamw, 22 groups: backbone lr 0.00075..5.63e-05, head lr 0.01" in line, line  # 2: 0.75^10
     assert "weights frozen (train.freeze_blocks)" in line
-    trainer.fit()
+    initial = [g["lr"] for g in trainer.optimizer.param_groups]
+    trainer.fit()  # stops after epoch 1's step; the resumed run trains epoch 2 with every group's rate x 0.3
+    resumed = Trainer(model, build_loss("rsk"), Images(), tmp_path, **settings)
+    resumed.fit(resume=True)
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([0.3 * r for r in initial])
     named = dict(model.named_parameters())
     for name, param in named.items():
         frozen = name.startswith(STEM) or re.match(r"backbone\.blocks\.[01]\.", name)
         assert torch.equal(param, before[name]) == bool(frozen), name
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["lr"] for r in logged if "lr" in r} == {1e-3, 3e-4}  # train.lr, not the first group's (block 2)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]
     assert {k: saved[k] for k in ("fc_lr_mul", "layer_decay", "filter_bias_and_bn", "freeze_blocks")} == {
         "fc_lr_mul": 10.0, "layer_decay": 0.75, "filter_bias_and_bn": True, "freeze_blocks": 2}

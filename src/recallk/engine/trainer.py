@@ -145,6 +145,16 @@ class Trainer:
         self._epoch_times: list[float] = []
         self._epoch_start, self._epoch_first_step = time.perf_counter(), 0
 
+    def current_lr(self) -> float:
+        """``train.lr`` as the scheduler has it now: the rate of a group at ``train.lr`` (the only group by
+        default), else ``train.lr`` times the scheduler's factor (fine-tuning groups, where no group trains at
+        exactly ``train.lr``); the logs' and metrics' ``lr``."""
+        for group in self.optimizer.param_groups:
+            if group.get("initial_lr", group["lr"]) == self.settings.lr:
+                return group["lr"]
+        group = self.optimizer.param_groups[0]
+        return self.settings.lr * group["lr"] / group.get("initial_lr", group["lr"])
+
     def fit(self, resume: bool | str | os.PathLike = False) -> dict[str, Any]:
         """Train to the last epoch (or ``max_steps``); returns the final evaluation metrics (empty without
         ``eval_fn``) plus ``train_loss`` (mean of the last epoch) and ``best_<metric>``, the value that chose
@@ -314,7 +324,7 @@ class Trainer:
         steps_here = self.step - self._epoch_first_step  # 0 when resumed at the epoch's last batch
         images_per_s = steps_here * self.settings.batch_size / max(train_s, 1e-9) if steps_here else None
         evaluated = epoch % self.settings.eval_every == 0 or epoch == self.settings.epochs
-        lr = self.optimizer.param_groups[0]["lr"]  # the epoch's, before the scheduler steps to the next one's
+        lr = self.current_lr()  # the epoch's, before the scheduler steps to the next one's
         loss = "-"
         if self.epoch_steps:
             self.last_train_loss = self.epoch_loss_sum / self.epoch_steps
@@ -353,5 +363,5 @@ class Trainer:
         return eval_summary(self.last_eval if self.eval_fn is not None else {}, epoch)
 
     def _log_train(self, epoch: int, loss: float, scope: str, **extra: float) -> None:
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.current_lr()
         self.log.metrics("train", epoch, self.step, {"scope": scope, "loss": loss, "lr": lr, **extra})
