@@ -153,6 +153,12 @@ def test_bad_values_are_refused_with_what_to_do(call, needle):
     assert needle in str(info.value)
 
 
+def test_the_weight_decay_filter_needs_no_backbone():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    got = rates(parameter_groups(net, lr=1e-3, weight_decay=0.1, filter_bias_and_bn=True))
+    assert [got[id(p)] for p in net.parameters()] == [(1e-3, 0.1), (1e-3, 0.0), (1e-3, 0.0), (1e-3, 0.0)]
+
+
 def test_every_depth_up_to_the_backbone_s_freezes():
     model = tiny_vit()
     frozen = freeze_blocks(model, DEPTH)  # every block (the final norm with the last one); the head trains

@@ -172,12 +172,16 @@ def parameter_groups(
 
     Raises:
         ValueError: a non-positive or non-finite ``fc_lr_mul`` / ``loss_lr_multiplier``, a ``layer_decay``
-            outside (0, 1], ``fc_lr_mul``, ``layer_decay`` or ``filter_bias_and_bn`` asked of a model without a
-            timm ``.backbone`` (or a backbone without timm's layer grouping), or no trainable parameter at all.
+            outside (0, 1], ``fc_lr_mul`` or ``layer_decay`` asked of a model without a timm ``.backbone`` (or
+            ``layer_decay`` of a backbone without timm's layer grouping), or no trainable parameter at all.
+            ``filter_bias_and_bn`` works on any model (1-D parameters and biases; the token names of a
+            ``no_weight_decay()`` of the backbone, or of the model itself).
     """
     check_group_settings(fc_lr_mul, layer_decay, loss_lr_multiplier)
-    needs_backbone = fc_lr_mul != 1 or layer_decay is not None or filter_bias_and_bn
-    backbone = _backbone(model, _first_set(fc_lr_mul, layer_decay, filter_bias_and_bn)) if needs_backbone else None
+    needs_backbone = fc_lr_mul != 1 or layer_decay is not None
+    backbone = _backbone(model, "train.fc_lr_mul" if fc_lr_mul != 1 else "train.layer_decay") if needs_backbone else (
+        getattr(model, "backbone", None) if filter_bias_and_bn else None)
+    backbone = backbone if isinstance(backbone, nn.Module) else None
     prefix = _prefix(model, backbone) if backbone is not None else ""
     in_backbone = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     layers: dict[str, int] = {}
@@ -185,8 +189,9 @@ def parameter_groups(
     if layer_decay is not None:
         layers, top = timm_layers(backbone)
     patterns: set[str] = set()
-    if filter_bias_and_bn and backbone is not None and callable(getattr(backbone, "no_weight_decay", None)):
-        patterns = {prefix + p for p in backbone.no_weight_decay()}
+    owner = backbone if backbone is not None else model  # a timm model given whole names its own tokens
+    if filter_bias_and_bn and callable(getattr(owner, "no_weight_decay", None)):
+        patterns = {prefix + p for p in owner.no_weight_decay()}
 
     seen: set[int] = set()
     groups: dict[tuple[float, float], tuple[list[str], list[nn.Parameter]]] = {}
@@ -223,12 +228,6 @@ def parameter_groups(
                          "(train.freeze_blocks froze every one?)")
     return [ParamGroup(tuple(parts), tuple(params), rate, decay)
             for (rate, decay), (parts, params) in groups.items()]
-
-
-def _first_set(fc_lr_mul: float, layer_decay: float | None, filter_bias_and_bn: bool) -> str:
-    if fc_lr_mul != 1:
-        return "train.fc_lr_mul"
-    return "train.layer_decay" if layer_decay is not None else "train.filter_bias_and_bn"
 
 
 def groups_text(groups: Sequence[ParamGroup], frozen: int = 0) -> str:
