@@ -1,7 +1,8 @@
 """Parameter groups for fine-tuning a pretrained backbone: a head learning rate (the authors' ``fc_lr_mul``),
 layer-wise learning-rate decay, no weight decay on biases, norms and tokens, and frozen first blocks.
 
-Every rate is a multiple of ``train.lr``, the rate of the backbone's top layer:
+Every rate is a multiple of ``train.lr``, the backbone's rate (with layer decay: the rate of a layer above its
+top block, so the top block trains at ``lr * layer_decay``):
 
 - the embedding head (every parameter of the model outside ``model.backbone``: recallk's pooling, LayerNorm and
   Linear) trains at ``lr * fc_lr_mul``. The name and meaning are the authors' (``--fc_lr_mul`` in the code of
@@ -9,11 +10,12 @@ Every rate is a multiple of ``train.lr``, the rate of the backbone's top layer:
   one learning rate, method.md section 4);
 - the criterion's own parameters (Proxy-Anchor's proxies) train at ``lr * loss_lr_multiplier`` (as the
   Proxy-Anchor paper's code: proxies at 100x the network's rate);
-- ``layer_decay`` (BEiT, Bao et al. 2022, section 2.5 / MAE fine-tuning; DINOv2 and EVA fine-tune with 0.65 to
-  0.75): the backbone's layers, as timm groups them (``model.backbone.group_matcher(coarse=False)``, the grouping
-  ``timm.optim.param_groups_layer_decay`` uses: the stem (patch embedding, position embedding, class and register
-  tokens) is layer 0, transformer block i is layer i + 1, a ViT's final norm belongs to its last block), with
-  the embedding head one layer above the top: layer ``j`` of a backbone whose top is ``T`` trains at
+- ``layer_decay`` (layer-wise learning-rate decay of BEiT, Bao et al. ICLR 2022, and MAE, He et al. CVPR 2022,
+  whose ViT fine-tuning uses 0.65 to 0.75): the backbone's layers, as timm groups them
+  (``model.backbone.group_matcher(coarse=False)``, the grouping ``timm.optim.param_groups_layer_decay`` uses:
+  the stem (patch embedding, position embedding, class and register tokens) is layer 0, transformer block i is
+  layer i + 1, a ViT's final norm belongs to its last block), with the embedding head one layer above the top
+  block: layer ``j`` of a backbone whose top block is layer ``T`` trains at
   ``lr * layer_decay ** (T + 1 - j)``. A ViT-B (12 blocks, 0-indexed i) gets ``decay ** (12 - i)`` in block i,
   ``decay ** 13`` in its stem, ``1`` (times ``fc_lr_mul``) in the head. A backbone's own pooling or projection
   parameters that timm groups in no block (SigLIP's attention pool, a CLIP projection) count as the head's
