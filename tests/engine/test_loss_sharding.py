@@ -169,3 +169,12 @@ def test_every_sharding_gives_the_one_process_loss_and_gradient(world, tmp_path)
     for result in ranks:
         for key in ("loss", "weight", "bias"):
             assert torch.equal(result["again/rows"][key], result["f64/rows"][key]), key
+
+
+def test_an_unknown_sharding_is_refused_with_the_choices():
+    from recallk.engine import TrainSettings
+
+    with pytest.raises(ValueError, match=r"train.loss_sharding must be one of \['auto', 'replicate', 'rows', 'ring'\]"):
+        TrainSettings(batch_size=8, chunk_size=4, epochs=1, loss_sharding="columns")
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        DistributedGather(reduce="gather")
