@@ -1,11 +1,12 @@
 """The speed and memory benchmarks of recallk (not part of the installed package):
 
-    python benchmarks/bench.py loss|engine|eval|train [ARGS]     # from the repository root
-    python benchmarks/bench.py loss --help                       # each benchmark's own options and defaults
+    python benchmarks/bench.py loss|engine|eval|train|distributed [ARGS]   # from the repository root
+    python benchmarks/bench.py loss --help                                 # each benchmark's own options and defaults
 
 ``loss``: the RS@k loss paths against a naive (B, |P|, B) version; ``engine``: the cached two-pass step against a
 plain full-batch step; ``eval``: ``retrieval_metrics`` against pytorch-metric-learning; ``train``: loader, step
-and trainer images/s. The code is in ``benchmarks/recallk_bench/``; figures and commands in docs/benchmarks.md.
+and trainer images/s; ``distributed``: the sharded loss's per-rank time and memory on N processes. The code is
+in ``benchmarks/recallk_bench/``; figures and commands in docs/benchmarks.md.
 recallk is taken from this repository's ``src/`` when it is not installed.
 """
 
