@@ -3,10 +3,11 @@ path (all-gather the global batch, every rank computes the whole loss and its gr
 CPU, 1 thread each (issue 26: ring under 1/3 of replicated at B = 65,536, d = 128, 4 processes).
 
 Each mode runs in its own fresh processes (freed memory that the allocator keeps would hide the second mode's
-peak). Memory: the growth of the peak resident memory (VmHWM, reset through /proc/self/clear_refs) of the loss
-call over the resident memory just before it, with this rank's rows already built; the largest over the ranks.
-Time: the wall time of the call, the largest over the ranks (they share the machine's cores: with fewer cores
-than processes the times are those of a loaded machine, memory is not affected).
+peak), after one call on a tiny batch (the libraries' one-time set-up is no loss memory). Memory: the growth of
+the peak resident memory (VmHWM, reset through /proc/self/clear_refs) of the loss call over the resident memory
+just before it, with this rank's rows already built; the largest over the ranks. Time: the wall time of the call,
+the largest over the ranks (they share the machine's cores: with fewer cores than processes the times are those
+of a loaded machine; memory is not affected).
 
     PYTHONPATH=src python benchmarks/recallk_bench/ring_memory.py --batch 65536 --dim 128 --ranks 4
 """
@@ -61,22 +62,25 @@ def _work(rank: int, world: int, port: int, mode: str, args: argparse.Namespace,
     from recallk.losses import RecallAtKSurrogate
 
     criterion = RecallAtKSurrogate(simix=args.simix, generator=torch.Generator().manual_seed(0))
-    emb, labels = _batch(args, rank, world)
-    dist.barrier()
-    _reset_peak()
-    before = _rss_kib("VmRSS")
-    start = time.perf_counter()
-    if mode == "ring":
-        loss, grad = ring_loss_and_grad(criterion, emb, labels)
-    else:
+
+    def step(emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if mode == "ring":
+            return ring_loss_and_grad(criterion, emb, labels, block_elements=args.block_elements)
         everything, sizes = all_gather_rows(emb)
         all_labels, _ = all_gather_rows(labels)
         everything.requires_grad_(True)
         loss = criterion(everything, all_labels)
         loss.backward()
         offset = sum(sizes[:rank])
-        grad = everything.grad[offset : offset + emb.shape[0]].clone()
-        loss = loss.detach()
+        return loss.detach(), everything.grad[offset : offset + emb.shape[0]].clone()
+
+    step(*_batch(argparse.Namespace(**{**vars(args), "batch": 64 * world}), rank, world))  # one-time set-up costs
+    emb, labels = _batch(args, rank, world)
+    dist.barrier()
+    _reset_peak()
+    before = _rss_kib("VmRSS")
+    start = time.perf_counter()
+    loss, grad = step(emb, labels)
     seconds = time.perf_counter() - start
     peak = _rss_kib("VmHWM") - before
     result = {"rank": rank, "seconds": seconds, "peak_mib": peak / 1024, "loss": float(loss),
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[4], help="numbers of processes N (default 4)")
     parser.add_argument("--per-class", type=int, default=4, help="items per class (default 4)")
     parser.add_argument("--simix", action="store_true", help="SiMix on")
+    parser.add_argument("--block-elements", type=int, default=None,
+                        help="ring mode's sigmoid buffer (default: recallk.engine.ring.DEFAULT_RING_BLOCK_ELEMENTS)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)

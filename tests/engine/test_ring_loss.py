@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from recallk.engine import ring
 from recallk.engine.ring import ring_loss_and_grad
 from recallk.losses import RecallAtKSurrogate
 from tests.helpers.device_settings import cpu_only
@@ -99,6 +100,7 @@ def _worker(rank: int, ports: dict[int, int], out_dir: str) -> None:
     """One process of 4 (process start-up costs more than the cases): the 4-rank group, then the first 3 ranks
     in a new group, then the first 2."""
     torch.set_num_threads(1)
+    ring.RING_PIECE_ELEMENTS = 15  # blocks move in place in pieces of 2-3 rows: every piece boundary is crossed
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     for world in sorted(GROUPS, reverse=True):
         if rank >= world:

@@ -42,11 +42,14 @@ from recallk.losses.base import unit_rows
 from recallk.losses.rsk import RecallAtKSurrogate
 from recallk.losses.simix import _alphas, simix_pairs
 
-__all__ = ["DEFAULT_RING_BLOCK_ELEMENTS", "ring_loss_and_grad"]
+__all__ = ["DEFAULT_RING_BLOCK_ELEMENTS", "RING_PIECE_ELEMENTS", "ring_loss_and_grad"]
 
 #: Elements of the (rows, Pmax, n_block) sigmoid buffer of one chunk of query rows against one visiting block
 #: (8 MiB in float32, as the torch backend's CPU block), unless ``block_elements`` says otherwise.
 DEFAULT_RING_BLOCK_ELEMENTS = 1 << 21
+
+#: Elements of one piece of a block that moves in place (round 3 and 4: :meth:`_Ring.shift`), 1 MiB in float32.
+RING_PIECE_ELEMENTS = 1 << 18
 
 _HALF = (torch.float16, torch.bfloat16)
 _Rows = Callable[[int], int]  # rows of block s
@@ -143,29 +146,45 @@ class _Ring:
             if pending:
                 block = incoming
 
-    def carry(self, own: torch.Tensor | None, acc: torch.Tensor, rows_of: _Rows, visit: _Carry) -> torch.Tensor:
-        """Pass this rank's block ``own`` (read only; None: no block) with its accumulator ``acc`` (changed in
-        place by ``visit(s, block, acc)`` on each rank) around the ring, and the accumulator on back home: a
-        block moves on while it is visited, its accumulator once the visit is over. Returns the accumulator of
-        this rank's block, home with every rank's contribution."""
-        block = own
+    def shift(self, buffer: torch.Tensor, n_send: int, n_recv: int, piece: torch.Tensor) -> None:
+        """Send ``buffer[:n_send]`` to the next rank and receive the previous rank's ``n_recv`` rows into
+        ``buffer[:n_recv]``, in place: piece by piece through ``piece`` (rows of a piece, ...), so that the block
+        that leaves and the block that arrives never both exist in full."""
+        step = piece.shape[0]
+        for lo in range(0, max(n_send, n_recv), step):
+            up_send, up_recv = min(n_send, lo + step), min(n_recv, lo + step)
+            ops = []
+            if up_send > lo:
+                ops.append(dist.P2POp(dist.isend, buffer[lo:up_send], self.next, tag=2))
+            if up_recv > lo:
+                ops.append(dist.P2POp(dist.irecv, piece[: up_recv - lo], self.prev, tag=2))
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+            if up_recv > lo:
+                buffer[lo:up_recv] = piece[: up_recv - lo]
+
+    def carry(self, own: torch.Tensor | None, like: torch.Tensor, rows_of: _Rows, visit: _Carry) -> torch.Tensor:
+        """Pass this rank's block ``own`` (read only; None: no block) with its accumulator (zeros at first, rows
+        of ``like``'s width, dtype and device; changed in place by ``visit(s, block, acc)`` on each rank) around
+        the ring, and the accumulator on back home. Both travel in place (:meth:`shift`) in buffers of the
+        largest block's rows. Returns the accumulator of this rank's block, with every rank's contribution."""
+        most = max(rows_of(s) for s in range(self.world))
+        width = like.shape[1:]
+        piece = like.new_empty((max(1, RING_PIECE_ELEMENTS // max(1, width.numel())), *width))
+        acc_buffer = like.new_zeros((most, *width))
+        block_buffer = None
+        if own is not None:
+            block_buffer = own.new_empty((most, *own.shape[1:]))
+            block_buffer[: own.shape[0]] = own
         for t in range(self.world):
             s, previous = (self.rank - t) % self.world, (self.rank - t - 1) % self.world
-            pending = []
-            if block is not None and t < self.world - 1:  # the block itself need not come home
-                incoming = block.new_empty((rows_of(previous), *block.shape[1:]))
-                pending = self.start(block, incoming, tag=1)
-            visit(s, block, acc)
+            n = rows_of(s)
+            visit(s, None if block_buffer is None else block_buffer[:n], acc_buffer[:n])
             if self.world > 1:
-                acc_in = acc.new_empty((rows_of(previous), *acc.shape[1:]))
-                for request in self.start(acc, acc_in, tag=2):
-                    request.wait()
-                acc = acc_in
-            for request in pending:
-                request.wait()
-            if pending:
-                block = incoming
-        return acc
+                self.shift(acc_buffer, n, rows_of(previous), piece)
+                if block_buffer is not None and t < self.world - 1:  # the block itself need not come home
+                    self.shift(block_buffer, n, rows_of(previous), piece)
+        return acc_buffer[: rows_of(self.rank)]
 
 
 def _gather_labels(labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -400,7 +419,7 @@ def _ring(criterion: RecallAtKSurrogate, embeddings: torch.Tensor, labels: torch
             d_own.index_add_(0, rows, grow @ block)
             acc.addmm_(grow.T, own_rows.index_select(0, rows))
 
-    d_own += ring.carry(own_rows, torch.zeros_like(own_rows), rows_of, backward)
+    d_own += ring.carry(own_rows, own_rows, rows_of, backward)
 
     # Round 4 (SiMix): v = b + alpha (a - b) gives alpha dv to a (own) and (1 - alpha) dv to b (any rank).
     d_real = d_own[:n_own]
@@ -413,7 +432,7 @@ def _ring(criterion: RecallAtKSurrogate, embeddings: torch.Tensor, labels: torch
             here = (own_b >= layout.starts[s]) & (own_b < layout.starts[s] + sizes[s])
             acc.index_add_(0, own_b[here] - layout.starts[s], to_b[here])
 
-        d_real += ring.carry(None, torch.zeros_like(d_real), lambda s: sizes[s], deliver)
+        d_real += ring.carry(None, d_real, lambda s: sizes[s], deliver)
 
     grad = d_real.to(unit.dtype) if unit is leaf else torch.autograd.grad(unit, leaf, d_real.to(unit.dtype))[0]
     if scale != 1.0:
