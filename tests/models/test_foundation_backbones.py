@@ -184,9 +184,16 @@ def test_openclip_layout_loads_with_its_projection(tmp_path):
     assert model.embed_dim == 512
 
 
-def _transformers_dinov2_layout(model) -> dict[str, torch.Tensor]:
+# transformers' attention names: the hub files' (transformers 4) and those transformers 5 saves
+HF_ATTENTION = {4: ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                    "attention.output.dense"),
+                5: ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")}
+
+
+def _transformers_dinov2_layout(model, version: int = 4) -> dict[str, torch.Tensor]:
     """A timm DINOv2's weights under Hugging Face transformers' ``Dinov2Model`` names (modeling_dinov2.py:
     separate query / key / value, ``layer_scale1.lambda1``, ``layernorm``), with its ``mask_token``."""
+    names = HF_ATTENTION[version]
     s = model.state_dict()
     dim = s["cls_token"].shape[-1]
     out = {"embeddings.cls_token": s["cls_token"], "embeddings.mask_token": torch.zeros(1, dim),
@@ -198,9 +205,8 @@ def _transformers_dinov2_layout(model) -> dict[str, torch.Tensor]:
         p, q = f"blocks.{i}.", f"encoder.layer.{i}."
         for kind in ("weight", "bias"):
             query, key, value = s[p + f"attn.qkv.{kind}"].chunk(3)
-            out.update({q + f"attention.attention.query.{kind}": query, q + f"attention.attention.key.{kind}": key,
-                        q + f"attention.attention.value.{kind}": value,
-                        q + f"attention.output.dense.{kind}": s[p + f"attn.proj.{kind}"]})
+            out.update({q + f"{names[0]}.{kind}": query, q + f"{names[1]}.{kind}": key,
+                        q + f"{names[2]}.{kind}": value, q + f"{names[3]}.{kind}": s[p + f"attn.proj.{kind}"]})
             for name in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
                 out[q + f"{name}.{kind}"] = s[p + f"{name}.{kind}"]
         out[q + "layer_scale1.lambda1"] = s[p + "ls1.gamma"]
@@ -208,21 +214,22 @@ def _transformers_dinov2_layout(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_transformers_dinov2_layout_loads(tmp_path):
+@pytest.mark.parametrize("version", [4, 5])
+def test_transformers_dinov2_layout_loads(tmp_path, version):
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
     source = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=56, depth=2,
                                init_values=0.5).eval()
-    save_file({k: v.contiguous() for k, v in _transformers_dinov2_layout(source).items()},
+    save_file({k: v.contiguous() for k, v in _transformers_dinov2_layout(source, version).items()},
               str(tmp_path / "model.safetensors"))
     model = build_model("vit_small_patch14_dinov2", embed_dim=None, pretrained=tmp_path / "model.safetensors",
                         img_size=56, depth=2, init_values=0.5).eval()
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         torch.testing.assert_close(model(x), F.normalize(source(x), dim=1), atol=1e-5, rtol=1e-5)
-    broken = _transformers_dinov2_layout(source)
-    del broken["encoder.layer.1.attention.attention.key.bias"]
+    broken = _transformers_dinov2_layout(source, version)
+    del broken[f"encoder.layer.1.{HF_ATTENTION[version][1]}.bias"]
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(WeightsError, match=r"block 1 .* lacks attention key bias"):
         build_model("vit_small_patch14_dinov2", embed_dim=None, pretrained=tmp_path / "broken.pth", img_size=56,

@@ -118,6 +118,7 @@ _HF_DINOV2_RENAMES = (
     ("embeddings.position_embeddings", "pos_embed"),
     ("encoder.layer.", "blocks."),
     (".attention.output.dense.", ".attn.proj."),
+    (".attention.o_proj.", ".attn.proj."),
     (".layer_scale1.lambda1", ".ls1.gamma"),
     (".layer_scale2.lambda1", ".ls2.gamma"),
     (".mlp.weights_in.", ".mlp.w12."),
@@ -128,15 +129,19 @@ _HF_DINOV2_RENAMES = (
 
 def is_dinov2_transformers_layout(state: Mapping[str, torch.Tensor]) -> bool:
     """Whether ``state`` has the keys of Hugging Face transformers' ``Dinov2Model`` / ``Dinov2WithRegistersModel``
-    (``embeddings.patch_embeddings.projection.weight``, ``encoder.layer.0.attention.attention.query.weight``)."""
-    return ("embeddings.patch_embeddings.projection.weight" in state
-            and any(".attention.attention.query." in k for k in state))
+    (``embeddings.patch_embeddings.projection.weight``, and ``encoder.layer.0.attention.attention.query.weight`` as
+    the hub files have them, or ``encoder.layer.0.attention.q_proj.weight`` as transformers 5 saves them); task
+    models' ``dinov2.`` prefix included."""
+    keys = [k.removeprefix("dinov2.") for k in state]
+    return ("embeddings.patch_embeddings.projection.weight" in keys
+            and any(re.search(r"\.attention\.(attention\.query|q_proj)\.", k) for k in keys))
 
 
 def dinov2_transformers_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a transformers ``Dinov2Model`` state dict (an optional ``dinov2.`` prefix of task models
-    dropped) to the layout of the DINOv2 repository (``cls_token``, ``pos_embed``, ``mask_token``,
-    ``register_tokens``, ``blocks.<i>.attn.qkv``, ``ls1.gamma``, ``norm``), which timm's ViT filter converts:
+    """Rename a transformers ``Dinov2Model`` state dict (both generations of its attention names; an optional
+    ``dinov2.`` prefix of task models dropped) to the layout of the DINOv2 repository (``cls_token``,
+    ``pos_embed``, ``mask_token``, ``register_tokens``, ``blocks.<i>.attn.qkv``, ``ls1.gamma``, ``norm``), which
+    timm's ViT filter converts:
     separate query, key and value projections are stacked into ``qkv`` (rows in that order, as the DINOv2
     repository's ``nn.Linear(dim, 3 * dim)``). Keys of task heads (``classifier.*``, pooler) are dropped.
 
@@ -150,9 +155,12 @@ def dinov2_transformers_to_original(state: Mapping[str, torch.Tensor]) -> dict[s
     for key, value in state.items():
         if not key.startswith(("embeddings.", "encoder.", "layernorm.")):
             continue
-        match = re.fullmatch(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)", key)
+        match = re.fullmatch(
+            r"encoder\.layer\.(\d+)\.attention\.(attention\.query|attention\.key|attention\.value|q_proj|k_proj|v_proj)"
+            r"\.(weight|bias)", key)
         if match:
             block, part, kind = match.groups()
+            part = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}.get(part, part.removeprefix("attention."))
             qkv.setdefault((block, kind), {})[part] = value
             continue
         for old, new in _HF_DINOV2_RENAMES:
