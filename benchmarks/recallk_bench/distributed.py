@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_row(row: dict) -> None:
+    print(f"| {row['ranks']} | {row['mode']} | {row['step_s']:.3f} | {row['time_ratio']:.2f} | "
+          f"{row['peak_mib']:.0f} | {row['memory_ratio']:.2f} |", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch % args.per_class:
@@ -148,19 +153,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# batch {args.batch} ({args.per_class} per class), d = {args.dim}, SiMix {'on' if args.simix else 'off'}, "
           f"{args.threads} thread(s) per process, {args.device}, torch {torch.__version__}, load average {load:.1f}")
+    print("| processes | mode | step time per rank (s) | x one process | peak memory growth per rank (MiB) "
+          "| x one process |")
+    print("|---|---|---|---|---|---|", flush=True)
     one = measure(1, "replicate", args)
     rows = [{"ranks": 1, "mode": "one process", **one, "time_ratio": 1.0, "memory_ratio": 1.0}]
+    _print_row(rows[-1])
     for world in (w for w in args.ranks if w > 1):
         for mode in args.modes:
             figures = measure(world, mode, args)
             rows.append({"ranks": world, "mode": mode, **figures, "time_ratio": figures["step_s"] / one["step_s"],
                          "memory_ratio": figures["peak_mib"] / one["peak_mib"]})
-    print("| processes | mode | step time per rank (s) | x one process | peak memory growth per rank (MiB) "
-          "| x one process |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['ranks']} | {row['mode']} | {row['step_s']:.3f} | {row['time_ratio']:.2f} | "
-              f"{row['peak_mib']:.0f} | {row['memory_ratio']:.2f} |")
+            _print_row(rows[-1])
     print(f"# load average after: {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
     if args.json is not None:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
