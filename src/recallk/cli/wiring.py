@@ -17,12 +17,18 @@ from recallk.data.transforms import transforms_for_model
 from recallk.evaluation import embed_dataset, retrieval_metrics
 from recallk.losses import build_loss
 from recallk.models import build_model
+from recallk.models.backbone import size_options
 from recallk.run_folder import VALIDATION_PREFIX
 
 
 def model_from_config(config: dict[str, Any]) -> torch.nn.Module:
-    """The embedding model of a resolved config (section ``model``)."""
-    return build_model(config["model"]["name"], **section_arguments(config, "model"))
+    """The embedding model of a resolved config (section ``model``), built for ``data.image_size`` where its
+    weights take one input size only (a ViT's patch grid, e.g. DINOv2's 518 px run at 224:
+    :func:`recallk.models.backbone.size_options`) unless ``model.options.img_size`` says otherwise."""
+    arguments = section_arguments(config, "model")
+    if "img_size" not in arguments:
+        arguments.update(size_options(config["model"]["name"], (config.get("data") or {}).get("image_size")))
+    return build_model(config["model"]["name"], **arguments)
 
 
 def test_options(config: dict[str, Any]) -> dict[str, Any]:

@@ -27,11 +27,28 @@ def image_side(img_size: Any) -> tuple[int, int]:
     return int(sides[0]), int(sides[1])
 
 
-def size_options(image_size: int | None) -> dict[str, Any]:
-    """The ``build_model`` options (``model.options``) that build a model for ``image_size``-px square images:
-    ``{"img_size": image_size}``, or ``{}`` for None. Every model accepts it (models that take any size ignore
-    it for building)."""
-    return {} if image_size is None else {"img_size": int(image_size)}
+def size_options(name: str, image_size: int | None) -> dict[str, Any]:
+    """The ``build_model`` options that build model ``name`` (a timm name, optionally tagged, or a preset) for
+    ``image_size``-px square images: ``{"img_size": image_size}`` when its weights config says it takes one input
+    size only (timm's ``fixed_input_size``: ViT patch grids) and that size is another; ``{}`` otherwise (None,
+    models that take any size, the weights' own size: the model and its recorded options stay as they were).
+    ``recallk train`` applies it with ``data.image_size`` unless ``model.options.img_size`` is set. Raises
+    nothing: an unknown name gives ``{}`` (``build_model`` then names the problem)."""
+    import timm.models
+
+    from recallk.models.registry import timm_name
+
+    if image_size is None:
+        return {}
+    try:
+        cfg = timm.models.get_pretrained_cfg(timm_name(name))
+    except Exception:  # an unknown name or tag
+        return {}
+    if cfg is None or not getattr(cfg, "fixed_input_size", False):
+        return {}
+    if tuple(cfg.input_size[-2:]) == (int(image_size), int(image_size)):
+        return {}
+    return {"img_size": int(image_size)}
 
 
 def patch_size(backbone: nn.Module) -> tuple[int, int] | None:
