@@ -242,3 +242,26 @@ def test_wrong_layout_names_the_missing_and_unexpected_keys(tmp_path):
         build_model("vit_small_patch14_dinov2", embed_dim=None, pretrained=tmp_path / "x.pth", img_size=56, depth=1)
     message = str(info.value)
     assert "missing keys: " in message and "cls_token" in message and "OpenCLIP" in message
+
+
+def test_openclip_timm_trunk_layout_loads_siglip(tmp_path):
+    """OpenCLIP's SigLIP models wrap a timm ViT as ``visual.trunk`` (attention pool inside), beside the text tower."""
+    torch.manual_seed(0)
+    source = timm.create_model("vit_base_patch16_siglip_224.v2_webli", pretrained=False, img_size=64, depth=1).eval()
+    state = {f"visual.trunk.{k}": v for k, v in source.state_dict().items()}
+    state.update({"text.token_embedding.weight": torch.randn(10, 8), "logit_bias": torch.tensor(-10.0)})
+    torch.save(state, tmp_path / "open_clip_siglip.bin")
+    model = build_model("vit_base_patch16_siglip_224.v2_webli", embed_dim=None, img_size=64, depth=1,
+                        pretrained=tmp_path / "open_clip_siglip.bin").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), F.normalize(source(x), dim=1), atol=1e-5, rtol=1e-5)
+
+
+def test_size_options_build_fixed_size_models_for_the_asked_size():
+    from recallk.models.backbone import size_options
+
+    assert size_options("vit_base_patch14_dinov2.lvd142m", 224) == {"img_size": 224}  # its weights say 518
+    assert size_options("vit_base_patch16_224", 224) == {}  # the weights' own size: options stay as they were
+    assert size_options("resnet50", 96) == {} and size_options("vit_base_patch16_224", None) == {}
+    assert size_options("no_such_model", 224) == {}
