@@ -186,7 +186,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(ring_runs):
         "error"]
     assert "rank(s) [1]" in results[0]["bad_input_on_rank_1"]["error"]
     for result in results:
-        assert "train.loss_sharding=replicate" in result["not_rsk"]["error"]
+        assert "train.loss_sharding=rows" in result["not_rsk"]["error"]
 
 
 def test_without_process_group_says_how():

@@ -22,11 +22,13 @@ is a sum over reference columns, so it is accumulated block by block while the b
 - round 4 (SiMix only): ``v = alpha a + (1 - alpha) b`` sends ``alpha dv`` to ``a`` (own) and ``(1 - alpha) dv``
   to ``b`` through one more ring of per-rank accumulators.
 
-Memory per rank: its own rows (n_r + V_r, d), two travelling blocks (a block and its receive buffer; in round
-3 with their (n_s, d) accumulators), six (Q_r, Pmax) statistics and one (rows, Pmax, n_s) sigmoid buffer of at
-most ``block_elements`` elements: O((B / N) d + one block + Q_r Pmax), independent of N and never an (n_r, B)
-matrix. Time: the sigmoids of one's own rows are computed twice (round 2 and round 3), as in Inf-CL, since the
-gradient of a row needs the rank over every column; 1/N of one process's terms each time.
+Memory per rank: its own rows (n_r + V_r, d) and their gradient; in rounds 0-2 the visiting block and the
+next one arriving (the transfer overlaps the work); in rounds 3-4 one block and its (n_s, d) accumulator, moved
+in place piece by piece (``RING_PIECE_ELEMENTS``); six (Q_r, Pmax) statistics and one (rows, Pmax, n_s) sigmoid
+buffer of at most ``block_elements`` elements: O((B / N) d + Q_r Pmax), never an (n_r, B) matrix. Time: each
+rank computes the sigmoids of its own queries against every column twice (round 2 and round 3, as Inf-CL
+recomputes in its backward pass, since a row's gradient needs its rank over every column), so 2/N of one
+process's sigmoid terms, plus N - 1 to 3N transfers of a block.
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ def _gather_labels(labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 def _checked_input(criterion: object, embeddings: object, labels: object) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(criterion, RecallAtKSurrogate):
         raise ValueError(f"ring mode computes RS@k only (a RecallAtKSurrogate), got {type(criterion).__name__}: "
-                         "use train.loss_sharding=replicate for other losses")
+                         "use train.loss_sharding=rows (or replicate) for other losses")
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
         raise ValueError("embeddings must be a floating (n_r, d) tensor: this rank's rows of the global batch")
     emb = embeddings if embeddings.shape[0] == 0 else checks.check_embeddings(embeddings)
