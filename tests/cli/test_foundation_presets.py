@@ -45,16 +45,10 @@ def test_each_preset_loads_passes_check_startable_and_says_where_its_settings_co
     assert re.search(r"method\.md section 4|configs/inshop_vit_b16\.yaml", comment)
 
 
-#: DINOv2's weights config says 518 px; running it at the preset's 224 needs build_model to follow data.image_size
-#: (issue 27's "any image size", the models part: not in this tree yet when this test was written)
-PENDING = pytest.mark.xfail(reason="DINOv2 at 224 px: build_model does not follow data.image_size yet", strict=False)
-
-
-@pytest.mark.parametrize("family", [pytest.param(f, marks=PENDING) if f == "dinov2_b14" else f
-                                    for f in sorted(FAMILIES)])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_each_family_builds_runs_at_the_preset_size_and_takes_the_groups(family):
     config = load_config(CONFIGS / f"cub_{family}.yaml", ["model.pretrained=false"])
-    model = model_from_config(config).eval()
+    model = model_from_config(config).eval()  # DINOv2 (518 px weights) built for the preset's 224 px
     size = config["data"]["image_size"]
     with torch.no_grad():
         out = model(torch.randn(1, 3, size, size))
