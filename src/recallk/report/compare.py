@@ -26,10 +26,12 @@ def write_comparison(run_dirs: Sequence[str | Path], out_path: str | Path) -> Pa
 
     The page holds: a table of each run's test metrics in percent (as ``recallk train`` prints them) for the last
     epoch, the best.pt epoch (when it differs; with the split that chose it), raw pixels (when the run wrote
-    ``embeddings/raw_pixels/<split>.npz``) and before training; the config keys whose values differ between the
-    runs (dotted, as overrides spell them); each run's record (best.pt, wall time, images/s, device, versions,
-    git commit, command line, resumes; "not recorded" for runs older than ``run.json``); and the training loss,
-    recall@k, map@r and r-precision curves overlaid, one colour per run, resumes as dotted lines.
+    ``embeddings/raw_pixels/<split>.npz``), the pretrained network zero-shot (when the run wrote
+    ``embeddings/zero_shot/<split>.npz``: a run from pretrained weights) and before training; the config keys
+    whose values differ between the runs (dotted, as overrides spell them); each run's record (best.pt, wall
+    time, images/s, device, versions, git commit, command line, resumes; "not recorded" for runs older than
+    ``run.json``); and the training loss, recall@k, map@r and r-precision curves overlaid, one colour per run,
+    resumes as dotted lines.
 
     Args:
         run_dirs: run folders (each holding ``metrics.jsonl``), at least one, no folder twice.
@@ -72,26 +74,28 @@ def run_labels(runs: Sequence[RunRecord]) -> list[str]:
 
 
 def _summary_keys(runs: Sequence[RunRecord]) -> list[str]:
-    keys = {k for run in runs for r in (run.last_eval, run.best_eval, run.baseline) if r
+    keys = {k for run in runs for r in (run.last_eval, run.best_eval, run.baseline, run.zero_shot) if r
             for k, v in r.items() if k.startswith(SUMMARY_METRICS) and html._is_number(v)}
     return sorted(keys, key=metric_order)
 
 
 def metrics_table(runs: Sequence[RunRecord], labels: Sequence[str]) -> str:
-    """One row per (run, evaluation): last epoch, best.pt epoch, raw pixels, before training; test metrics in
-    percent."""
+    """One row per (run, evaluation): last epoch, best.pt epoch, raw pixels, pretrained zero-shot (a run from
+    pretrained weights), before training; test metrics in percent."""
     keys = _summary_keys(runs)
     head = "".join(f"<th>{escape(k)}</th>" for k in keys)
     lines = ['<table class="metrics">', f"<thead><tr><th>run</th><th>evaluation</th>{head}</tr></thead>", "<tbody>"]
     for label, run in zip(labels, runs):
         last, best = run.last_eval, run.best_eval if run.best is not None else None
-        names = {"baseline": "raw pixels", "before": "untrained (epoch 0)"}  # no gain column: runs side by side
+        names = {"baseline": "raw pixels", "before": "untrained (epoch 0)",  # no gain column: runs side by side
+                 "zero_shot": "pretrained, zero-shot"}
         if last is not None:
             names["last"] = f"last epoch ({last['epoch']})" + (" = best.pt" if best is last else "")
         if best is not None:
             names["best"] = f"best.pt (epoch {best['epoch']}, chosen on {run.best.split})"
         columns = comparison_columns(names, last, best=best, baseline=run.baseline,
-                                     before=run.before_eval if run.before_eval is not last else None)
+                                     before=run.before_eval if run.before_eval is not last else None,
+                                     zero_shot=run.zero_shot)
         rows = list(columns.items()) or [(f"no evaluation of the {run.split!r} split", {})]
         for i, (what, metrics) in enumerate(rows):
             name = f'<td class="label" rowspan="{len(rows)}">{escape(label)}</td>' if i == 0 else ""

@@ -1,6 +1,7 @@
 """The research record of a run folder: which epoch best.pt is and which split chose it, the test numbers of the last
-and of the best.pt epoch, the raw-pixel baseline, wall time, images/s, the segments (start and resumes) and where
-the run was made (``run.json``: device, versions, git commit, command line).
+and of the best.pt epoch, the raw-pixel baseline, the pretrained network's zero-shot metrics, wall time, images/s,
+the segments (start and resumes) and where the run was made (``run.json``: device, versions, git commit, command
+line).
 
 Everything is read from the files of docs/run-folder.md; runs made before ``run.json`` / ``best.json`` existed
 get what their ``metrics.jsonl``, ``resumes.jsonl`` and checkpoints tell, and "not recorded" for the rest.
@@ -90,6 +91,7 @@ class RunRecord:
     wall_source: str
     images_per_s: float | None
     log_device: str | None = None
+    zero_shot: dict[str, Any] | None = None
 
     @property
     def environment(self) -> dict[str, Any]:
@@ -131,6 +133,20 @@ def baseline_metrics(run: Path, split: str, ks: list[int]) -> dict[str, Any] | N
     return retrieval_metrics(pixels, labels, ks or (1,))
 
 
+def zero_shot_metrics(run: Path, split: str, ks: list[int]) -> dict[str, Any] | None:
+    """Metrics of the pretrained network's own embeddings (``embeddings/zero_shot/<split>.npz``, written at the
+    start of a run from pretrained weights) by :func:`recallk.evaluation.retrieval_metrics` at recall@``ks``, the
+    "pretrained, zero-shot" column of the table ``recallk train`` prints; None when the file does not exist (a run
+    from random weights, or one made before the file existed)."""
+    path = RunFolder(run).zero_shot(split)
+    if not path.is_file():
+        return None
+    from recallk.evaluation import retrieval_metrics
+
+    embeddings, labels = read_embeddings_npz(path)
+    return retrieval_metrics(embeddings, labels, ks or (1,))
+
+
 def recall_ks_of(record: Record | None) -> list[int]:
     """Sorted k of the ``recall@k`` keys of one eval record (test keys only)."""
     if record is None:
@@ -144,7 +160,8 @@ def read_run(run_dir: str | Path, split: str | None = None, baseline: bool = Tru
     Args:
         run_dir: a folder holding ``metrics.jsonl`` (and usually ``config.yaml``, ``run.json``, ``best.json``).
         split: the test split; default ``data.test_split`` of the config, else "test".
-        baseline: compute the raw-pixel metrics when ``embeddings/raw_pixels/<split>.npz`` exists.
+        baseline: compute the raw-pixel metrics when ``embeddings/raw_pixels/<split>.npz`` exists, and the
+            pretrained network's zero-shot metrics when ``embeddings/zero_shot/<split>.npz`` exists.
 
     Raises:
         ValueError: not a run folder, or a malformed ``metrics.jsonl`` / ``config.yaml`` / ``run.json`` /
@@ -173,6 +190,7 @@ def read_run(run_dir: str | Path, split: str | None = None, baseline: bool = Tru
         baseline=baseline_metrics(run, split, recall_ks_of(last_eval)) if baseline else None,
         run_file=run_file, segments=segments, wall_source=wall_source, images_per_s=training_images_per_s(records),
         log_device=log_device(folder.train_log) if run_file is None else None,
+        zero_shot=zero_shot_metrics(run, split, recall_ks_of(last_eval)) if baseline else None,
     )
 
 
