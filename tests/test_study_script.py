@@ -28,9 +28,9 @@ def _write_run(run_dir: Path, finals: dict[int, dict[str, float]]) -> None:
 
 
 def test_every_cell_resolves_to_a_valid_config_that_differs_only_in_its_overrides():
-    base = load_config(ROOT / study.BASE_CONFIG)
     for cell, _ in study.unique_runs(study.GROUPS, [1]):
-        config = load_config(ROOT / study.BASE_CONFIG, cell.overrides)
+        base = load_config(ROOT / cell.config)
+        config = load_config(ROOT / cell.config, cell.overrides)
         changed = {(section, key) for section, values in config.items() if isinstance(values, dict)
                    for key in values if values[key] != base[section].get(key)}
         named = {tuple(o.split("=")[0].split(".")[:2]) for o in cell.overrides}
@@ -44,8 +44,8 @@ def test_baseline_options_are_accepted_by_pytorch_metric_learning():
 
     from recallk.cli.wiring import criterion_from_config
 
-    for cell in study.GROUPS[0].cells:
-        config = load_config(ROOT / study.BASE_CONFIG, cell.overrides)
+    for cell in (*study.GROUPS[0].cells, *study.L0_B256):
+        config = load_config(ROOT / cell.config, cell.overrides)
         criterion = criterion_from_config(config, np.arange(8))
         assert criterion is not None
 
@@ -54,10 +54,17 @@ def test_grid_is_seed_major_without_duplicates_and_group_filter_works():
     runs = study.unique_runs(study.GROUPS, [1, 2, 3])
     names = [study.run_name(c, s) for c, s in runs]
     assert len(names) == len(set(names))
-    cells = {c.name for g in study.GROUPS for c in g.cells}
-    assert len(runs) == 3 * len(cells)
+    cells: dict[str, set[int]] = {}
+    for g in study.GROUPS:
+        for c in g.cells:
+            cells.setdefault(c.name, set()).update(g.run_seeds([1, 2, 3]))
+    assert sorted(names) == sorted(f"{c}-s{s}" for c, ss in cells.items() for s in ss)
     seeds = [s for _, s in runs]
     assert seeds == sorted(seeds)
+    # A cell shared by a 3-seed group and a 2-seed group runs at the 3 seeds; one only in the 2-seed group at 2.
+    assert {s for c, s in runs if c.name == "l0_rsk_simix_b256"} == {1, 2, 3}
+    assert {s for c, s in runs if c.name == "l0_rsk_simix_b640"} == {1, 2}
+    assert study.train_args(study.L0_B640[0], 1)[:3] == ["train", "-c", study.LITE0_CONFIG]
     only = study.select_groups(["batch"])
     assert [g.name for g in only] == ["batch"]
     assert [c.overrides for c, _ in study.unique_runs(only, [7])] == [("train.batch_size=64",), (),
@@ -184,3 +191,20 @@ def test_a_group_complete_on_disk_is_rewritten_and_one_without_runs_or_section_s
     assert "| RS@k, batch 64 | 1 | 41.00 |" in sections["batch"]
     assert "rsk_b64-s2, rsk-s1" not in sections["batch"] and "rsk_b64-s2, rsk_b1024-s1" in sections["batch"]
     assert "--only simix_few" in sections["simix_few"]
+
+
+def test_a_group_with_its_own_seeds_is_complete_at_them_and_shows_its_zero_shot_floor(tmp_path):
+    cell = study.Cell("a", "A", (), study.LITE0_CONFIG)
+    group = study.Group("g", "G", "claim", (cell,), seeds=(1, 2), zero_shot=True)
+    runs = tmp_path / "runs"
+    _finished_runs(runs, {"a": 0.30}, seeds=(1,))
+    agg = {"a": study.aggregate(cell, [1, 2, 3], runs, 3)}
+    assert not study.group_complete(group, agg, [1, 2, 3])
+    text = study.render_group(group, agg, [1, 2, 3], zero_shot={m: 0.2 for m in study.METRICS})
+    assert "| pretrained, zero-shot (own embedding, no head) | | 20.00 | 20.00 |" in text
+    assert "| before training (pretrained + random head, epoch 0) | | 5.00 |" in text
+    assert "a-s2" in text and "a-s3" not in text  # missing: seed 2 of the group's seeds, not the study's seed 3
+    _finished_runs(runs, {"a": 0.30}, seeds=(2,))
+    agg = {"a": study.aggregate(cell, [1, 2, 3], runs, 3)}
+    assert study.group_complete(group, agg, [1, 2, 3])
+    assert "Not finished" not in study.render_group(group, agg, [1, 2, 3])
