@@ -111,6 +111,17 @@ def test_python_entry_point_gives_the_cli_numbers(folder, weights, capsys):
     assert list(python) == ["all"] and python["all"] == pytest.approx(cli["all"])
 
 
+def test_data_options_reach_the_dataset(folder, weights, capsys):
+    """--data-option test_classes=0.4: the folder's seeded class split; its 2 test classes of 4 images are
+    evaluated (the same split build_dataset gives), not the whole folder."""
+    _, results = run_eval(capsys, "--model", "resnet10t", "--pretrained", str(weights), "--dataset", "folder",
+                          "--root", str(folder), "--image-size", "32", "--ks", "1", "--data-option",
+                          "test_classes=0.4")
+    held_out = build_dataset("folder", folder, "test", None, test_classes=0.4)
+    assert list(results) == ["test"] and len(held_out.classes) == 2
+    assert results["test"]["num_queries"] == len(held_out) == 8
+
+
 def test_eval_model_on_query_and_gallery_folders(tmp_path, weights, capsys):
     root = write_image_folder(tmp_path / "qg", {"query": range(3), "gallery": range(3)}, per_class=2, noise=0.3)
     _, results = run_eval(capsys, "--model", "resnet10t", "--pretrained", str(weights), "--query",
@@ -128,6 +139,8 @@ def test_eval_model_on_query_and_gallery_folders(tmp_path, weights, capsys):
     (["--model", "resnet10t"], "give --dataset NAME"),
     (["--model", "resnet10t", "--dataset", "kanji", "--split", "validation"], "a pretrained network has no run"),
     (["--checkpoint", "best.pt", "--pooling", "cls"], "--pooling goes with --model"),
+    (["--checkpoint", "best.pt", "--data-option", "max_classes=3"], "--data-option goes with --model"),
+    (["--model", "resnet10t", "--dataset", "kanji", "--data-option", "max_classes"], "write KEY=VALUE"),
     (["--dataset", "kanji"], "give --checkpoint (a trained model), --model NAME"),
 ])
 def test_eval_source_errors_are_one_line(args, message, capsys, tmp_path, monkeypatch):

