@@ -82,9 +82,21 @@ def check_patch_grid(backbone: nn.Module, name: str, size: tuple[int, int]) -> N
             )
 
 
+def _fixed_input_size(name: str) -> bool:
+    """Whether timm's weights config of ``name`` says the model takes one input size only; True when unknown."""
+    import timm.models
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # an unknown tag: let timm.create_model name the problem
+        return True
+    return cfg is None or bool(getattr(cfg, "fixed_input_size", True))
+
+
 def create_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model(name, pretrained=pretrained, **kwargs)``, where ``kwargs["img_size"]`` (optional) is
-    the image size: passed on to models that take it, left out for those that take any size.
+    the image size: passed on to models built for one input size (timm's ``fixed_input_size``: ViT patch
+    grids), left out for those that take any size.
 
     Raises:
         SizeError: a bad ``img_size``, a size that is no whole number of patches, or timm refusing the size.
@@ -93,6 +105,8 @@ def create_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.M
     import timm
 
     size = image_side(kwargs["img_size"]) if kwargs.get("img_size") is not None else None
+    if size is not None and not _fixed_input_size(name):  # any size works: no img_size to pass (CNNs lack it)
+        kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
     try:
         backbone = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:  # "__init__() got an unexpected keyword argument 'img_size'": any size works
