@@ -75,7 +75,7 @@ def _rank_run(rank: int, world: int, mode: str, args: argparse.Namespace, port: 
         features, labels = features[mine].to(device), labels[mine].to(device)
         torch.manual_seed(0)
         model = nn.Linear(FEATURES, args.dim).to(device)
-        criterion = RecallAtKSurrogate(simix=args.simix).to(device)
+        criterion = RecallAtKSurrogate(simix=args.simix, memory=args.memory).to(device)
         gather = DistributedGather(**MODES[mode]) if world > 1 else None
 
         def step() -> None:
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-class", type=positive_int, default=4, help="items per class in the batch")
     parser.add_argument("--dim", type=positive_int, default=64, help="embedding dimension")
     parser.add_argument("--simix", action="store_true", help="RS@k with SiMix")
+    parser.add_argument("--memory", choices=["auto", "matrix", "recompute"], default="auto",
+                        help="RS@k's memory mode (ring mode ignores it): the (rows, B) similarity stored or recomputed")
     parser.add_argument("--chunk", type=positive_int, default=1024, help="chunk size of the cached step")
     parser.add_argument("--steps", type=positive_int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per process")
@@ -152,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"GPUs, this machine has {torch.cuda.device_count()}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# batch {args.batch} ({args.per_class} per class), d = {args.dim}, SiMix {'on' if args.simix else 'off'}, "
+          f"memory {args.memory}, "
           f"{args.threads} thread(s) per process, {args.device}, torch {torch.__version__}, load average {load:.1f}")
     print("| processes | mode | step time per rank (s) | x one process | peak memory growth per rank (MiB) "
           "| x one process |")
