@@ -266,3 +266,14 @@ def test_size_options_build_fixed_size_models_for_the_asked_size():
     assert size_options("vit_base_patch16_224", 224) == {}  # the weights' own size: options stay as they were
     assert size_options("resnet50", 96) == {} and size_options("vit_base_patch16_224", None) == {}
     assert size_options("no_such_model", 224) == {}
+
+
+def test_register_tokens_stay_out_of_patch_pooling():
+    torch.manual_seed(0)
+    model = build_model("vit_small_patch14_reg4_dinov2", embed_dim=None, pooling="avg", img_size=56, depth=1).eval()
+    assert model.backbone.num_prefix_tokens == 5  # class token + 4 registers
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        tokens = model.backbone.forward_features(x)  # (2, 5 + 16, 384)
+        torch.testing.assert_close(model.pooled_features(x), tokens[:, 5:].mean(dim=1))
+    assert tokens.shape[1] == 5 + (56 // 14) ** 2
