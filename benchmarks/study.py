@@ -602,7 +602,7 @@ def render_results(groups: Sequence[Group], aggs: dict[str, dict[str, Any]], see
     group's runs are complete (:func:`group_complete`), else ``kept[group]`` (the section of the previous file)
     when there is one, else rendered from what has finished. ``demo`` is the hand-written "Demo recipe" section
     (kept when not empty); ``discussion`` the hand-written discussion; ``findings`` the hand-written findings of
-    the pretrained-start groups (kept when not empty, after their sections); ``zero_shots``: {base config: the
+    the pretrained-start groups (kept when not empty, before their sections); ``zero_shots``: {base config: the
     zero-shot metrics of its pretrained network, fractions} for the groups with a zero-shot row."""
     from recallk.config import load_config
 
@@ -638,13 +638,15 @@ def render_results(groups: Sequence[Group], aggs: dict[str, dict[str, Any]], see
         "",
     ]
     for group in groups:
+        if findings and group.name.startswith("lite0_") and FINDINGS_BEGIN not in out:
+            out += [FINDINGS_BEGIN, findings, FINDINGS_END, ""]
         if group_complete(group, aggs, seeds) or group.name not in kept:
             zero = (zero_shots or {}).get(group_config(group)) if group.zero_shot else None
             section = render_group(group, aggs, seeds, runs_dir, when, zero)
         else:
             section = kept[group.name]
         out += [GROUP_BEGIN.format(group.name), section, GROUP_END.format(group.name), ""]
-    if findings:
+    if findings and FINDINGS_BEGIN not in out:
         out += [FINDINGS_BEGIN, findings, FINDINGS_END, ""]
     out += ["## What the numbers say about the paper's claims", "", DISCUSSION_BEGIN,
             discussion or "(to be written after the study has run)", DISCUSSION_END, ""]

@@ -208,3 +208,14 @@ def test_a_group_with_its_own_seeds_is_complete_at_them_and_shows_its_zero_shot_
     agg = {"a": study.aggregate(cell, [1, 2, 3], runs, 3)}
     assert study.group_complete(group, agg, [1, 2, 3])
     assert "Not finished" not in study.render_group(group, agg, [1, 2, 3])
+
+
+def test_pretrained_start_findings_come_before_their_groups_and_survive_a_rewrite(tmp_path):
+    results = tmp_path / "results.md"
+    text = study.render_results(study.GROUPS, {}, [1, 2, 3], "", None, findings="## Pretrained start\n\nwhy")
+    assert text.index(study.FINDINGS_BEGIN) < text.index(study.GROUP_BEGIN.format("lite0_b256"))
+    assert text.index(study.GROUP_END.format("include_query")) < text.index(study.FINDINGS_BEGIN)
+    results.write_text(text)
+    assert study.main(["--aggregate-only", "--only", "batch", "--runs-dir", str(tmp_path / "runs"),
+                       "--results", str(results)]) == 0
+    assert study.read_discussion(results, study.FINDINGS_BEGIN, study.FINDINGS_END) == "## Pretrained start\n\nwhy"
