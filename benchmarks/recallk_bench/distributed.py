@@ -34,10 +34,10 @@ from recallk.losses import RecallAtKSurrogate
 from recallk_bench.arguments import HelpFormatter, positive_int, prog
 from recallk_bench.engine import _cpu_peak_kib, _reset_cpu_peak
 
-#: the modes ``--modes`` takes: a ``train.loss_sharding`` value, or rows with gloo's reduce-scatter instead of
-#: its all-reduce (``DistributedGather(reduce="reduce_scatter")``)
+#: the modes ``--modes`` takes: a ``train.loss_sharding`` value, or rows with one all-reduce instead of the
+#: reduce-scatter (``DistributedGather(reduce="all_reduce")``)
 MODES = {"replicate": dict(sharding="replicate"), "rows": dict(sharding="rows"), "ring": dict(sharding="ring"),
-         "rows-reduce-scatter": dict(sharding="rows", reduce="reduce_scatter")}
+         "rows-all-reduce": dict(sharding="rows", reduce="all_reduce")}
 FEATURES = 64
 
 

@@ -1,7 +1,7 @@
 """The sharded loss of issue 26 (``DistributedGather(sharding=...)``): N = 2, 3, 4 gloo processes on the CPU,
 uneven slices, SiMix on and each rank's torch seed different, give the loss and the summed parameter gradient of
 ONE process on the whole batch (float64 to 1e-10, float32 to 1e-5 relative) in every mode (replicate, rows with
-its all-reduce and its reduce-scatter, ring); which rank holds which slice does not matter; a loss that cannot
+its reduce-scatter and its all-reduce, ring); which rank holds which slice does not matter; a loss that cannot
 shard falls back to replicate and the run's log says so once; one step makes one all-reduce of the parameter
 gradients and is deterministic. Skipped when ``RECALLK_TEST_DEVICE`` is not the CPU."""
 
@@ -32,7 +32,7 @@ SIZES = {2: [7, 5], 3: [7, 5, 9], 4: [7, 5, 9, 3]}
 ORDERS = {2: [1, 0], 3: [2, 0, 1], 4: [3, 1, 0, 2]}
 #: name -> (gather arguments, loss arguments on top of LOSS); "one" is the one-process run
 MODES = {"replicate": dict(sharding="replicate"), "rows": dict(sharding="rows"),
-         "rows_reduce_scatter": dict(sharding="rows", reduce="reduce_scatter"), "ring": dict(sharding="ring"),
+         "rows_all_reduce": dict(sharding="rows", reduce="all_reduce"), "ring": dict(sharding="ring"),
          "auto": dict()}
 LOSS = dict(ks=(1, 2, 4), tau_rank=0.05, simix=True)
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
