@@ -24,8 +24,9 @@ is a sum over reference columns, so it is accumulated block by block while the b
 
 Memory per rank: its own rows (n_r + V_r, d) and their gradient; in rounds 0-2 the visiting block and the
 next one arriving (the transfer overlaps the work); in rounds 3-4 one block and its (n_s, d) accumulator, moved
-in place piece by piece (``RING_PIECE_ELEMENTS``); six (Q_r, Pmax) statistics and one (rows, Pmax, n_s) sigmoid
-buffer of at most ``block_elements`` elements: O((B / N) d + Q_r Pmax), never an (n_r, B) matrix. Time: each
+in place piece by piece (``RING_PIECE_ELEMENTS``); six (Q_r, Pmax) statistics and one chunk of query rows
+against the block (sigmoids, similarities, gradient rows: ``block_elements`` elements): O((B / N) d + Q_r Pmax),
+never an (n_r, B) matrix. Time: each
 rank computes the sigmoids of its own queries against every column twice (round 2 and round 3, as Inf-CL
 recomputes in its backward pass, since a row's gradient needs its rank over every column), so 2/N of one
 process's sigmoid terms, plus N - 1 to 3N transfers of a block.
@@ -46,8 +47,9 @@ from recallk.losses.simix import _alphas, simix_pairs
 
 __all__ = ["DEFAULT_RING_BLOCK_ELEMENTS", "RING_PIECE_ELEMENTS", "ring_loss_and_grad"]
 
-#: Elements of the (rows, Pmax, n_block) sigmoid buffer of one chunk of query rows against one visiting block
-#: (8 MiB in float32, as the torch backend's CPU block), unless ``block_elements`` says otherwise.
+#: Elements of one chunk of query rows against one visiting block: its (rows, Pmax, n_block) sigmoids and its
+#: (rows, n_block) similarities and gradient rows together (8 MiB in float32, as the torch backend's CPU block),
+#: unless ``block_elements`` says otherwise.
 DEFAULT_RING_BLOCK_ELEMENTS = 1 << 21
 
 #: Elements of one piece of a block that moves in place (round 3 and 4: :meth:`_Ring.shift`), 1 MiB in float32.
@@ -227,8 +229,8 @@ def ring_loss_and_grad(
             applied row by row here. n_r may differ between ranks (0 allowed).
         labels: (n_r,) integer labels of those rows.
         scale: multiplies the returned gradient (a GradScaler's scale, or dL_total/dL).
-        block_elements: elements of the per-chunk (rows, Pmax, n_block) sigmoid buffer (default
-            ``DEFAULT_RING_BLOCK_ELEMENTS``); fewer means less memory and more Python overhead.
+        block_elements: elements of one chunk of query rows against a block: (rows, Pmax + 2, n_block), at least
+            one row (default ``DEFAULT_RING_BLOCK_ELEMENTS``); fewer means less memory and more Python overhead.
 
     Returns:
         ``(loss, grad)``: the global-batch loss, a detached scalar identical on every rank (float64 for float64
@@ -320,10 +322,12 @@ def _ring(criterion: RecallAtKSurrogate, embeddings: torch.Tensor, labels: torch
     order_counts = counts[order].tolist()
 
     def chunks(n_block: int) -> list[tuple[torch.Tensor, int]]:
+        """Own query rows in chunks whose (rows, Pmax, n_block) sigmoids and (rows, n_block) similarity and
+        gradient rows hold ``block_elements`` elements together (at least one row)."""
         out, i = [], 0
         while i < len(order_counts) and n_block:
             pmax = order_counts[i]
-            rows = max(1, block_elements // (pmax * n_block))
+            rows = max(1, block_elements // ((pmax + 2) * n_block))
             out.append((order[i : i + rows], pmax))
             i += rows
         return out
@@ -331,16 +335,18 @@ def _ring(criterion: RecallAtKSurrogate, embeddings: torch.Tensor, labels: torch
     def scaled_similarity(rows: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         return torch.mm(own_rows.index_select(0, rows), block.T).mul_(inv_tau)  # (c, n_block): s / tau_rank
 
-    # Round 1: y = s_qp / tau_rank, taken when p's block passes.
+    # Round 1: y = s_qp / tau_rank, one inner product per positive when its block passes (Q_r Pmax d in all, not
+    # a matmul per block; the terms of round 2 and 3 that are no part of the rank are removed with the values
+    # those rounds compute, so y need not equal their matmul's values bit for bit).
     y = real.new_zeros((own_rows.shape[0], pmax_all))
 
     def positive_similarities(s: int, block: torch.Tensor) -> None:
-        for rows, pmax in chunks(block.shape[0]):
-            x = scaled_similarity(rows, block)
+        for rows, pmax in chunks(own_rows.shape[1]):  # (rows, Pmax, d) gathered rows at most per chunk
             local = layout.local(s, columns[rows, :pmax])
-            here = (local >= 0) & (slot[:pmax] < counts[rows, None])
-            taken = x.gather(1, local.clamp(min=0))
-            y[rows, :pmax] = torch.where(here, taken, y[rows, :pmax])
+            query, slot_of = torch.nonzero((local >= 0) & (slot[:pmax] < counts[rows, None]), as_tuple=True)
+            if query.numel():
+                products = own_rows[rows[query]].mul_(block[local[query, slot_of]]).sum(1)
+                y[rows[query], slot_of] = products.mul_(inv_tau)
 
     rows_of = layout.block_size
     ring.visit(own_rows, rows_of, positive_similarities)
