@@ -25,11 +25,11 @@ is a sum over reference columns, so it is accumulated block by block while the b
 Memory per rank: its own rows (n_r + V_r, d) and their gradient; in rounds 0-2 the visiting block and the
 next one arriving (the transfer overlaps the work); in rounds 3-4 one block and its (n_s, d) accumulator, moved
 in place piece by piece (``RING_PIECE_ELEMENTS``); six (Q_r, Pmax) statistics and one chunk of query rows
-against the block (sigmoids, similarities, gradient rows: ``block_elements`` elements): O((B / N) d + Q_r Pmax),
-never an (n_r, B) matrix. Time: each
-rank computes the sigmoids of its own queries against every column twice (round 2 and round 3, as Inf-CL
-recomputes in its backward pass, since a row's gradient needs its rank over every column), so 2/N of one
-process's sigmoid terms, plus N - 1 to 3N transfers of a block.
+against the block (sigmoids, similarities, gradient rows: ``block_elements`` elements). That is
+O((B / N) d + Q_r Pmax), never an (n_r, B) matrix. Time: each rank computes the sigmoids of its own queries
+against every column twice (round 2 and round 3, as Inf-CL recomputes in its backward pass, since a row's
+gradient needs its rank over every column), so 2/N of one process's sigmoid terms, plus N - 1 to 3N transfers
+of a block.
 """
 
 from __future__ import annotations
