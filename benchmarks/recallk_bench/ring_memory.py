@@ -75,6 +75,7 @@ def _work(rank: int, world: int, port: int, mode: str, args: argparse.Namespace,
         return loss.detach(), everything.grad[offset : offset + emb.shape[0]].clone()
 
     step(*_batch(argparse.Namespace(**{**vars(args), "batch": 64 * world}), rank, world))  # one-time set-up costs
+    criterion.generator.manual_seed(0)  # SiMix draws for the measured batch as if first: the same loss for every N
     emb, labels = _batch(args, rank, world)
     dist.barrier()
     _reset_peak()
