@@ -45,12 +45,19 @@ from recallk.losses.base import unit_rows
 from recallk.losses.rsk import RecallAtKSurrogate
 from recallk.losses.simix import _alphas, simix_pairs
 
-__all__ = ["DEFAULT_RING_BLOCK_ELEMENTS", "RING_PIECE_ELEMENTS", "ring_loss_and_grad"]
+__all__ = [
+    "DEFAULT_RING_BLOCK_ELEMENTS",
+    "DEFAULT_RING_BLOCK_ELEMENTS_GPU",
+    "RING_PIECE_ELEMENTS",
+    "ring_loss_and_grad",
+]
 
 #: Elements of one chunk of query rows against one visiting block: its (rows, Pmax, n_block) sigmoids and its
-#: (rows, n_block) similarities and gradient rows together (8 MiB in float32, as the torch backend's CPU block),
-#: unless ``block_elements`` says otherwise.
+#: (rows, n_block) similarities and gradient rows together, unless ``block_elements`` says otherwise: on the CPU
+#: 8 MiB in float32 (the torch backend's CPU block, sized for the cache), on GPUs 128 MiB (enough work per kernel
+#: launch, as the torch backend's GPU block).
 DEFAULT_RING_BLOCK_ELEMENTS = 1 << 21
+DEFAULT_RING_BLOCK_ELEMENTS_GPU = 1 << 25
 
 #: Elements of one piece of a block that moves in place (round 3 and 4: :meth:`_Ring.shift`), 1 MiB in float32.
 RING_PIECE_ELEMENTS = 1 << 18
@@ -230,7 +237,8 @@ def ring_loss_and_grad(
         labels: (n_r,) integer labels of those rows.
         scale: multiplies the returned gradient (a GradScaler's scale, or dL_total/dL).
         block_elements: elements of one chunk of query rows against a block: (rows, Pmax + 2, n_block), at least
-            one row (default ``DEFAULT_RING_BLOCK_ELEMENTS``); fewer means less memory and more Python overhead.
+            one row (default ``DEFAULT_RING_BLOCK_ELEMENTS`` on the CPU, ``DEFAULT_RING_BLOCK_ELEMENTS_GPU``
+            elsewhere); fewer means less memory and more Python overhead.
 
     Returns:
         ``(loss, grad)``: the global-batch loss, a detached scalar identical on every rank (float64 for float64
@@ -266,7 +274,8 @@ def ring_loss_and_grad(
     if sum(sizes) == 0:
         raise ValueError("the global batch is empty (every rank has 0 rows)")
     with no_autocast(device):
-        return _ring(criterion, emb, labels, sizes, float(scale), block_elements or DEFAULT_RING_BLOCK_ELEMENTS)
+        default = DEFAULT_RING_BLOCK_ELEMENTS if device.type == "cpu" else DEFAULT_RING_BLOCK_ELEMENTS_GPU
+        return _ring(criterion, emb, labels, sizes, float(scale), block_elements or default)
 
 
 def _ring(criterion: RecallAtKSurrogate, embeddings: torch.Tensor, labels: torch.Tensor, sizes: list[int],
