@@ -178,3 +178,42 @@ def test_an_unknown_sharding_is_refused_with_the_choices():
         TrainSettings(batch_size=8, chunk_size=4, epochs=1, loss_sharding="columns")
     with pytest.raises(ValueError, match="reduce must be one of"):
         DistributedGather(reduce="gather")
+
+
+@pytest.mark.parametrize("memory", ["matrix", "recompute"])
+def test_the_shares_of_one_process_sum_to_the_loss_and_its_gradient(memory):
+    """``sharded_forward`` alone: for every number of shards the shares (same generator state each) sum to
+    ``forward`` and so do their gradients (float64), SiMix on; the last rows are of classes of their own, so
+    without SiMix the last share of 6 holds no query with a positive: 0, with a zero gradient."""
+    generator = torch.Generator().manual_seed(3)
+    emb = torch.randn(30, 5, generator=generator, dtype=torch.float64) * 2
+    labels = torch.cat([torch.arange(24) % 6, torch.arange(100, 106)])  # 6 singletons at the end
+    loss = RecallAtKSurrogate(ks=(1, 2, 4), tau_rank=0.05, simix=True, max_pairs_per_class=3, memory=memory)
+    start = loss.generator.get_state()
+    whole = emb.clone().requires_grad_(True)
+    value = loss(whole, labels)
+    value.backward()
+    want = value.detach()
+    for shards in (1, 2, 3, 6):
+        total, grad = torch.zeros((), dtype=torch.float64), torch.zeros_like(emb)
+        for shard in range(shards):
+            loss.generator.set_state(start)
+            part = emb.clone().requires_grad_(True)
+            share = loss.sharded_forward(part, labels, shard, shards)
+            share.backward()
+            total, grad = total + share.detach(), grad + part.grad
+        torch.testing.assert_close(total, want, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, whole.grad, rtol=1e-10, atol=1e-14)
+    loss = RecallAtKSurrogate(ks=(1, 2), memory=memory)  # without SiMix the last 5 of 30 rows are singletons only
+    part = emb.clone().requires_grad_(True)
+    share = loss.sharded_forward(part, labels, 5, 6)
+    share.backward()
+    assert share.item() == 0.0 and not part.grad.any()
+
+
+def test_a_loss_that_cannot_shard_and_a_bad_shard_are_refused():
+    emb, labels = torch.randn(8, 4), torch.arange(8) % 2
+    with pytest.raises(ValueError, match="loss 'multi_similarity' cannot be sharded"):
+        build_loss("multi_similarity").sharded_forward(emb, labels, 0, 2)
+    with pytest.raises(ValueError, match=r"shard must be an integer in \[0, 2\)"):
+        RecallAtKSurrogate().sharded_forward(emb, labels, 2, 2)
