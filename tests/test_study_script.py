@@ -61,9 +61,9 @@ def test_grid_is_seed_major_without_duplicates_and_group_filter_works():
     assert sorted(names) == sorted(f"{c}-s{s}" for c, ss in cells.items() for s in ss)
     seeds = [s for _, s in runs]
     assert seeds == sorted(seeds)
-    # A cell shared by a 3-seed group and a 2-seed group runs at the 3 seeds; one only in the 2-seed group at 2.
-    assert {s for c, s in runs if c.name == "l0_rsk_simix_b256"} == {1, 2, 3}
-    assert {s for c, s in runs if c.name == "l0_rsk_simix_b640"} == {1, 2}
+    # A cell shared by a 3-seed group and the 1-seed probes runs at the 3 seeds; one only in the probes at 1.
+    assert {s for c, s in runs if c.name == "l0_rsk_simix_b640"} == {1, 2, 3}
+    assert {s for c, s in runs if c.name == "l0_rsk_simix_lr3e-3"} == {1}
     assert study.train_args(study.L0_B640[0], 1)[:3] == ["train", "-c", study.LITE0_CONFIG]
     only = study.select_groups(["batch"])
     assert [g.name for g in only] == ["batch"]
