@@ -22,6 +22,10 @@ is a sum over reference columns, so it is accumulated block by block while the b
 - round 4 (SiMix only): ``v = alpha a + (1 - alpha) b`` sends ``alpha dv`` to ``a`` (own) and ``(1 - alpha) dv``
   to ``b`` through one more ring of per-rank accumulators.
 
+The dense sigmoids of a block skip the clamp, as the torch backend's do (:mod:`recallk.kernels.torch_rsk`): it
+cannot change a result (``sig(50)`` rounds to 1 in float32 and float64; below -50 the clamped and unclamped terms
+differ by less than 2e-22); the few terms removed again (z = p, the query's own column) are clamped.
+
 Memory per rank: its own rows (n_r + V_r, d) and their gradient; in rounds 0-2 the visiting block and the
 next one arriving (the transfer overlaps the work); in rounds 3-4 one block and its (n_s, d) accumulator, moved
 in place piece by piece (``RING_PIECE_ELEMENTS``); six (Q_r, Pmax) statistics and one chunk of query rows
@@ -377,14 +381,15 @@ def _ring(criterion: RecallAtKSurrogate, embeddings: torch.Tensor, labels: torch
     buffer = [real.new_empty(0)]  # one sigmoid buffer for every chunk: fresh large tensors cost page faults
 
     def dense_terms(x: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
-        """sig(clamp(u)) for every column of the block: (c, P, n_block), in the shared buffer."""
+        """sig(u) for every column of the block: (c, P, n_block), in the shared buffer (no clamp: see the module
+        docstring)."""
         shape = (x.shape[0], yc.shape[1], x.shape[1])
         need = shape[0] * shape[1] * shape[2]
         if buffer[0].numel() < need:
             buffer[0] = x.new_empty(need)
         terms = buffer[0][:need].view(shape)
         torch.sub(x[:, None, :], yc[:, :, None], out=terms)
-        return terms.clamp_(-CLAMP, CLAMP).sigmoid_()
+        return terms.sigmoid_()
 
     # Round 2: rank(q, p) - 1 and sum_z sig'(u_qpz), column block by column block.
     rank_sum = torch.zeros_like(y)
