@@ -10,7 +10,6 @@ import functools
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -22,6 +21,7 @@ from recallk.engine.param_groups import freeze_blocks, parameter_groups
 from recallk.engine.run_log import start_block
 from recallk.losses import build_loss
 from recallk.models import build_model
+from tests.helpers.engine import RandomRGBImages
 
 DEPTH = 12  # vit_tiny_patch16_224's blocks
 STEM = ("backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.")
@@ -190,19 +190,6 @@ def test_drop_path_rate_reaches_timm():
     assert model.model_section["options"] == {"img_size": 32, "drop_path_rate": 0.2}
 
 
-class Images(torch.utils.data.Dataset):
-    """4 classes x 4 random 32x32 images."""
-
-    def __init__(self) -> None:
-        self.labels = np.repeat(np.arange(4), 4).astype(np.int64)
-        self.images = torch.randn(len(self.labels), 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.images[i], int(self.labels[i])
-
 
 def test_a_trainer_run_trains_the_groups_records_the_keys_says_the_rates_and_resumes_them(tmp_path):
     model = tiny_vit()
@@ -210,13 +197,14 @@ def test_a_trainer_run_trains_the_groups_records_the_keys_says_the_rates_and_res
     settings = dict(batch_size=16, chunk_size=8, per_class=4, epochs=2, milestones=(1,), device="cpu", progress=False,
                     tensorboard=False, optimizer="adamw", lr=1e-3, weight_decay=0.05, fc_lr_mul=10.0, layer_decay=0.75,
                     filter_bias_and_bn=True, freeze_blocks=2)
-    trainer = Trainer(model, build_loss("rsk"), Images(), tmp_path, max_steps=1, **settings)  # 1 step per epoch
+    # 1 step per epoch
+    trainer = Trainer(model, build_loss("rsk"), RandomRGBImages(), tmp_path, max_steps=1, **settings)
     line = next(x for x in start_block(trainer, resumed=False).splitlines() if x.startswith("precision"))
     assert "optimizer adamw, 22 groups: backbone lr 0.00075..5.63e-05, head lr 0.01" in line, line  # 2: 0.75^10
     assert "weights frozen (train.freeze_blocks)" in line
     initial = [g["lr"] for g in trainer.optimizer.param_groups]
     trainer.fit()  # stops after epoch 1's step; the resumed run trains epoch 2 with every group's rate x 0.3
-    resumed = Trainer(model, build_loss("rsk"), Images(), tmp_path, **settings)
+    resumed = Trainer(model, build_loss("rsk"), RandomRGBImages(), tmp_path, **settings)
     resumed.fit(resume=True)
     assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([0.3 * r for r in initial])
     named = dict(model.named_parameters())

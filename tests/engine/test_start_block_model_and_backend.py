@@ -4,7 +4,6 @@ nccl for CUDA) (issue 24, items 9b and 9e)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,24 +12,11 @@ from recallk.engine import distributed as distributed_module
 from recallk.engine.distributed import distributed_backend, init_distributed
 from recallk.engine.run_log import start_block
 from recallk.models import build_model
-
-
-class Images(torch.utils.data.Dataset):
-    """4 classes x 4 random 32x32 images."""
-
-    def __init__(self) -> None:
-        self.labels = np.repeat(np.arange(4), 4).astype(np.int64)
-        self.images = torch.randn(len(self.labels), 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.images[i], int(self.labels[i])
+from tests.helpers.engine import RandomRGBImages
 
 
 def model_line(model, tmp_path) -> str:
-    trainer = Trainer(model, lambda e, y: e.sum(), Images(), tmp_path, batch_size=8, chunk_size=4, per_class=2,
+    trainer = Trainer(model, lambda e, y: e.sum(), RandomRGBImages(), tmp_path, batch_size=8, chunk_size=4, per_class=2,
                       epochs=1, device="cpu", progress=False, tensorboard=False)
     (line,) = [x for x in start_block(trainer, resumed=False).splitlines() if x.startswith("model ")]
     return line
@@ -96,7 +82,7 @@ def test_the_start_block_names_the_backend_of_a_cpu_run_under_torchrun(monkeypat
                         "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(name, value)
     trainer = Trainer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8)), lambda e, y: e.sum(),
-                      Images(), tmp_path, batch_size=8, chunk_size=4, per_class=2, epochs=1, device="cpu",
+                      RandomRGBImages(), tmp_path, batch_size=8, chunk_size=4, per_class=2, epochs=1, device="cpu",
                       progress=False, tensorboard=False, distributed=True)
     try:
         block = start_block(trainer, resumed=False).splitlines()

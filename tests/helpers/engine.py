@@ -131,3 +131,17 @@ def nearest_neighbour_eval(dataset: NoisyImages):
 
 def grads(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+class RandomRGBImages(torch.utils.data.Dataset):
+    """4 classes x 4 random float32 RGB images of 32 x 32 (a model's input as the Trainer's loader gives it)."""
+
+    def __init__(self) -> None:
+        self.labels = np.repeat(np.arange(4), 4).astype(np.int64)
+        self.images = torch.randn(len(self.labels), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
