@@ -197,6 +197,20 @@ L0_PROBES = (
     Cell("l0_rsk_simix_b640_lr2e-3", "RS@k + SiMix, batch 640, lr 2e-3", ("train.batch_size=640", "train.lr=2.0e-3"),
          LITE0_CONFIG),
     Cell("l0_rsk_b640", "RS@k without SiMix, batch 640", ("train.batch_size=640", "loss.simix=false"), LITE0_CONFIG),
+    Cell("l0_rsk_simix_b640_lr5e-4", "RS@k + SiMix, batch 640, lr 5e-4", ("train.batch_size=640", "train.lr=5.0e-4"),
+         LITE0_CONFIG),
+)
+L0_B640_PROBES = (
+    L0_B640[0], L0_PROBES[8], L0_PROBES[9], L0_PROBES[6],
+    Cell("l0_smooth_ap_b640_lr5e-4", "Smooth-AP (pml), batch 640, lr 5e-4",
+         (*L0_LOSSES[1][2], "train.batch_size=640", "train.lr=5.0e-4"), LITE0_CONFIG),
+    L0_B640[1],
+)
+L0_B256_PROBES = (
+    L0_B256[0], L0_PROBES[3],
+    Cell("l0_rsk_simix_b256_ks64", "RS@k + SiMix, ks [1, 2, 4, 8, 16, 32, 64]", ("loss.ks=[1, 2, 4, 8, 16, 32, 64]",),
+         LITE0_CONFIG),
+    L0_B256[1],
 )
 GROUPS += (
     Group(
@@ -227,6 +241,25 @@ GROUPS += (
         notes=(L0_SETUP, "One seed: a difference smaller than the seed-to-seed spread of group lite0_b256 says "
                "nothing; no default is changed on one seed."),
         seeds=(1,),
+        zero_shot=True,
+    ),
+    Group(
+        "lite0_b640_probes", "Pretrained start (ImageNet EfficientNet-Lite0) on kanji: what closes RS@k's gap to "
+        "Smooth-AP at batch 640 (3 seeds, 1 epoch = 6 steps)",
+        "At the largest batch RS@k + SiMix trails Smooth-AP (group lite0_batch) because of a setting that can be "
+        "changed: SiMix, the ks against the in-batch ranks, or the learning rate (our question).",
+        L0_B640_PROBES,
+        notes=(L0_SETUP, "The single-seed probes of group lite0_probes, rerun at seeds 1, 2, 3, plus Smooth-AP at "
+               "the lower learning rate."),
+        zero_shot=True,
+    ),
+    Group(
+        "lite0_b256_probes", "Pretrained start (ImageNet EfficientNet-Lite0) on kanji: the batch-640 remedies at "
+        "batch 256 (3 seeds, 1 epoch = 12 steps)",
+        "What closed the gap at batch 640 (ks to 64, no SiMix) does no harm at batch 256 (our question: needed "
+        "before any default could change).",
+        L0_B256_PROBES,
+        notes=(L0_SETUP,),
         zero_shot=True,
     ),
 )
@@ -516,6 +549,15 @@ VERDICTS: tuple[tuple[str, str, str, str, str], ...] = (
       for b in ("smooth_ap", "multi_similarity")),
     *(("lite0_batch", f"l0_{k}_b640", f"l0_{k}_{cell}", f"{label}: batch 640", f"batch 256 ({what})")
       for k, label, _ in L0_LOSSES for cell, what in (("b256", "1 epoch"), ("b256_6steps", "6 steps"))),
+    *(("lite0_b640_probes", a, "l0_rsk_simix_b640", label, "RS@k + SiMix (batch 640, lr 1e-3)")
+      for a, label in (("l0_rsk_b640", "RS@k without SiMix"), ("l0_rsk_simix_b640_lr5e-4", "RS@k + SiMix, lr 5e-4"),
+                       ("l0_rsk_simix_b640_ks64", "RS@k + SiMix, ks to 64"))),
+    *(("lite0_b256_probes", a, "l0_rsk_simix_b256", label, "RS@k + SiMix (batch 256)")
+      for a, label in (("l0_rsk_b256", "RS@k without SiMix"), ("l0_rsk_simix_b256_ks64", "RS@k + SiMix, ks to 64"))),
+    *(("lite0_b640_probes", a, "l0_smooth_ap_b640", label, "Smooth-AP (batch 640, lr 1e-3)")
+      for a, label in (("l0_rsk_b640", "RS@k without SiMix"), ("l0_rsk_simix_b640_lr5e-4", "RS@k + SiMix, lr 5e-4"),
+                       ("l0_rsk_simix_b640_ks64", "RS@k + SiMix, ks to 64"),
+                       ("l0_smooth_ap_b640_lr5e-4", "Smooth-AP, lr 5e-4"))),
 )
 
 
