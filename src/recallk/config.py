@@ -57,8 +57,9 @@ def _signature_defaults(fn: Callable[..., Any], skip: Iterable[str]) -> dict[str
 #: shared with the Trainer's own config.yaml.
 _TRAIN_FROM_ELSEWHERE = TRAIN_FROM_ELSEWHERE
 _REMOVED = {
-    ("data", "resize"): "data.resize was removed (it was never read): the test transform resizes to "
-    "round(image_size * 256 / 224) and centre-crops image_size (method.md section 4)",
+    ("data", "resize"): "data.resize was removed (it was never read): the test transform resizes as the model's "
+    "weights config says (crop_pct: the shorter side to floor(image_size / crop_pct); the authors' presets 256/224, "
+    "method.md section 4) and centre-crops image_size",
     ("loss", "options"): "loss.options was removed: a loss's arguments are keys of loss, for every loss (e.g. "
     "loss.name=contrastive loss.pos_margin=0.0, or 'loss={pos_margin: 0.0, neg_margin: 1.0}')",
     ("loss", "similarity"): "loss.similarity was removed: use loss.memory (same values)",
