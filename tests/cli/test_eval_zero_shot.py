@@ -17,6 +17,7 @@ from recallk.evaluation import evaluate_pretrained
 from recallk.models import lite0_weights
 from recallk.testing.retrieval import reference_retrieval_metrics
 from tests.helpers.image_folders import write_image_folder
+from tests.helpers.weight_files import save_timm_weights
 
 KS = (1, 2, 4)
 
@@ -30,10 +31,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A resnet10t's random weights saved with its classifier, as a timm checkpoint file holds them."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "resnet10t.pth"
-    torch.save(timm.create_model("resnet10t", num_classes=7).state_dict(), path)
-    return path
+    return save_timm_weights(tmp_path_factory.mktemp("weights"), "resnet10t", num_classes=7, seed=0)
 
 
 def run_eval(capsys, *args):

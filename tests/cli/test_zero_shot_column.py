@@ -22,6 +22,7 @@ from recallk.run_folder import RunFolder, read_embeddings_npz
 from recallk.testing.retrieval import reference_retrieval_metrics
 from tests.helpers.image_folders import write_image_folder
 from tests.helpers.runs import tiny_overrides
+from tests.helpers.weight_files import save_timm_weights
 
 KS = (1, 2)
 TINY = tiny_overrides("folder", "train.epochs=1", "train.max_steps_per_epoch=2", "train.tensorboard=false")
@@ -37,10 +38,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A resnet10t's weights (random, with its classifier) in a timm checkpoint file: the run's "pretrained" start."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("weights") / "resnet10t.pth"
-    torch.save(timm.create_model("resnet10t", num_classes=5).state_dict(), path)
-    return path
+    return save_timm_weights(tmp_path_factory.mktemp("weights"), "resnet10t", num_classes=5, seed=1)
 
 
 def train(capsys, runs, data, *changes):
