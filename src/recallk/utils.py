@@ -42,3 +42,8 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
+
+
+def count_text(count: int, noun: str) -> str:
+    """``"1 epoch"``, ``"3 epochs"``: ``count`` and ``noun`` (a regular plural in -s) in a log line."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

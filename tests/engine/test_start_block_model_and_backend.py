@@ -89,3 +89,13 @@ def test_the_start_block_names_the_backend_of_a_cpu_run_under_torchrun(monkeypat
     finally:
         dist.destroy_process_group()
     assert "device       cpu, 1 process(es) (torch.distributed backend gloo)" in block
+
+
+@pytest.mark.parametrize(("epochs", "said"), [(1, "1 epoch"), (2, "2 epochs")])
+def test_the_train_data_line_counts_in_words(tmp_path, epochs, said):
+    # 16 images, batches of 8: 2 steps per epoch
+    trainer = Trainer(build_model("resnet10t", embed_dim=8), lambda e, y: e.sum(), RandomRGBImages(), tmp_path,
+                      batch_size=8, chunk_size=4, per_class=2, epochs=epochs, device="cpu", progress=False,
+                      tensorboard=False)
+    (line,) = [x for x in start_block(trainer, resumed=False).splitlines() if x.startswith("train data")]
+    assert line.endswith(f"; 2 steps per epoch, {said}"), line

@@ -24,6 +24,7 @@ from recallk.run_folder import (
     write_best,
     write_config,
 )
+from recallk.utils import count_text
 
 if TYPE_CHECKING:
     from recallk.engine.trainer import Trainer
@@ -154,7 +155,7 @@ def start_block(trainer: Trainer, resumed: bool) -> str:
         f"device       {trainer.device}, {world_size} process(es){backend}",
         f"model        {model_text(getattr(trainer, 'model_spec', None), trainer.model)}",
         f"train data   {len(labels)} images, {len(set(int(c) for c in labels))} classes; "
-        f"{trainer._steps_in_epoch(trainer.epoch + 1)} steps per epoch, {s.epochs} epochs",
+        f"{count_text(trainer._steps_in_epoch(trainer.epoch + 1), 'step')} per epoch, {count_text(s.epochs, 'epoch')}",
         f"batch        {s.batch_size} images ({s.per_class} per class) in chunks of {s.chunk_size}"
         + (f", {s.batch_size // world_size} per process" if world_size > 1 else ""),
         f"loss         {loss_text(describe_loss(trainer.criterion), trainer.criterion)}",

@@ -37,7 +37,7 @@ from recallk.engine.step_checks import IdleSteps, NonFiniteLossError, TrainingSt
 from recallk.engine.stop import Stopped, StopSignals
 from recallk.engine.trainer_state import restore_trainer, save_last
 from recallk.run_folder import RunFolder
-from recallk.utils import autocast_dtype, resolve_device, seed_everything
+from recallk.utils import autocast_dtype, count_text, resolve_device, seed_everything
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
 __all__ = ["NonFiniteLossError", "Stopped", "Trainer", "TrainingStalledError"]
@@ -194,8 +194,9 @@ class Trainer:
                     self.log.line(self._eval_text(0))
                     self._stop_if_requested()
                 elif self._finished():
-                    self.log.line(f"nothing to train: {self._position_text()}, and the run asks for {s.epochs} "
-                                  f"epochs" + (f", {s.max_steps} steps" if s.max_steps is not None else ""))
+                    self.log.line(f"nothing to train: {self._position_text()}, and the run asks for "
+                                  f"{count_text(s.epochs, 'epoch')}"
+                                  + (f", {count_text(s.max_steps, 'step')}" if s.max_steps is not None else ""))
                 while self.epoch < s.epochs and not self._finished():
                     if self._train_epoch(self.epoch + 1):  # max_steps reached inside the epoch
                         save_last(self)
