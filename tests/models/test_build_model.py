@@ -184,3 +184,16 @@ def test_build_model_records_its_config_section():
                                    "freeze_bn": True, "in_chans": 3, "options": {"drop_rate": 0.1}}
     overrides = [f"model.{k}={v}" for k, v in model.model_section.items() if k != "options"]
     assert load_config(None, [*overrides, "model.options={drop_rate: 0.1}"])["model"] == model.model_section
+
+
+@pytest.mark.parametrize("rate", [1.5, -0.1, 1.0, "0.1"])
+def test_a_drop_path_rate_that_is_no_probability_is_refused_when_the_model_is_built(rate):
+    # timm would take it and fail only inside the first training step (torch's bernoulli_)
+    with pytest.raises(ValueError, match=r"model.options.drop_path_rate=.*in \[0, 1\)"):
+        build_model("vit_tiny_patch16_224", embed_dim=8, img_size=32, drop_path_rate=rate)
+
+
+def test_a_misspelt_model_option_names_the_option():
+    with pytest.raises(ValueError, match=r"model option 'drop_pth_rate' \(model.options.drop_pth_rate\) is not an "
+                                         r"argument of timm's vit_tiny_patch16_224"):
+        build_model("vit_tiny_patch16_224", embed_dim=8, img_size=32, drop_pth_rate=0.1)

@@ -4,6 +4,7 @@ line (:class:`SizeError`) instead of a timm traceback at the first batch."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
@@ -93,6 +94,22 @@ def _fixed_input_size(name: str) -> bool:
     return cfg is None or bool(getattr(cfg, "fixed_input_size", True))
 
 
+#: timm's dropout and drop-path rates: probabilities, in [0, 1)
+DROP_RATES = ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate", "patch_drop_rate")
+
+
+def check_drop_rates(kwargs: dict[str, Any]) -> None:
+    """Raise ValueError for a dropout or drop-path rate of ``kwargs`` (timm options, :data:`DROP_RATES`) that is
+    not a real number in [0, 1), naming ``model.options.<key>``: timm would fail only in the first training step."""
+    for key in DROP_RATES:
+        value = kwargs.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise ValueError(f"model.options.{key}={value!r}: {key} is a probability and must be a number in [0, 1), "
+                             f"e.g. model.options.{key}=0.1")
+
+
 def create_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model(name, pretrained=pretrained, **kwargs)``, where ``kwargs["img_size"]`` (optional) is
     the image size: passed on to models built for one input size (timm's ``fixed_input_size``: ViT patch
@@ -104,12 +121,18 @@ def create_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.M
     """
     import timm
 
+    check_drop_rates(kwargs)
     size = image_side(kwargs["img_size"]) if kwargs.get("img_size") is not None else None
     if size is not None and not _fixed_input_size(name):  # any size works: no img_size to pass (CNNs lack it)
         kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
     try:
         backbone = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:  # "__init__() got an unexpected keyword argument 'img_size'": any size works
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unexpected and unexpected.group(1) != "img_size":
+            raise ValueError(f"model option {unexpected.group(1)!r} (model.options.{unexpected.group(1)}) is not an "
+                             f"argument of timm's {name.split('.')[0]} ({e}); check its spelling against the model's "
+                             "constructor (e.g. drop_path_rate, drop_rate, img_size)") from None
         if size is None or "img_size" not in str(e):
             raise
         kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
