@@ -216,3 +216,10 @@ def test_a_trainer_run_trains_the_groups_records_the_keys_says_the_rates_and_res
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]
     assert {k: saved[k] for k in ("fc_lr_mul", "layer_decay", "filter_bias_and_bn", "freeze_blocks")} == {
         "fc_lr_mul": 10.0, "layer_decay": 0.75, "filter_bias_and_bn": True, "freeze_blocks": 2}
+
+
+def test_one_group_with_frozen_weights_is_one_group_in_words():
+    from recallk.engine.param_groups import ParamGroup, groups_text
+
+    group = ParamGroup(("head",), (torch.nn.Parameter(torch.zeros(3)),), 0.01, 0.0)
+    assert groups_text([group], frozen=2_000_000).startswith("1 group: head lr 0.01; ")

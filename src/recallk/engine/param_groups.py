@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from recallk.utils import count_text
+
 _SENTINEL = "\x00no parameter has this name"
 
 
@@ -253,7 +255,7 @@ def groups_text(groups: Sequence[ParamGroup], frozen: int = 0) -> str:
     decay = f"weight decay {decays[-1]:g}" + (f" (0 on {_count(no_decay)} weights: biases, norms, tokens)"
                                               if no_decay and decays[-1] else "")
     frozen_text = f"; {_count(frozen)} weights frozen (train.freeze_blocks)" if frozen else ""
-    return f"{len(groups)} groups: " + ", ".join(texts) + f"; {decay}{frozen_text}"
+    return f"{count_text(len(groups), 'group')}: " + ", ".join(texts) + f"; {decay}{frozen_text}"
 
 
 def _count(n: int) -> str:
