@@ -157,7 +157,8 @@ def test_every_sharding_gives_the_one_process_loss_and_gradient(world, tmp_path)
         return
     rank0 = ranks[0]
     assert rank0["note/multi_similarity"] == ("replicate: loss multi_similarity cannot be sharded: every rank "
-                                              "computes the whole global-batch loss")
+                                              "computes the whole global-batch loss (train.loss_sharding: rows "
+                                              "asked; only RS@k shards)")
     assert rank0["note/rsk"].startswith("rows: ")
     one = _step(features, labels, build_loss("multi_similarity"))
     _check_sum(ranks, "f64/multi_similarity", one, TOLERANCE["f64"])

@@ -205,8 +205,10 @@ class DistributedGather:
         """One line on the sharding a step with ``criterion`` uses, for the start of a run's log."""
         used = self.sharding_for(criterion)
         if used == "replicate" and not getattr(criterion, "shardable", False):
+            asked = (f" (train.loss_sharding: {self.sharding} asked; only RS@k shards)"
+                     if self.sharding in ("rows", "ring") else "")
             return (f"replicate: loss {loss_name(criterion)} cannot be sharded: every rank computes the whole "
-                    "global-batch loss")
+                    "global-batch loss" + asked)
         return {"replicate": "replicate: every rank computes the whole global-batch loss",
                 "rows": "rows: each rank ranks its share of the queries against all references",
                 "ring": "ring: each rank ranks its queries against reference blocks passed around the ring"}[used] + (
